@@ -1,0 +1,49 @@
+"""Test setup: on a machine without a GPU, Triton kernels run under the interpreter on CPU tensors.
+
+``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is created, i.e. before vlmkern's
+kernels are imported, hence here at conftest import time.
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on the CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    """Where kernels under test run: the GPU if there is one, else the CPU (Triton interpreter)."""
+    return DEVICE
+
+
+@pytest.fixture
+def backend(monkeypatch, request):
+    """Force a backend for the duration of a test: use with ``@pytest.mark.parametrize('backend', [...], indirect=True)``."""
+    name = getattr(request, "param", "triton")
+    monkeypatch.setenv("VLMKERN_BACKEND", name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

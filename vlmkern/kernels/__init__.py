@@ -1,0 +1,1 @@
+"""Triton ``@jit`` kernels only: no launch logic, no argument checks (those live in ``vlmkern.ops``)."""

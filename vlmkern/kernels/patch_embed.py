@@ -1,0 +1,193 @@
+"""Fused Fuyu patch embedding: raw pixels -> normalised patch tile -> GEMM -> bias, and its backward.
+
+Row ``m`` of the GEMM is patch ``m % nP`` of image ``m // nP``; column ``k`` of a patch is
+``(r*P + c)*C + ch`` (SPEC §4.2, channel-last inside a patch). A patch element is gathered straight from
+the ``(B, C, H, W)`` pixel tensor; outside the image it is ``pad_value`` (raw units), and every value is
+normalised as ``x * scale[ch] + shift[ch]`` (``scale = rescale/std``, ``shift = -mean/std``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vlmkern.kernels._build import KernelBuild, register_builds
+
+
+@triton.jit
+def _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_value,
+                s_pb, s_pc, s_ph, s_pw, C: tl.constexpr, P: tl.constexpr):
+    """Normalised patch values for rows ``rm`` x columns ``rk`` as fp32 ``(len(rm), len(rk))``."""
+    img = rm // nP
+    pidx = rm % nP
+    y0 = (pidx // nW) * P
+    x0 = (pidx % nW) * P
+    ch = rk % C
+    rc = rk // C
+    r = rc // P
+    c = rc % P
+    y = y0[:, None] + r[None, :]
+    x = x0[:, None] + c[None, :]
+    valid = (rm < M)[:, None] & (rk < K)[None, :]
+    inside = valid & (y < H) & (x < W)
+    offs = (img.to(tl.int64) * s_pb)[:, None] + (ch * s_pc)[None, :] + y.to(tl.int64) * s_ph + x * s_pw
+    v = tl.load(pix_ptr + offs, mask=inside, other=0).to(tl.float32)
+    v = tl.where(inside, v, pad_value)
+    scale = tl.load(scale_ptr + ch, mask=rk < K, other=0.0)
+    shift = tl.load(shift_ptr + ch, mask=rk < K, other=0.0)
+    return v * scale[None, :] + shift[None, :]
+
+
+@triton.jit
+def _patch_embed_fwd_kernel(
+    pix_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, shift_ptr,
+    M, N, K, H, W, nW, nP, pad_value,
+    s_pb, s_pc, s_ph, s_pw, s_wn, s_wk, s_om, s_on,
+    C: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[m, n] = sum_k patch[m, k] * W[n, k] + b[n]; out is ``(M, N)`` with M = B*nP."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_value,
+                        s_pb, s_pc, s_ph, s_pw, C, P)
+        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk,
+                    mask=(rn < N)[None, :] & (rk < K)[:, None], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
+            acc += tl.dot(a, w.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            acc += tl.dot(a.to(w.dtype), w, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    out_offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_weight_kernel(
+    pix_ptr, g_ptr, dw_ptr, scale_ptr, shift_ptr,
+    M, N, K, H, W, nW, nP, pad_value,
+    s_pb, s_pc, s_ph, s_pw, s_gm, s_gn, s_dn, s_dk,
+    C: tl.constexpr, P: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW[n, k] = sum_m g[m, n] * patch[m, k]; patches are re-gathered from pixels, never stored."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        a = _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_value,
+                        s_pb, s_pc, s_ph, s_pw, C, P)
+        a = tl.where((rm < M)[:, None], a, 0.0)
+        gt = tl.load(g_ptr + rm[None, :].to(tl.int64) * s_gm + rn[:, None] * s_gn,
+                     mask=(rm < M)[None, :] & (rn < N)[:, None], other=0.0)
+        if UPCAST:
+            acc += tl.dot(gt.to(tl.float32), a, input_precision=INPUT_PRECISION)
+        else:
+            acc += tl.dot(gt, a.to(gt.dtype), input_precision=INPUT_PRECISION)
+    offs = rn[:, None].to(tl.int64) * s_dn + rk[None, :] * s_dk
+    tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
+
+
+@triton.jit
+def _patch_embed_bwd_pixels_kernel(
+    g_ptr, w_ptr, dpix_ptr, scale_ptr,
+    M, N, K, H, W, nW, nP,
+    s_gm, s_gn, s_wn, s_wk, s_db, s_dc, s_dh, s_dw,
+    C: tl.constexpr, P: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dpix[img, ch, y, x] = scale[ch] * (g @ W)[m, k] for the one (m, k) that pixel feeds.
+
+    Patches do not overlap, so every in-image pixel is written exactly once and padding is dropped:
+    no atomics, no zero-fill.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(g_ptr + rm[:, None].to(tl.int64) * s_gm + rn[None, :] * s_gn,
+                    mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * s_wn + rk[None, :] * s_wk,
+                    mask=(rn < N)[:, None] & (rk < K)[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(g.to(tl.float32), w.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            acc += tl.dot(g, w.to(g.dtype), input_precision=INPUT_PRECISION)
+    img = rm // nP
+    pidx = rm % nP
+    ch = rk % C
+    rc = rk // C
+    y = ((pidx // nW) * P)[:, None] + (rc // P)[None, :]
+    x = ((pidx % nW) * P)[:, None] + (rc % P)[None, :]
+    inside = (rm < M)[:, None] & (rk < K)[None, :] & (y < H) & (x < W)
+    scale = tl.load(scale_ptr + ch, mask=rk < K, other=0.0)
+    offs = (img.to(tl.int64) * s_db)[:, None] + (ch * s_dc)[None, :] + y.to(tl.int64) * s_dh + x * s_dw
+    tl.store(dpix_ptr + offs, (acc * scale[None, :]).to(dpix_ptr.dtype.element_ty), mask=inside)
+
+
+# Shipped launch configurations (the ops layer launches exactly these; the build check compiles them).
+FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+BWD_WEIGHT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+BWD_PIXELS_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+
+_PIX_TYPES = ("*u8", "*fp16", "*bf16", "*fp32")
+_W_TYPES = ("*fp16", "*bf16", "*fp32")
+
+
+def _precision(wt: str) -> str:
+    return "ieee" if wt == "*fp32" else "tf32"
+
+
+def _builds() -> list[KernelBuild]:
+    builds = []
+    i32 = "i32"
+    for wt in _W_TYPES:
+        common = dict(C=3, P=30, UPCAST=False, INPUT_PRECISION=_precision(wt))
+        for pt in _PIX_TYPES:
+            cfg = FWD_CONFIG
+            sig = {"pix_ptr": pt, "w_ptr": wt, "b_ptr": wt, "out_ptr": wt, "scale_ptr": "*fp32",
+                   "shift_ptr": "*fp32", **{n: i32 for n in ("M", "N", "K", "H", "W", "nW", "nP")},
+                   "pad_value": "fp32", **{n: i32 for n in ("s_pb", "s_pc", "s_ph", "s_pw", "s_wn", "s_wk",
+                                                           "s_om", "s_on")}}
+            builds.append(KernelBuild(
+                f"patch_embed_fwd[{pt[1:]}->{wt[1:]}]", _patch_embed_fwd_kernel,
+                {**sig, **{k: "constexpr" for k in ("C", "P", "HAS_BIAS", "UPCAST", "INPUT_PRECISION",
+                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
+                {**common, "HAS_BIAS": True, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+                cfg["num_warps"], cfg["num_stages"]))
+            cfg = BWD_WEIGHT_CONFIG
+            sig = {"pix_ptr": pt, "g_ptr": wt, "dw_ptr": wt, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                   **{n: i32 for n in ("M", "N", "K", "H", "W", "nW", "nP")}, "pad_value": "fp32",
+                   **{n: i32 for n in ("s_pb", "s_pc", "s_ph", "s_pw", "s_gm", "s_gn", "s_dn", "s_dk")}}
+            builds.append(KernelBuild(
+                f"patch_embed_bwd_weight[{pt[1:]}->{wt[1:]}]", _patch_embed_bwd_weight_kernel,
+                {**sig, **{k: "constexpr" for k in ("C", "P", "UPCAST", "INPUT_PRECISION",
+                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
+                {**common, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+                cfg["num_warps"], cfg["num_stages"]))
+        for pt in _PIX_TYPES[1:]:
+            cfg = BWD_PIXELS_CONFIG
+            sig = {"g_ptr": wt, "w_ptr": wt, "dpix_ptr": pt, "scale_ptr": "*fp32",
+                   **{n: i32 for n in ("M", "N", "K", "H", "W", "nW", "nP")},
+                   **{n: i32 for n in ("s_gm", "s_gn", "s_wn", "s_wk", "s_db", "s_dc", "s_dh", "s_dw")}}
+            builds.append(KernelBuild(
+                f"patch_embed_bwd_pixels[{wt[1:]}->{pt[1:]}]", _patch_embed_bwd_pixels_kernel,
+                {**sig, **{k: "constexpr" for k in ("C", "P", "UPCAST", "INPUT_PRECISION",
+                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
+                {**common, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+                cfg["num_warps"], cfg["num_stages"]))
+    return builds
+
+
+register_builds(*_builds())

@@ -1,0 +1,1 @@
+"""Drop-in modules: same constructor, state_dict keys and forward as the originals; no math here."""

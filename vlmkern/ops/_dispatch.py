@@ -1,0 +1,115 @@
+"""Backend selection that explains itself.
+
+Every op family registers an :class:`OpDispatch` naming its backends in order of preference, each with a
+``not_supported_reasons(*args, **kwargs) -> list[str]`` (empty list = can run). ``VLMKERN_BACKEND`` in
+the environment forces one backend for every op that has it (ops without it keep their own order); if
+the forced backend cannot take an input the error lists why instead of silently falling back.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vlmkern import _ext
+
+BACKENDS = ("cuda", "triton", "cpp", "reference")
+ENV_VAR = "VLMKERN_BACKEND"
+
+ReasonsFn = Callable[..., list[str]]
+
+
+class BackendNotSupported(RuntimeError):
+    """The requested backend cannot run these inputs; the message lists the reasons."""
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(BACKENDS)} or 'auto'")
+    return value
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_env_reasons(device: torch.device) -> list[str]:
+    """Why Triton cannot run on ``device`` at all (independent of the op's inputs)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return [f"triton is not importable ({exc})"]
+    if device.type == "cuda":
+        return [] if not triton_interpreting() else ["TRITON_INTERPRET=1 is set but inputs are on CUDA"]
+    if device.type == "cpu":
+        return [] if triton_interpreting() else ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]
+    return [f"triton does not run on device type {device.type!r}"]
+
+
+def cuda_env_reasons(device: torch.device) -> list[str]:
+    reasons = []
+    if device.type != "cuda":
+        reasons.append(f"inputs are on {device.type}, the CUDA extension needs CUDA tensors")
+    if _ext.cuda_ext() is None:
+        reasons.append(_ext.cuda_ext_error() or "CUDA extension not built")
+    return reasons
+
+
+def cpu_ext_reasons(device: torch.device) -> list[str]:
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"inputs are on {device.type}, the C++ CPU kernel needs CPU tensors")
+    if _ext.cpu_ext() is None:
+        reasons.append(_ext.cpu_ext_error() or "CPU extension not built")
+    return reasons
+
+
+@dataclass
+class OpDispatch:
+    """Backends of one op, in preference order; ``reference`` must always be able to run."""
+
+    name: str
+    backends: dict[str, ReasonsFn] = field(default_factory=dict)
+
+    def reasons(self, backend: str, *args, **kwargs) -> list[str]:
+        if backend not in self.backends:
+            return [f"op {self.name} has no {backend} backend"]
+        return self.backends[backend](*args, **kwargs)
+
+    def select(self, *args, **kwargs) -> str:
+        forced = forced_backend()
+        if forced is not None and forced in self.backends:
+            why = self.reasons(forced, *args, **kwargs)
+            if why:
+                raise BackendNotSupported(
+                    f"{ENV_VAR}={forced} cannot run vlmkern::{self.name} on these inputs: " + "; ".join(why)
+                )
+            return forced
+        for backend in self.backends:
+            if not self.reasons(backend, *args, **kwargs):
+                return backend
+        raise BackendNotSupported(f"no backend can run vlmkern::{self.name}")  # reference never refuses
+
+
+REGISTRY: dict[str, OpDispatch] = {}
+
+
+def register(dispatch: OpDispatch) -> OpDispatch:
+    REGISTRY[dispatch.name] = dispatch
+    return dispatch
+
+
+def environment_report(device: torch.device) -> dict[str, dict[str, list[str]]]:
+    """Per op and backend, the reasons a backend can't run on ``device`` regardless of inputs."""
+    env = {
+        "triton": triton_env_reasons(device),
+        "cuda": cuda_env_reasons(device),
+        "cpp": cpu_ext_reasons(device),
+        "reference": [],
+    }
+    return {name: {b: env.get(b, []) for b in d.backends} for name, d in REGISTRY.items()}

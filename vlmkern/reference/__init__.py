@@ -1,0 +1,4 @@
+"""Pure-PyTorch references: the test oracle and the CPU path. Same signatures as ``vlmkern.ops``."""
+from vlmkern.reference.patch_embed import patch_embed, patchify
+
+__all__ = ["patch_embed", "patchify"]

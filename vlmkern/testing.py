@@ -1,0 +1,53 @@
+"""The one tolerance rule of the library (SPEC "Correctness rule"), shared by tests, parity and benchmarks.
+
+A vlmkern result passes when its error against a high-precision reference is at most ``FACTOR[kind]``
+times the error of plain PyTorch run in the same low precision against that same reference, plus an
+absolute floor scaled by the reference's magnitude::
+
+    err(ours)  <=  FACTOR[kind] * err(torch_lowp)  +  FLOOR[dtype] * max(1, max|ref|)
+
+with ``err(x) = max|x - ref|`` computed in float64.
+"""
+from __future__ import annotations
+
+import torch
+
+FACTOR = {"forward": 2.0, "grad": 3.0}
+
+# Absolute floor, relative to max(1, max|ref|): a few units in the last place of each dtype, so that a
+# baseline that happens to be exact (err 0) does not demand bit-exactness from a different summation order.
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+
+
+def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if x.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(x.shape)} != reference shape {tuple(ref.shape)}")
+    if x.numel() == 0:
+        return 0.0
+    diff = (x.detach().to(torch.float64).cpu() - ref.detach().to(torch.float64).cpu()).abs()
+    if not torch.isfinite(diff).all():
+        return float("inf")
+    return diff.max().item()
+
+
+def bound(baseline: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str = "forward") -> float:
+    scale = max(1.0, ref.detach().abs().max().item()) if ref.numel() else 1.0
+    return FACTOR[kind] * max_error(baseline, ref) + FLOOR[dtype] * scale
+
+
+def assert_close(actual: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor, *,
+                 kind: str = "forward", dtype: torch.dtype | None = None, name: str = "output") -> None:
+    """Check ``actual`` against ``ref`` (fp32/fp64 oracle) with ``baseline`` = plain PyTorch in low precision."""
+    dtype = dtype or actual.dtype
+    err = max_error(actual, ref)
+    limit = bound(baseline, ref, dtype, kind)
+    if not err <= limit:
+        raise AssertionError(
+            f"{name}: max error {err:.3e} exceeds {limit:.3e} "
+            f"({FACTOR[kind]}x torch {dtype} error {max_error(baseline, ref):.3e} + floor {FLOOR[dtype]:.1e})"
+        )
