@@ -44,10 +44,20 @@ def _patch_embed_fwd_kernel(
     s_pb, s_pc, s_ph, s_pw, s_wn, s_wk, s_om, s_on,
     C: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    """out[m, n] = sum_k patch[m, k] * W[n, k] + b[n]; out is ``(M, N)`` with M = B*nP."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """out[m, n] = sum_k patch[m, k] * W[n, k] + b[n]; out is ``(M, N)`` with M = B*nP.
+
+    1-D grid in grouped order: GROUP_M row tiles share each weight column tile while it is in L2.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
+    pid_n = (pid % (GROUP_M * num_n)) // rows
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -137,7 +147,7 @@ def _patch_embed_bwd_pixels_kernel(
 
 
 # Shipped launch configurations (the ops layer launches exactly these; the build check compiles them).
-FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 BWD_WEIGHT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 BWD_PIXELS_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 
@@ -147,6 +157,10 @@ _W_TYPES = ("*fp16", "*bf16", "*fp32")
 
 def _precision(wt: str) -> str:
     return "ieee" if wt == "*fp32" else "tf32"
+
+
+def _constexprs(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
 
 
 def _builds() -> list[KernelBuild]:
@@ -163,8 +177,8 @@ def _builds() -> list[KernelBuild]:
             builds.append(KernelBuild(
                 f"patch_embed_fwd[{pt[1:]}->{wt[1:]}]", _patch_embed_fwd_kernel,
                 {**sig, **{k: "constexpr" for k in ("C", "P", "HAS_BIAS", "UPCAST", "INPUT_PRECISION",
-                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
-                {**common, "HAS_BIAS": True, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}},
+                {**common, "HAS_BIAS": True, **_constexprs(cfg)},
                 cfg["num_warps"], cfg["num_stages"]))
             cfg = BWD_WEIGHT_CONFIG
             sig = {"pix_ptr": pt, "g_ptr": wt, "dw_ptr": wt, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
@@ -174,7 +188,7 @@ def _builds() -> list[KernelBuild]:
                 f"patch_embed_bwd_weight[{pt[1:]}->{wt[1:]}]", _patch_embed_bwd_weight_kernel,
                 {**sig, **{k: "constexpr" for k in ("C", "P", "UPCAST", "INPUT_PRECISION",
                                                     "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
-                {**common, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+                {**common, **_constexprs(cfg)},
                 cfg["num_warps"], cfg["num_stages"]))
         for pt in _PIX_TYPES[1:]:
             cfg = BWD_PIXELS_CONFIG
@@ -185,7 +199,7 @@ def _builds() -> list[KernelBuild]:
                 f"patch_embed_bwd_pixels[{wt[1:]}->{pt[1:]}]", _patch_embed_bwd_pixels_kernel,
                 {**sig, **{k: "constexpr" for k in ("C", "P", "UPCAST", "INPUT_PRECISION",
                                                     "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
-                {**common, **{k: v for k, v in cfg.items() if k.startswith("BLOCK")}},
+                {**common, **_constexprs(cfg)},
                 cfg["num_warps"], cfg["num_stages"]))
     return builds
 

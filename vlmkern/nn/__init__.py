@@ -1,1 +1,4 @@
 """Drop-in modules: same constructor, state_dict keys and forward as the originals; no math here."""
+from vlmkern.nn.projector import MLPProjector
+
+__all__ = ["MLPProjector"]

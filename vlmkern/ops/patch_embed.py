@@ -103,7 +103,7 @@ def _triton_forward(pixels, weight, bias, p, pad_value, rescale, mean, std) -> T
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
     cfg = FWD_CONFIG
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     out2 = out.view(M, N)
     _patch_embed_fwd_kernel[grid](
         pixels, weight, bias if bias is not None else weight, out2, scale, shift,

@@ -1,0 +1,61 @@
+"""Library plumbing: dispatch, the tolerance rule, `python -m vlmkern info`, import without extensions."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vlmkern.ops import _dispatch
+from vlmkern.ops._dispatch import BackendNotSupported, OpDispatch
+from vlmkern.testing import assert_close, bound
+
+
+def _toy():
+    return OpDispatch("toy", {"triton": lambda x: [] if x > 0 else ["x must be positive"],
+                              "reference": lambda x: []})
+
+
+def test_dispatch_prefers_first_capable_backend(monkeypatch):
+    monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
+    assert _toy().select(1) == "triton"
+    assert _toy().select(-1) == "reference"
+
+
+def test_forced_backend_explains_refusal(monkeypatch):
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    with pytest.raises(BackendNotSupported, match="x must be positive"):
+        _toy().select(-1)
+    monkeypatch.setenv("VLMKERN_BACKEND", "reference")
+    assert _toy().select(1) == "reference"
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")  # an op without that backend keeps its own order
+    assert _toy().select(1) == "triton"
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("VLMKERN_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="VLMKERN_BACKEND='tpu'"):
+        _dispatch.forced_backend()
+
+
+def test_tolerance_rule_accepts_and_rejects():
+    ref = torch.randn(1000, dtype=torch.float64)
+    base = ref.to(torch.bfloat16)
+    good = (ref + (base.double() - ref) * 1.5).to(torch.bfloat16)
+    assert_close(base, base, ref, dtype=torch.bfloat16)
+    assert_close(good.double(), base, ref, dtype=torch.bfloat16)
+    bad = ref.clone()
+    bad[3] += 10 * bound(base, ref, torch.bfloat16)
+    with pytest.raises(AssertionError, match="exceeds"):
+        assert_close(bad, base, ref, dtype=torch.bfloat16)
+    nan = ref.clone()
+    nan[0] = float("nan")
+    with pytest.raises(AssertionError):
+        assert_close(nan, base, ref, dtype=torch.bfloat16)
+
+
+def test_info_command_lists_ops_and_reasons():
+    out = subprocess.run([sys.executable, "-m", "vlmkern", "info"], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "TRITON_INTERPRET": "0"}).stdout
+    assert "patch_embed" in out and "reference  ok" in out
+    if not torch.cuda.is_available():
+        assert "TRITON_INTERPRET=1 is not set" in out

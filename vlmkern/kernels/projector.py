@@ -1,0 +1,97 @@
+"""Projector GEMMs: ``Linear -> exact GELU`` with the GELU (and bias) in the GEMM epilogue, and its backward
+elementwise step.
+
+``out = gelu(x Wᵀ + b)`` with ``gelu(z) = z/2 · (1 + erf(z/√2))`` (``nn.GELU()``, LLaVA's ``mlp2x_gelu``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from vlmkern.kernels._build import KernelBuild, register_builds
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _linear_gelu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, pre_ptr,
+    M, N, K, s_xm, s_xk, s_wn, s_wk, s_om, s_on,
+    HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[m, n] = gelu(sum_k x[m, k] W[n, k] + b[n]); pre (same strides as out) keeps the argument for backward."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
+    pid_n = (pid % (GROUP_M * num_n)) // rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * s_xm + rk[None, :] * s_xk,
+                    mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk,
+                    mask=(rn < N)[None, :] & (rk < K)[:, None], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=INPUT_PRECISION)
+        else:
+            acc += tl.dot(a, w.to(a.dtype), input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    # Round the GEMM result to the output dtype before the activation, as nn.Linear then nn.GELU would.
+    pre = acc.to(out_ptr.dtype.element_ty)
+    if SAVE_PRE:
+        tl.store(pre_ptr + offs, pre, mask=mask)
+    z = pre.to(tl.float32)
+    y = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(grad_ptr, pre_ptr, dpre_ptr, numel, BLOCK: tl.constexpr):
+    """dpre = grad · gelu'(pre), gelu'(z) = Φ(z) + z·φ(z); contiguous 1-D."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    z = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    d = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    tl.store(dpre_ptr + offs, (g * d).to(dpre_ptr.dtype.element_ty), mask=mask)
+
+
+LINEAR_GELU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+GELU_BWD_CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=1)
+
+
+def _builds() -> list[KernelBuild]:
+    out = []
+    for t in ("*fp16", "*bf16", "*fp32"):
+        cfg = LINEAR_GELU_CONFIG
+        sig = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "out_ptr": t, "pre_ptr": t,
+               **{n: "i32" for n in ("M", "N", "K", "s_xm", "s_xk", "s_wn", "s_wk", "s_om", "s_on")},
+               **{n: "constexpr" for n in ("HAS_BIAS", "SAVE_PRE", "UPCAST", "INPUT_PRECISION", "BLOCK_M",
+                                           "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+        for save in (False, True):
+            out.append(KernelBuild(
+                f"linear_gelu_fwd[{t[1:]},save_pre={save}]", _linear_gelu_fwd_kernel, sig,
+                {"HAS_BIAS": True, "SAVE_PRE": save, "UPCAST": False,
+                 "INPUT_PRECISION": "ieee" if t == "*fp32" else "tf32",
+                 **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}},
+                cfg["num_warps"], cfg["num_stages"]))
+        cfg = GELU_BWD_CONFIG
+        out.append(KernelBuild(
+            f"gelu_bwd[{t[1:]}]", _gelu_bwd_kernel,
+            {"grad_ptr": t, "pre_ptr": t, "dpre_ptr": t, "numel": "i32", "BLOCK": "constexpr"},
+            {"BLOCK": cfg["BLOCK"]}, cfg["num_warps"], cfg["num_stages"]))
+    return out
+
+
+register_builds(*_builds())

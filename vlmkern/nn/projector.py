@@ -1,0 +1,37 @@
+"""``MLPProjector``: LLaVA's ``mlp2x_gelu`` / transformers' ``LlavaMultiModalProjector`` with the GELU fused."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmkern import ops
+
+# LLaVA stores the projector as nn.Sequential(Linear, GELU, Linear): keys "0.*" and "2.*".
+_LLAVA_TO_HF = {"0.": "linear_1.", "2.": "linear_2."}
+
+
+class MLPProjector(nn.Module):
+    """``Linear(in, hidden) -> exact GELU -> Linear(hidden, out)``; the first GEMM's epilogue applies bias+GELU.
+
+    Loads both the transformers layout (``linear_1.*``, ``linear_2.*``, which it saves) and LLaVA's
+    ``mm_projector`` layout (``0.*``, ``2.*``) with ``strict=True``.
+
+    Shapes: ``forward(x (..., in)) -> (..., out)``.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        out_features = hidden_features if out_features is None else out_features
+        self.linear_1 = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
+        self.linear_2 = nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.linear_gelu(x, self.linear_1.weight, self.linear_1.bias)
+        return self.linear_2(h)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for old, new in _LLAVA_TO_HF.items():
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
