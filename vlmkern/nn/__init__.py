@@ -1,4 +1,5 @@
 """Drop-in modules: same constructor, state_dict keys and forward as the originals; no math here."""
+from vlmkern.nn.patch_embed import PatchEmbedLinear
 from vlmkern.nn.projector import MLPProjector
 
-__all__ = ["MLPProjector"]
+__all__ = ["MLPProjector", "PatchEmbedLinear"]

@@ -1,0 +1,1 @@
+"""One module per op family; each exposes ``cases(device, quick, smoke=False) -> list[benchmarks.harness.Case]``."""

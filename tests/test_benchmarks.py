@@ -1,0 +1,244 @@
+"""The benchmark harness (statistics, ratios, records) and a smoke run of ``python -m benchmarks.run``."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import harness
+from benchmarks.harness import Case, TimerConfig
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_FIELDS = ("timestamp", "device", "device_name", "cpu", "cpu_count", "python", "torch", "triton", "transformers",
+              "vlmkern", "git_commit", "git_dirty", "VLMKERN_BACKEND")
+
+
+def _sleeper(ms: float):
+    def fn():
+        time.sleep(ms / 1e3)
+        return torch.full((4, 3), ms)
+    return fn
+
+
+def test_quantile_matches_numpy_linear_rule():
+    xs = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert harness.quantile(xs, 0.5) == 3.0
+    assert harness.quantile(xs, 0.2) == pytest.approx(1.8)
+    assert harness.quantile(xs, 0.8) == pytest.approx(4.2)
+    assert harness.quantile([7.0], 0.2) == 7.0
+    with pytest.raises(ValueError):
+        harness.quantile([], 0.5)
+
+
+def test_time_fn_statistics_on_fake_callable():
+    durations = iter([0.0] + [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])  # first call is warmup
+
+    def fn():
+        time.sleep(next(durations) / 1e3)
+
+    times, _ = harness.time_fn(fn, "cpu", TimerConfig(budget_s=0.0, min_reps=10, max_reps=10, warmup_s=0.0))
+    s = harness.summarize(times)
+    assert len(times) == 10
+    assert s["p20_ms"] <= s["median_ms"] <= s["p80_ms"]
+    assert 5.0 <= s["median_ms"] < 9.0          # sleep overshoots a little, never undershoots
+    assert s["p80_ms"] - s["p20_ms"] >= 3.0
+
+
+def test_speedups_and_throughput():
+    sp = harness.speedups({"vlmkern": 2.0, "slow": 6.0, "fast": 1.0}, "vlmkern")
+    assert sp == {"slow": 3.0, "fast": 0.5}
+    tflops, gbps = harness.throughput(2e12, 4e9, 1000.0)
+    assert tflops == pytest.approx(2.0) and gbps == pytest.approx(4.0)
+    assert harness.throughput(1.0, 1.0, 0.0) == (None, None)
+
+
+def _fake_case(**kw) -> Case:
+    def boom():
+        raise RuntimeError("broken baseline")
+
+    return Case(name="fake 1", shape="4x3", flops=1e6, bytes=1e6, group="g",
+                impls={"slow": _sleeper(6.0), "vlmkern": _sleeper(2.0), "broken": boom},
+                targets={"slow": 2.0, "missing": 1.0}, skipped={"missing": "not installed"}, **kw)
+
+
+def test_run_cases_ratios_targets_errors_and_skips():
+    cfg = TimerConfig(budget_s=0.0, min_reps=5, max_reps=5, warmup_s=0.0)
+    rows = {r.impl: r for r in harness.run_cases([_fake_case()], "cpu", cfg, show_progress=False)}
+    assert set(rows) == {"vlmkern", "slow", "broken", "missing"}
+    subj, slow = rows["vlmkern"], rows["slow"]
+    assert subj.subject and subj.speedup == 1.0 and subj.reps == 5
+    assert subj.p20_ms <= subj.median_ms <= subj.p80_ms
+    assert slow.speedup == pytest.approx(slow.median_ms / subj.median_ms)
+    assert 1.5 < slow.speedup < 4.5
+    assert slow.target == 2.0 and slow.target_met is True
+    assert slow.max_abs_diff == pytest.approx(4.0)      # outputs full(6) vs full(2)
+    assert subj.peak_mem_mb is None                     # not measured on the CPU, by design
+    assert subj.tflops == pytest.approx(1e6 / (subj.median_ms * 1e-3) / 1e12)
+    assert rows["broken"].status == "error" and "broken baseline" in rows["broken"].note
+    assert rows["missing"].status == "skipped" and rows["missing"].target == 1.0
+    assert rows["missing"].target_met is None
+
+
+def test_setup_fills_impls_and_is_released():
+    def setup(case):
+        case.impls["vlmkern"] = _sleeper(0.1)
+        case.backends["vlmkern"] = "reference"
+
+    case = Case(name="lazy", shape="-", flops=0, bytes=0, setup=setup)
+    rows = harness.run_cases([case], "cpu", TimerConfig(0.0, 2, 2, 0.0), show_progress=False)
+    assert [(r.impl, r.backend, r.status) for r in rows] == [("vlmkern", "reference", "ok")]
+    assert rows[0].tflops is None and case.impls == {}
+
+
+def test_write_results_json_csv_png(tmp_path):
+    cfg = TimerConfig(budget_s=0.0, min_reps=3, max_reps=3, warmup_s=0.0)
+    cases = [_fake_case()]
+    rows = harness.run_cases(cases, "cpu", cfg, show_progress=False)
+    env = harness.environment("cpu")
+    paths = harness.write_results("fakeop", "cpu", rows, env, tmp_path, extra={"cases": harness.case_records(cases)})
+    record = json.loads(paths["json"].read_text())
+    assert paths["json"] == tmp_path / "fakeop-cpu.json"
+    for key in ENV_FIELDS:
+        assert key in record["env"], key
+    assert record["env"]["torch"] == torch.__version__
+    assert record["cases"][0]["targets"] == {"slow": 2.0, "missing": 1.0}
+    assert {r["impl"] for r in record["results"]} == {"vlmkern", "slow", "broken", "missing"}
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and set(harness.CSV_FIELDS) <= set(table[0])
+    assert all(r["device_name"] == env["device_name"] for r in table)
+    pytest.importorskip("matplotlib")
+    assert paths["png"] == tmp_path / "fakeop-cpu.png" and paths["png"].stat().st_size > 1000
+    assert "vlmkern" in harness.format_table(rows)
+
+
+def test_git_commit_from_environment_when_no_repo(monkeypatch, tmp_path):
+    monkeypatch.setattr(harness, "REPO_ROOT", tmp_path)      # no .git there
+    monkeypatch.setenv("VLMKERN_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("VLMKERN_GIT_DIRTY", "1")
+    state = harness.git_state()
+    if state["git_source"] == "git":                          # tmp_path sits inside some other repository
+        pytest.skip("tmp dir is inside a git repository")
+    assert state == {"git_commit": "abc123", "git_dirty": True, "git_source": "VLMKERN_GIT_COMMIT"}
+
+
+def test_discover_finds_patch_embed():
+    from benchmarks import run
+    assert "patch_embed" in run.discover()
+
+
+def test_smoke_run_patch_embed_cpu(tmp_path, capsys):
+    """``python -m benchmarks.run --op patch_embed --device cpu --quick --smoke --out DIR`` in-process."""
+    from benchmarks import run
+    interpret = os.environ.get("TRITON_INTERPRET")
+    rc = run.main(["--op", "patch_embed", "--device", "cpu", "--quick", "--smoke", "--out", str(tmp_path),
+                   "--no-progress"])
+    assert os.environ.get("TRITON_INTERPRET") == interpret     # restored for the rest of the test session
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "patch_embed" in out and "median ms" in out
+    record = json.loads((tmp_path / "patch_embed-cpu.json").read_text())
+    assert record["smoke"] is True and record["env"]["TRITON_INTERPRET"] == "0"
+    rows = record["results"]
+    subject = [r for r in rows if r["case"].startswith("e2e") and r["subject"]]
+    assert subject and subject[0]["status"] == "ok" and subject[0]["backend"] == "reference"
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["status"] == "ok" and r["max_abs_diff"] is not None:
+            assert r["max_abs_diff"] < 1e-3, r                 # every implementation computes the same tokens
+    assert (tmp_path / "patch_embed-cpu.csv").exists()
+
+
+def test_cli_entry_point_lists_ops():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "benchmarks.run", "--list"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "patch_embed" in res.stdout.split()
+
+
+def test_cases_use_real_fuyu_sizes():
+    from benchmarks.ops import patch_embed as bench
+    cpu = bench.cases("cpu", quick=True)
+    names = [c.name for c in cpu]
+    assert "e2e 1080x1920" in names and "patchify 1080x1920" in names
+    patchify = next(c for c in cpu if c.name == "patchify 1080x1920")
+    assert patchify.targets == {"hf processor": 5.0}
+    assert "(1, 2304, 2700)" in patchify.shape
+    gpu = bench.cases("cuda", quick=False)
+    fused = next(c for c in gpu if c.name == "fused 1080x1920")
+    assert fused.targets == {"gemm only": 0.8}
+    assert fused.flops == pytest.approx(2 * 2304 * 4096 * 2700 + 2304 * 4096)
+    e2e = next(c for c in gpu if c.name == "e2e 1080x1920")
+    assert e2e.targets == {"hf processor+linear": 10.0}
+    assert any(c.name == "e2e 8x1080x1920" for c in gpu)
+
+
+def test_torch_unfold_linear_matches_reference():
+    from benchmarks.ops.patch_embed import torch_unfold_linear
+    from vlmkern import reference
+    pix = torch.randint(0, 256, (2, 3, 61, 47), dtype=torch.uint8)
+    w, b = torch.randn(16, 2700), torch.randn(16)
+    torch.testing.assert_close(torch_unfold_linear(pix, w, b), reference.patch_embed(pix, w, b))
+
+
+def test_hf_patches_match_reference():
+    from benchmarks.ops import patch_embed as bench
+    from vlmkern import reference
+    proc, why = bench.hf_processor()
+    if proc is None:
+        pytest.skip(why)
+    img = bench._images_hwc(1, 61, 47)
+    got = bench.hf_patches(proc, list(img))
+    want = reference.patchify(torch.from_numpy(img).permute(0, 3, 1, 2), 30)
+    torch.testing.assert_close(got, want)
+
+
+def test_max_abs_diff_accepts_lists_and_arrays():
+    import numpy as np
+    a = torch.zeros(2, 3)
+    assert harness.max_abs_diff([np.ones(3), np.full(3, 2.0)], a) == 2.0
+    assert harness.max_abs_diff(a, torch.zeros(5)) is None
+    assert harness.max_abs_diff("x", a) is None
+
+
+@pytest.mark.cuda
+def test_cuda_timer_and_peak_memory():
+    x = torch.randn(1024, 1024, device="cuda")
+    case = Case(name="mm", shape="1024^3", flops=2 * 1024 ** 3, bytes=3 * 4 * 1024 ** 2,
+                impls={"vlmkern": lambda: x @ x, "twice": lambda: (x @ x) @ x})
+    rows = {r.impl: r for r in harness.run_cases([case], "cuda", TimerConfig.for_mode("cuda", quick=True),
+                                                 show_progress=False)}
+    subj, twice = rows["vlmkern"], rows["twice"]
+    assert subj.status == twice.status == "ok"
+    assert 0 < subj.p20_ms <= subj.median_ms <= subj.p80_ms and subj.reps >= 5
+    assert subj.peak_mem_mb >= 4.0 - 1e-6            # at least the 4 MiB output
+    assert 1.3 < twice.speedup < 3.0
+    assert harness.environment("cuda")["device_name"] == torch.cuda.get_device_name()
+
+
+@pytest.mark.cuda
+def test_smoke_run_patch_embed_cuda(tmp_path):
+    from benchmarks import run
+    rc = run.main(["--op", "patch_embed", "--device", "cuda", "--smoke", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    record = json.loads((tmp_path / "patch_embed-cuda.json").read_text())
+    subject = [r for r in record["results"] if r["subject"] and r["case"].startswith("e2e")]
+    assert subject[0]["status"] == "ok" and subject[0]["backend"] == "triton"
+    assert subject[0]["peak_mem_mb"] is not None
+
+
+def test_broken_setup_is_an_error_of_the_subject():
+    def setup(case):
+        raise RuntimeError("no inputs")
+
+    rows = harness.run_cases([Case(name="bad", shape="-", flops=0, bytes=0, setup=setup)], "cpu",
+                             TimerConfig(0.0, 1, 1, 0.0), show_progress=False)
+    assert [(r.impl, r.subject, r.status) for r in rows] == [("vlmkern", True, "error")]
+    assert "no inputs" in rows[0].note
