@@ -89,9 +89,9 @@ def _main(args: argparse.Namespace, dropped_interpret: bool) -> int:
             module = importlib.import_module(f"benchmarks.ops.{op}")
             cases = _cases(module, device, quick, args.smoke)
             torch.manual_seed(0)
-            with torch.no_grad():
-                rows = harness.run_cases(cases, device, cfg, desc=f"{op} [{device}]",
-                                         show_progress=not args.no_progress)
+            # No global no_grad: forward+backward cases need autograd; forward-only cases disable it themselves.
+            rows = harness.run_cases(cases, device, cfg, desc=f"{op} [{device}]",
+                                     show_progress=not args.no_progress)
         except Exception:
             failed.append(op)
             print(f"[bench] {op} failed:\n{traceback.format_exc()}", file=sys.stderr)
