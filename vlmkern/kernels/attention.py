@@ -1,0 +1,368 @@
+"""Masked attention with the mask computed in the kernel: Q-Former self-attention and query->image cross-attention.
+
+Flash-attention style (online softmax, fp32 accumulation), forward and FA2 backward. Tensors are
+``(B, H, L, d)`` with explicit strides (views of a fused QKV projection work). The visibility of key ``j``
+from query row ``r`` is a predicate of the row's absolute position ``p = r + row_off``, ``j``, ``NQ``
+(number of learned queries), ``MODE`` and the key padding mask ``kpm[b, j - NQ]`` (1 = real token) that
+covers the keys ``j >= NQ`` (SPEC §1.2)::
+
+    MODE_FULL      (bidirectional / cross)  every non-pad key
+    MODE_UNIMODAL  (ITC as one pass)        (p < NQ) == (j < NQ), and non-pad
+    MODE_CAUSAL    (ITG)                    j < NQ  or  (j <= p and non-pad)
+
+Cross-attention is ``MODE_FULL`` with ``NQ = 0`` (the padding mask covers every key). Key blocks that no
+row of a block can see are never visited (unimodal query rows skip the text keys, causal rows stop at the
+diagonal). A row that sees no key returns zeros and ``lse = +inf``, which makes its gradients zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import triton
+import triton.language as tl
+
+from vlmkern.kernels._build import KernelBuild, register_builds
+
+MODE_FULL, MODE_UNIMODAL, MODE_CAUSAL = 0, 1, 2
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _visible(rows, cols, b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Which (row position, key) pairs attend; ``rows``/``cols`` are broadcastable 2-D index tensors."""
+    keep = (cols < Lk) & (rows < row_end)
+    if HAS_KPM:
+        is_text = (cols >= NQ) & (cols < Lk)
+        t = tl.where(is_text, cols - NQ, 0)
+        real = tl.load(kpm_ptr + b.to(tl.int64) * s_mb + t * s_mt, mask=is_text, other=1)
+        keep = keep & (real != 0)
+    if MODE == 1:
+        keep = keep & ((rows < NQ) == (cols < NQ))
+    elif MODE == 2:
+        keep = keep & ((cols < NQ) | (cols <= rows))
+    return keep
+
+
+@triton.jit
+def _key_range(row_lo, row_hi, Lk, NQ, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys ``[lo, hi)`` that rows at positions ``[row_lo, row_hi)`` may see; ``lo`` is block-aligned."""
+    lo = row_lo * 0
+    hi = lo + Lk
+    if MODE == 1:
+        hi = tl.where(row_hi <= NQ, lo + NQ, hi)
+        lo = tl.where(row_lo >= NQ, (NQ // BLOCK_N) * BLOCK_N, lo)
+    elif MODE == 2:
+        hi = tl.minimum(hi, tl.maximum(lo + NQ, row_hi))
+    return lo, hi
+
+
+@triton.jit
+def _row_range(col_lo, col_hi, row_off, Lq, NQ, MODE: tl.constexpr):
+    """Query rows (indices into q, not positions) ``[lo, hi)`` that may see keys ``[col_lo, col_hi)``."""
+    pos_lo = col_lo * 0
+    pos_hi = pos_lo + row_off + Lq
+    if MODE == 1:
+        pos_hi = tl.where(col_hi <= NQ, pos_lo + NQ, pos_hi)
+        pos_lo = tl.where(col_lo >= NQ, pos_lo + NQ, pos_lo)
+    elif MODE == 2:
+        pos_lo = tl.where(col_lo >= NQ, col_lo, pos_lo)
+    lo = tl.maximum(pos_lo - row_off, 0)
+    hi = tl.minimum(pos_hi - row_off, Lq)
+    return lo, hi
+
+
+@triton.jit
+def _masked_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr,
+    H, Lq, Lk, NQ, row_off, qk_scale,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od, s_mb, s_mt,
+    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """o = softmax(scale * q k^T, masked) v for one (batch*head, block of BLOCK_M rows); lse in natural log.
+
+    ``qk_scale`` = scale * log2(e) (the softmax runs in base 2). ``lse`` is ``(B*H, Lq)`` fp32, contiguous.
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    row_ok = offs_m < Lq
+    q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+    rows = offs_m + row_off
+    row_end = Lq + row_off
+
+    lo, hi = _key_range(pid_m * BLOCK_M + row_off, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) + row_off,
+                        Lk, NQ, MODE, BLOCK_N)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < Lk
+        k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=col_ok[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+        keep = _visible(rows[:, None], cols[None, :], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE, HAS_KPM)
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    o_base = o_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
+    tl.store(o_base + offs_m[:, None] * s_om + offs_d[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + bh.to(tl.int64) * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _masked_attn_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, H, Lq,
+    s_ob, s_oh, s_om, s_od, s_gb, s_gh, s_gm, s_gd,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta[bh, r] = sum_d dO * O (fp32), the softmax-backward row term; ``delta`` is ``(B*H, Lq)``."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = (offs_m < Lq)[:, None]
+    o = tl.load(o_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None] * s_om
+                + offs_d[None, :] * s_od, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + offs_m[:, None] * s_gm
+                 + offs_d[None, :] * s_gd, mask=ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _masked_attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr,
+    H, Lq, Lk, NQ, row_off, qk_scale, sm_scale,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_gb, s_gh, s_gm, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_mb, s_mt,
+    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for one (batch*head, block of BLOCK_N keys), looping over the query rows that see it.
+
+    Works transposed (keys x rows) so that no probability tile needs a transpose:
+    ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``, ``dK = scale * dS^T Q``.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < Lk
+    k = tl.load(k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + cols[:, None] * s_kn
+                + offs_d[None, :] * s_kd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + cols[:, None] * s_vn
+                + offs_d[None, :] * s_vd, mask=col_ok[:, None], other=0.0)
+    q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    do_base = do_ptr + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh
+    row_end = Lq + row_off
+
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    lo, hi = _row_range(pid_n * BLOCK_N, tl.minimum(pid_n * BLOCK_N + BLOCK_N, Lk), row_off, Lq, NQ, MODE)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        row_ok = offs_m < Lq
+        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+        s_t = _mm(k, tl.trans(q), UPCAST, PRECISION) * qk_scale
+        keep_t = _visible((offs_m + row_off)[None, :], cols[:, None], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt,
+                          MODE, HAS_KPM)
+        p_t = tl.where(keep_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        dv += _mm(p_t.to(do.dtype), do, UPCAST, PRECISION)
+        dp_t = _mm(v, tl.trans(do), UPCAST, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _mm(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+
+    dk = dk * sm_scale
+    dk_base = dk_ptr + b.to(tl.int64) * s_dkb + h.to(tl.int64) * s_dkh
+    dv_base = dv_ptr + b.to(tl.int64) * s_dvb + h.to(tl.int64) * s_dvh
+    tl.store(dk_base + cols[:, None] * s_dkn + offs_d[None, :] * s_dkd, dk.to(dk_ptr.dtype.element_ty),
+             mask=col_ok[:, None])
+    tl.store(dv_base + cols[:, None] * s_dvn + offs_d[None, :] * s_dvd, dv.to(dv_ptr.dtype.element_ty),
+             mask=col_ok[:, None])
+
+
+@triton.jit
+def _masked_attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr,
+    H, Lq, Lk, NQ, row_off, qk_scale, sm_scale,
+    s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
+    s_gb, s_gh, s_gm, s_gd, s_dqb, s_dqh, s_dqm, s_dqd, s_mb, s_mt,
+    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ = scale * dS K for one (batch*head, block of BLOCK_M rows), over the same keys as the forward."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Lq
+    q = tl.load(q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + offs_m[:, None] * s_qm
+                + offs_d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + offs_m[:, None] * s_gm
+                 + offs_d[None, :] * s_gd, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+    rows = offs_m + row_off
+    row_end = Lq + row_off
+
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    lo, hi = _key_range(pid_m * BLOCK_M + row_off, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) + row_off,
+                        Lk, NQ, MODE, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < Lk
+        k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=col_ok[:, None], other=0.0)
+        s = _mm(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+        keep = _visible(rows[:, None], cols[None, :], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE, HAS_KPM)
+        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = _mm(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _mm(ds.to(k.dtype), k, UPCAST, PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(dq_ptr + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + offs_m[:, None] * s_dqm
+             + offs_d[None, :] * s_dqd, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------- shipped configurations
+HEAD_DIMS = (32, 64, 128)
+DELTA_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)
+
+
+# (kernel, family) -> (small: d <= 64, big: d = 128) as (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# family: "half" (fp16/bf16 on tensor cores), "tf32" and "ieee" (fp32; ieee runs on FMA units, whose dot
+# operands live in registers, hence the smaller tiles). Chosen with gpu_build_check: no spills on sm_80 and
+# sm_90, shared memory within sm_80's 164 KB.
+_CONFIGS = {
+    ("fwd", "half"): ((64, 64, 4, 3), (64, 64, 8, 2)),
+    ("dkdv", "half"): ((32, 64, 4, 2), (32, 64, 8, 2)),
+    ("dq", "half"): ((64, 32, 4, 2), (64, 32, 8, 2)),
+    ("fwd", "tf32"): ((64, 32, 4, 2), (64, 32, 8, 2)),
+    ("dkdv", "tf32"): ((32, 32, 4, 1), (32, 32, 8, 1)),
+    ("dq", "tf32"): ((32, 32, 4, 2), (32, 32, 8, 1)),
+    ("fwd", "ieee"): ((64, 32, 8, 2), (32, 16, 8, 2)),
+    ("dkdv", "ieee"): ((32, 32, 8, 2), (16, 32, 8, 1)),
+    ("dq", "ieee"): ((32, 32, 4, 2), (32, 32, 8, 1)),
+}
+
+
+def config_family(elem_bytes: int, precision: str) -> str:
+    """"half" for 2-byte inputs, else the fp32 dot precision ("tf32" or "ieee")."""
+    return "half" if elem_bytes == 2 else precision
+
+
+def attention_config(kernel: str, family: str, head_dim: int) -> dict:
+    """Launch config of ``kernel`` in ("fwd", "dkdv", "dq") for a config family and head dim."""
+    if (kernel, family) not in _CONFIGS:
+        raise ValueError(f"no attention config for kernel {kernel!r}, family {family!r}")
+    m, n, w, st = _CONFIGS[kernel, family][head_dim > 64]
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+
+
+_DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
+_DIV16 = [["tt.divisibility", 16]]
+
+
+@dataclass(frozen=True)
+class _SpecializedBuild(KernelBuild):
+    """A build plus Triton's argument attributes (``(index,) -> [["tt.divisibility", 16]]``)."""
+    attrs: dict = field(default_factory=dict)
+
+
+def _tensor_args(names: Sequence[str], dtype: str) -> dict[str, str]:
+    return {n: ("*fp32" if n in ("lse_ptr", "delta_ptr") else "*u8" if n == "kpm_ptr" else "*" + dtype)
+            for n in names}
+
+
+def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict) -> _SpecializedBuild:
+    """What the JIT compiles for the common runtime case: contiguous head dim (its stride is 1, which
+    Triton turns into a constant) and 16-divisible pointers and outer strides (any (B, H, L, d) tensor
+    or fused-QKV view with d in 32/64/128). ``types`` gives every runtime argument in kernel order."""
+    names = fn.arg_names
+    sig, constexprs, attrs = {}, dict(consts), {}
+    for name in names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("s_qd", "s_kd", "s_vd", "s_od", "s_gd", "s_dqd", "s_dkd", "s_dvd", "s_mt"):
+            sig[name], constexprs[name] = "constexpr", 1
+        else:
+            sig[name] = types[name]
+            if types[name].startswith("*") or (name.startswith("s_") and name != "s_mb"):
+                attrs[(names.index(name),)] = _DIV16
+    return _SpecializedBuild(label, fn, sig, constexprs, cfg["num_warps"], cfg["num_stages"], attrs)
+
+
+def _builds() -> list[KernelBuild]:
+    """Every dtype x head dim x kernel with the heaviest mask (causal + key padding); the other mask modes
+    share tile shapes, so they are compiled once each (bf16, d = 64) to prove they build."""
+    builds = []
+    ints = {n: "i32" for n in ("H", "Lq", "Lk", "NQ", "row_off")}
+    floats = {"qk_scale": "fp32", "sm_scale": "fp32"}
+    variants = [(dt, d, MODE_CAUSAL, True, "ieee" if dt == "fp32" else "tf32") for dt in _DTYPES for d in HEAD_DIMS]
+    variants += [("fp32", d, MODE_CAUSAL, True, "tf32") for d in HEAD_DIMS]
+    variants += [("bf16", 64, m, kpm, "tf32") for m in (MODE_FULL, MODE_UNIMODAL) for kpm in (False, True)]
+    for dt, d, mode, kpm, prec in variants:
+        tag = f"{dt},d{d},mode{mode},{'kpm' if kpm else 'nokpm'},{prec}"
+        for kernel, fn in (("fwd", _masked_attn_fwd_kernel), ("dkdv", _masked_attn_bwd_dkdv_kernel),
+                           ("dq", _masked_attn_bwd_dq_kernel)):
+            cfg = attention_config(kernel, config_family(_DTYPES[dt], prec), d)
+            names = fn.arg_names
+            types = {**_tensor_args([n for n in names if n.endswith("_ptr")], dt), **ints, **floats,
+                     **{n: "i32" for n in names if n.startswith("s_")}}
+            consts = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm, UPCAST=False, PRECISION=prec,
+                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+            builds.append(_specialized(f"masked_attention_{kernel}[{tag}]", fn, types, consts, cfg))
+    fn = _masked_attn_bwd_delta_kernel
+    for dt in _DTYPES:
+        for d in HEAD_DIMS:
+            types = {**_tensor_args(["o_ptr", "do_ptr", "delta_ptr"], dt), "H": "i32", "Lq": "i32",
+                     **{n: "i32" for n in fn.arg_names if n.startswith("s_")}}
+            builds.append(_specialized(f"masked_attention_bwd_delta[{dt},d{d}]", fn, types,
+                                       dict(HEAD_DIM=d, BLOCK_M=DELTA_CONFIG["BLOCK_M"]), DELTA_CONFIG))
+    return builds
+
+
+register_builds(*_builds())

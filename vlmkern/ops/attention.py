@@ -1,0 +1,352 @@
+"""``vlmkern::qformer_attention`` and ``vlmkern::cross_attention``: attention with the mask built in the kernel.
+
+Shapes: ``q`` ``(B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)``, result ``(B, H, Lq, d)`` in the input dtype.
+Both ops share one forward kernel family (``vlmkern.kernels.attention``) and one backward op; no
+``(B, 1, Lq, Lk)`` mask tensor exists on the Triton path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vlmkern.reference import attention as ref_attention
+from vlmkern.ops import _dispatch
+from vlmkern.ops._checks import check_same_device, check_tensor
+from vlmkern.ops._dispatch import OpDispatch, register
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_TRITON_HEAD_DIMS = (32, 64, 128)
+MODES = {"bidirectional": 0, "unimodal": 1, "multimodal_causal": 2}   # = kernels.attention.MODE_*
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, ndim=4, dtypes=_FLOATS, shape_doc="(batch, heads, length, head_dim)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q has batch {q.shape[0]} but k/v have batch {k.shape[0]}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} heads but k/v have {k.shape[1]}: heads must match")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q has head_dim {q.shape[3]} but k/v have head_dim {k.shape[3]}")
+
+
+def _check_key_mask(mask, name: str, batch: int, length: int, q: Tensor) -> None:
+    if mask is None:
+        return
+    check_tensor(mask, name, ndim=2, dtypes=_MASK_DTYPES, shape_doc=f"(batch, {length}) of 1 = real / 0 = pad")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape (batch, {length}) = ({batch}, {length}), got {tuple(mask.shape)}")
+    check_same_device(q=q, **{name: mask})
+
+
+def _check_scale(scale) -> None:
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+
+
+def _as_bool(mask: Tensor | None) -> Tensor | None:
+    return mask if mask is None or mask.dtype == torch.bool else mask != 0
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def _triton_reasons(q, k, *_, **__) -> list[str]:
+    why = _dispatch.triton_env_reasons(q.device)
+    if q.dtype not in _TRITON_DTYPES:
+        why.append(f"dtype {q.dtype} (the kernels take float16, bfloat16, float32)")
+    if q.shape[-1] not in _TRITON_HEAD_DIMS:
+        why.append(f"head_dim {q.shape[-1]} (the kernels are built for {_TRITON_HEAD_DIMS})")
+    return why
+
+
+QFORMER_ATTENTION = register(OpDispatch("qformer_attention", {
+    "triton": _triton_reasons,
+    "reference": lambda *a, **k: [],
+}))
+CROSS_ATTENTION = register(OpDispatch("cross_attention", {
+    "triton": _triton_reasons,
+    "reference": lambda *a, **k: [],
+}))
+
+
+def _launch_params(dtype: torch.dtype) -> tuple[bool, str, str]:
+    """(UPCAST, dot precision, config family). fp32 follows torch's TF32 switch, as ``torch.matmul`` does;
+    the interpreter's low-precision dot is not trustworthy (bf16), so it computes in fp32 there."""
+    from vlmkern.kernels.attention import config_family
+
+    precision = "tf32"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        precision = "ieee"
+    family = config_family(dtype.itemsize, precision)
+    if _dispatch.triton_interpreting():
+        return True, "ieee", family
+    return False, precision, family
+
+
+def _scale(q: Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _kpm_args(kpm: Tensor | None, ref: Tensor) -> tuple[Tensor, int, int]:
+    if kpm is None:  # never read (HAS_KPM=False); uint8 keeps the kernel signature that was build-checked
+        return torch.empty(0, dtype=torch.uint8, device=ref.device), 0, 1
+    kpm = _as_bool(kpm).view(torch.uint8)
+    return kpm, kpm.stride(0), kpm.stride(1)
+
+
+# ------------------------------------------------------------------------------------- triton launches
+def _row_offset(q: Tensor, k: Tensor, num_query: int) -> int:
+    """Sequence position of q's first row: the rows are the last Lq positions of [queries ; text]
+    (0 when q holds every row, num_query for the ITG text-only rows; always 0 for cross-attention,
+    which has num_query = 0 and no notion of position)."""
+    return k.shape[2] - q.shape[2] if num_query else 0
+
+
+def _triton_forward(q, k, v, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor]:
+    import triton
+    from vlmkern.kernels.attention import LOG2E, _masked_attn_fwd_kernel, attention_config
+
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    out = torch.empty((B, H, Lq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    mask, s_mb, s_mt = _kpm_args(kpm, q)
+    upcast, precision, family = _launch_params(q.dtype)
+    cfg = attention_config("fwd", family, d)
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    _masked_attn_fwd_kernel[grid](
+        q, k, v, out, lse, mask, H, Lq, Lk, num_query, _row_offset(q, k, num_query), scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_mb, s_mt,
+        HEAD_DIM=d, MODE=mode, HAS_KPM=kpm is not None, UPCAST=upcast, PRECISION=precision, **cfg)
+    return out, lse
+
+
+def _triton_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor, Tensor]:
+    import triton
+    from vlmkern.kernels.attention import (DELTA_CONFIG, LOG2E, _masked_attn_bwd_delta_kernel,
+                                           _masked_attn_bwd_dkdv_kernel, _masked_attn_bwd_dq_kernel,
+                                           attention_config)
+
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    row_off = _row_offset(q, k, num_query)
+    grad = grad.to(q.dtype)
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    dq = torch.empty((B, H, Lq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, H, Lk, d), device=q.device, dtype=q.dtype)
+    dv = torch.empty((B, H, Lk, d), device=q.device, dtype=q.dtype)
+    if dq.numel() == 0:  # no rows: nothing flows to the keys
+        return dq, dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    mask, s_mb, s_mt = _kpm_args(kpm, q)
+    upcast, precision, family = _launch_params(q.dtype)
+    meta = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm is not None, UPCAST=upcast, PRECISION=precision)
+
+    _masked_attn_bwd_delta_kernel[(triton.cdiv(Lq, DELTA_CONFIG["BLOCK_M"]), B * H)](
+        out, grad, delta, H, Lq, *out.stride(), *grad.stride(), HEAD_DIM=d, **DELTA_CONFIG)
+    if Lk > 0:
+        cfg = attention_config("dkdv", family, d)
+        _masked_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
+            q, k, v, grad, lse, delta, dk, dv, mask, H, Lq, Lk, num_query, row_off, scale * LOG2E, scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dk.stride(), *dv.stride(), s_mb, s_mt,
+            **meta, **cfg)
+    cfg = attention_config("dq", family, d)
+    _masked_attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
+        q, k, v, grad, lse, delta, dq, mask, H, Lq, Lk, num_query, row_off, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dq.stride(), s_mb, s_mt, **meta, **cfg)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------ reference paths
+def _reference_mask(q, k, kpm, num_query, mode) -> Tensor:
+    return ref_attention.qformer_attention_mask(
+        num_query, _MODE_NAMES[mode], kpm, q_len=q.shape[2], k_len=k.shape[2], batch=q.shape[0], device=q.device)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _reference_forward(q, k, v, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor]:
+    mask = _reference_mask(q, k, kpm, num_query, mode)
+    out = ref_attention.masked_attention(q, k, v, mask, scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(_compute_dtype(q.dtype)) * scale
+    lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    lse = lse.masked_fill(~mask.any(-1), float("inf")).to(torch.float32)  # rows with no key: as the kernel
+    return out, lse
+
+
+def _reference_backward(grad, q, k, v, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax-attention gradients in fp32 (fp64 for fp64), recomputing the probabilities."""
+    ct = _compute_dtype(q.dtype)
+    qc, kc, vc, g = q.to(ct), k.to(ct), v.to(ct), grad.to(ct)
+    mask = _reference_mask(q, k, kpm, num_query, mode)
+    has_key = mask.any(-1, keepdim=True)
+    scores = torch.where(has_key, (qc @ kc.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), 0.0)
+    p = torch.where(mask, torch.softmax(scores, dim=-1), 0.0)
+    dv = p.transpose(-1, -2) @ g
+    dp = g @ vc.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = ds @ kc * scale
+    dk = ds.transpose(-1, -2) @ qc * scale
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------ custom ops
+def _forward(dispatch, q, k, v, kpm, num_query, mode, scale):
+    if dispatch.select(q, k) == "triton":
+        return _triton_forward(q, k, v, kpm, num_query, mode, scale)
+    return _reference_forward(q, k, v, kpm, num_query, mode, scale)
+
+
+def _fake_forward(q):
+    B, H, Lq, d = q.shape
+    return q.new_empty((B, H, Lq, d)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("vlmkern::qformer_attention", mutates_args=())
+def _qformer_attention_op(q: Tensor, k: Tensor, v: Tensor, text_mask: Optional[Tensor], num_query: int,
+                          mode: int, scale: float) -> tuple[Tensor, Tensor]:
+    return _forward(QFORMER_ATTENTION, q, k, v, text_mask, num_query, mode, scale)
+
+
+@_qformer_attention_op.register_fake
+def _(q, k, v, text_mask, num_query, mode, scale):
+    return _fake_forward(q)
+
+
+@torch.library.custom_op("vlmkern::cross_attention", mutates_args=())
+def _cross_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
+                        scale: float) -> tuple[Tensor, Tensor]:
+    return _forward(CROSS_ATTENTION, q, k, v, key_padding_mask, 0, MODES["bidirectional"], scale)
+
+
+@_cross_attention_op.register_fake
+def _(q, k, v, key_padding_mask, scale):
+    return _fake_forward(q)
+
+
+@torch.library.custom_op("vlmkern::masked_attention_backward", mutates_args=())
+def _masked_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                  key_mask: Optional[Tensor], num_query: int, mode: int, scale: float,
+                                  op_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    if _dispatch.REGISTRY[op_name].select(q, k) == "triton":
+        return _triton_backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale)
+    return _reference_backward(grad, q, k, v, key_mask, num_query, mode, scale)
+
+
+@_masked_attention_backward_op.register_fake
+def _(grad, q, k, v, out, lse, key_mask, num_query, mode, scale, op_name):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    num_query, mode, scale, op_name = ctx.args
+    dq, dk, dv = _masked_attention_backward_op(grad, q, k, v, out, lse, key_mask, num_query, mode, scale,
+                                               op_name)
+    return dq, dk, dv, *([None] * ctx.n_nondiff)
+
+
+def _setup_qformer(ctx, inputs, output):
+    q, k, v, text_mask, num_query, mode, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, text_mask)
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (num_query, mode, scale, QFORMER_ATTENTION.name)
+    ctx.n_nondiff = 4
+
+
+def _setup_cross(ctx, inputs, output):
+    q, k, v, key_padding_mask, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask)
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = (0, MODES["bidirectional"], scale, CROSS_ATTENTION.name)
+    ctx.n_nondiff = 2
+
+
+_qformer_attention_op.register_autograd(_backward, setup_context=_setup_qformer)
+_cross_attention_op.register_autograd(_backward, setup_context=_setup_cross)
+
+
+# ------------------------------------------------------------------------------------ public API
+def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str,
+                      text_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Q-Former self-attention over ``[num_query learned queries ; T text tokens]`` with the mask of ``mode``.
+
+    Args:
+        q: ``(B, H, Lq, d)``: every row (``Lq = num_query + T``) or only the text rows (``Lq = T``, the ITG
+            training pass whose keys/values are the queries' cached ones followed by the text's).
+        k, v: ``(B, H, num_query + T, d)``, same dtype (float16, bfloat16, float32; float64 runs the
+            reference) and device as ``q``. Any strides (e.g. views of a fused QKV projection).
+        num_query: number of learned queries at the front of the key sequence (0 for a text-only pass).
+        mode: SPEC §1.2, rows/keys in positions of ``[queries ; text]``:
+            ``"bidirectional"`` (ITM, InstructBLIP): every row sees every non-pad key;
+            ``"unimodal"`` (ITC in one pass): query rows see queries only, text rows see non-pad text;
+            ``"multimodal_causal"`` (ITG): query rows see queries only, text row ``t`` sees every query and
+            the non-pad text keys ``j <= t``.
+        text_mask: ``(B, T)`` bool or integer, nonzero = real token. Applies to keys only: padded rows are
+            still computed.
+        scale: score scale, default ``1/sqrt(d)``.
+
+    Returns:
+        ``(B, H, Lq, d)`` in the input dtype, contiguous; differentiable in ``q``, ``k``, ``v``.
+
+    Masked keys are excluded exactly; the originals add ``-10000`` instead, which gives the same result to
+    the input precision unless a row has no visible key. Such a row (e.g. a text row whose text is all
+    padding in ``"unimodal"``) returns zeros with zero gradients here, where the originals would return the
+    uniform average of the values.
+    """
+    _check_qkv(q, k, v)
+    if isinstance(num_query, bool) or not isinstance(num_query, int):
+        raise TypeError(f"num_query must be an int, got {type(num_query).__name__}")
+    B, H, Lq, _ = q.shape
+    L = k.shape[2]
+    if not 0 <= num_query <= L:
+        raise ValueError(f"num_query must be in [0, L] where L = k.shape[2] = {L} (queries + text), got {num_query}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    T = L - num_query
+    if Lq not in (L, T):
+        raise ValueError(f"q must hold every row (Lq = num_query + T = {L}) or only the text rows (Lq = T = {T}), "
+                         f"got Lq = {Lq}")
+    _check_key_mask(text_mask, "text_mask", B, T, q)
+    _check_scale(scale)
+    # With Lq == T the rows are the text positions num_query.. ; with Lq == L == T (num_query 0) both agree.
+    out, _ = _qformer_attention_op(q, k, v, _as_bool(text_mask), num_query, MODES[mode], _scale(q, scale))
+    return out
+
+
+def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
+                    scale: Optional[float] = None) -> Tensor:
+    """Queries attending to image tokens (Q-Former cross-attention), with optional key padding.
+
+    Args:
+        q: ``(B, H, Lq, d)`` (``Lq`` 32 or 64 in the models); k, v: ``(B, H, Lk, d)`` (``Lk`` 257, 677, ...),
+            same dtype and device; any strides.
+        key_padding_mask: ``(B, Lk)`` bool or integer, nonzero = real key, 0 = padding (the HF
+            ``encoder_attention_mask`` convention, *not* ``nn.MultiheadAttention``'s True = ignore).
+        scale: score scale, default ``1/sqrt(d)``.
+
+    Returns:
+        ``(B, H, Lq, d)`` in the input dtype. A batch whose keys are all padding returns zeros.
+    """
+    _check_qkv(q, k, v)
+    _check_key_mask(key_padding_mask, "key_padding_mask", q.shape[0], k.shape[2], q)
+    _check_scale(scale)
+    out, _ = _cross_attention_op(q, k, v, _as_bool(key_padding_mask), _scale(q, scale))
+    return out
