@@ -16,13 +16,12 @@ diagonal). A row that sees no key returns zeros and ``lse = +inf``, which makes 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._build import KernelBuild, register_builds
+from vlmkern.kernels._build import KernelBuild, launched, register_builds
 
 MODE_FULL, MODE_UNIMODAL, MODE_CAUSAL = 0, 1, 2
 LOG2E = 1.4426950408889634
@@ -303,13 +302,7 @@ def attention_config(kernel: str, family: str, head_dim: int) -> dict:
 
 
 _DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
-_DIV16 = [["tt.divisibility", 16]]
-
-
-@dataclass(frozen=True)
-class _SpecializedBuild(KernelBuild):
-    """A build plus Triton's argument attributes (``(index,) -> [["tt.divisibility", 16]]``)."""
-    attrs: dict = field(default_factory=dict)
+_UNIT_STRIDES = ("s_qd", "s_kd", "s_vd", "s_od", "s_gd", "s_dqd", "s_dkd", "s_dvd", "s_mt")
 
 
 def _tensor_args(names: Sequence[str], dtype: str) -> dict[str, str]:
@@ -317,22 +310,11 @@ def _tensor_args(names: Sequence[str], dtype: str) -> dict[str, str]:
             for n in names}
 
 
-def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict) -> _SpecializedBuild:
-    """What the JIT compiles for the common runtime case: contiguous head dim (its stride is 1, which
-    Triton turns into a constant) and 16-divisible pointers and outer strides (any (B, H, L, d) tensor
-    or fused-QKV view with d in 32/64/128). ``types`` gives every runtime argument in kernel order."""
-    names = fn.arg_names
-    sig, constexprs, attrs = {}, dict(consts), {}
-    for name in names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("s_qd", "s_kd", "s_vd", "s_od", "s_gd", "s_dqd", "s_dkd", "s_dvd", "s_mt"):
-            sig[name], constexprs[name] = "constexpr", 1
-        else:
-            sig[name] = types[name]
-            if types[name].startswith("*") or (name.startswith("s_") and name != "s_mb"):
-                attrs[(names.index(name),)] = _DIV16
-    return _SpecializedBuild(label, fn, sig, constexprs, cfg["num_warps"], cfg["num_stages"], attrs)
+def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict) -> KernelBuild:
+    """The common runtime case: contiguous head dim (stride 1) and 16-divisible pointers and outer strides
+    (any (B, H, L, d) tensor or fused-QKV view with d in 32/64/128)."""
+    div16 = [n for n in fn.arg_names if n.startswith("s_") and n != "s_mb"]
+    return launched(label, fn, types, consts, cfg, unit=_UNIT_STRIDES, div16=div16)
 
 
 def _builds() -> list[KernelBuild]:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._build import KernelBuild, register_builds
+from vlmkern.kernels._build import KernelBuild, launched, register_builds
 
 
 @triton.jit
 def _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_value,
                 s_pb, s_pc, s_ph, s_pw, C: tl.constexpr, P: tl.constexpr):
-    """Normalised patch values for rows ``rm`` x columns ``rk`` as fp32 ``(len(rm), len(rk))``."""
+    """Normalised patch values for rows ``rm`` x columns ``rk`` as fp32 ``(len(rm), len(rk))``.
+
+    Address = per-row base (image, patch origin; 64-bit) + per-column offset inside the patch (32-bit),
+    so the 2-D work is one add and two compares per element.
+    """
     img = rm // nP
     pidx = rm % nP
     y0 = (pidx // nW) * P
@@ -25,12 +29,11 @@ def _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_v
     rc = rk // C
     r = rc // P
     c = rc % P
-    y = y0[:, None] + r[None, :]
-    x = x0[:, None] + c[None, :]
-    valid = (rm < M)[:, None] & (rk < K)[None, :]
-    inside = valid & (y < H) & (x < W)
-    offs = (img.to(tl.int64) * s_pb)[:, None] + (ch * s_pc)[None, :] + y.to(tl.int64) * s_ph + x * s_pw
-    v = tl.load(pix_ptr + offs, mask=inside, other=0).to(tl.float32)
+    row_base = img.to(tl.int64) * s_pb + y0.to(tl.int64) * s_ph + x0 * s_pw
+    col_off = ch * s_pc + r * s_ph + c * s_pw
+    inside = ((rm < M)[:, None] & (rk < K)[None, :]
+              & (r[None, :] < (H - y0)[:, None]) & (c[None, :] < (W - x0)[:, None]))
+    v = tl.load(pix_ptr + row_base[:, None] + col_off[None, :], mask=inside, other=0).to(tl.float32)
     v = tl.where(inside, v, pad_value)
     scale = tl.load(scale_ptr + ch, mask=rk < K, other=0.0)
     shift = tl.load(shift_ptr + ch, mask=rk < K, other=0.0)
@@ -136,71 +139,62 @@ def _patch_embed_bwd_pixels_kernel(
             acc += tl.dot(g, w.to(g.dtype), input_precision=INPUT_PRECISION)
     img = rm // nP
     pidx = rm % nP
+    y0 = (pidx // nW) * P
+    x0 = (pidx % nW) * P
     ch = rk % C
     rc = rk // C
-    y = ((pidx // nW) * P)[:, None] + (rc // P)[None, :]
-    x = ((pidx % nW) * P)[:, None] + (rc % P)[None, :]
-    inside = (rm < M)[:, None] & (rk < K)[None, :] & (y < H) & (x < W)
+    r = rc // P
+    c = rc % P
+    inside = ((rm < M)[:, None] & (rk < K)[None, :]
+              & (r[None, :] < (H - y0)[:, None]) & (c[None, :] < (W - x0)[:, None]))
     scale = tl.load(scale_ptr + ch, mask=rk < K, other=0.0)
-    offs = (img.to(tl.int64) * s_db)[:, None] + (ch * s_dc)[None, :] + y.to(tl.int64) * s_dh + x * s_dw
-    tl.store(dpix_ptr + offs, (acc * scale[None, :]).to(dpix_ptr.dtype.element_ty), mask=inside)
+    row_base = img.to(tl.int64) * s_db + y0.to(tl.int64) * s_dh + x0 * s_dw
+    col_off = ch * s_dc + r * s_dh + c * s_dw
+    tl.store(dpix_ptr + row_base[:, None] + col_off[None, :], (acc * scale[None, :]).to(dpix_ptr.dtype.element_ty),
+             mask=inside)
 
 
-# Shipped launch configurations (the ops layer launches exactly these; the build check compiles them).
-FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-BWD_WEIGHT_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
-BWD_PIXELS_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+# Shipped launch configurations, keyed by the weight's element size (the ops layer launches exactly these;
+# the build check compiles them). fp32 ("ieee") dots compile to FMAs and need smaller tiles not to spill.
+FWD_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+              4: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
+BWD_WEIGHT_CONFIG = {2: dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+                     4: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)}
+BWD_PIXELS_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                     4: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)}
 
 _PIX_TYPES = ("*u8", "*fp16", "*bf16", "*fp32")
-_W_TYPES = ("*fp16", "*bf16", "*fp32")
-
-
-def _precision(wt: str) -> str:
-    return "ieee" if wt == "*fp32" else "tf32"
-
-
-def _constexprs(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+_W_TYPES = {"*fp16": 2, "*bf16": 2, "*fp32": 4}
+_INTS = ("M", "N", "K", "H", "W", "nW", "nP")
 
 
 def _builds() -> list[KernelBuild]:
+    """Contiguous NCHW pixels and weights (unit innermost strides); N = 4096-like output rows."""
     builds = []
-    i32 = "i32"
-    for wt in _W_TYPES:
-        common = dict(C=3, P=30, UPCAST=False, INPUT_PRECISION=_precision(wt))
+    for wt, size in _W_TYPES.items():
+        common = dict(C=3, P=30, UPCAST=False, INPUT_PRECISION="ieee" if size == 4 else "tf32")
         for pt in _PIX_TYPES:
-            cfg = FWD_CONFIG
-            sig = {"pix_ptr": pt, "w_ptr": wt, "b_ptr": wt, "out_ptr": wt, "scale_ptr": "*fp32",
-                   "shift_ptr": "*fp32", **{n: i32 for n in ("M", "N", "K", "H", "W", "nW", "nP")},
-                   "pad_value": "fp32", **{n: i32 for n in ("s_pb", "s_pc", "s_ph", "s_pw", "s_wn", "s_wk",
-                                                           "s_om", "s_on")}}
-            builds.append(KernelBuild(
-                f"patch_embed_fwd[{pt[1:]}->{wt[1:]}]", _patch_embed_fwd_kernel,
-                {**sig, **{k: "constexpr" for k in ("C", "P", "HAS_BIAS", "UPCAST", "INPUT_PRECISION",
-                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}},
-                {**common, "HAS_BIAS": True, **_constexprs(cfg)},
-                cfg["num_warps"], cfg["num_stages"]))
-            cfg = BWD_WEIGHT_CONFIG
-            sig = {"pix_ptr": pt, "g_ptr": wt, "dw_ptr": wt, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                   **{n: i32 for n in ("M", "N", "K", "H", "W", "nW", "nP")}, "pad_value": "fp32",
-                   **{n: i32 for n in ("s_pb", "s_pc", "s_ph", "s_pw", "s_gm", "s_gn", "s_dn", "s_dk")}}
-            builds.append(KernelBuild(
-                f"patch_embed_bwd_weight[{pt[1:]}->{wt[1:]}]", _patch_embed_bwd_weight_kernel,
-                {**sig, **{k: "constexpr" for k in ("C", "P", "UPCAST", "INPUT_PRECISION",
-                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
-                {**common, **_constexprs(cfg)},
-                cfg["num_warps"], cfg["num_stages"]))
+            types = {"pix_ptr": pt, "w_ptr": wt, "b_ptr": wt, "out_ptr": wt, "scale_ptr": "*fp32",
+                     "shift_ptr": "*fp32", "pad_value": "fp32", **{n: "i32" for n in _INTS},
+                     **{n: "i32" for n in ("s_pb", "s_pc", "s_ph", "s_wn", "s_om")}}
+            builds.append(launched(
+                f"patch_embed_fwd[{pt[1:]}->{wt[1:]}]", _patch_embed_fwd_kernel, types,
+                {**common, "HAS_BIAS": True, **FWD_CONFIG[size]}, FWD_CONFIG[size],
+                unit=("s_pw", "s_wk", "s_on"), div16=("N", "s_om")))
+            types = {"pix_ptr": pt, "g_ptr": wt, "dw_ptr": wt, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
+                     "pad_value": "fp32", **{n: "i32" for n in _INTS},
+                     **{n: "i32" for n in ("s_pb", "s_pc", "s_ph", "s_gm", "s_dn")}}
+            builds.append(launched(
+                f"patch_embed_bwd_weight[{pt[1:]}->{wt[1:]}]", _patch_embed_bwd_weight_kernel, types,
+                {**common, **BWD_WEIGHT_CONFIG[size]}, BWD_WEIGHT_CONFIG[size],
+                unit=("s_pw", "s_gn", "s_dk"), div16=("N", "s_gm")))
         for pt in _PIX_TYPES[1:]:
-            cfg = BWD_PIXELS_CONFIG
-            sig = {"g_ptr": wt, "w_ptr": wt, "dpix_ptr": pt, "scale_ptr": "*fp32",
-                   **{n: i32 for n in ("M", "N", "K", "H", "W", "nW", "nP")},
-                   **{n: i32 for n in ("s_gm", "s_gn", "s_wn", "s_wk", "s_db", "s_dc", "s_dh", "s_dw")}}
-            builds.append(KernelBuild(
-                f"patch_embed_bwd_pixels[{wt[1:]}->{pt[1:]}]", _patch_embed_bwd_pixels_kernel,
-                {**sig, **{k: "constexpr" for k in ("C", "P", "UPCAST", "INPUT_PRECISION",
-                                                    "BLOCK_M", "BLOCK_N", "BLOCK_K")}},
-                {**common, **_constexprs(cfg)},
-                cfg["num_warps"], cfg["num_stages"]))
+            types = {"g_ptr": wt, "w_ptr": wt, "dpix_ptr": pt, "scale_ptr": "*fp32", **{n: "i32" for n in _INTS},
+                     **{n: "i32" for n in ("s_gm", "s_wn", "s_db", "s_dc", "s_dh")}}
+            builds.append(launched(
+                f"patch_embed_bwd_pixels[{wt[1:]}->{pt[1:]}]", _patch_embed_bwd_pixels_kernel, types,
+                {**common, **BWD_PIXELS_CONFIG[size]}, BWD_PIXELS_CONFIG[size],
+                unit=("s_gn", "s_wk", "s_dw"), div16=("N", "s_gm")))
     return builds
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._build import KernelBuild, register_builds
+from vlmkern.kernels._build import KernelBuild, launched, register_builds
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# tl.constexpr: a plain module float is a NameError inside @jit on a GPU (the interpreter accepts it).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -67,30 +68,26 @@ def _gelu_bwd_kernel(grad_ptr, pre_ptr, dpre_ptr, numel, BLOCK: tl.constexpr):
     tl.store(dpre_ptr + offs, (g * d).to(dpre_ptr.dtype.element_ty), mask=mask)
 
 
-LINEAR_GELU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+LINEAR_GELU_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+                      4: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
 GELU_BWD_CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=1)
 
 
 def _builds() -> list[KernelBuild]:
+    """Contiguous row-major x and weight (unit innermost strides), 16-divisible widths."""
     out = []
-    for t in ("*fp16", "*bf16", "*fp32"):
-        cfg = LINEAR_GELU_CONFIG
-        sig = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "out_ptr": t, "pre_ptr": t,
-               **{n: "i32" for n in ("M", "N", "K", "s_xm", "s_xk", "s_wn", "s_wk", "s_om", "s_on")},
-               **{n: "constexpr" for n in ("HAS_BIAS", "SAVE_PRE", "UPCAST", "INPUT_PRECISION", "BLOCK_M",
-                                           "BLOCK_N", "BLOCK_K", "GROUP_M")}}
+    for t, size in (("*fp16", 2), ("*bf16", 2), ("*fp32", 4)):
+        cfg = LINEAR_GELU_CONFIG[size]
+        types = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "out_ptr": t, "pre_ptr": t,
+                 **{n: "i32" for n in ("M", "N", "K", "s_xm", "s_wn", "s_om")}}
         for save in (False, True):
-            out.append(KernelBuild(
-                f"linear_gelu_fwd[{t[1:]},save_pre={save}]", _linear_gelu_fwd_kernel, sig,
-                {"HAS_BIAS": True, "SAVE_PRE": save, "UPCAST": False,
-                 "INPUT_PRECISION": "ieee" if t == "*fp32" else "tf32",
-                 **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}},
-                cfg["num_warps"], cfg["num_stages"]))
-        cfg = GELU_BWD_CONFIG
-        out.append(KernelBuild(
-            f"gelu_bwd[{t[1:]}]", _gelu_bwd_kernel,
-            {"grad_ptr": t, "pre_ptr": t, "dpre_ptr": t, "numel": "i32", "BLOCK": "constexpr"},
-            {"BLOCK": cfg["BLOCK"]}, cfg["num_warps"], cfg["num_stages"]))
+            consts = {"HAS_BIAS": True, "SAVE_PRE": save, "UPCAST": False,
+                      "INPUT_PRECISION": "ieee" if size == 4 else "tf32", **cfg}
+            out.append(launched(f"linear_gelu_fwd[{t[1:]},save_pre={save}]", _linear_gelu_fwd_kernel, types, consts,
+                                cfg, unit=("s_xk", "s_wk", "s_on"), div16=("N", "K", "s_xm", "s_wn", "s_om")))
+        out.append(launched(f"gelu_bwd[{t[1:]}]", _gelu_bwd_kernel,
+                            {"grad_ptr": t, "pre_ptr": t, "dpre_ptr": t, "numel": "i32"},
+                            {"BLOCK": GELU_BWD_CONFIG["BLOCK"]}, GELU_BWD_CONFIG))
     return out
 
 

@@ -2,7 +2,12 @@
 
 ``vlmkern.models.fuyu``: Fuyu's encoder-free image path (resize, patchify, fused patch embedding, image token
 stream, scatter into the text embeddings).
+``vlmkern.models.llava_next``: AnyRes tiling helpers and the fused project-and-pack (unpadded rows only, newline
+rows written in the same pass).
+``vlmkern.models.internlm_xcomposer2``: InternLM2 decoder layer whose five linears are partial LoRA (PLoRA).
+``vlmkern.models.cogvlm``: CogVLM visual-expert MLP and attention (token-routed linears).
+``vlmkern.models.internlm_xcomposer2_hd``: ``HD_transform`` and the fused 2x2-merge + separators + projector.
 """
-from vlmkern.models import fuyu
+from vlmkern.models import cogvlm, fuyu, internlm_xcomposer2, internlm_xcomposer2_hd, llava_next
 
-__all__ = ["fuyu"]
+__all__ = ["cogvlm", "fuyu", "internlm_xcomposer2", "internlm_xcomposer2_hd", "llava_next"]

@@ -292,8 +292,8 @@ def _features_source(features, name: str = "features") -> tuple[Tensor, list[int
         check_tensor(f, f"{name}[{i}]", ndim=3, shape_doc="(tiles, tokens_per_tile, C)")
         if f.shape[1:] != features[0].shape[1:] or f.dtype != features[0].dtype:
             raise ValueError(f"{name}[{i}] has shape {tuple(f.shape)} {f.dtype}, but {name}[0] has (tiles, "
-                             f"{features[0].shape[1]}, {features[0].shape[2]}) {features[0].dtype}: every image needs the "
-                             f"same tokens per tile, width and dtype")
+                             f"{features[0].shape[1]}, {features[0].shape[2]}) {features[0].dtype}: every image "
+                             f"needs the same tokens per tile, width and dtype")
     counts = [f.shape[0] for f in features]
     return (features[0] if len(features) == 1 else torch.cat(list(features))), counts
 

@@ -1,5 +1,6 @@
 """Drop-in modules: same constructor, state_dict keys and forward as the originals; no math here."""
 from vlmkern.nn.patch_embed import PatchEmbedLinear
+from vlmkern.nn.plora import PLoRA
 from vlmkern.nn.projector import MLPProjector
 
-__all__ = ["MLPProjector", "PatchEmbedLinear"]
+__all__ = ["MLPProjector", "PLoRA", "PatchEmbedLinear"]

@@ -1,4 +1,4 @@
-"""``vlmkern::patch_embed`` (fused Fuyu patch embedding) and ``vlmkern::patchify`` (data-loader patchify).
+"""``vlmkern::patch_embed``: fused Fuyu patch embedding (the data-loader patchify is in ``ops/patchify.py``).
 
 Shapes: ``pixels (B, C, H, W)`` uint8 or float in raw units; ``weight (out, C*p*p)``; ``bias (out,)``;
 result ``(B, ceil(H/p)*ceil(W/p), out)`` in ``weight.dtype``.
@@ -102,7 +102,7 @@ def _triton_forward(pixels, weight, bias, p, pad_value, rescale, mean, std) -> T
     out = torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
-    cfg = FWD_CONFIG
+    cfg = FWD_CONFIG[weight.element_size()]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     out2 = out.view(M, N)
     _patch_embed_fwd_kernel[grid](
@@ -125,7 +125,7 @@ def _triton_grad_weight(grad, pixels, weight, p, pad_value, rescale, mean, std) 
     dw = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
-    cfg = BWD_WEIGHT_CONFIG
+    cfg = BWD_WEIGHT_CONFIG[weight.element_size()]
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     _patch_embed_bwd_weight_kernel[grid](
         pixels, g, dw, scale, shift, M, N, K, H, W, nW, nP, float(pad_value),
@@ -146,7 +146,7 @@ def _triton_grad_pixels(grad, pixels, weight, p, rescale, std) -> Tensor:
     dpix = torch.empty((B, C, H, W), device=pixels.device, dtype=pixels.dtype)
     scale, _ = _scale_shift(rescale, [0.0] * C, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
-    cfg = BWD_PIXELS_CONFIG
+    cfg = BWD_PIXELS_CONFIG[weight.element_size()]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
     _patch_embed_bwd_pixels_kernel[grid](
         g, weight, dpix, scale, M, N, K, H, W, nW, nP,

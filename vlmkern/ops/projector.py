@@ -55,7 +55,7 @@ def _triton_linear_gelu(x2, weight, bias, save_pre: bool) -> tuple[Tensor, Tenso
     N = weight.shape[0]
     out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     pre = torch.empty((M, N) if save_pre else (0,), device=x2.device, dtype=x2.dtype)
-    cfg = LINEAR_GELU_CONFIG
+    cfg = LINEAR_GELU_CONFIG[x2.element_size()]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     if M * N:
         _linear_gelu_fwd_kernel[grid](

@@ -1,8 +1,11 @@
 """Pure-PyTorch references: the test oracle and the CPU path. Same signatures as ``vlmkern.ops``."""
 from vlmkern.reference.attention import (cross_attention, cross_attention_mask, masked_attention,
                                          qformer_attention, qformer_attention_mask)
+from vlmkern.reference.packing import gather_linear, gather_linear_gelu
 from vlmkern.reference.patch_embed import patch_embed, patchify
 from vlmkern.reference.projector import linear_gelu
+from vlmkern.reference.routed_linear import cogvlm_expert_ids, expert_linear, partial_lora_linear
 
-__all__ = ["cross_attention", "cross_attention_mask", "linear_gelu", "masked_attention", "patch_embed", "patchify",
+__all__ = ["cogvlm_expert_ids", "cross_attention", "cross_attention_mask", "expert_linear", "gather_linear",
+           "gather_linear_gelu", "linear_gelu", "masked_attention", "partial_lora_linear", "patch_embed", "patchify",
            "qformer_attention", "qformer_attention_mask"]

@@ -1,0 +1,14 @@
+// Python module vlmkern._C: the CPU kernels (built on every machine).
+// torch/csrc/utils/pybind.h (pybind11 + Tensor/dtype casters) compiles ~3x faster than torch/extension.h.
+#include <torch/csrc/utils/pybind.h>
+
+#include "patchify.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "vlmkern CPU kernels";
+  m.def("patchify", &vlmkern::patchify_cpu,
+        "Fuyu patchify: (B, C, H, W) uint8/float32 pixels -> (B, nP, p*p*C) normalised patches",
+        py::arg("pixels"), py::arg("patch_size"), py::arg("pad_value"), py::arg("rescale"),
+        py::arg("mean"), py::arg("std"), py::arg("out_dtype") = at::kFloat);
+}
