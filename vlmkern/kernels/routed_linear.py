@@ -1,0 +1,318 @@
+"""Token-routed GEMMs: InternLM-XComposer2 Partial LoRA and the CogVLM visual expert, forward and backward.
+
+Routing is read per row tile inside the kernels (no host sync, no gather, no dynamic shapes):
+
+* Partial LoRA (SPEC §3): ``y = x Wᵀ + b + m ⊙ s·(drop(x) Aᵀ) Bᵀ``. ``_lora_down_kernel`` writes the rank-r
+  activations ``U = m ⊙ s·(drop(x) Aᵀ)`` (exactly 0 on text rows; text-only row tiles skip the GEMM) and
+  ``_lora_up_kernel`` runs ``x Wᵀ + U Bᵀ + b`` as one GEMM over the concatenated K dimension ``[x | U]``, the
+  second K loop skipped on text-only row tiles. Both take arbitrary strides, so the backward reuses them
+  with transposed operands: ``G = m ⊙ s·(dY B)`` (down) and ``dX = dY W + keep ⊙ (G A)`` (up).
+* Visual expert (SPEC §5.1): ``_expert_gemm_kernel`` computes ``y[t] = W[e(t)] x[t]``; a row tile runs one
+  K loop per expert present in it (one for the homogeneous tiles inside a text or image run).
+* ``_routed_tn_kernel``: ``out[g] = Σ_{t: sel[t] = g + base} p[t]ᵀ q[t]`` for weight gradients (dA, dB of
+  the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); tiles with no selected
+  row are skipped.
+
+``UPCAST`` computes dots in fp32 (set under the Triton interpreter, whose bf16 dot is wrong).
+"""
+from __future__ import annotations
+
+
+import triton
+import triton.language as tl
+
+from vlmkern.kernels._build import KernelBuild, launched, register_builds
+
+
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles share a weight tile."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
+    pid_n = (pid % (GROUP_M * num_n)) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mma(acc, a, b, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if UPCAST:
+        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+    return acc + tl.dot(a.to(b.dtype), b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _lora_down_kernel(
+    a_ptr, b_ptr, mask_ptr, keep_ptr, out_ptr,
+    M, R, K, scale, keep_scale,
+    s_am, s_ak, s_br, s_bk, s_km, s_kk, s_om, s_or,
+    HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[m, j] = scale * Σ_k drop(a)[m, k] b[j, k] where mask[m] != 0, exactly 0 elsewhere; out is (M, R).
+
+    ``drop(a) = a * keep * keep_scale`` when HAS_KEEP. Text rows are never loaded, so an overflow on them
+    cannot leak into the result (the original's ``× 0`` turns it into NaN).
+    """
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    routed = tl.load(mask_ptr + rm, mask=rm < M, other=0) != 0
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
+    b_ptrs = b_ptr + rr[None, :].to(tl.int64) * s_br + rk[:, None] * s_bk
+    k_ptrs = keep_ptr + rm[:, None].to(tl.int64) * s_km + rk[None, :] * s_kk
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if tl.max(routed.to(tl.int32), axis=0) > 0:  # text-only row tiles write zeros and skip the GEMM
+        for k0 in range(0, K, BLOCK_K):
+            a_mask = routed[:, None] & (rk < K - k0)[None, :]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if HAS_KEEP:
+                kp = tl.load(k_ptrs, mask=a_mask, other=0)
+                a = a.to(tl.float32) * (kp.to(tl.float32) * keep_scale)
+                k_ptrs += BLOCK_K * s_kk
+            b = tl.load(b_ptrs, mask=(rr < R)[None, :] & (rk < K - k0)[:, None], other=0.0)
+            acc = _mma(acc, a, b, UPCAST, INPUT_PRECISION)
+            a_ptrs += BLOCK_K * s_ak
+            b_ptrs += BLOCK_K * s_bk
+    offs = rm[:, None].to(tl.int64) * s_om + rr[None, :] * s_or
+    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rr < R)[None, :])
+
+
+@triton.jit
+def _lora_up_kernel(
+    a_ptr, w_ptr, u_ptr, v_ptr, bias_ptr, mask_ptr, keep_ptr, out_ptr,
+    M, N, K, R, keep_scale,
+    s_am, s_ak, s_wn, s_wk, s_um, s_ur, s_vn, s_vr, s_km, s_kn, s_om, s_on,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[m, n] = Σ_k a[m, k] w[n, k] + [mask[m]] (Σ_j u[m, j] v[n, j]) · keep[m, n]·keep_scale + bias[n].
+
+    One accumulator over the concatenated K dimension ``[a | u]``; the low-rank loop runs only on row
+    tiles that hold a routed row, and loads only routed rows of ``u``. Forward: (x, W, U, B). Input
+    gradient: (dY, Wᵀ, G, Aᵀ) with the dropout ``keep`` mask of x.
+    """
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
+    w_ptrs = w_ptr + rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=(rn < N)[None, :] & (rk < K - k0)[:, None], other=0.0)
+        acc = _mma(acc, a, w, UPCAST, INPUT_PRECISION)
+        a_ptrs += BLOCK_K * s_ak
+        w_ptrs += BLOCK_K * s_wk
+    routed = tl.load(mask_ptr + rm, mask=rm < M, other=0) != 0
+    if tl.max(routed.to(tl.int32), axis=0) > 0:  # text-only row tiles skip the low-rank K loop
+        u_ptrs = u_ptr + rm[:, None].to(tl.int64) * s_um + rk[None, :] * s_ur
+        v_ptrs = v_ptr + rn[None, :].to(tl.int64) * s_vn + rk[:, None] * s_vr
+        if HAS_KEEP:  # the dropout mask multiplies the low-rank term only: a second accumulator
+            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for j0 in range(0, R, BLOCK_K):
+                u = tl.load(u_ptrs, mask=routed[:, None] & (rk < R - j0)[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=(rn < N)[None, :] & (rk < R - j0)[:, None], other=0.0)
+                low = _mma(low, u, v, UPCAST, INPUT_PRECISION)
+                u_ptrs += BLOCK_K * s_ur
+                v_ptrs += BLOCK_K * s_vr
+            kp = tl.load(keep_ptr + rm[:, None].to(tl.int64) * s_km + rn[None, :] * s_kn,
+                         mask=routed[:, None] & (rn < N)[None, :], other=0)
+            acc += low * (kp.to(tl.float32) * keep_scale)
+        else:  # u is loaded as 0 on text rows, so they accumulate exact zeros
+            for j0 in range(0, R, BLOCK_K):
+                u = tl.load(u_ptrs, mask=routed[:, None] & (rk < R - j0)[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=(rn < N)[None, :] & (rk < R - j0)[:, None], other=0.0)
+                acc = _mma(acc, u, v, UPCAST, INPUT_PRECISION)
+                u_ptrs += BLOCK_K * s_ur
+                v_ptrs += BLOCK_K * s_vr
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    a_ptr, w_ptr, w1_ptr, ids_ptr, out_ptr,
+    M, N, K, E,
+    s_am, s_ak, s_we, s_wn, s_wk, s_om, s_on,
+    PAIR: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[m, n] = Σ_k a[m, k] W_{ids[m]}[n, k]; rows whose id is outside [0, E) are written as NaN.
+
+    PAIR: E <= 2 experts given as two separate matrices ``w_ptr`` / ``w1_ptr`` with the same strides (the
+    modules' own ``nn.Linear`` weights, never stacked); else one ``(E, N, K)`` tensor with expert stride
+    ``s_we``. Each expert present in the row tile runs one K loop over its own rows only (others load as
+    0), so each row is computed once, by its expert. Forward: (x, W); input gradient: (dY, Wᵀ).
+    """
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ids = tl.load(ids_ptr + rm, mask=rm < M, other=-1).to(tl.int32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rk = tl.arange(0, BLOCK_K)
+    a_row = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
+    w_offs = rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk
+    for e in range(0, E):
+        mine = ids == e
+        if tl.max(mine.to(tl.int32), axis=0) > 0:
+            a_ptrs = a_row
+            if PAIR:
+                if e == 0:
+                    w_ptrs = w_ptr + w_offs
+                else:
+                    w_ptrs = w1_ptr + w_offs
+            else:
+                w_ptrs = w_ptr + e * s_we + w_offs  # int32 e·s_we: a stacked (E, N, K) holds < 2³¹ elements
+            for k0 in range(0, K, BLOCK_K):
+                a = tl.load(a_ptrs, mask=mine[:, None] & (rk < K - k0)[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=(rn < N)[None, :] & (rk < K - k0)[:, None], other=0.0)
+                acc = _mma(acc, a, w, UPCAST, INPUT_PRECISION)
+                a_ptrs += BLOCK_K * s_ak
+                w_ptrs += BLOCK_K * s_wk
+    valid = (ids >= 0) & (ids < E)
+    acc = tl.where(valid[:, None], acc, float("nan"))
+    offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _routed_tn_kernel(
+    p_ptr, q_ptr, sel_ptr, keep_ptr, out_ptr,
+    M, N, K, sel_base, scale, keep_scale,
+    s_pm, s_pn, s_qm, s_qk, s_km, s_kk, s_og, s_on, s_ok,
+    HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[g, n, k] = scale * Σ_{m: sel[m] = g + sel_base} p[m, n] drop(q)[m, k]; grid axis 2 is g.
+
+    Row tiles without a selected row are skipped after reading only their ``sel`` entries.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    g = tl.program_id(2)
+    key = g + sel_base
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = tl.arange(0, BLOCK_M)
+    p_ptrs = p_ptr + rm[None, :].to(tl.int64) * s_pm + rn[:, None] * s_pn
+    q_ptrs = q_ptr + rm[:, None].to(tl.int64) * s_qm + rk[None, :] * s_qk
+    k_ptrs = keep_ptr + rm[:, None].to(tl.int64) * s_km + rk[None, :] * s_kk
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        mine = tl.load(sel_ptr + m0 + rm, mask=rm < M - m0, other=-1).to(tl.int32) == key
+        if tl.max(mine.to(tl.int32), axis=0) > 0:
+            pt = tl.load(p_ptrs, mask=mine[None, :] & (rn < N)[:, None], other=0.0)
+            q_mask = mine[:, None] & (rk < K)[None, :]
+            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+            if HAS_KEEP:
+                kp = tl.load(k_ptrs, mask=q_mask, other=0)
+                q = (q.to(tl.float32) * (kp.to(tl.float32) * keep_scale)).to(q.dtype)
+            acc = _mma(acc, pt, q, UPCAST, INPUT_PRECISION)
+        p_ptrs += BLOCK_M * s_pm
+        q_ptrs += BLOCK_M * s_qm
+        k_ptrs += BLOCK_M * s_km
+    offs = g.to(tl.int64) * s_og + rn[:, None].to(tl.int64) * s_on + rk[None, :] * s_ok
+    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
+
+
+# Shipped launch configurations (the ops layer launches exactly these; the build check compiles them).
+# Tests may swap entries of CONFIGS for small tiles to exercise multi-tile routing under the interpreter.
+DOWN_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3)
+UP_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+TN_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# fp32 (tf32 / ieee dots) operands take twice the registers and shared memory: smaller tiles (sized so
+# that no shipped build spills on sm_80 / sm_90, see ``python -m vlmkern.tools.gpu_build_check``).
+DOWN_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=3)
+UP_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+EXPERT_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
+TN_FP32_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
+CONFIGS = {"down": DOWN_CONFIG, "up": UP_CONFIG, "expert": EXPERT_CONFIG, "tn": TN_CONFIG,
+           "down_fp32": DOWN_FP32_CONFIG, "up_fp32": UP_FP32_CONFIG, "expert_fp32": EXPERT_FP32_CONFIG,
+           "tn_fp32": TN_FP32_CONFIG}
+
+
+def config(name: str, fp32: bool) -> dict:
+    """The shipped launch configuration of kernel family ``name`` (down / up / expert / tn)."""
+    return CONFIGS[name + "_fp32" if fp32 else name]
+
+
+_DTYPES = ("*fp16", "*bf16", "*fp32")
+
+
+def _precision(t: str) -> str:
+    return "ieee" if t == "*fp32" else "tf32"
+
+
+def _constexprs(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+
+
+def _build(label, kernel, sig, flags, cfg, unit=()) -> KernelBuild:
+    """``unit``: the strides that are 1 in this launch (contiguous inner dims, incl. transposed views).
+
+    Divisible by 16: every pointer, every other stride and the model dims N, K, R (hidden sizes, ranks);
+    never the token count M.
+    """
+    div16 = [n for n in sig if n.startswith("s_") or n in ("N", "K", "R")]
+    return launched(label, kernel, sig, {**flags, **_constexprs(cfg)}, cfg, unit=unit, div16=div16)
+
+
+def _builds() -> list[KernelBuild]:
+    builds = []
+    i32, f32 = "i32", "fp32"
+    for t in _DTYPES:
+        base = dict(UPCAST=False, INPUT_PRECISION=_precision(t))
+        fp32 = t == "*fp32"
+        sig = {"a_ptr": t, "b_ptr": t, "mask_ptr": "*u8", "keep_ptr": "*u8", "out_ptr": t,
+               "M": i32, "R": i32, "K": i32, "scale": f32, "keep_scale": f32,
+               **{n: i32 for n in ("s_am", "s_ak", "s_br", "s_bk", "s_km", "s_kk", "s_om", "s_or")}}
+        for keep in (True, False):  # forward U = m·s·(drop(x) Aᵀ)
+            unit = ("s_ak", "s_bk", "s_or") + (("s_kk",) if keep else ())
+            builds.append(_build(f"lora_down[{t[1:]},fwd,keep={keep}]", _lora_down_kernel, sig,
+                                 {**base, "HAS_KEEP": keep}, config("down", fp32), unit))
+        builds.append(_build(f"lora_down[{t[1:]},bwd G=m·s·(dY B)]", _lora_down_kernel, sig,  # b = Bᵀ view
+                             {**base, "HAS_KEEP": False}, config("down", fp32), ("s_ak", "s_br", "s_or")))
+        sig = {"a_ptr": t, "w_ptr": t, "u_ptr": t, "v_ptr": t, "bias_ptr": t, "mask_ptr": "*u8",
+               "keep_ptr": "*u8", "out_ptr": t, "M": i32, "N": i32, "K": i32, "R": i32, "keep_scale": f32,
+               **{n: i32 for n in ("s_am", "s_ak", "s_wn", "s_wk", "s_um", "s_ur", "s_vn", "s_vr",
+                                   "s_km", "s_kn", "s_om", "s_on")}}
+        for bias in (True, False):  # forward x Wᵀ + U Bᵀ + b
+            builds.append(_build(f"lora_up[{t[1:]},fwd,bias={bias}]", _lora_up_kernel, sig,
+                                 {**base, "HAS_BIAS": bias, "HAS_KEEP": False}, config("up", fp32),
+                                 ("s_ak", "s_wk", "s_ur", "s_vr", "s_on")))
+        for keep in (True, False):  # dX = dY W + keep ⊙ (G A): w = Wᵀ and v = Aᵀ views
+            unit = ("s_ak", "s_wn", "s_ur", "s_vn", "s_on") + (("s_kn",) if keep else ())
+            builds.append(_build(f"lora_up[{t[1:]},dx,keep={keep}]", _lora_up_kernel, sig,
+                                 {**base, "HAS_BIAS": False, "HAS_KEEP": keep}, config("up", fp32), unit))
+        sig = {"a_ptr": t, "w_ptr": t, "w1_ptr": t, "ids_ptr": "*i32", "out_ptr": t,
+               "M": i32, "N": i32, "K": i32, "E": i32,
+               **{n: i32 for n in ("s_am", "s_ak", "s_we", "s_wn", "s_wk", "s_om", "s_on")}}
+        for pair in (True, False):  # CogVLM's two nn.Linear weights; a stacked (E, out, in) tensor
+            builds.append(_build(f"expert_gemm[{t[1:]},fwd,pair={pair}]", _expert_gemm_kernel, sig,
+                                 {**base, "PAIR": pair}, config("expert", fp32), ("s_ak", "s_wk", "s_on")))
+            builds.append(_build(f"expert_gemm[{t[1:]},dx,pair={pair}]", _expert_gemm_kernel, sig,
+                                 {**base, "PAIR": pair}, config("expert", fp32),
+                                 ("s_ak", "s_wn", "s_on")))  # weights transposed per expert
+        sig = {"p_ptr": t, "q_ptr": t, "sel_ptr": "*u8", "keep_ptr": "*u8", "out_ptr": t,
+               "M": i32, "N": i32, "K": i32, "sel_base": i32, "scale": f32, "keep_scale": f32,
+               **{n: i32 for n in ("s_pm", "s_pn", "s_qm", "s_qk", "s_km", "s_kk", "s_og", "s_on", "s_ok")}}
+        for keep in (True, False):  # adapter dA = Gᵀ drop(x) (keep) and dB = dYᵀ U
+            unit = ("s_pn", "s_qk", "s_ok") + (("s_kk",) if keep else ())
+            builds.append(_build(f"routed_tn[{t[1:]},lora,keep={keep}]", _routed_tn_kernel, sig,
+                                 {**base, "HAS_KEEP": keep}, config("tn", fp32), unit))
+        builds.append(_build(f"routed_tn[{t[1:]},expert dW]", _routed_tn_kernel, {**sig, "sel_ptr": "*i32"},
+                             {**base, "HAS_KEEP": False}, config("tn", fp32), ("s_pn", "s_qk", "s_ok")))
+    return builds
+
+
+register_builds(*_builds())

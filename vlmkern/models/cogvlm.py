@@ -1,0 +1,155 @@
+"""CogVLM visual-expert blocks (HF ``modeling_cogvlm.py``; SPEC §5.1, §5.3), training / prefill path.
+
+Image tokens and text tokens use different weights for QKV, the attention output and the MLP. The
+original gathers each modality with a boolean mask and scatters back (a host sync per linear); here every
+linear is ``vlmkern.ops.expert_linear`` keyed by a per-token expert id, computed on device with
+``cogvlm_expert_ids`` (vision expert iff a token and the next one are vision-type: ``boi`` + patches; the
+``eoi`` token uses the language expert). The two experts' ``nn.Linear`` weights are used in place, so the
+state-dict keys are the original's (``{language,vision}_mlp.{gate,up,down}_proj.weight``,
+``{language,vision}_expert_{query_key_value,dense}.weight``, ``rotary_emb.inv_freq``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def _activation(config):
+    name = getattr(config, "hidden_act", "silu")
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"config.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
+    return _ACTIVATIONS[name]
+
+
+class ExpertMLP(nn.Module):
+    """One expert's SwiGLU MLP weights (``CogvlmMLP`` layout: ``gate_proj``, ``up_proj``, ``down_proj``)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.intermediate_size
+        self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
+        self.act_fn = _activation(config)
+
+    def forward(self, hidden_state: Tensor) -> Tensor:  # this expert alone, for every token
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_state)) * self.up_proj(hidden_state))
+
+
+class VisionExpertMLP(nn.Module):
+    """``y_t = down^{e(t)}(act(gate^{e(t)} x_t) ⊙ up^{e(t)} x_t)``; ``forward(hidden_states, token_type_ids)``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.language_mlp = ExpertMLP(config)
+        self.vision_mlp = ExpertMLP(config)
+
+    def forward(self, hidden_states: Tensor, token_type_ids: Tensor) -> Tensor:
+        """``hidden_states (B, L, D)``, ``token_type_ids (B, L)`` (0 language, 1 vision) -> ``(B, L, D)``."""
+        ids = cogvlm_expert_ids(token_type_ids)  # in [0, 2) by construction: no value check needed
+        lang, vis = self.language_mlp, self.vision_mlp
+        kw = dict(validate_ids=False)
+        gate = expert_linear(hidden_states, [lang.gate_proj.weight, vis.gate_proj.weight], ids, **kw)
+        up = expert_linear(hidden_states, [lang.up_proj.weight, vis.up_proj.weight], ids, **kw)
+        return expert_linear(lang.act_fn(gate) * up, [lang.down_proj.weight, vis.down_proj.weight], ids, **kw)
+
+
+class RotaryEmbedding(nn.Module):
+    """NeoX-style RoPE, base 10000, over the head dim; ``inv_freq`` is a persistent buffer as in the original.
+
+    cos / sin are computed from ``position_ids`` directly (fp32, then cast), the same values as the
+    original's table lookup, without its ``position_ids.max()`` host sync.
+    """
+
+    def __init__(self, dim: int, max_position_embeddings: int = 2048, base: float = 10000, device=None):
+        super().__init__()
+        self.dim = dim
+        self.max_position_embeddings = max_position_embeddings
+        self.base = base
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device) / dim))
+        self.register_buffer("inv_freq", inv_freq)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``position_ids (B, L)`` -> cos, sin ``(B, L, dim)`` in ``dtype``."""
+        freqs = position_ids.to(self.inv_freq.dtype)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class VisionExpertAttention(nn.Module):
+    """CogVLM self-attention with expert QKV and output projections (plain MHA, contiguous ``[Q|K|V]``).
+
+    ``forward(hidden_states, token_type_ids, position_ids, attention_mask=None, past_key_value=None,
+    output_attentions=False) -> (attn_output, attn_weights or None, past_key_value)`` as the original;
+    ``attention_mask`` is the additive ``(B, 1, L, L)`` mask (None: no mask, as the original's eager path).
+    Training / prefill only: ``past_key_value`` must be None.
+    """
+
+    def __init__(self, config, layer_idx: Optional[int] = None):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim * self.num_heads != self.hidden_size:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by "
+                             f"num_attention_heads={self.num_heads}")
+        self.max_position_embeddings = getattr(config, "max_position_embeddings", 2048)
+        self.layer_idx = layer_idx
+        self.rotary_emb = RotaryEmbedding(self.head_dim)
+        D = self.hidden_size
+        self.vision_expert_query_key_value = nn.Linear(D, 3 * D, bias=False)
+        self.vision_expert_dense = nn.Linear(D, D, bias=False)
+        self.language_expert_query_key_value = nn.Linear(D, 3 * D, bias=False)
+        self.language_expert_dense = nn.Linear(D, D, bias=False)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        B, L, _ = t.shape
+        return t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states: Tensor, token_type_ids: Tensor, position_ids: Tensor,
+                attention_mask: Optional[Tensor] = None, past_key_value=None,
+                output_attentions: bool = False):
+        if past_key_value is not None:
+            raise NotImplementedError("VisionExpertAttention implements the training / prefill path: "
+                                      "past_key_value must be None")
+        B, L, D = hidden_states.shape
+        ids = cogvlm_expert_ids(token_type_ids)
+        qkv_w = [self.language_expert_query_key_value.weight, self.vision_expert_query_key_value.weight]
+        qkv = expert_linear(hidden_states, qkv_w, ids, validate_ids=False)
+        q, k, v = (self._heads(t) for t in qkv.split(D, dim=-1))
+        cos, sin = self.rotary_emb(position_ids, q.dtype)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        mask = None if attention_mask is None else attention_mask[:, :, :, :L].to(q.dtype)
+        weights = None
+        if output_attentions:  # explicit scores, as the original's eager path
+            scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            weights = scores.softmax(dim=-1)
+            ctx = torch.matmul(weights, v)
+        else:
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        ctx = ctx.transpose(1, 2).reshape(B, L, D)
+        out = expert_linear(ctx, [self.language_expert_dense.weight, self.vision_expert_dense.weight], ids,
+                            validate_ids=False)
+        return out, weights, past_key_value
+
+
+__all__ = ["ExpertMLP", "RotaryEmbedding", "VisionExpertAttention", "VisionExpertMLP"]

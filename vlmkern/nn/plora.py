@@ -1,0 +1,54 @@
+"""Drop-in for InternLM-XComposer2's ``build_mlp.PLoRA`` (SPEC §3.1): a linear with a Partial LoRA adapter.
+
+Keys ``weight``, ``bias``, ``Plora_A.weight``, ``Plora_B.weight``; ``forward(x, im_mask=None)``. The math is
+``vlmkern.ops.partial_lora_linear``: the adapter runs on image rows only, with no host sync and no ``× 0``.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from vlmkern.ops.routed_linear import partial_lora_linear
+
+
+class PLoRA(nn.Linear):
+    """``y = x Wᵀ + b + m · (α/r) · Plora_B(Plora_A(dropout(x)))`` with ``m = im_mask`` (True = image token).
+
+    Args as the original: ``lora_r`` rank, ``lora_alpha`` (scaling ``α/r``), ``lora_dropout`` (adapter input
+    only, training only), ``lora_len`` (kept, unused in forward as in the original). Differences from the
+    original, none visible after loading a checkpoint: ``weight``/``bias`` get ``nn.Linear``'s default
+    init (the original leaves them uninitialised), and the dropout mask is drawn for all rows from the
+    torch generator (see ``vlmkern.reference.routed_linear``) instead of for the gathered image rows.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 lora_r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.05, lora_len: int = 0,
+                 **kwargs) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.lora_r = lora_r
+        self.lora_alpha = lora_alpha
+        self.lora_len = lora_len
+        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_scaling = self.lora_alpha / self.lora_r
+        self.Plora_A = nn.Linear(in_features, lora_r, bias=False, device=device, dtype=dtype)
+        self.Plora_B = nn.Linear(lora_r, out_features, bias=False, device=device, dtype=dtype)
+
+    @property
+    def lora_dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def forward(self, x: Tensor, im_mask: Tensor | None = None) -> Tensor:
+        """``x (B, N, in)`` (any leading dims), ``im_mask`` bool ``(B, N)`` or flattened ``(B*N,)``."""
+        if im_mask is not None and tuple(im_mask.shape) != tuple(x.shape[:-1]) \
+                and im_mask.numel() == math.prod(x.shape[:-1]):
+            im_mask = im_mask.reshape(x.shape[:-1])  # the IXC2.5 variant passes the mask flattened
+        return partial_lora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight, im_mask,
+                                   self.lora_scaling, self.lora_dropout_p, self.training)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, "
+                f"lora_dropout={self.lora_dropout_p}")
+
+
+__all__ = ["PLoRA"]

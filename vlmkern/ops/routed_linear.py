@@ -1,0 +1,478 @@
+"""Token-routed GEMMs: ``vlmkern::partial_lora_linear`` (SPEC §3) and ``vlmkern::expert_linear`` (SPEC §5.1).
+
+Neither op synchronises with the host (no ``.item()``, ``nonzero``, boolean indexing, data-dependent
+shapes) in forward or backward: the routing is read inside the kernels. The only exception is the
+opt-in value check of ``expert_ids`` on CUDA (``validate_ids=True``).
+
+Shapes: ``x (..., in)``; Partial LoRA ``weight (out, in)``, ``bias (out,)``, ``lora_a (r, in)``,
+``lora_b (out, r)``, ``im_mask`` bool ``x.shape[:-1]``; expert ``weights (E, out, in)``, ``expert_ids``
+integer ``x.shape[:-1]`` (weights may also be E separate ``(out, in)`` matrices). Results ``(..., out)`` in ``x.dtype``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from vlmkern.reference import routed_linear as ref
+from vlmkern.ops import _dispatch
+from vlmkern.ops._dispatch import OpDispatch, register
+from vlmkern.ops._checks import check_tensor, check_same_device
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_ID_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------------------------- checks
+def _check_same_dtype(ref_name: str, ref: Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{name} dtype {str(t.dtype).replace('torch.', '')} must match {ref_name} dtype "
+                            f"{str(ref.dtype).replace('torch.', '')}")
+
+
+def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p) -> None:
+    check_tensor(x, "x", dtypes=_FLOATS)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
+    check_tensor(weight, "weight", ndim=2, dtypes=_FLOATS, shape_doc="(out_features, in_features)")
+    check_tensor(lora_a, "lora_a", ndim=2, dtypes=_FLOATS, shape_doc="(r, in_features)")
+    check_tensor(lora_b, "lora_b", ndim=2, dtypes=_FLOATS, shape_doc="(out_features, r)")
+    out_f, in_f = weight.shape
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects "
+                         f"in_features={in_f}")
+    if lora_a.shape[1] != in_f:
+        raise ValueError(f"lora_a must have shape (r, in_features={in_f}), got {tuple(lora_a.shape)}")
+    r = lora_a.shape[0]
+    if r == 0:
+        raise ValueError("lora_a must have rank r >= 1 rows, got 0")
+    if tuple(lora_b.shape) != (out_f, r):
+        raise ValueError(f"lora_b must have shape (out_features={out_f}, r={r}) to match weight and lora_a, "
+                         f"got {tuple(lora_b.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1, dtypes=_FLOATS, shape_doc="(out_features,)")
+        if bias.shape[0] != out_f:
+            raise ValueError(f"bias must have out_features={out_f} elements, got {bias.shape[0]}")
+    _check_same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    if im_mask is not None:
+        if not isinstance(im_mask, Tensor):
+            raise TypeError(f"im_mask must be a bool torch.Tensor or None, got {type(im_mask).__name__}")
+        if im_mask.dtype != torch.bool:
+            raise TypeError(f"im_mask must have dtype bool (True = image token), got "
+                            f"{str(im_mask.dtype).replace('torch.', '')}")
+        if tuple(im_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"im_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one flag per token), "
+                             f"got {tuple(im_mask.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite float (lora_alpha / lora_r), got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, im_mask=im_mask)
+
+
+def _expert_weights(weights) -> list[Tensor]:
+    """``(E, out, in)`` tensor or a sequence of E ``(out, in)`` tensors -> list of E ``(out, in)`` tensors."""
+    if isinstance(weights, Tensor):
+        check_tensor(weights, "weights", ndim=3, dtypes=_FLOATS, shape_doc="(num_experts, out_features, in_features)")
+        ws = list(weights.unbind(0))
+    elif isinstance(weights, (list, tuple)):
+        ws = list(weights)
+        for i, w in enumerate(ws):
+            check_tensor(w, f"weights[{i}]", ndim=2, dtypes=_FLOATS, shape_doc="(out_features, in_features)")
+            if w.shape != ws[0].shape:
+                raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} but weights[0] has {tuple(ws[0].shape)}: "
+                                 "every expert must have the same (out_features, in_features)")
+    else:
+        raise TypeError(f"weights must be a (num_experts, out, in) tensor or a sequence of (out, in) tensors, "
+                        f"got {type(weights).__name__}")
+    if not ws:
+        raise ValueError("weights must hold at least one expert, got num_experts=0")
+    return ws
+
+
+def _check_expert_linear(x, ws, expert_ids) -> None:
+    check_tensor(x, "x", dtypes=_FLOATS)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
+    if x.shape[-1] != ws[0].shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weights expects "
+                         f"in_features={ws[0].shape[1]}")
+    _check_same_dtype("x", x, weights=ws[0], **{f"weights[{i}]": w for i, w in enumerate(ws)})
+    check_tensor(expert_ids, "expert_ids", dtypes=_ID_DTYPES)
+    if tuple(expert_ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"expert_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one expert per token), "
+                         f"got {tuple(expert_ids.shape)}")
+    check_same_device(x=x, expert_ids=expert_ids, **{f"weights[{i}]": w for i, w in enumerate(ws)})
+
+
+def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
+    if expert_ids.numel() == 0 or expert_ids.dtype == torch.bool:
+        return
+    lo, hi = int(expert_ids.min()), int(expert_ids.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"expert_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def _triton_reasons(x, *_, **__) -> list[str]:
+    return _dispatch.triton_env_reasons(x.device)
+
+
+PARTIAL_LORA = register(OpDispatch("partial_lora_linear", {
+    "triton": _triton_reasons,
+    "reference": lambda *a, **k: [],
+}))
+EXPERT_LINEAR = register(OpDispatch("expert_linear", {
+    "triton": _triton_reasons,
+    "reference": lambda *a, **k: [],
+}))
+
+
+def _launch_params(dtype: torch.dtype) -> tuple[bool, str]:
+    upcast = _dispatch.triton_interpreting()  # the interpreter's low-precision dot is not trustworthy (bf16)
+    if dtype == torch.float32:
+        return upcast, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return upcast, "tf32"
+
+
+def _u8(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.view(torch.uint8)
+
+
+def _config(name: str, dtype: torch.dtype) -> dict:
+    from vlmkern.kernels import routed_linear as kern
+    return kern.config(name, dtype == torch.float32)
+
+
+# ------------------------------------------------------------------------------------- triton launches
+def _triton_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
+    """``m ⊙ scale·(drop(a) bᵀ)``: a (M, K), b (R, K) any strides, mask (M,) bool, keep (M, K) bool."""
+    import triton
+    from vlmkern.kernels.routed_linear import _lora_down_kernel
+
+    M, K = a.shape
+    R = b.shape[0]
+    out = torch.empty((M, R), device=a.device, dtype=a.dtype)
+    if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
+        return out.zero_()
+    upcast, precision = _launch_params(a.dtype)
+    cfg = _config("down", a.dtype)
+    kp = _u8(keep)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
+    _lora_down_kernel[grid](
+        a, b, _u8(mask), kp if kp is not None else _u8(mask), out, M, R, K, float(scale), float(keep_scale),
+        *a.stride(), *b.stride(), *(kp.stride() if kp is not None else (0, 0)), *out.stride(),
+        HAS_KEEP=kp is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
+    return out
+
+
+def _triton_lora_up(a, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
+    """``a wᵀ + m ⊙ (u vᵀ) ⊙ keep·keep_scale + bias``: a (M, K), w (N, K), u (M, R), v (N, R)."""
+    import triton
+    from vlmkern.kernels.routed_linear import _lora_up_kernel
+
+    M, K = a.shape
+    N, R = w.shape[0], u.shape[1]
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if out.numel() == 0:
+        return out
+    upcast, precision = _launch_params(a.dtype)
+    cfg = _config("up", a.dtype)
+    kp = _u8(keep)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _lora_up_kernel[grid](
+        a, w, u, v, bias if bias is not None else w, _u8(mask), kp if kp is not None else _u8(mask), out,
+        M, N, K, R, float(keep_scale),
+        *a.stride(), *w.stride(), *u.stride(), *v.stride(), *(kp.stride() if kp is not None else (0, 0)),
+        *out.stride(),
+        HAS_BIAS=bias is not None, HAS_KEEP=kp is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
+    return out
+
+
+def _triton_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
+    """``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``: p (M, N), q (M, K) -> (groups, N, K)."""
+    import triton
+    from vlmkern.kernels.routed_linear import _routed_tn_kernel
+
+    M, N = p.shape
+    K = q.shape[1]
+    out = torch.empty((groups, N, K), device=p.device, dtype=p.dtype)
+    if out.numel() == 0 or M == 0:
+        return out.zero_()
+    upcast, precision = _launch_params(p.dtype)
+    cfg = _config("tn", p.dtype)
+    kp = _u8(keep)
+    sel = _u8(sel) if sel.dtype == torch.bool else sel
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]), groups)
+    _routed_tn_kernel[grid](
+        p, q, sel, kp if kp is not None else sel, out, M, N, K, int(sel_base), float(scale), float(keep_scale),
+        *p.stride(), *q.stride(), *(kp.stride() if kp is not None else (0, 0)), *out.stride(),
+        HAS_KEEP=kp is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
+    return out
+
+
+def _triton_expert_gemm(a, ws, ids) -> Tensor:
+    """``out[m] = ws[ids[m]] a[m]``: a (M, K), ws E matrices (N, K) any strides, ids (M,) int32."""
+    import triton
+    from vlmkern.kernels.routed_linear import _expert_gemm_kernel
+
+    M, K = a.shape
+    E, N = len(ws), ws[0].shape[0]
+    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    if out.numel() == 0:
+        return out
+    pair = E <= 2
+    if pair:  # the experts' own matrices, no stacking; both read with one set of strides
+        if ws[0].stride() != ws[-1].stride():
+            ws = [w.contiguous() for w in ws]
+        w0, w1, s_we = ws[0], ws[-1], 0
+        s_wn, s_wk = w0.stride()
+    else:
+        w0 = w1 = torch.stack(ws)
+        s_we, s_wn, s_wk = w0.stride()
+    upcast, precision = _launch_params(a.dtype)
+    cfg = _config("expert", a.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _expert_gemm_kernel[grid](
+        a, w0, w1, ids, out, M, N, K, E, *a.stride(), s_we, s_wn, s_wk, *out.stride(),
+        PAIR=pair, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
+    return out
+
+
+# ------------------------------------------------------------------------------ reference (CPU) math
+def _zero_unrouted(t: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask[:, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _drop(t: Tensor, keep: Optional[Tensor], keep_scale: float) -> Tensor:
+    return t if keep is None else t * (keep.to(t.dtype) * keep_scale)
+
+
+def _ref_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
+    return _zero_unrouted(_drop(a, keep, keep_scale).matmul(b.t()) * scale, mask)
+
+
+def _ref_lora_up(a, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
+    y = torch.nn.functional.linear(a, w, bias)
+    return y + _zero_unrouted(_drop(u.matmul(v.t()), keep, keep_scale), mask)
+
+
+def _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
+    sel = sel.to(torch.int64)
+    q = _drop(q, keep, keep_scale)
+    outs = [_zero_unrouted(p, sel == g + sel_base).t().matmul(q) * scale for g in range(groups)]
+    return torch.stack(outs) if outs else p.new_empty((0, p.shape[1], q.shape[1]))
+
+
+def _select(dispatch: OpDispatch, x: Tensor) -> str:
+    return dispatch.select(x)
+
+
+# ------------------------------------------------------------------------------- partial LoRA op
+@torch.library.custom_op("vlmkern::partial_lora_linear", mutates_args=())
+def _partial_lora_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                     im_mask: Tensor, keep: Optional[Tensor], scaling: float,
+                     keep_scale: float) -> tuple[Tensor, Tensor]:
+    """2-D core: x (M, in), im_mask (M,), keep (M, in) -> (y (M, out), u (M, r)); u is saved for dB."""
+    if _select(PARTIAL_LORA, x) == "triton":
+        u = _triton_lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
+        return _triton_lora_up(x, weight, u, lora_b, bias, im_mask, None, 1.0), u
+    u = _ref_lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
+    return _ref_lora_up(x, weight, u, lora_b, bias, im_mask, None, 1.0), u
+
+
+@_partial_lora_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
+@torch.library.custom_op("vlmkern::lora_down", mutates_args=())
+def _lora_down_op(a: Tensor, b: Tensor, mask: Tensor, keep: Optional[Tensor], scale: float,
+                  keep_scale: float) -> Tensor:
+    """``m ⊙ scale·(drop(a) bᵀ)``, (M, R); backward of partial LoRA: ``G = m ⊙ s·(dY B)`` with b = Bᵀ."""
+    if _select(PARTIAL_LORA, a) == "triton":
+        return _triton_lora_down(a, b, mask, keep, scale, keep_scale)
+    return _ref_lora_down(a, b, mask, keep, scale, keep_scale)
+
+
+@_lora_down_op.register_fake
+def _(a, b, mask, keep, scale, keep_scale):
+    return a.new_empty((a.shape[0], b.shape[0]))
+
+
+@torch.library.custom_op("vlmkern::lora_up", mutates_args=())
+def _lora_up_op(a: Tensor, w: Tensor, u: Tensor, v: Tensor, mask: Tensor, keep: Optional[Tensor],
+                keep_scale: float) -> Tensor:
+    """``a wᵀ + m ⊙ (u vᵀ) ⊙ drop-mask``; backward of partial LoRA: ``dX = dY W + keep ⊙ (G A)``."""
+    if _select(PARTIAL_LORA, a) == "triton":
+        return _triton_lora_up(a, w, u, v, None, mask, keep, keep_scale)
+    return _ref_lora_up(a, w, u, v, None, mask, keep, keep_scale)
+
+
+@_lora_up_op.register_fake
+def _(a, w, u, v, mask, keep, keep_scale):
+    return a.new_empty((a.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("vlmkern::routed_tn", mutates_args=())
+def _routed_tn_op(p: Tensor, q: Tensor, sel: Tensor, groups: int, sel_base: int, keep: Optional[Tensor],
+                  scale: float, keep_scale: float) -> Tensor:
+    """Weight gradients of routed rows: ``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``."""
+    if _select(PARTIAL_LORA, p) == "triton":
+        return _triton_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale)
+    return _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale)
+
+
+@_routed_tn_op.register_fake
+def _(p, q, sel, groups, sel_base, keep, scale, keep_scale):
+    return p.new_empty((groups, p.shape[1], q.shape[1]))
+
+
+def _plora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, weight, lora_a, lora_b, im_mask, keep, output[1])
+    ctx.scaling, ctx.keep_scale = scaling, keep_scale
+
+
+def _plora_backward(ctx, grad, _grad_u):
+    """dX = dY W + keep ⊙ (G A), dW = dYᵀ X, db = Σ dY, dA = Gᵀ drop(X), dB = dYᵀ U; G = m ⊙ s·(dY B)."""
+    x, weight, lora_a, lora_b, im_mask, keep, u = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = grad.to(x.dtype)
+    dx = dw = db = da = dbl = None
+    gm = None
+    if need[0] or need[3]:
+        gm = _lora_down_op(g, lora_b.t(), im_mask, None, ctx.scaling, 1.0)
+    if need[0]:
+        dx = _lora_up_op(g, weight.t(), gm, lora_a.t(), im_mask, keep, ctx.keep_scale)
+    if need[1]:
+        dw = g.t().matmul(x)
+    if need[2]:
+        db = g.sum(dim=0, dtype=torch.float32).to(x.dtype)
+    if need[3]:
+        da = _routed_tn_op(gm, x, im_mask, 1, 1, keep, 1.0, ctx.keep_scale)[0]
+    if need[4]:
+        dbl = _routed_tn_op(g, u, im_mask, 1, 1, None, 1.0, 1.0)[0]
+    return dx, dw, db, da, dbl, None, None, None, None
+
+
+_partial_lora_op.register_autograd(_plora_backward, setup_context=_plora_setup_context)
+
+
+# ------------------------------------------------------------------------------- expert linear op
+@torch.library.custom_op("vlmkern::expert_linear", mutates_args=())
+def _expert_linear_op(x: Tensor, weights: list[Tensor], expert_ids: Tensor) -> Tensor:
+    """2-D core: x (M, in), E weights (out, in) any strides, expert_ids (M,) int32 -> (M, out)."""
+    if _select(EXPERT_LINEAR, x) == "triton":
+        return _triton_expert_gemm(x, weights, expert_ids)
+    return ref.expert_linear(x, weights, expert_ids)
+
+
+@_expert_linear_op.register_fake
+def _(x, weights, expert_ids):
+    return x.new_empty((x.shape[0], weights[0].shape[0]))
+
+
+def _expert_setup_context(ctx, inputs, output):
+    x, weights, expert_ids = inputs
+    ctx.num_experts = len(weights)
+    ctx.save_for_backward(x, expert_ids, *weights)
+
+
+def _expert_backward(ctx, grad):
+    """dX[t] = dY[t] W_{e(t)} (same kernel, weights transposed); dW_e = Σ_{e(t)=e} dY[t]ᵀ x[t]."""
+    x, ids, *weights = ctx.saved_tensors
+    g = grad.to(x.dtype)
+    dx = dws = None
+    if ctx.needs_input_grad[0]:
+        dx = _expert_linear_op(g, [w.t() for w in weights], ids)
+    if ctx.needs_input_grad[1]:
+        dws = list(_routed_tn_op(g, x, ids, ctx.num_experts, 0, None, 1.0, 1.0).unbind(0))
+    return dx, dws, None
+
+
+_expert_linear_op.register_autograd(_expert_backward, setup_context=_expert_setup_context)
+
+
+# ------------------------------------------------------------------------------------ public API
+def _autocast(x: Tensor, *tensors):
+    """Under ``torch.autocast`` a linear runs in the autocast dtype (as ``F.linear``): cast the float inputs."""
+    dev = x.device.type if isinstance(x, Tensor) else "cpu"
+    if not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
+    return (cast(x), *[[cast(w) for w in t] if isinstance(t, (list, tuple)) else cast(t) for t in tensors])
+
+
+def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                        im_mask: Optional[Tensor], scaling: float, dropout_p: float = 0.0,
+                        training: bool = False) -> Tensor:
+    """Partial LoRA linear: ``y = x Wᵀ + b + m · s · (drop(x) Aᵀ) Bᵀ`` with ``m = im_mask``.
+
+    Args:
+        x: ``(..., in)`` fp16 / bf16 / fp32; ``weight (out, in)``; ``bias (out,)`` or None;
+            ``lora_a (r, in)``; ``lora_b (out, r)``, all in ``x.dtype`` (under ``torch.autocast`` all are
+            cast to the autocast dtype first, as ``F.linear`` does).
+        im_mask: bool ``x.shape[:-1]``, True on image tokens; None = no adapter (a plain linear).
+        scaling: ``lora_alpha / lora_r``.
+        dropout_p, training: dropout on the adapter input only, active when ``training and dropout_p > 0``;
+            the keep mask is drawn from the current torch generator for every row (see
+            ``vlmkern.reference.routed_linear``), so the reference reproduces it from the same state.
+
+    The adapter runs on image rows only — exactly the base GEMM when there are none — and nothing
+    synchronises with the host. Differentiable in x, weight, bias, lora_a and lora_b.
+    """
+    x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
+    _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p)
+    if im_mask is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    keep, keep_scale = ref.dropout_keep_mask(x, float(dropout_p), bool(training))
+    in_f = x.shape[-1]
+    y, _ = _partial_lora_op(x.reshape(-1, in_f), weight, bias, lora_a, lora_b, im_mask.reshape(-1),
+                            None if keep is None else keep.reshape(-1, in_f), float(scaling), float(keep_scale))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Tensor, *,
+                  validate_ids: Optional[bool] = None) -> Tensor:
+    """Token-routed linear: ``y[t] = W_{expert_ids[t]} x[t]``, each token computed once by its expert.
+
+    Args:
+        x: ``(..., in)`` fp16 / bf16 / fp32.
+        weights: ``(E, out, in)`` or a sequence of E ``(out, in)`` matrices (e.g. CogVLM's
+            ``[language_expert.weight, vision_expert.weight]``, used in place: two experts are never
+            stacked), in ``x.dtype``; no bias.
+        expert_ids: integer or bool ``x.shape[:-1]`` with values in ``[0, E)``.
+        validate_ids: check the id values (raises ValueError). Default: only when ids are on the CPU
+            (where it costs no sync) and not under ``torch.compile``; on CUDA a row with an out-of-range
+            id comes out NaN instead (never an out-of-bounds read). ``True`` on CUDA synchronises once.
+
+    Differentiable in x and weights; no host synchronisation in forward or backward.
+    """
+    ws = _expert_weights(weights)
+    x, ws = _autocast(x, ws)
+    _check_expert_linear(x, ws, expert_ids)
+    if validate_ids is None:  # free on the CPU; a data-dependent check would break a compiled graph
+        validate_ids = expert_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+    if validate_ids:
+        _check_ids_in_range(expert_ids, len(ws))
+    in_f = x.shape[-1]
+    y = _expert_linear_op(x.reshape(-1, in_f), ws, expert_ids.reshape(-1).to(torch.int32))
+    return y.reshape(*x.shape[:-1], ws[0].shape[0])
+
+
+def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
+    """CogVLM routing: expert 1 (vision) iff a token and the next are vision-type (SPEC §5.1), else 0.
+
+    ``token_type_ids (B, L)`` integer -> int32 ``(B, L)``, computed on device without a sync: the ``eoi``
+    token and a vision-type token in the last position use the language expert.
+    """
+    check_tensor(token_type_ids, "token_type_ids", ndim=2, dtypes=_ID_DTYPES[1:], shape_doc="(B, L)")
+    return ref.cogvlm_expert_ids(token_type_ids)
