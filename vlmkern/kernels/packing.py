@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from vlmkern.kernels._build import KernelBuild, launched, register_builds
+from vlmkern.kernels._common import grouped_tile
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
@@ -32,14 +33,7 @@ def _gather_linear_fwd_kernel(
 
     Source rows outside ``[0, ME)`` load as zeros (never out of bounds). 1-D grid in grouped order.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(R, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
-    pid_n = (pid % (GROUP_M * num_n)) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), R, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < R

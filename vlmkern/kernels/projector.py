@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from vlmkern.kernels._build import KernelBuild, launched, register_builds
+from vlmkern.kernels._common import grouped_tile
 
 # tl.constexpr: a plain module float is a NameError inside @jit on a GPU (the interpreter accepts it).
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -23,14 +24,7 @@ def _linear_gelu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[m, n] = gelu(sum_k x[m, k] W[n, k] + b[n]); pre (same strides as out) keeps the argument for backward."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
-    pid_n = (pid % (GROUP_M * num_n)) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

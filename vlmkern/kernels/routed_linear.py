@@ -22,19 +22,7 @@ import triton
 import triton.language as tl
 
 from vlmkern.kernels._build import KernelBuild, launched, register_builds
-
-
-@triton.jit
-def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program ``pid`` in grouped order: GROUP_M row tiles share a weight tile."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % rows
-    pid_n = (pid % (GROUP_M * num_n)) // rows
-    return pid_m, pid_n
+from vlmkern.kernels._common import grouped_tile
 
 
 @triton.jit
@@ -97,7 +85,7 @@ def _lora_up_kernel(
     tiles that hold a routed row, and loads only routed rows of ``u``. Forward: (x, W, U, B). Input
     gradient: (dY, Wᵀ, G, Aᵀ) with the dropout ``keep`` mask of x.
     """
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -153,7 +141,7 @@ def _expert_gemm_kernel(
     ``s_we``. Each expert present in the row tile runs one K loop over its own rows only (others load as
     0), so each row is computed once, by its expert. Forward: (x, W); input gradient: (dY, Wᵀ).
     """
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ids = tl.load(ids_ptr + rm, mask=rm < M, other=-1).to(tl.int32)
