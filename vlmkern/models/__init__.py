@@ -6,8 +6,13 @@ stream, scatter into the text embeddings).
 rows written in the same pass).
 ``vlmkern.models.internlm_xcomposer2``: InternLM2 decoder layer whose five linears are partial LoRA (PLoRA).
 ``vlmkern.models.cogvlm``: CogVLM visual-expert MLP and attention (token-routed linears).
+``vlmkern.models.qwen_vl``: the position-aware resampler (cached key-side position term, query side once per call).
+``vlmkern.models.mini_gemini``: patch info mining on the fused region-local window attention.
+``vlmkern.models.cogagent``: high-resolution cross-attention with cross K/V computed once per image.
 ``vlmkern.models.internlm_xcomposer2_hd``: ``HD_transform`` and the fused 2x2-merge + separators + projector.
 """
-from vlmkern.models import cogvlm, fuyu, internlm_xcomposer2, internlm_xcomposer2_hd, llava_next
+from vlmkern.models import (cogagent, cogvlm, fuyu, internlm_xcomposer2, internlm_xcomposer2_hd, llava_next,
+                            mini_gemini, qwen_vl)
 
-__all__ = ["cogvlm", "fuyu", "internlm_xcomposer2", "internlm_xcomposer2_hd", "llava_next"]
+__all__ = ["cogagent", "cogvlm", "fuyu", "internlm_xcomposer2", "internlm_xcomposer2_hd", "llava_next", "mini_gemini",
+           "qwen_vl"]

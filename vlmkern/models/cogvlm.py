@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmkern.models.cogagent import CrossAttention  # noqa: F401  (CogAgent layers live beside CogVLM's)
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}

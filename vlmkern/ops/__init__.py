@@ -6,6 +6,8 @@ from vlmkern.ops.patch_embed import patch_embed
 from vlmkern.ops.patchify import patchify
 from vlmkern.ops.projector import linear_gelu
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear, partial_lora_linear
+from vlmkern.ops.window_attention import patch_info_mining, window_attention
 
 __all__ = ["cogvlm_expert_ids", "cross_attention", "expert_linear", "gather_linear", "gather_linear_gelu",
-           "linear_gelu", "partial_lora_linear", "patch_embed", "patchify", "qformer_attention"]
+           "linear_gelu", "partial_lora_linear", "patch_embed", "patch_info_mining",
+           "patchify", "qformer_attention", "window_attention"]

@@ -1,0 +1,157 @@
+"""Structured cross-attention (SPEC §2, §8, §5.2): the Qwen-VL position-aware resampler, Mini-Gemini patch info
+mining and CogAgent high-resolution cross-attention, each against what the original runs.
+
+* ``resampler``: ``vlmkern.models.qwen_vl.Resampler`` (cached key position term, query side once per call,
+  flash-style cross-attention, no attention weights) vs the original computation (``Resampler.forward_original``:
+  per-call bicubic resize, ``x + pos`` copy, repeated queries, ``nn.MultiheadAttention`` with weights), Qwen-VL
+  shapes ``B=64, L=1024, kv_dim=1664, D=4096, 32 heads``.
+* ``patch_info_mining``: ``vlmkern.models.mini_gemini.PatchInfoMining`` vs the original ``unified_resampler``
+  (``vlmkern.reference.window_attention.patch_info_mining``: re-arranged HR copy, K and V), ``B=8``, 576 LR tokens,
+  ``M=8`` (192x192 HR map), ``C_aux=2880 -> 1024``. FLOP counted for the restructured math (the original does
+  ~64x more in its K/V projections), so its TFLOP/s is low by construction.
+* ``cogagent``: ``vlmkern.models.cogagent.CrossAttention`` (query GEMM, cross K/V GEMM, kernel, dense) vs the same
+  module math with ``F.scaled_dot_product_attention`` (what the original calls for its default all-zero mask):
+  2048 LLM tokens x 6400 image tokens, 32 heads x 32, hidden 4096.
+
+Groups ``<model> fwd`` and ``<model> fwd+bwd``; bf16 on the GPU, fp32 and small shapes on the CPU.
+"""
+from __future__ import annotations
+
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.harness import Case
+
+
+def _runner(train: bool, fn, grad):
+    def run():
+        if not train:
+            with torch.no_grad():
+                return fn()
+        out = fn()
+        out.backward(grad)
+        return out.detach()
+    return run
+
+
+# ------------------------------------------------------------------------------------------ resampler
+def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16) -> Case:
+    Q = grid * grid
+    flops = (2 * B * L * kv_dim * D + 4 * B * L * D * D + 2 * Q * D * D + 4 * B * Q * L * D + 2 * B * Q * D * D)
+    flops *= 3 if train else 1
+    wb = torch.finfo(dtype).bits // 8
+    nbytes = wb * (B * L * kv_dim + kv_dim * D + 4 * D * D + B * Q * D) * (2 if train else 1)
+
+    def setup(case: Case) -> None:
+        from vlmkern.models.qwen_vl import Resampler
+        from vlmkern.ops import _dispatch
+        torch.manual_seed(0)
+        m = Resampler(grid, D, H, kv_dim, partial(nn.LayerNorm, eps=1e-6)).to(device, dtype)
+        x = torch.randn(B, L, kv_dim, device=device, dtype=dtype, requires_grad=train)
+        g = torch.randn(B, Q, D, device=device, dtype=dtype)
+        d = D // H
+        probe = torch.empty(1, 1, 1, d, device=device, dtype=dtype)
+        case.backends["vlmkern"] = "cross_attention:" + _dispatch.REGISTRY["cross_attention"].select(probe, probe)
+        case.impls["vlmkern"] = _runner(train, lambda: m(x), g)
+        case.backends["original"] = "nn.MultiheadAttention (need_weights=True)"
+        case.impls["original"] = _runner(train, lambda: m.forward_original(x), g)
+
+    mode = "fwd+bwd" if train else "fwd"
+    return Case(name=f"resampler {mode} B={B}", group=f"resampler {mode}", flops=flops, bytes=nbytes, setup=setup,
+                shape=f"x ({B}, {L}, {kv_dim}) -> ({B}, {Q}, {D}), {H} heads, {str(dtype).replace('torch.', '')}")
+
+
+# ---------------------------------------------------------------------------------- patch info mining
+def _mining_case(device, dtype, train, B, pn, M, C, C_aux) -> Case:
+    N = B * pn * pn
+    flops = N * (2 * C * C + 2 * C * C_aux + 6 * M * M * C_aux + 2 * C_aux * C) * (3 if train else 1)
+    wb = torch.finfo(dtype).bits // 8
+    nbytes = wb * (2 * N * C + B * C_aux * (pn * M) ** 2 + 3 * C_aux * C + C * C) * (2 if train else 1)
+
+    def setup(case: Case) -> None:
+        from vlmkern.models.mini_gemini import PatchInfoMining
+        from vlmkern.ops import _dispatch
+        from vlmkern.reference.window_attention import patch_info_mining as original
+        torch.manual_seed(0)
+        m = PatchInfoMining(C, C_aux).to(device, dtype)
+        x = torch.randn(B, pn * pn, C, device=device, dtype=dtype, requires_grad=train)
+        h = torch.randn(B, C_aux, pn * M, pn * M, device=device, dtype=dtype, requires_grad=train)
+        g = torch.randn(B, pn * pn, C, device=device, dtype=dtype)
+
+        def params(seq):
+            return (seq[0].weight, seq[0].bias, seq[1].weight, seq[1].bias)
+
+        def run_original():
+            return original(x, h, params(m.vlm_uni_query_projector), params(m.vlm_uni_aux_projector),
+                            params(m.vlm_uni_val_projector))
+
+        case.backends["vlmkern"] = _dispatch.REGISTRY["window_attention"].select(x, h)
+        case.impls["vlmkern"] = _runner(train, lambda: m(x, h)[1], g)
+        case.backends["original"] = "torch eager (unified_resampler)"
+        case.impls["original"] = _runner(train, run_original, g)
+
+    mode = "fwd+bwd" if train else "fwd"
+    return Case(name=f"mining {mode} B={B}", group=f"patch_info_mining {mode}", flops=flops, bytes=nbytes,
+                setup=setup, shape=f"LR ({B}, {pn * pn}, {C}), HR ({B}, {C_aux}, {pn * M}, {pn * M}), M={M}, "
+                                   f"{str(dtype).replace('torch.', '')}")
+
+
+# ------------------------------------------------------------------------------------------- cogagent
+def _cogagent_case(device, dtype, train, B, Lq, Lk, hidden, H, d) -> Case:
+    Cc = H * d
+    flops = (2 * B * Lq * hidden * Cc + 2 * B * Lk * Cc * 2 * Cc + 4 * B * H * Lq * Lk * d + 2 * B * Lq * Cc * hidden)
+    flops *= 3 if train else 1
+    wb = torch.finfo(dtype).bits // 8
+    nbytes = wb * (2 * B * Lq * hidden + B * Lk * Cc + 4 * hidden * Cc + 2 * Cc * Cc) * (2 if train else 1)
+
+    def setup(case: Case) -> None:
+        from vlmkern.models.cogagent import CrossAttention
+        from vlmkern.ops import _dispatch
+        torch.manual_seed(0)
+        cfg = SimpleNamespace(hidden_size=hidden, cross_hidden_size=Cc, cross_compute_hidden_size=Cc,
+                              num_attention_heads=H)
+        m = CrossAttention(cfg).to(device, dtype)
+        hs = torch.randn(B, Lq, hidden, device=device, dtype=dtype, requires_grad=train)
+        enc = torch.randn(B, Lk, Cc, device=device, dtype=dtype, requires_grad=train)
+        g = torch.randn(B, Lq, hidden, device=device, dtype=dtype)
+
+        def run_sdpa():
+            k, v = m.cross_kv(enc)
+            q = m._heads(m.query(hs))
+            ctx = F.scaled_dot_product_attention(q, k, v)
+            return m.dense(ctx.transpose(1, 2).reshape(B, Lq, Cc))
+
+        probe = torch.empty(1, 1, 1, d, device=device, dtype=dtype)
+        case.backends["vlmkern"] = "cross_attention:" + _dispatch.REGISTRY["cross_attention"].select(probe, probe)
+        case.impls["vlmkern"] = _runner(train, lambda: m(hs, enc)[0], g)
+        case.backends["SDPA"] = "F.scaled_dot_product_attention"
+        case.impls["SDPA"] = _runner(train, run_sdpa, g)
+
+    mode = "fwd+bwd" if train else "fwd"
+    return Case(name=f"cogagent {mode} Lq={Lq}", group=f"cogagent {mode}", flops=flops, bytes=nbytes, setup=setup,
+                shape=f"({B}, {Lq}, {hidden}) x ({B}, {Lk}, {Cc}), {H} heads x {d}, {str(dtype).replace('torch.', '')}")
+
+
+def cases(device: str, quick: bool = False, smoke: bool = False) -> list[Case]:
+    out = []
+    if smoke or device != "cuda":
+        dt = torch.float32
+        shapes = dict(res=(2, 64, 48, 128, 4, 4), mine=(1, 4, 4, 32, 48), cog=(1, 32, 400, 64, 2, 32))
+        if not smoke and not quick:
+            shapes = dict(res=(4, 256, 96, 256, 8, 8), mine=(2, 12, 8, 64, 96), cog=(1, 128, 1600, 128, 4, 32))
+    else:
+        dt = torch.bfloat16
+        shapes = dict(res=(64, 1024, 1664, 4096, 32, 16), mine=(8, 24, 8, 1024, 2880),
+                      cog=(1, 2048, 6400, 4096, 32, 32))
+    for train in (False, True):
+        B, L, kv, D, H, grid = shapes["res"]
+        out.append(_resampler_case(device, dt, train, B, L, kv, D, H, grid))
+        B, pn, M, C, C_aux = shapes["mine"]
+        out.append(_mining_case(device, dt, train, B, pn, M, C, C_aux))
+        B, Lq, Lk, hidden, H, d = shapes["cog"]
+        out.append(_cogagent_case(device, dt, train, B, Lq, Lk, hidden, H, d))
+    return out

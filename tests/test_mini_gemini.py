@@ -1,0 +1,279 @@
+"""Mini-Gemini patch info mining: the ``vlmkern::window_attention`` op and the ``PatchInfoMining`` drop-in.
+
+The oracle is a faithful port of the original (``mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``,
+SPEC §8.1), written here from the SPEC: re-arranged HR copy, K and V materialised, softmax in the input dtype.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from vlmkern.models.mini_gemini import PatchInfoMining, stack_hd_views
+from vlmkern.ops import window_attention as wa_ops
+from vlmkern.reference import window_attention as wa_ref
+from vlmkern.testing import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+class OriginalMGM(nn.Module):
+    """Port of Mini-Gemini's modules and ``unified_resampler`` (SPEC §8.1)."""
+
+    def __init__(self, mm_hidden_size, mm_hidden_size_aux):
+        super().__init__()
+        self.vlm_uni_query_projector = nn.Sequential(nn.LayerNorm(mm_hidden_size),
+                                                     nn.Linear(mm_hidden_size, mm_hidden_size))
+        self.vlm_uni_aux_projector = nn.Sequential(nn.LayerNorm(mm_hidden_size_aux),
+                                                   nn.Linear(mm_hidden_size_aux, mm_hidden_size))
+        self.vlm_uni_val_projector = nn.Sequential(nn.LayerNorm(mm_hidden_size_aux),
+                                                   nn.Linear(mm_hidden_size_aux, mm_hidden_size))
+
+    def forward(self, images, images_aux):
+        patch_num = int(images.shape[1] ** 0.5)
+        patch_size = images_aux.shape[-1] // patch_num
+        images_aux = images_aux.permute(0, 2, 3, 1)
+        images_aux = images_aux.reshape(len(images_aux), patch_num, patch_size, patch_num, patch_size,
+                                        images_aux.shape[-1])
+        images_aux = images_aux.permute(0, 1, 3, 2, 4, 5)
+        images_aux = images_aux.reshape(len(images_aux), patch_num ** 2, patch_size ** 2,
+                                        images_aux.shape[-1]).contiguous()
+        embed_query = self.vlm_uni_query_projector(images)
+        embed_aux = self.vlm_uni_aux_projector(images_aux)
+        embed_value = self.vlm_uni_val_projector(images_aux)
+        embed_att = embed_query[:, :, None] @ (embed_aux.transpose(-1, -2) / (embed_aux.shape[-1] ** 0.5))
+        embed_att = embed_att.nan_to_num()
+        embed_feat = (embed_att.softmax(-1) @ embed_value).mean(2)
+        return images, embed_feat
+
+
+def _randomize(module: nn.Module, gen_scale: float = 0.5) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("0.weight"):   # LayerNorm gamma around 1
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("0.bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            elif p.dim() == 2:
+                p.copy_(torch.randn_like(p) * gen_scale / math.sqrt(p.shape[1]) * 4)
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+
+
+def _pair(C, C_aux, device, dtype):
+    orig = OriginalMGM(C, C_aux)
+    _randomize(orig)
+    ours = PatchInfoMining(C, C_aux)
+    ours.load_state_dict(orig.state_dict(), strict=True)
+    return orig.to(device, dtype), ours.to(device, dtype)
+
+
+def _run(module, images, images_aux, grad):
+    module.zero_grad(set_to_none=True)
+    x = images.detach().clone().requires_grad_(True)
+    h = images_aux.detach().clone().requires_grad_(True)
+    _, out = module(x, h)
+    out.backward(grad.to(out.dtype))
+    grads = {"images": x.grad, "images_aux": h.grad}
+    for name, p in module.named_parameters():
+        grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)
+    return out.detach(), grads
+
+
+def _inputs(B, pn, M, C, C_aux, device, dtype):
+    images = torch.randn(B, pn * pn, C, device=device)
+    images_aux = torch.randn(B, C_aux, pn * M, pn * M, device=device) * 1.5 + 0.5
+    grad = torch.randn(B, pn * pn, C, device=device)
+    return images.to(dtype), images_aux.to(dtype), grad
+
+
+def _check_module(device, dtype, B, pn, M, C, C_aux, *, aux_transform=None):
+    orig, ours = _pair(C, C_aux, device, dtype)
+    exact = OriginalMGM(C, C_aux).to(device, torch.float64)
+    exact.load_state_dict(orig.state_dict())
+    images, images_aux, grad = _inputs(B, pn, M, C, C_aux, device, dtype)
+    aux_ours = aux_transform(images_aux) if aux_transform else images_aux
+    out, g = _run(ours, images, aux_ours, grad)
+    base, gb = _run(orig, images, images_aux, grad)
+    ref, gr = _run(exact, images.double(), images_aux.double(), grad.double())
+    assert_close(out, base, ref, dtype=dtype, name="embed_feat")
+    for name in gr:
+        assert_close(g[name], gb[name], gr[name], kind="grad", dtype=dtype, name=f"d{name}")
+
+
+# ------------------------------------------------------------------------------------------- the op
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,pn,M,C", [(2, 3, 2, 48), (1, 3, 4, 40), (1, 1, 8, 24), (1, 2, 3, 20)])
+def test_window_attention_op_matches_reference(backend, device, dtype, B, pn, M, C):
+    u = torch.randn(B, pn * pn, C, device=device)
+    h = (torch.randn(B, C, pn * M, pn * M, device=device) * 2 + 3).to(dtype)
+    g = torch.randn(B, pn * pn, C, device=device)
+
+    def run(fn, u, h):
+        u = u.detach().clone().requires_grad_(True)
+        h = h.detach().clone().requires_grad_(True)
+        s, p = fn(u, h)
+        s.backward(g.to(s.dtype))
+        return s.detach(), p.detach(), u.grad, h.grad
+
+    s, p, du, dh = run(wa_ops.window_attention, u, h)
+    sb, pb, dub, dhb = run(wa_ref.window_attention, u.to(dtype), h)
+    se, pe, due, dhe = run(wa_ref.window_attention, u.double(), h.double())
+    assert s.dtype == torch.float32 and p.shape == (B, pn * pn, M * M)
+    assert_close(s, sb, se, dtype=dtype, name="s")
+    assert_close(p, pb, pe, dtype=dtype, name="probs")
+    assert_close(du, dub, due, kind="grad", dtype=dtype, name="du")
+    assert_close(dh, dhb, dhe, kind="grad", dtype=dtype, name="dh")
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_window_attention_non_contiguous_map(backend, device):
+    """Channels-last HR map and a strided u: read in place, gradients in the map's shape."""
+    u = torch.randn(2, 4, 64, device=device)[:, :, ::2]
+    h = torch.randn(2, 32, 6, 6, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    s, _ = wa_ops.window_attention(u, h)
+    s.sum().backward()
+    h2 = h.detach().double().requires_grad_(True)
+    s2, _ = wa_ref.window_attention(u.double(), h2)
+    s2.sum().backward()
+    torch.testing.assert_close(s.double(), s2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), h2.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_window_attention_nan_to_num(backend, device):
+    """Non-finite logits are mapped by nan_to_num: the softmax stays finite, the other rows are exact."""
+    u = torch.randn(1, 4, 16, device=device)
+    u[0, 1, 3] = float("inf")
+    h = torch.randn(1, 16, 4, 4, device=device)
+    s, p = wa_ops.window_attention(u, h)
+    s2, p2 = wa_ref.window_attention(u, h)
+    assert torch.isfinite(p).all() and torch.isfinite(s).all()
+    rows = [0, 2, 3]
+    torch.testing.assert_close(p[:, rows], p2[:, rows])
+    torch.testing.assert_close(s[:, rows], s2[:, rows])
+
+
+def test_window_attention_opcheck_and_compile(device):
+    u = torch.randn(2, 4, 16, device=device, requires_grad=True)
+    h = torch.randn(2, 16, 4, 4, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vlmkern.window_attention.default, (u, h, 1e-5))
+    torch._dynamo.reset()
+    f = torch.compile(lambda u, h: wa_ops.window_attention(u, h)[0].square().sum(), fullgraph=True,
+                      backend="aot_eager")
+    f(u, h).backward()
+    gu, gh = u.grad.clone(), h.grad.clone()
+    u.grad = h.grad = None
+    wa_ref.window_attention(u, h)[0].square().sum().backward()
+    torch.testing.assert_close(gu, u.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_patch_info_mining_compiles(device):
+    C, C_aux = 16, 24
+    orig, ours = _pair(C, C_aux, device, torch.float32)
+    images, images_aux, _ = _inputs(2, 2, 2, C, C_aux, device, torch.float32)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, h: ours(x, h)[1], fullgraph=True, backend="aot_eager")
+    out = f(images, images_aux)
+    torch.testing.assert_close(out, orig(images, images_aux)[1], atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ the module
+def test_state_dict_names():
+    keys = set(PatchInfoMining(8, 12).state_dict())
+    expected = {f"vlm_uni_{p}_projector.{i}.{t}" for p in ("query", "aux", "val") for i in (0, 1)
+                for t in ("weight", "bias")}
+    assert keys == expected
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,pn,M", [(2, 3, 2), (1, 2, 4), (1, 1, 8)])
+def test_module_matches_original_triton(backend, device, dtype, B, pn, M):
+    _check_module(device, dtype, B, pn, M, C=32, C_aux=48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("L", [64, 256, 1024, 1600])
+@pytest.mark.parametrize("M", [2, 4, 8])
+def test_module_matches_original_odd_grids(dtype, M, L):
+    """Real grid sizes through the reference backend of the op (the restructured math at scale)."""
+    _check_module("cpu", dtype, 1, math.isqrt(L), M, C=16, C_aux=8)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_module_non_contiguous_aux(backend, device):
+    _check_module(device, torch.float32, 2, 2, 3, C=16, C_aux=24,
+                  aux_transform=lambda h: h.contiguous(memory_format=torch.channels_last))
+
+
+def test_hd_setting_through_the_same_op():
+    """2x2 tiles + global view: the five pairs stacked on the batch give each pair's own result."""
+    C, C_aux, pn, M = 16, 24, 3, 2
+    orig, ours = _pair(C, C_aux, "cpu", torch.float32)
+    glr = torch.randn(2, pn * pn, C)
+    ghr = torch.randn(2, C_aux, pn * M, pn * M)
+    tlr = torch.randn(2, 4, pn * pn, C)
+    thr = torch.randn(2, 4, C_aux, pn * M, pn * M)
+    lr, hr = stack_hd_views(glr, ghr, tlr, thr)
+    _, feat = ours(lr, hr)
+    feat = feat.reshape(2, 5, pn * pn, C)
+    torch.testing.assert_close(feat[:, 0], orig(glr, ghr)[1], atol=1e-5, rtol=1e-4)
+    for t in range(4):
+        torch.testing.assert_close(feat[:, 1 + t], orig(tlr[:, t], thr[:, t])[1], atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 2), pn=st.integers(1, 3), M=st.integers(1, 4), C=st.sampled_from([4, 16, 24]),
+       C_aux=st.sampled_from([3, 16, 40]))
+def test_module_hypothesis_shapes(B, pn, M, C, C_aux):
+    _check_module("cpu", torch.float32, B, pn, M, C, C_aux)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 2), pn=st.integers(1, 2), M=st.integers(1, 3), C_aux=st.sampled_from([8, 24]))
+def test_module_hypothesis_shapes_triton(backend, B, pn, M, C_aux):
+    _check_module("cpu", torch.float32, B, pn, M, 16, C_aux)
+
+
+# ------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("images,aux,exc,match", [
+    ((1, 10, 8), (1, 12, 6, 6), ValueError, "perfect square"),
+    ((1, 9, 8), (1, 12, 7, 7), ValueError, "divisible into the 3x3"),
+    ((1, 9, 8), (1, 12, 6, 9), ValueError, "square"),
+    ((1, 9, 6), (1, 12, 6, 6), ValueError, "mm_hidden_size is 8"),
+    ((1, 9, 8), (1, 10, 6, 6), ValueError, "mm_hidden_size_aux is 12"),
+    ((2, 9, 8), (1, 12, 6, 6), ValueError, "batch"),
+    ((9, 8), (1, 12, 6, 6), ValueError, "images must be 3-D"),
+    ((1, 0, 8), (1, 12, 0, 0), ValueError, "perfect square"),
+])
+def test_bad_input(images, aux, exc, match):
+    m = PatchInfoMining(8, 12)
+    with pytest.raises(exc, match=match):
+        m(torch.zeros(images), torch.zeros(aux))
+
+
+def test_bad_input_dtype_and_op_args():
+    m = PatchInfoMining(8, 12)
+    with pytest.raises(TypeError, match="images_aux dtype"):
+        m(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="images_aux has 12 channels but u has 8"):
+        wa_ops.window_attention(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6))
+    with pytest.raises(TypeError, match="u must have dtype"):
+        wa_ops.window_attention(torch.zeros(1, 9, 8, dtype=torch.int32), torch.zeros(1, 8, 6, 6))
+    q = (torch.ones(8), torch.zeros(8), torch.zeros(8, 8), torch.zeros(8))
+    k = (torch.ones(12), torch.zeros(12), torch.zeros(8, 11), torch.zeros(8))
+    with pytest.raises(ValueError, match="key_params weight must have shape"):
+        wa_ops.patch_info_mining(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6), q, k, k)
+
+
+# ------------------------------------------------------------------------------------ GPU, real shapes
+@pytest.mark.cuda
+@pytest.mark.parametrize("M,L", [(8, 576), (4, 576), (2, 64)])
+def test_module_matches_original_bf16_real_shapes(M, L):
+    _check_module("cuda", torch.bfloat16, 2, math.isqrt(L), M, C=1024, C_aux=2880 if M == 8 else 1536)

@@ -1,0 +1,70 @@
+"""Mini-Gemini patch info mining (``mgm/model/mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``;
+SPEC §8).
+
+``PatchInfoMining`` holds the three ``Sequential(LayerNorm, Linear)`` projectors under the original names
+(``vlm_uni_{query,aux,val}_projector.{0,1}.*``) and computes ``unified_resampler`` with
+``vlmkern.ops.patch_info_mining``: each LR token attends to its own ``M x M`` HR window without the re-arranged
+HR copy, the keys or the values ever being written. The HD setting (2x2 tiles + global view) is the same call
+with the five (LR crop, HR tile) pairs stacked along the batch (``stack_hd_views``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vlmkern.ops._checks import check_tensor
+from vlmkern.ops.window_attention import patch_info_mining, window_grid
+
+
+def _projector(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(c_in), nn.Linear(c_in, c_out))
+
+
+def _params(seq: nn.Sequential):
+    return (seq[0].weight, seq[0].bias, seq[1].weight, seq[1].bias)
+
+
+class PatchInfoMining(nn.Module):
+    """Drop-in for Mini-Gemini's ``vlm_uni_*_projector`` modules + ``unified_resampler``.
+
+    ``forward(images (B, N, C), images_aux (B, C_aux, PN·M, PN·M)) -> (images, embed_feat (B, N, C))``,
+    ``N = PN²``; the caller adds ``embed_feat`` to ``images`` (Mini-Gemini's ``encode_images``).
+    """
+
+    def __init__(self, mm_hidden_size: int, mm_hidden_size_aux: int):
+        super().__init__()
+        self.mm_hidden_size = mm_hidden_size
+        self.mm_hidden_size_aux = mm_hidden_size_aux
+        self.vlm_uni_query_projector = _projector(mm_hidden_size, mm_hidden_size)
+        self.vlm_uni_aux_projector = _projector(mm_hidden_size_aux, mm_hidden_size)
+        self.vlm_uni_val_projector = _projector(mm_hidden_size_aux, mm_hidden_size)
+
+    def _check(self, images: Tensor, images_aux: Tensor) -> None:
+        check_tensor(images, "images", ndim=3, shape_doc="(batch, tokens, mm_hidden_size)")
+        check_tensor(images_aux, "images_aux", ndim=4, shape_doc="(batch, mm_hidden_size_aux, Hh, Wh)")
+        if images.shape[-1] != self.mm_hidden_size:
+            raise ValueError(f"images has {images.shape[-1]} channels but mm_hidden_size is {self.mm_hidden_size}")
+        if images_aux.shape[1] != self.mm_hidden_size_aux:
+            raise ValueError(f"images_aux has {images_aux.shape[1]} channels but mm_hidden_size_aux is "
+                             f"{self.mm_hidden_size_aux}")
+        window_grid(images.shape[1], images_aux.shape)
+
+    def forward(self, images: Tensor, images_aux: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(images, images_aux)
+        lns = (self.vlm_uni_query_projector[0], self.vlm_uni_aux_projector[0], self.vlm_uni_val_projector[0])
+        embed_feat = patch_info_mining(
+            images, images_aux, _params(self.vlm_uni_query_projector), _params(self.vlm_uni_aux_projector),
+            _params(self.vlm_uni_val_projector), eps=tuple(ln.eps for ln in lns))
+        return images, embed_feat
+
+
+def stack_hd_views(global_lr: Tensor, global_hr: Tensor, tiles_lr: Tensor, tiles_hr: Tensor) -> tuple[Tensor, Tensor]:
+    """HD setting (SPEC §8.2): ``global_lr (B, N, C)``, ``global_hr (B, C_aux, S, S)``, ``tiles_lr (B, T, N, C)``,
+    ``tiles_hr (B, T, C_aux, S, S)`` (``T = 4`` row-major tiles) -> one batch of ``B·(1+T)`` pairs in the
+    original token order ``[global, tile(0,0), tile(0,1), ...]`` per sample, ready for ``PatchInfoMining``."""
+    lr = torch.cat([global_lr.unsqueeze(1), tiles_lr], 1).flatten(0, 1)
+    hr = torch.cat([global_hr.unsqueeze(1), tiles_hr], 1).flatten(0, 1)
+    return lr, hr
+
+
+__all__ = ["PatchInfoMining", "stack_hd_views"]

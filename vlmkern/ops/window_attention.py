@@ -1,0 +1,284 @@
+"""``vlmkern::window_attention``: window-local LayerNorm attention pooling, and ``patch_info_mining`` on top of it
+(Mini-Gemini's ``unified_resampler``, SPEC §8).
+
+The original projects every HR feature of every window to a key and a value (two ``C_aux x C`` GEMMs on
+``B·N·M²`` rows) and then takes one ``1 x M²`` softmax per LR token. Both projections are linear, so per LR
+token ``n`` with query ``q_n`` (``C``)::
+
+    q_n · k_w = q_n · (Wk (ĥ_w ⊙ γk + βk) + bk) = u_n · ĥ_w + const_n,     u_n = (Wkᵀ q_n) ⊙ γk / sqrt(C)
+    Σ_w a_w v_w = Wv (γv ⊙ s_n + βv) + bv,                            s_n = Σ_w a_w ĥ_w
+
+(``const_n`` is the same for every key of the row, so the softmax ignores it; ``Σ a = 1``). ``ĥ`` is the
+affine-free LayerNorm of ``h``, shared by the key and value paths. What remains per window is the custom op:
+LayerNorm statistics, ``M²`` logits, softmax and a weighted sum in ``C_aux`` space, read in place from the
+``(B, C_aux, Hh, Wh)`` map; the GEMMs ``q Wk`` and ``(…) Wvᵀ`` run once per LR token instead of once per HR
+feature (``M²`` = 64 times fewer FLOP at 768 px), and neither K, V nor the re-arranged copy exists.
+
+Logits are computed in fp32 (the original: in the model dtype, where they can overflow to ±inf before its
+``nan_to_num``); a logit that is not finite even in fp32 (non-finite inputs) may come out as NaN -> 0 here
+where the original clamps ±inf to ±max.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlmkern.ops import _dispatch
+from vlmkern.ops._checks import check_same_device, check_tensor
+from vlmkern.ops._dispatch import OpDispatch, register
+from vlmkern.reference import window_attention as ref
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- checks
+def window_grid(num_tokens: int, aux_shape: Sequence[int], *, name: str = "images_aux") -> tuple[int, int]:
+    """``(PN, M)`` for ``num_tokens = PN²`` LR tokens and an HR map ``(..., PN·M, PN·M)``; ``ValueError`` otherwise."""
+    pn = math.isqrt(num_tokens)
+    if pn * pn != num_tokens or num_tokens == 0:
+        raise ValueError(f"the number of low-resolution tokens must be a positive perfect square (a PN x PN grid), "
+                         f"got {num_tokens}")
+    hh, wh = aux_shape[-2], aux_shape[-1]
+    if hh != wh or wh % pn or wh == 0:
+        raise ValueError(f"{name} must be a square (PN·M, PN·M) map divisible into the {pn}x{pn} low-resolution "
+                         f"grid, got spatial size ({hh}, {wh})")
+    return pn, wh // pn
+
+
+def _check_window_inputs(u: Tensor, images_aux: Tensor, eps) -> None:
+    check_tensor(u, "u", ndim=3, dtypes=_FLOATS, shape_doc="(batch, tokens, channels)")
+    check_tensor(images_aux, "images_aux", ndim=4, dtypes=_FLOATS, shape_doc="(batch, channels, Hh, Wh)")
+    check_same_device(u=u, images_aux=images_aux)
+    if images_aux.shape[0] != u.shape[0]:
+        raise ValueError(f"images_aux has batch {images_aux.shape[0]} but u has batch {u.shape[0]}")
+    if images_aux.shape[1] != u.shape[2]:
+        raise ValueError(f"images_aux has {images_aux.shape[1]} channels but u has {u.shape[2]}")
+    if images_aux.shape[1] == 0:
+        raise ValueError("images_aux must have at least one channel")
+    window_grid(u.shape[1], images_aux.shape)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise TypeError(f"eps must be a non-negative float, got {eps!r}")
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
+    why = _dispatch.triton_env_reasons(u.device)
+    if images_aux.dtype not in _TRITON_DTYPES:
+        why.append(f"images_aux dtype {images_aux.dtype} (the kernels take float16, bfloat16, float32)")
+    span = sum((n - 1) * abs(st) for n, st in zip(images_aux.shape[1:], images_aux.stride()[1:]))
+    if span >= 2 ** 31:
+        why.append(f"one images_aux batch element spans {span + 1} elements (the kernels index it in int32)")
+    return why
+
+
+WINDOW_ATTENTION = register(OpDispatch("window_attention", {
+    "triton": _triton_reasons,
+    "reference": lambda *a, **k: [],
+}))
+
+
+def _ct(h: Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------ triton launches
+def _triton_forward(u, h, eps):
+    import triton  # noqa: F401
+    from vlmkern.kernels.window_attention import _window_attn_fwd_kernel, window_config
+
+    B, N, C = u.shape
+    pn, m = window_grid(N, h.shape)
+    u = u.float()
+    s = torch.empty((B, N, C), device=u.device, dtype=torch.float32)
+    rows = [torch.empty((B, N, m * m), device=u.device, dtype=torch.float32) for _ in range(4)]
+    if B * N:
+        cfg = window_config(m, C)
+        _window_attn_fwd_kernel[(N, B)](u, h, s, *rows, N, pn, C, m, float(eps),
+                                        *u.stride(), *h.stride(), *s.stride(), **cfg)
+    return (s, *rows)
+
+
+def _triton_backward(ds, u, h, mean, rstd, p, logit):
+    from vlmkern.kernels.window_attention import _window_attn_bwd_kernel, window_config
+
+    B, N, C = u.shape
+    pn, m = window_grid(N, h.shape)
+    ds = ds.float()
+    u = u.float()
+    du = torch.empty((B, N, C), device=u.device, dtype=torch.float32)
+    dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
+    if B * N:
+        cfg = window_config(m, C)
+        _window_attn_bwd_kernel[(N, B)](ds, u, h, mean, rstd, p, logit, du, dh, N, pn, C, m,
+                                        *ds.stride(), *u.stride(), *h.stride(), *du.stride(), *dh.stride(), **cfg)
+    return du, dh
+
+
+# ------------------------------------------------------------------------------------ reference paths
+def _reference_forward(u, h, eps):
+    ct = _ct(h)
+    B, N, C = u.shape
+    pn, _ = window_grid(N, h.shape)
+    hw = ref.window_patches(h.to(ct), pn)
+    mean = hw.mean(-1)
+    rstd = torch.rsqrt(hw.var(-1, unbiased=False) + eps)
+    hhat = (hw - mean[..., None]) * rstd[..., None]
+    logit = (hhat @ u.to(ct).unsqueeze(-1)).squeeze(-1)
+    p = logit.nan_to_num().softmax(-1)
+    s = (p.unsqueeze(-2) @ hhat).squeeze(-2)
+    return s, mean, rstd, p, logit
+
+
+def _reference_backward(ds, u, h, mean, rstd, p, logit):
+    ct = _ct(h)
+    B, N, C = u.shape
+    pn, m = window_grid(N, h.shape)
+    hw = ref.window_patches(h.to(ct), pn)
+    hhat = (hw - mean[..., None]) * rstd[..., None]
+    ds, uc = ds.to(ct), u.to(ct)
+    da = (hhat @ ds.unsqueeze(-1)).squeeze(-1)
+    dl = p * (da - (p * da).sum(-1, keepdim=True))
+    dl = torch.where(torch.isfinite(logit), dl, 0.0)
+    du = (dl.unsqueeze(-2) @ hhat).squeeze(-2)
+    dhat = p[..., None] * ds[:, :, None, :] + dl[..., None] * uc[:, :, None, :]
+    dhw = rstd[..., None] * (dhat - dhat.mean(-1, keepdim=True) - hhat * (dhat * hhat).mean(-1, keepdim=True))
+    # (B, PN², M², C) -> (B, C, Hh, Wh): inverse of the window re-arrangement
+    dh = dhw.reshape(B, pn, pn, m, m, C).permute(0, 5, 1, 3, 2, 4).reshape(h.shape)
+    return du.to(ct), dh.to(h.dtype)
+
+
+# ------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("vlmkern::window_attention", mutates_args=())
+def _window_attention_op(u: Tensor, images_aux: Tensor, eps: float
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if WINDOW_ATTENTION.select(u, images_aux) == "triton":
+        return _triton_forward(u, images_aux, eps)
+    return _reference_forward(u, images_aux, eps)
+
+
+@_window_attention_op.register_fake
+def _(u, images_aux, eps):
+    B, N, C = u.shape
+    _, m = window_grid(N, images_aux.shape)
+    ct = _ct(images_aux)
+    rows = [u.new_empty((B, N, m * m), dtype=ct) for _ in range(4)]
+    return (u.new_empty((B, N, C), dtype=ct), *rows)
+
+
+@torch.library.custom_op("vlmkern::window_attention_backward", mutates_args=())
+def _window_attention_backward_op(ds: Tensor, u: Tensor, images_aux: Tensor, mean: Tensor, rstd: Tensor,
+                                  p: Tensor, logit: Tensor) -> tuple[Tensor, Tensor]:
+    if WINDOW_ATTENTION.select(u, images_aux) == "triton":
+        return _triton_backward(ds, u, images_aux, mean, rstd, p, logit)
+    return _reference_backward(ds, u, images_aux, mean, rstd, p, logit)
+
+
+@_window_attention_backward_op.register_fake
+def _(ds, u, images_aux, mean, rstd, p, logit):
+    return u.new_empty(u.shape, dtype=_ct(images_aux)), torch.empty_like(
+        images_aux, memory_format=torch.contiguous_format)
+
+
+def _setup(ctx, inputs, output):
+    u, images_aux, _eps = inputs
+    s, mean, rstd, p, logit = output
+    ctx.save_for_backward(u, images_aux, mean, rstd, p, logit)
+    ctx.mark_non_differentiable(mean, rstd, p, logit)
+
+
+def _backward(ctx, ds, *_):
+    u, images_aux, mean, rstd, p, logit = ctx.saved_tensors
+    du, dh = _window_attention_backward_op(ds, u, images_aux, mean, rstd, p, logit)
+    return du.to(u.dtype), dh, None
+
+
+_window_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ------------------------------------------------------------------------------------ public API
+def window_attention(u: Tensor, images_aux: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Each LR token attends to the affine-free LayerNorm of its own ``M x M`` HR window.
+
+    Args:
+        u: ``(B, N, C)`` per-token score vectors, ``N = PN²`` (any float dtype, any strides).
+        images_aux: ``(B, C, PN·M, PN·M)`` HR feature map, any strides (read in place, never re-arranged).
+        eps: LayerNorm epsilon.
+
+    Returns:
+        ``s (B, N, C)`` = ``Σ_w a_w ĥ_w`` and ``probs (B, N, M²)`` = ``softmax_w(nan_to_num(u · ĥ_w))``, both fp32
+        (fp64 for fp64 inputs); ``s`` is differentiable in ``u`` and ``images_aux``.
+    """
+    _check_window_inputs(u, images_aux, eps)
+    s, _mean, _rstd, p, _logit = _window_attention_op(u, images_aux, float(eps))
+    return s, p
+
+
+def _check_params(params, name: str, in_dim: int, out_dim: int | None, dtype: torch.dtype) -> None:
+    if not isinstance(params, (tuple, list)) or len(params) != 4:
+        raise TypeError(f"{name} must be (ln_weight, ln_bias, weight, bias), got {type(params).__name__}")
+    ln_w, ln_b, w, b = params
+    for pname, t, shape in ((f"{name} ln_weight", ln_w, (in_dim,)), (f"{name} ln_bias", ln_b, (in_dim,)),
+                            (f"{name} weight", w, (out_dim if out_dim is not None else w.shape[0], in_dim)),
+                            (f"{name} bias", b, (w.shape[0],))):
+        check_tensor(t, pname, dtypes=_FLOATS)
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{pname} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{pname} has dtype {t.dtype} but the inputs are {dtype}")
+
+
+def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_params, value_params,
+                      eps: tuple[float, float, float] = (1e-5, 1e-5, 1e-5)) -> Tensor:
+    """Mini-Gemini ``unified_resampler``'s ``embed_feat`` (SPEC §8.1) through ``window_attention``.
+
+    Args:
+        images: ``(B, N, C)`` LR tokens, ``N = PN²``.
+        images_aux: ``(B, C_aux, PN·M, PN·M)`` HR map (any strides).
+        query_params, key_params, value_params: ``(ln_weight, ln_bias, weight, bias)`` of the three
+            ``Sequential(LayerNorm, Linear)`` projectors: LayerNorm over ``C`` (query) / ``C_aux`` (key, value),
+            Linear to ``C'`` (``C`` in Mini-Gemini); same dtype as ``images``.
+        eps: epsilons of the query, key and value LayerNorms; key and value must agree (shared statistics).
+
+    Returns:
+        ``(B, N, C')`` in ``images.dtype``: ``Σ_w softmax_w(q·k_w / sqrt(C')) v_w`` over the token's window.
+    """
+    check_tensor(images, "images", ndim=3, dtypes=_FLOATS, shape_doc="(batch, tokens, channels)")
+    check_tensor(images_aux, "images_aux", ndim=4, dtypes=_FLOATS, shape_doc="(batch, channels, Hh, Wh)")
+    check_same_device(images=images, images_aux=images_aux)
+    if images_aux.dtype != images.dtype:
+        raise TypeError(f"images_aux dtype {images_aux.dtype} must match images dtype {images.dtype}")
+    if images_aux.shape[0] != images.shape[0]:
+        raise ValueError(f"images_aux has batch {images_aux.shape[0]} but images has batch {images.shape[0]}")
+    window_grid(images.shape[1], images_aux.shape)
+    C, C_aux = images.shape[2], images_aux.shape[1]
+    _check_params(query_params, "query_params", C, None, images.dtype)
+    C_out = query_params[2].shape[0]
+    _check_params(key_params, "key_params", C_aux, C_out, images.dtype)
+    _check_params(value_params, "value_params", C_aux, C_out, images.dtype)
+    eps_q, eps_k, eps_v = eps
+    if eps_k != eps_v:
+        raise ValueError(f"the key and value LayerNorms must share eps (one set of statistics), got {eps_k} "
+                         f"and {eps_v}")
+
+    ln_qw, ln_qb, wq, bq = query_params
+    q = F.linear(F.layer_norm(images, (C,), ln_qw, ln_qb, eps_q), wq, bq)          # (B, N, C')
+    ln_kw, ln_kb, wk, bk = key_params
+    ct = _ct(images_aux)
+    q_aux = q @ wk                                                                # Wkᵀ q   (B, N, C_aux)
+    u = q_aux.to(ct) * (ln_kw.to(ct) / math.sqrt(C_out))
+    s, _ = window_attention(u, images_aux, eps_k)
+    ln_vw, ln_vb, wv, bv = value_params
+    t = s * ln_vw.to(s.dtype) + ln_vb.to(s.dtype)                                  # Σ_w a_w LN_v(h_w)
+    # βk and bk shift every logit of a row by the same amount: their gradient is exactly zero. Keep them in
+    # the graph anyway (zero gradients, as the original's up to rounding) so that every parameter is used.
+    shift = (q_aux * ln_kb).sum(-1, keepdim=True) + q @ bk.unsqueeze(-1)
+    t = t + shift.to(t.dtype).mul(0.0)
+    return F.linear(t.to(images.dtype), wv, bv)
+
+
+__all__ = ["patch_info_mining", "window_attention", "window_grid"]
