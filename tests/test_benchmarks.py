@@ -242,3 +242,17 @@ def test_broken_setup_is_an_error_of_the_subject():
                              TimerConfig(0.0, 1, 1, 0.0), show_progress=False)
     assert [(r.impl, r.subject, r.status) for r in rows] == [("vlmkern", True, "error")]
     assert "no inputs" in rows[0].note
+
+
+@pytest.mark.parametrize("op", ["projector", "routed_linear", "packing", "structured_cross_attention"])
+def test_smoke_run_every_op_cpu(tmp_path, op):
+    """Every benchmark module runs end to end on tiny shapes and its implementations agree."""
+    from benchmarks import run
+    rc = run.main(["--op", op, "--device", "cpu", "--smoke", "--no-plot", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = json.loads((tmp_path / f"{op}-cpu.json").read_text())["results"]
+    assert rows and all(r["status"] in ("ok", "skipped") for r in rows), rows
+    lower_bounds = {"nn.Linear", "dense", "gemm on kept rows", "gemm on all rows"}  # compute something else
+    for r in rows:
+        if r["status"] == "ok" and r["max_abs_diff"] is not None and r["impl"] not in lower_bounds:
+            assert r["max_abs_diff"] < 1e-3, r

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from vlmkern.models.mini_gemini import PatchInfoMining, stack_hd_views
-from vlmkern.ops import window_attention as wa_ops
-from vlmkern.reference import window_attention as wa_ref
+from vlmkern.ops.window_attention import patch_info_mining as ops_patch_info_mining
+from vlmkern.ops.window_attention import window_attention as ops_window_attention
+from vlmkern.reference.window_attention import window_attention as ref_window_attention
 from vlmkern.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -119,9 +120,9 @@ def test_window_attention_op_matches_reference(backend, device, dtype, B, pn, M,
         s.backward(g.to(s.dtype))
         return s.detach(), p.detach(), u.grad, h.grad
 
-    s, p, du, dh = run(wa_ops.window_attention, u, h)
-    sb, pb, dub, dhb = run(wa_ref.window_attention, u.to(dtype), h)
-    se, pe, due, dhe = run(wa_ref.window_attention, u.double(), h.double())
+    s, p, du, dh = run(ops_window_attention, u, h)
+    sb, pb, dub, dhb = run(ref_window_attention, u.to(dtype), h)
+    se, pe, due, dhe = run(ref_window_attention, u.double(), h.double())
     assert s.dtype == torch.float32 and p.shape == (B, pn * pn, M * M)
     assert_close(s, sb, se, dtype=dtype, name="s")
     assert_close(p, pb, pe, dtype=dtype, name="probs")
@@ -134,10 +135,10 @@ def test_window_attention_non_contiguous_map(backend, device):
     """Channels-last HR map and a strided u: read in place, gradients in the map's shape."""
     u = torch.randn(2, 4, 64, device=device)[:, :, ::2]
     h = torch.randn(2, 32, 6, 6, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
-    s, _ = wa_ops.window_attention(u, h)
+    s, _ = ops_window_attention(u, h)
     s.sum().backward()
     h2 = h.detach().double().requires_grad_(True)
-    s2, _ = wa_ref.window_attention(u.double(), h2)
+    s2, _ = ref_window_attention(u.double(), h2)
     s2.sum().backward()
     torch.testing.assert_close(s.double(), s2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h.grad.double(), h2.grad, atol=1e-5, rtol=1e-5)
@@ -149,8 +150,8 @@ def test_window_attention_nan_to_num(backend, device):
     u = torch.randn(1, 4, 16, device=device)
     u[0, 1, 3] = float("inf")
     h = torch.randn(1, 16, 4, 4, device=device)
-    s, p = wa_ops.window_attention(u, h)
-    s2, p2 = wa_ref.window_attention(u, h)
+    s, p = ops_window_attention(u, h)
+    s2, p2 = ref_window_attention(u, h)
     assert torch.isfinite(p).all() and torch.isfinite(s).all()
     rows = [0, 2, 3]
     torch.testing.assert_close(p[:, rows], p2[:, rows])
@@ -162,12 +163,12 @@ def test_window_attention_opcheck_and_compile(device):
     h = torch.randn(2, 16, 4, 4, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.vlmkern.window_attention.default, (u, h, 1e-5))
     torch._dynamo.reset()
-    f = torch.compile(lambda u, h: wa_ops.window_attention(u, h)[0].square().sum(), fullgraph=True,
+    f = torch.compile(lambda u, h: ops_window_attention(u, h)[0].square().sum(), fullgraph=True,
                       backend="aot_eager")
     f(u, h).backward()
     gu, gh = u.grad.clone(), h.grad.clone()
     u.grad = h.grad = None
-    wa_ref.window_attention(u, h)[0].square().sum().backward()
+    ref_window_attention(u, h)[0].square().sum().backward()
     torch.testing.assert_close(gu, u.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gh, h.grad, atol=1e-5, rtol=1e-5)
 
@@ -263,13 +264,13 @@ def test_bad_input_dtype_and_op_args():
     with pytest.raises(TypeError, match="images_aux dtype"):
         m(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match="images_aux has 12 channels but u has 8"):
-        wa_ops.window_attention(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6))
+        ops_window_attention(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6))
     with pytest.raises(TypeError, match="u must have dtype"):
-        wa_ops.window_attention(torch.zeros(1, 9, 8, dtype=torch.int32), torch.zeros(1, 8, 6, 6))
+        ops_window_attention(torch.zeros(1, 9, 8, dtype=torch.int32), torch.zeros(1, 8, 6, 6))
     q = (torch.ones(8), torch.zeros(8), torch.zeros(8, 8), torch.zeros(8))
     k = (torch.ones(12), torch.zeros(12), torch.zeros(8, 11), torch.zeros(8))
     with pytest.raises(ValueError, match="key_params weight must have shape"):
-        wa_ops.patch_info_mining(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6), q, k, k)
+        ops_patch_info_mining(torch.zeros(1, 9, 8), torch.zeros(1, 12, 6, 6), q, k, k)
 
 
 # ------------------------------------------------------------------------------------ GPU, real shapes

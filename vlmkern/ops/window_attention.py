@@ -30,7 +30,7 @@ from torch import Tensor
 from vlmkern.ops import _dispatch
 from vlmkern.ops._checks import check_same_device, check_tensor
 from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.reference import window_attention as ref
+from vlmkern.reference.window_attention import window_patches
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -124,7 +124,7 @@ def _reference_forward(u, h, eps):
     ct = _ct(h)
     B, N, C = u.shape
     pn, _ = window_grid(N, h.shape)
-    hw = ref.window_patches(h.to(ct), pn)
+    hw = window_patches(h.to(ct), pn)
     mean = hw.mean(-1)
     rstd = torch.rsqrt(hw.var(-1, unbiased=False) + eps)
     hhat = (hw - mean[..., None]) * rstd[..., None]
@@ -138,7 +138,7 @@ def _reference_backward(ds, u, h, mean, rstd, p, logit):
     ct = _ct(h)
     B, N, C = u.shape
     pn, m = window_grid(N, h.shape)
-    hw = ref.window_patches(h.to(ct), pn)
+    hw = window_patches(h.to(ct), pn)
     hhat = (hw - mean[..., None]) * rstd[..., None]
     ds, uc = ds.to(ct), u.to(ct)
     da = (hhat @ ds.unsqueeze(-1)).squeeze(-1)
