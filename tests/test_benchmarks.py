@@ -244,7 +244,7 @@ def test_broken_setup_is_an_error_of_the_subject():
     assert "no inputs" in rows[0].note
 
 
-@pytest.mark.parametrize("op", ["projector", "routed_linear", "packing", "structured_cross_attention"])
+@pytest.mark.parametrize("op", ["projector", "routed_linear", "packing", "structured_cross_attention", "qformer"])
 def test_smoke_run_every_op_cpu(tmp_path, op):
     """Every benchmark module runs end to end on tiny shapes and its implementations agree."""
     from benchmarks import run

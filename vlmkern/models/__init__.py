@@ -1,5 +1,6 @@
 """Full model parts built from ``vlmkern.nn``, loadable from the original checkpoints' layout.
 
+``vlmkern.models.blip2`` / ``instructblip``: drop-in Q-Formers on the masked attention ops; ``lavis``: LAVIS key names.
 ``vlmkern.models.fuyu``: Fuyu's encoder-free image path (resize, patchify, fused patch embedding, image token
 stream, scatter into the text embeddings).
 ``vlmkern.models.llava_next``: AnyRes tiling helpers and the fused project-and-pack (unpadded rows only, newline
@@ -11,8 +12,8 @@ rows written in the same pass).
 ``vlmkern.models.cogagent``: high-resolution cross-attention with cross K/V computed once per image.
 ``vlmkern.models.internlm_xcomposer2_hd``: ``HD_transform`` and the fused 2x2-merge + separators + projector.
 """
-from vlmkern.models import (cogagent, cogvlm, fuyu, internlm_xcomposer2, internlm_xcomposer2_hd, llava_next,
-                            mini_gemini, qwen_vl)
+from vlmkern.models import (blip2, cogagent, cogvlm, fuyu, instructblip, internlm_xcomposer2, internlm_xcomposer2_hd,
+                            lavis, llava_next, mini_gemini, qwen_vl)
 
-__all__ = ["cogagent", "cogvlm", "fuyu", "internlm_xcomposer2", "internlm_xcomposer2_hd", "llava_next", "mini_gemini",
-           "qwen_vl"]
+__all__ = ["blip2", "cogagent", "cogvlm", "fuyu", "instructblip", "internlm_xcomposer2", "internlm_xcomposer2_hd",
+           "lavis", "llava_next", "mini_gemini", "qwen_vl"]

@@ -2,5 +2,8 @@
 from vlmkern.nn.patch_embed import PatchEmbedLinear
 from vlmkern.nn.plora import PLoRA
 from vlmkern.nn.projector import MLPProjector
+from vlmkern.nn.qformer import (QFormerAttention, QFormerEncoder, QFormerLayer, QFormerMultiHeadAttention,
+                                QFormerTextEmbeddings)
 
-__all__ = ["MLPProjector", "PLoRA", "PatchEmbedLinear"]
+__all__ = ["MLPProjector", "PLoRA", "PatchEmbedLinear", "QFormerAttention", "QFormerEncoder", "QFormerLayer",
+           "QFormerMultiHeadAttention", "QFormerTextEmbeddings"]

@@ -1,0 +1,431 @@
+"""vlmkern.models.blip2.Blip2QFormerModel against transformers.Blip2QFormerModel (eager attention).
+
+Oracle: a float64 copy of the transformers model; baseline for the tolerance rule: the transformers model in
+the tested dtype. Weights are random (every parameter, biases and LayerNorms included), text is padded.
+"""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import Blip2QFormerConfig  # noqa: E402
+from transformers import Blip2QFormerModel as HFBlip2QFormerModel  # noqa: E402
+
+from vlmkern.models import lavis  # noqa: E402
+from vlmkern.models.blip2 import Blip2QFormerModel  # noqa: E402
+from vlmkern.testing import assert_close  # noqa: E402
+
+TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            encoder_hidden_size=48, max_position_embeddings=32, vocab_size=100)
+NQ, T, LK = 8, 5, 17
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def make_config(text: bool = True, **kw) -> Blip2QFormerConfig:
+    cfg = Blip2QFormerConfig(**{**TINY, **kw}, use_qformer_text_input=text)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.05, weights: bool = True) -> torch.nn.Module:
+    """Random values for every parameter (LayerNorm weights around 1), so no bias or norm is trivial."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not weights and p.dim() > 1:       # keep transformers' random N(0, 0.02) init of the matrices
+                continue
+            noise = torch.randn_like(p) * std
+            p.copy_(1.0 + 2 * noise if "LayerNorm.weight" in name or "layernorm.weight" in name else noise)
+    return model
+
+
+def hf_model(config) -> HFBlip2QFormerModel:
+    return randomize_(HFBlip2QFormerModel(config).eval())
+
+
+def text_mask(batch: int, nq: int, t: int) -> torch.Tensor:
+    """``(B, nq + t)``: ones for the queries, text padded differently per row (row 0 unpadded)."""
+    m = torch.ones(batch, nq + t, dtype=torch.long)
+    for b in range(1, batch):
+        m[b, nq + max(1, t - 2 * b):] = 0
+    return m
+
+
+def itm_inputs(batch=3, nq=NQ, t=T, lk=LK, hidden=64, enc=48, image_pad=False) -> dict:
+    """ITM-style call: [queries ; text embeddings] with padding, image tokens (fp64 leaves)."""
+    inputs = dict(query_embeds=torch.randn(batch, nq + t, hidden, dtype=torch.float64), query_length=nq,
+                  attention_mask=text_mask(batch, nq, t),
+                  encoder_hidden_states=torch.randn(batch, lk, enc, dtype=torch.float64))
+    if image_pad:
+        m = torch.ones(batch, lk, dtype=torch.long)
+        m[-1, lk // 2:] = 0
+        inputs["encoder_attention_mask"] = m
+    return inputs
+
+
+def _cast(inputs: dict, dtype, no_grad=()) -> dict:
+    out = {}
+    for k, v in inputs.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            v = v.detach().to(dtype).requires_grad_(k not in no_grad)
+        out[k] = v
+    return out
+
+
+def check_parity(hf: torch.nn.Module, ours_cls, inputs: dict, dtype: torch.dtype, *, grads: bool = True,
+                 no_grad=()):
+    """Outputs and the gradients of every parameter and float input (but ``no_grad``) of ``ours_cls`` vs ``hf``."""
+    ref = copy.deepcopy(hf).to(torch.float64)
+    base = copy.deepcopy(hf).to(dtype)
+    ours = ours_cls.from_transformers(base)
+    assert not ours.training
+    runs = {}
+    for name, model, dt in (("ours", ours, dtype), ("base", base, dtype), ("ref", ref, torch.float64)):
+        x = _cast(inputs, dt, no_grad)
+        out = model(**x)
+        runs[name] = (model, x, out)
+    for field in ("last_hidden_state", "pooler_output"):
+        a, b, r = (getattr(runs[n][2], field) for n in ("ours", "base", "ref"))
+        assert a.dtype == b.dtype and a.shape == r.shape
+        assert_close(a, b, r, name=field)
+    if not grads:
+        return ours
+    g = torch.randn_like(runs["ref"][2].last_hidden_state)
+    for name in runs:
+        runs[name][2].last_hidden_state.backward(g.to(runs[name][2].last_hidden_state.dtype))
+    params = {n: dict(runs[n][0].named_parameters()) for n in runs}
+    assert params["ours"].keys() == params["ref"].keys()
+    for pname, p in params["ours"].items():
+        rg = params["ref"][pname].grad
+        if rg is None:
+            assert p.grad is None or not p.grad.any(), pname
+            continue
+        assert p.grad is not None, f"no gradient for {pname}"
+        assert_close(p.grad, params["base"][pname].grad, rg, kind="grad", dtype=dtype, name=f"d {pname}")
+    for iname, v in runs["ours"][1].items():
+        if torch.is_tensor(v) and v.requires_grad:
+            assert_close(v.grad, runs["base"][1][iname].grad, runs["ref"][1][iname].grad, kind="grad",
+                         dtype=dtype, name=f"d {iname}")
+    return ours
+
+
+# ---------------------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("text", [True, False])
+def test_state_dict_keys_and_strict_load(text):
+    hf = HFBlip2QFormerModel(make_config(text))
+    ours = Blip2QFormerModel(make_config(text))
+    assert list(ours.state_dict()) == list(hf.state_dict())
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    assert ours.encoder.layer[0].has_cross_attention and not ours.encoder.layer[1].has_cross_attention
+
+
+def test_default_init_matches_transformers_statistics():
+    cfg = make_config()
+    ours, hf = Blip2QFormerModel(cfg), HFBlip2QFormerModel(cfg)
+    o, h = ours.state_dict(), hf.state_dict()
+    for k in o:
+        if k.endswith("bias") or "LayerNorm" in k or "layernorm" in k:
+            assert torch.equal(o[k], h[k]), k
+        else:
+            assert abs(o[k].std().item() - h[k].std().item()) < 0.25 * cfg.initializer_range, k
+
+
+# ------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_parity_itm_text_padding(dtype):
+    check_parity(hf_model(make_config()), Blip2QFormerModel, itm_inputs(), dtype)
+
+
+def test_parity_image_padding_and_broadcast_image():
+    # transformers 5.x builds the cross-attention mask for all Q+T rows and fails when text is present: compare
+    # image padding on the query-only pass (ours also takes it with text, see test_parity_triton_kernels)
+    x = itm_inputs(t=0, image_pad=True)
+    del x["attention_mask"]
+    check_parity(hf_model(make_config()), Blip2QFormerModel, x, torch.float32)
+    x = itm_inputs()
+    x["encoder_hidden_states"] = x["encoder_hidden_states"][:1]          # one image for every row
+    check_parity(hf_model(make_config()), Blip2QFormerModel, x, torch.float32)
+
+
+def test_parity_query_only_stage2_path():
+    """The LLM-feeding pass: 8 queries, no text, no masks; model without a text FFN."""
+    x = itm_inputs(t=0)
+    del x["attention_mask"], x["query_length"]
+    check_parity(hf_model(make_config(text=False)), Blip2QFormerModel, x, torch.float32)
+
+
+def test_parity_text_only_pass():
+    """ITC text pass: query_length=0, no image, padded text; cross-attention is skipped."""
+    x = dict(query_embeds=torch.randn(3, 7, 64, dtype=torch.float64), query_length=0,
+             attention_mask=text_mask(3, 0, 7))
+    check_parity(hf_model(make_config()), Blip2QFormerModel, x, torch.float32)
+
+
+@TRITON
+@pytest.mark.parametrize("dtype,case", [(torch.float32, "itm"), (torch.float16, "itm"),
+                                        (torch.float32, "image_pad")])
+def test_parity_triton_kernels(backend, dtype, case):
+    """VLMKERN_BACKEND=triton: the attention and linear_gelu kernels (interpreter on the CPU); 2 heads of 32."""
+    x = itm_inputs()
+    if case == "image_pad":
+        x = itm_inputs(t=0, image_pad=True)
+        del x["attention_mask"]
+    check_parity(hf_model(make_config()), Blip2QFormerModel, x, dtype)
+
+
+@TRITON
+def test_triton_broadcast_image_and_mask(backend):
+    """One image and one image mask (batch 1) for every row: stride-0 K/V and key padding in the kernel."""
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    x = _cast(itm_inputs(t=0), torch.float32)
+    del x["attention_mask"]
+    one, mask = x["encoder_hidden_states"][:1], torch.tensor([[1] * (LK - 4) + [0] * 4])
+    got = ours(**{**x, "encoder_hidden_states": one, "encoder_attention_mask": mask}).last_hidden_state
+    want = hf(**{**x, "encoder_hidden_states": one.expand(3, -1, -1),
+                 "encoder_attention_mask": mask.expand(3, -1)}).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_parity_full_size_reference_fp32():
+    """BLIP-2's real config (768 hidden, 12 layers, 1408-wide image tokens, 257 of them), B=2, text padded."""
+    cfg = Blip2QFormerConfig(use_qformer_text_input=True)
+    cfg._attn_implementation = "eager"
+    hf = randomize_(HFBlip2QFormerModel(cfg).eval(), std=0.02, weights=False)
+    x = itm_inputs(batch=2, nq=32, t=8, lk=257, hidden=768, enc=1408)
+    check_parity(hf, Blip2QFormerModel, x, torch.float32, no_grad=("encoder_hidden_states",))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_parity_full_size_cuda(dtype):
+    cfg = Blip2QFormerConfig(use_qformer_text_input=True)
+    cfg._attn_implementation = "eager"
+    hf = randomize_(HFBlip2QFormerModel(cfg).eval(), std=0.02, weights=False).cuda()
+    x = {k: v.cuda() if torch.is_tensor(v) else v
+         for k, v in itm_inputs(batch=4, nq=32, t=32, lk=257, hidden=768, enc=1408).items()}
+    check_parity(hf, Blip2QFormerModel, x, dtype)
+
+
+@pytest.mark.cuda
+def test_torch_compile_fullgraph_cuda():
+    """The whole model compiles to one graph (the vlmkern ops are custom ops); forward and backward agree."""
+    ours = Blip2QFormerModel.from_transformers(hf_model(make_config())).cuda()
+    x = {k: v.cuda().float() if torch.is_tensor(v) and v.is_floating_point() else
+         (v.cuda() if torch.is_tensor(v) else v) for k, v in itm_inputs().items()}
+    eager = ours(**x).last_hidden_state
+    compiled = torch.compile(lambda **kw: ours(**kw).last_hidden_state, fullgraph=True)
+    out = compiled(**x)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    ge = torch.autograd.grad(eager.sum(), list(ours.parameters()))
+    gc = torch.autograd.grad(out.sum(), list(ours.parameters()))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ outputs, modes
+def test_return_dict_false_hidden_states_and_attentions():
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    x = _cast(itm_inputs(), torch.float32)
+    a = hf(**x, return_dict=False)
+    b = ours(**x, return_dict=False)
+    assert isinstance(b, tuple) and len(b) == len(a) == 2
+    for u, v in zip(a, b):
+        torch.testing.assert_close(v, u)
+    a = hf(**x, output_hidden_states=True, output_attentions=True)
+    b = ours(**x, output_hidden_states=True, output_attentions=True)
+    assert len(b.hidden_states) == len(a.hidden_states) == 3
+    for u, v in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(v, u)
+    assert len(b.cross_attentions) == len(a.cross_attentions) == 1
+    torch.testing.assert_close(b.cross_attentions[0], a.cross_attentions[0])
+    selfs = lambda atts: [t for t in atts if t.shape[-1] == t.shape[-2]]  # noqa: E731
+    for u, v in zip(selfs(a.attentions), selfs(b.attentions), strict=True):
+        torch.testing.assert_close(v, u)
+
+
+def test_dense_4d_mask_takes_eager_path_and_agrees():
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    x = _cast(itm_inputs(), torch.float32)
+    m2 = x["attention_mask"]
+    m4 = torch.where(m2.bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :].expand(-1, 1, NQ + T, -1)
+    out2 = ours(**x).last_hidden_state
+    out4 = ours(**{**x, "attention_mask": m4}).last_hidden_state
+    out3 = ours(**{**x, "attention_mask": m2[:, None, :].expand(-1, NQ + T, -1)}).last_hidden_state
+    torch.testing.assert_close(out4, out2)
+    torch.testing.assert_close(out3, out2)
+    torch.testing.assert_close(hf(**{**x, "attention_mask": m4}).last_hidden_state, out4)
+
+
+def test_train_mode_uses_the_same_dropouts():
+    """Training with dropout: same modules in the same order, so one seed gives transformers' result."""
+    cfg = make_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
+    hf = hf_model(cfg).train()
+    ours = Blip2QFormerModel.from_transformers(hf)
+    assert ours.training
+    x = _cast(itm_inputs(), torch.float32)
+    torch.manual_seed(123)
+    a = hf(**x).last_hidden_state
+    torch.manual_seed(123)
+    b = ours(**x).last_hidden_state
+    torch.testing.assert_close(b, a)
+    assert not torch.allclose(b, ours.eval()(**x).last_hidden_state)
+    # without attention-probability dropout the kernels run in training mode as well
+    cfg0 = make_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0)
+    hf0 = hf_model(cfg0).train()
+    ours0 = Blip2QFormerModel.from_transformers(hf0)
+    torch.manual_seed(7)
+    a = hf0(**x).last_hidden_state
+    torch.manual_seed(7)
+    b = ours0(**x).last_hidden_state
+    torch.testing.assert_close(b, a)
+    b.sum().backward()
+
+
+def test_gradient_checkpointing_matches():
+    hf = hf_model(make_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    ours = Blip2QFormerModel.from_transformers(hf).train()
+    x = _cast(itm_inputs(), torch.float32)
+    out = ours(**x).last_hidden_state
+    g1 = torch.autograd.grad(out.sum(), list(ours.parameters()))
+    ours.gradient_checkpointing_enable()
+    out_ck = ours(**x).last_hidden_state
+    g2 = torch.autograd.grad(out_ck.sum(), list(ours.parameters()))
+    torch.testing.assert_close(out_ck, out)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_encoder_batch_index_computes_each_image_once(monkeypatch):
+    """ITM batch [pos, (text, neg image), (neg text, image)]: 2 distinct images for 3 rows (SPEC §1.2)."""
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    x = _cast(itm_inputs(), torch.float32)
+    images = x["encoder_hidden_states"][:2].detach().requires_grad_()
+    index = torch.tensor([0, 1, 0])
+    expected = hf(**{**x, "encoder_hidden_states": images[index]})
+    got = ours(**{**x, "encoder_hidden_states": images}, encoder_batch_index=index)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state)
+    g = torch.randn_like(got.last_hidden_state)
+    torch.testing.assert_close(torch.autograd.grad(got.last_hidden_state, images, g)[0],
+                               torch.autograd.grad(expected.last_hidden_state, images, g)[0])
+    # image padding per distinct image (transformers cannot take an image mask with text: compare with ours)
+    img_mask = torch.tensor([[1] * LK, [1] * (LK - 3) + [0] * 3])
+    got = ours(**{**x, "encoder_hidden_states": images, "encoder_attention_mask": img_mask},
+               encoder_batch_index=index)
+    expected = ours(**{**x, "encoder_hidden_states": images[index], "encoder_attention_mask": img_mask[index]})
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state)
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def spy(inp, w, b=None):
+        if w.shape[1] == 48:                      # the image-side (encoder width 48) projections
+            calls.append(inp.shape[0])
+        return linear(inp, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    ours(**{**x, "encoder_hidden_states": images}, encoder_batch_index=index)
+    assert calls == [2, 2]       # K and V GEMMs of layer 0 over the 2 distinct images only
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_input():
+    ours = Blip2QFormerModel(make_config(text=False))
+    x = _cast(itm_inputs(), torch.float32)
+    q = x["query_embeds"][:, :NQ]
+    e = x["encoder_hidden_states"]
+    with pytest.raises(ValueError, match="attention_mask"):
+        ours(q, attention_mask=torch.ones(3, NQ + 1), encoder_hidden_states=e)
+    with pytest.raises(ValueError, match="encoder_hidden_states must be given"):
+        ours(q)
+    with pytest.raises(ValueError, match="encoder_hidden_size"):
+        ours(q, encoder_hidden_states=torch.randn(3, LK, 47))
+    with pytest.raises(ValueError, match="batch"):
+        ours(q, encoder_hidden_states=e[:2])
+    with pytest.raises(ValueError, match="text FFN"):
+        ours(x["query_embeds"], query_length=NQ, encoder_hidden_states=e)
+    with pytest.raises(ValueError, match="hidden_size"):
+        ours(torch.randn(3, NQ, 63), encoder_hidden_states=e)
+    with pytest.raises(TypeError, match="query_embeds"):
+        ours(torch.ones(3, NQ, 64, dtype=torch.long), encoder_hidden_states=e)
+    with pytest.raises(ValueError, match="encoder_batch_index"):
+        ours(q, encoder_hidden_states=e[:2], encoder_batch_index=torch.tensor([0, 1]))
+    with pytest.raises(NotImplementedError, match="head_mask"):
+        ours(q, encoder_hidden_states=e, head_mask=torch.ones(2, 2))
+
+
+# --------------------------------------------------------------------------------------------- LAVIS
+def _lavis_checkpoint(hf: torch.nn.Module) -> dict:
+    """A LAVIS ``Blip2Qformer``-named state dict made by inverting the name mapping, plus non-Q-Former keys."""
+    sd = lavis.qformer_state_dict_to_lavis(hf.state_dict(), "blip2")
+    assert "Qformer.bert.embeddings.LayerNorm.weight" in sd
+    assert "Qformer.bert.encoder.layer.0.attention.self.query.weight" in sd
+    assert "Qformer.bert.encoder.layer.0.crossattention.self.key.weight" in sd
+    assert "Qformer.bert.encoder.layer.0.attention.output.LayerNorm.bias" in sd
+    assert not any(".attention.attention." in k for k in sd)
+    sd.update({"query_tokens": torch.zeros(1, NQ, 64), "ln_vision.weight": torch.ones(48),
+               "Qformer.bert.embeddings.word_embeddings.weight": torch.zeros(100, 64),
+               "Qformer.bert.embeddings.position_embeddings.weight": torch.zeros(32, 64),
+               "Qformer.bert.embeddings.position_ids": torch.arange(32)[None],
+               "Qformer.cls.predictions.bias": torch.zeros(100), "temp": torch.tensor(0.07)})
+    return sd
+
+
+def test_lavis_loader_round_trip():
+    hf = hf_model(make_config())
+    sd = _lavis_checkpoint(hf)
+    ours = Blip2QFormerModel(make_config()).eval()
+    result = lavis.load_lavis_qformer(ours, sd)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert set(result.rest) == {"query_tokens", "ln_vision.weight", "Qformer.bert.embeddings.word_embeddings.weight",
+                                "Qformer.bert.embeddings.position_embeddings.weight",
+                                "Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.bias", "temp"}
+    for k, v in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    x = _cast(itm_inputs(), torch.float32)
+    torch.testing.assert_close(ours(**x).last_hidden_state, hf(**x).last_hidden_state)
+    # the transformers class takes the same names
+    hf2 = HFBlip2QFormerModel(make_config()).eval()
+    lavis.load_lavis_qformer(hf2, sd)
+    torch.testing.assert_close(hf2(**x).last_hidden_state, hf(**x).last_hidden_state)
+
+
+def test_lavis_loader_strict_errors():
+    sd = _lavis_checkpoint(hf_model(make_config()))           # stage-1: has the text FFN
+    with pytest.raises(KeyError, match="unexpected"):
+        lavis.load_lavis_qformer(Blip2QFormerModel(make_config(text=False)), sd)
+    res = lavis.load_lavis_qformer(Blip2QFormerModel(make_config(text=False)), sd, strict=False)
+    assert res.unexpected_keys and all(".intermediate." in k or ".output." in k for k in res.unexpected_keys)
+    del sd["Qformer.bert.encoder.layer.1.output_query.dense.bias"]
+    with pytest.raises(KeyError, match="missing"):
+        lavis.load_lavis_qformer(Blip2QFormerModel(make_config()), sd)
+
+
+def test_lavis_whole_checkpoint_names():
+    f = lavis.lavis_key_to_hf
+    assert f("Qformer.bert.encoder.layer.4.crossattention.self.value.bias", "blip2") == \
+        "qformer.encoder.layer.4.crossattention.attention.value.bias"
+    assert f("Qformer.bert.embeddings.LayerNorm.weight", "blip2") == "qformer.layernorm.weight"
+    assert f("Qformer.bert.embeddings.LayerNorm.weight", "instructblip") == "qformer.embeddings.layernorm.weight"
+    assert f("Qformer.bert.embeddings.word_embeddings.weight", "blip2") == "embeddings.word_embeddings.weight"
+    assert f("Qformer.bert.embeddings.word_embeddings.weight", "instructblip") == \
+        "qformer.embeddings.word_embeddings.weight"
+    assert f("Qformer.bert.embeddings.position_ids", "blip2") is None
+    assert f("Qformer.cls.predictions.decoder.weight", "blip2") is None
+    assert f("ln_vision.bias", "blip2") == "vision_model.post_layernorm.bias"
+    assert f("opt_proj.weight", "blip2") == "language_projection.weight"
+    assert f("t5_proj.bias", "blip2") == "language_projection.bias"
+    assert f("llm_proj.weight", "instructblip") == "language_projection.weight"
+    assert f("vision_proj.weight", "blip2") == "vision_projection.weight"
+    assert f("text_proj.weight", "blip2") == "text_projection.weight"
+    assert f("query_tokens", "blip2") == "query_tokens"
+    assert f("Qformer.bert.encoder.layer.0.output_query.LayerNorm.weight", "blip2") == \
+        "qformer.encoder.layer.0.output_query.LayerNorm.weight"
+    with pytest.raises(ValueError, match="variant"):
+        f("query_tokens", "blip3")

@@ -1,0 +1,203 @@
+"""BLIP-2 Q-Former (SPEC §1) on vlmkern kernels: drop-in for ``transformers.Blip2QFormerModel``.
+
+Same config class (``transformers.Blip2QFormerConfig``, read by attribute: any object with its fields works),
+same state-dict keys (``ours.load_state_dict(hf.state_dict(), strict=True)``), same forward arguments and
+outputs (``BaseModelOutputWithPoolingAndCrossAttentions`` with ``last_hidden_state`` and ``pooler_output``;
+a tuple with ``return_dict=False``). LAVIS checkpoints load through :mod:`vlmkern.models.lavis`.
+
+The model runs in the dtype of its parameters (transformers v5 keeps the Q-Former in fp32 inside BLIP-2 and
+casts ``query_embeds`` and ``encoder_hidden_states`` to it, as here); the output stays in that dtype.
+
+Differences from transformers, all documented where they occur:
+
+* ``encoder_batch_index`` (vlmkern extension): ``encoder_hidden_states`` may hold each distinct image once
+  ``(N, Lk, E)`` and ``encoder_batch_index (B,)`` say which one each batch row uses (the ITM batch
+  ``[pos, neg image, neg text]`` of SPEC §1.2 repeats every positive image), so the cross-attention K/V
+  projection runs once per image. ``encoder_attention_mask`` is then per distinct image ``(N, Lk)``.
+* ``output_attentions=True``, 3-D/4-D masks and attention-probability dropout in training mode run the
+  original's dense attention (:func:`vlmkern.nn.qformer.eager_attention`) instead of the kernels.
+* A batch row whose attention mask is all zeros returns zeros on the kernel path (transformers averages the
+  values). ``output_hidden_states`` takes a bool (not transformers' index selection). ``head_mask`` and
+  ``past_key_values`` are not supported (transformers v5 dropped them as well).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
+from vlmkern.ops._checks import check_tensor
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass
+class QFormerModelOutput:
+    """Stand-in for transformers' ``BaseModelOutputWithPoolingAndCrossAttentions`` when transformers is absent:
+    attribute, key and index access; ``to_tuple()`` drops the ``None`` fields."""
+
+    last_hidden_state: Optional[Tensor] = None
+    pooler_output: Optional[Tensor] = None
+    hidden_states: Optional[tuple] = None
+    past_key_values: Any = None
+    attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, key):
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+
+def _output_class():
+    try:
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+        return BaseModelOutputWithPoolingAndCrossAttentions
+    except Exception:  # transformers is an optional dependency
+        return QFormerModelOutput
+
+
+_UNSUPPORTED = ("head_mask", "past_key_values")
+
+
+def _config_flag(config, name: str, value, default):
+    return value if value is not None else getattr(config, name, default)
+
+
+class QFormerModelBase(nn.Module):
+    """What both Q-Former models share: the encoder run, masks, outputs and ``from_transformers``."""
+
+    encoder: QFormerEncoder
+
+    @classmethod
+    def from_transformers(cls, hf_model: nn.Module) -> "QFormerModelBase":
+        """The vlmkern twin of a transformers Q-Former: same config, weights (copied), dtype, device and mode.
+
+        Built on the meta device and filled from ``hf_model`` (no random initialisation of ~100M parameters).
+        """
+        p = next(hf_model.parameters())
+        with torch.device("meta"):
+            model = cls(hf_model.config)
+        model = model.to_empty(device=p.device).to(p.dtype)
+        model.reset_buffers()
+        model.load_state_dict(hf_model.state_dict(), strict=True)
+        return model.train(hf_model.training)
+
+    def reset_buffers(self) -> None:
+        """Recompute the non-persistent buffers (after ``to_empty``)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_buffers"):
+                m.reset_buffers()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.encoder.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.encoder.gradient_checkpointing = False
+
+    def _run(self, embedding_output: Tensor, query_length: int, attention_mask, encoder_hidden_states,
+             encoder_attention_mask, encoder_batch_index, output_attentions, output_hidden_states, return_dict,
+             kwargs: dict):
+        for name in _UNSUPPORTED:
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(f"{type(self).__name__} does not support {name}")
+        config = self.config
+        output_attentions = bool(_config_flag(config, "output_attentions", output_attentions, False))
+        output_hidden_states = bool(_config_flag(config, "output_hidden_states", output_hidden_states, False))
+        return_dict = _config_flag(config, "return_dict", return_dict, True)
+
+        B, L, _ = embedding_output.shape
+        device = embedding_output.device
+        self_mask = AttentionMask.from_hf(attention_mask, "attention_mask", B, L, L, device)
+        query_length = min(query_length, L)
+        cross_mask = AttentionMask()
+        if encoder_hidden_states is not None:
+            check_tensor(encoder_hidden_states, "encoder_hidden_states", ndim=3, dtypes=_FLOATS,
+                         shape_doc="(batch, image_tokens, encoder_hidden_size)")
+            N, Lk, E = encoder_hidden_states.shape
+            if E != config.encoder_hidden_size:
+                raise ValueError(f"encoder_hidden_states must have {config.encoder_hidden_size} features "
+                                 f"(config.encoder_hidden_size), got {E}")
+            if encoder_batch_index is not None:
+                check_tensor(encoder_batch_index, "encoder_batch_index", ndim=1, dtypes=_INDEX_DTYPES,
+                             shape_doc="(batch,) of rows of encoder_hidden_states")
+                if encoder_batch_index.shape[0] != B:
+                    raise ValueError(f"encoder_batch_index must have one entry per batch row ({B}), got "
+                                     f"{encoder_batch_index.shape[0]}")
+                encoder_batch_index = encoder_batch_index.to(device)
+            elif N not in (B, 1):
+                raise ValueError(f"encoder_hidden_states has batch {N} but the queries have batch {B} (give "
+                                 f"encoder_batch_index to map rows to distinct images)")
+            encoder_hidden_states = encoder_hidden_states.to(device=device, dtype=embedding_output.dtype)
+            cross_mask = AttentionMask.from_hf(encoder_attention_mask, "encoder_attention_mask", N, query_length,
+                                               Lk, device)
+        elif encoder_batch_index is not None:
+            raise ValueError("encoder_batch_index was given without encoder_hidden_states")
+
+        enc = self.encoder(embedding_output, self_mask, encoder_hidden_states, cross_mask, query_length,
+                           encoder_batch_index, output_attentions, output_hidden_states)
+        seq = enc.last_hidden_state
+        out = _output_class()(last_hidden_state=seq, pooler_output=seq[:, 0, :], hidden_states=enc.hidden_states,
+                              attentions=enc.attentions, cross_attentions=enc.cross_attentions)
+        return out if return_dict else out.to_tuple()
+
+
+class Blip2QFormerModel(QFormerModelBase):
+    """Drop-in for ``transformers.Blip2QFormerModel(config)``: ``layernorm`` + ``dropout`` on ``query_embeds``
+    (the caller embeds any text and concatenates it after the queries), then the encoder.
+
+    The text FFN (``intermediate``/``output``) exists only with ``config.use_qformer_text_input``, as in
+    transformers; text rows without it raise a ``ValueError``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = QFormerEncoder(config, text_ffn=bool(getattr(config, "use_qformer_text_input", False)))
+        init_qformer_weights(self, config.initializer_range)
+
+    def get_input_embeddings(self):
+        return None  # as transformers: the Q-Former owns no input embeddings
+
+    def forward(self, query_embeds: Tensor, query_length: Optional[int] = None,
+                attention_mask: Optional[Tensor] = None, encoder_hidden_states: Optional[Tensor] = None,
+                encoder_attention_mask: Optional[Tensor] = None, *, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                encoder_batch_index: Optional[Tensor] = None, **kwargs):
+        """Q-Former over ``query_embeds``.
+
+        Args:
+            query_embeds: ``(B, L, D)``; the first ``query_length`` rows are the learned queries (they
+                cross-attend the image and use the query FFN), the rest text (ITM: ``L = 32 + T``).
+            query_length: default ``L``; 0 for a text-only pass (no cross-attention).
+            attention_mask: ``(B, L)``, 1 = attend, 0 = padding (keys only: padded rows are computed).
+            encoder_hidden_states: image tokens ``(B, Lk, encoder_hidden_size)`` (or ``(1, ...)``, or ``(N, ...)``
+                with ``encoder_batch_index``); cast to the model's dtype.
+            encoder_attention_mask: ``(B, Lk)`` (``(N, Lk)`` with ``encoder_batch_index``), 1 = real token.
+            encoder_batch_index: vlmkern extension, ``(B,)`` row of ``encoder_hidden_states`` for each batch row.
+
+        Returns:
+            ``BaseModelOutputWithPoolingAndCrossAttentions``: ``last_hidden_state (B, L, D)``, ``pooler_output
+            = last_hidden_state[:, 0]``, optional ``hidden_states``/``attentions``/``cross_attentions``.
+        """
+        check_tensor(query_embeds, "query_embeds", ndim=3, dtypes=_FLOATS, shape_doc="(batch, length, hidden)")
+        if query_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"query_embeds must have hidden_size={self.config.hidden_size} features, got "
+                             f"{query_embeds.shape[-1]}")
+        if query_length is None:
+            query_length = query_embeds.shape[1]
+        query_embeds = query_embeds.to(self.layernorm.weight.dtype)
+        embedding_output = self.dropout(self.layernorm(query_embeds))
+        return self._run(embedding_output, query_length, attention_mask, encoder_hidden_states,
+                         encoder_attention_mask, encoder_batch_index, output_attentions, output_hidden_states,
+                         return_dict, kwargs)
+
+
+__all__ = ["Blip2QFormerModel", "QFormerModelBase", "QFormerModelOutput"]

@@ -1,0 +1,407 @@
+"""Q-Former layers (BLIP-2 / InstructBLIP, SPEC §1.1) on vlmkern ops, with transformers' module tree.
+
+Module and parameter names are those of ``transformers``' ``Blip2QFormer*`` / ``InstructBlipQFormer*`` classes
+(``attention.attention.{query,key,value}``, ``attention.output.{dense,LayerNorm}``, ``crossattention.*``,
+``intermediate[_query].dense``, ``output[_query].{dense,LayerNorm}``), so a transformers state dict loads with
+``strict=True``. What runs:
+
+* self-attention: Q, K, V projections (their ``(B, L, H, d)`` outputs go to the kernel as strided views, no
+  transpose copy), then ``vlmkern::qformer_attention`` over ``[queries ; text]`` in mode ``"bidirectional"``
+  with the attention mask as key padding: no ``(B, 1, L, L)`` mask tensor;
+* cross-attention (query rows of layers ``i % cross_attention_frequency == 0``): K/V projections of the image
+  tokens, then ``vlmkern::cross_attention`` with ``encoder_attention_mask`` as key padding; each distinct
+  image's K/V can be computed once (``encoder_batch_index``);
+* FFN: ``vlmkern::linear_gelu`` (bias + exact GELU in the GEMM epilogue) for ``intermediate*``; queries use
+  ``intermediate_query``/``output_query``, text rows ``intermediate``/``output``;
+* post-LN residual blocks and dropouts: the same ``nn.LayerNorm`` / ``nn.Dropout`` modules as the original.
+
+The original's attention (``eager_attention``: dense additive mask, softmax, probability dropout) runs instead
+when the kernels cannot reproduce the call: attention weights requested, a 3-D/4-D attention mask, or
+attention-probability dropout in training mode (``attention_probs_dropout_prob > 0``; BLIP-2's default is 0.1,
+so set it to 0 to train on the kernels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmkern import ops
+from vlmkern.ops._checks import check_tensor
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------- masks
+@dataclass(frozen=True)
+class AttentionMask:
+    """What one attention may see.
+
+    ``key_padding``: ``(B, Lk)`` bool, True = real key (what the kernels take). ``dense``: a mask the kernels
+    cannot take, broadcastable to ``(B, H, Lq, Lk)``: bool (True = attend) or float (additive).
+    """
+
+    key_padding: Optional[Tensor] = None
+    dense: Optional[Tensor] = None
+
+    @staticmethod
+    def from_hf(mask: Optional[Tensor], name: str, batch: int, q_len: int, k_len: int,
+                device: torch.device) -> "AttentionMask":
+        """Normalise a transformers-style mask argument.
+
+        2-D ``(B, Lk)`` (or ``(1, Lk)``): 1 / nonzero = attend, 0 = padding (what the models pass).
+        3-D ``(B, Lq, Lk)``: nonzero = attend (transformers v4 ``get_extended_attention_mask``).
+        4-D ``(B, 1 or H, Lq, Lk)``: used as given, bool = attend or float additive (transformers v5 passes a
+        prepared 4-D mask through unchanged).
+        """
+        if mask is None:
+            return AttentionMask()
+        check_tensor(mask, name, dtypes=_MASK_DTYPES)
+        mask = mask.to(device)
+        if mask.dim() == 2:
+            if mask.shape[1] != k_len or mask.shape[0] not in (batch, 1):
+                raise ValueError(f"{name} must have shape (batch, {k_len}) = ({batch}, {k_len}) (1 = attend, "
+                                 f"0 = padding), got {tuple(mask.shape)}")
+            keep = mask if mask.dtype == torch.bool else mask != 0
+            return AttentionMask(key_padding=keep.expand(batch, k_len))
+        if mask.dim() == 3:
+            mask = (mask if mask.dtype == torch.bool else mask != 0)[:, None]
+        elif mask.dim() != 4:
+            raise ValueError(f"{name} must be 2-D (batch, {k_len}), 3-D (batch, {q_len}, {k_len}) or 4-D "
+                             f"(batch, 1, {q_len}, {k_len}), got shape {tuple(mask.shape)}")
+        if mask.shape[-2:] != (q_len, k_len) or mask.shape[0] not in (batch, 1):
+            raise ValueError(f"{name} must end in ({q_len}, {k_len}) with batch {batch} or 1, got shape "
+                             f"{tuple(mask.shape)}")
+        return AttentionMask(dense=mask)
+
+    def expand_batch(self, batch: int) -> "AttentionMask":
+        kp = self.key_padding
+        return AttentionMask(None if kp is None else kp.expand(batch, kp.shape[1]), self.dense)
+
+    def gather(self, index: Tensor) -> "AttentionMask":
+        """Rows ``index`` of a mask given per distinct image (``encoder_batch_index``)."""
+        kp, dense = self.key_padding, self.dense
+        return AttentionMask(None if kp is None else kp.index_select(0, index),
+                             None if dense is None or dense.shape[0] == 1 else dense.index_select(0, index))
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale: float,
+                    dropout_p: float = 0.0, training: bool = False) -> tuple[Tensor, Tensor]:
+    """The originals' attention (transformers' ``eager_attention_forward``): ``softmax(q kᵀ·scale + M)``,
+    probability dropout, ``@ v``. ``q (B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)`` -> ``(out, probs)``.
+
+    Only for what the kernels do not do (attention weights, dense masks, probability dropout); masked keys get
+    ``finfo.min`` as in transformers, so a row whose keys are all masked averages every value like the original.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    low = torch.finfo(scores.dtype).min
+    if mask.key_padding is not None:
+        scores = scores.masked_fill(~mask.key_padding[:, None, None, :], low)
+    if mask.dense is not None:
+        dense = mask.dense
+        scores = scores.masked_fill(~dense, low) if dense.dtype == torch.bool else scores + dense.to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return torch.matmul(probs, v), probs
+
+
+# ------------------------------------------------------------------------------------------ layers
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """``(B, L, H*d)`` -> strided view ``(B, H, L, d)`` (no copy: the kernels take any strides).
+
+    Q, K and V stay three GEMMs: concatenating the weights on every call to make one GEMM cost as much as it
+    saved on the CPU, and the GPU GEMMs are large enough either way."""
+    B, L, _ = x.shape
+    return x.view(B, L, heads, -1).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+class QFormerMultiHeadAttention(nn.Module):
+    """``Blip2QFormerMultiHeadAttention``: ``query``/``key``/``value`` Linears (``key``/``value`` take
+    ``encoder_hidden_size`` features for cross-attention)."""
+
+    def __init__(self, config, is_cross_attention: bool = False):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads != 0:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                             f"{config.num_attention_heads}")
+        self.config = config
+        self.is_cross_attention = is_cross_attention
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.scaling = self.attention_head_size ** -0.5
+        self.attention_dropout = config.attention_probs_dropout_prob
+        kv_in = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(kv_in, self.all_head_size)
+        self.value = nn.Linear(kv_in, self.all_head_size)
+
+    def _uses_eager(self, mask: AttentionMask, need_weights: bool) -> bool:
+        return need_weights or mask.dense is not None or (self.training and self.attention_dropout > 0)
+
+    def _attend(self, q, k, v, mask: AttentionMask, need_weights: bool, kernel) -> tuple[Tensor, Optional[Tensor]]:
+        if self._uses_eager(mask, need_weights):
+            out, probs = eager_attention(q, k, v, mask, self.scaling, self.attention_dropout, self.training)
+            return _merge_heads(out), probs if need_weights else None
+        return _merge_heads(kernel(q, k, v)), None
+
+    def forward(self, hidden_states: Tensor, mask: AttentionMask = AttentionMask(),
+                encoder_hidden_states: Optional[Tensor] = None, encoder_batch_index: Optional[Tensor] = None,
+                need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        """``hidden_states (B, L, D)`` -> ``((B, L, D), probs (B, H, L, Lk) or None)``.
+
+        Cross-attention: ``encoder_hidden_states (N, Lk, E)`` with ``N == B``, ``N == 1`` (broadcast) or, with
+        ``encoder_batch_index (B,)``, ``N`` distinct images of which row ``b`` uses ``encoder_batch_index[b]``;
+        ``mask`` then has ``N`` (or 1) rows as well.
+        """
+        H = self.num_attention_heads
+        q = _split_heads(self.query(hidden_states), H)
+        if encoder_hidden_states is None:
+            k, v = _split_heads(self.key(hidden_states), H), _split_heads(self.value(hidden_states), H)
+            return self._attend(q, k, v, mask, need_weights, lambda q, k, v: ops.qformer_attention(
+                q, k, v, num_query=0, mode="bidirectional", text_mask=mask.key_padding, scale=self.scaling))
+
+        B = hidden_states.shape[0]
+        k, v = self.key(encoder_hidden_states), self.value(encoder_hidden_states)   # once per distinct image
+        if encoder_batch_index is not None:                 # masks are per distinct image too
+            k, v = k.index_select(0, encoder_batch_index), v.index_select(0, encoder_batch_index)
+            mask = mask.gather(encoder_batch_index)
+        elif k.shape[0] != B:                               # one image for every row: stride-0 batch
+            k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
+        mask = mask.expand_batch(B)
+        k, v = _split_heads(k, H), _split_heads(v, H)
+        return self._attend(q, k, v, mask, need_weights, lambda q, k, v: ops.cross_attention(
+            q, k, v, key_padding_mask=mask.key_padding, scale=self.scaling))
+
+
+class QFormerSelfOutput(nn.Module):
+    """``BertSelfOutput``: ``LayerNorm(dropout(dense(h)) + input)`` (post-LN)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class QFormerAttention(nn.Module):
+    """``Blip2QFormerAttention``: ``attention`` (multi-head) + ``output`` (dense, dropout, residual, LayerNorm)."""
+
+    def __init__(self, config, is_cross_attention: bool = False):
+        super().__init__()
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention)
+        self.output = QFormerSelfOutput(config)
+
+    def forward(self, hidden_states: Tensor, mask: AttentionMask = AttentionMask(),
+                encoder_hidden_states: Optional[Tensor] = None, encoder_batch_index: Optional[Tensor] = None,
+                need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        attn, probs = self.attention(hidden_states, mask, encoder_hidden_states, encoder_batch_index, need_weights)
+        return self.output(attn, hidden_states), probs
+
+
+def _activation(name_or_fn):
+    if callable(name_or_fn):
+        return name_or_fn
+    from transformers.activations import ACT2FN  # only for activations other than exact GELU
+    return ACT2FN[name_or_fn]
+
+
+class QFormerIntermediate(nn.Module):
+    """``BertIntermediate``: ``act(dense(h))``; exact GELU (``hidden_act="gelu"``, every released Q-Former) runs
+    as one ``vlmkern::linear_gelu``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fused_gelu = config.hidden_act == "gelu"
+        self.intermediate_act_fn = None if self.fused_gelu else _activation(config.hidden_act)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if self.fused_gelu:
+            return ops.linear_gelu(hidden_states, self.dense.weight, self.dense.bias)
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class QFormerOutput(nn.Module):
+    """``BertOutput``: ``LayerNorm(dropout(dense(h)) + input)``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+@dataclass
+class LayerOutput:
+    hidden_states: Tensor
+    self_attention: Optional[Tensor] = None
+    cross_attention: Optional[Tensor] = None
+
+
+class QFormerLayer(nn.Module):
+    """``Blip2QFormerLayer`` (SPEC §1.1). ``text_ffn``: whether the text FFN (``intermediate``/``output``) exists
+    (BLIP-2: ``config.use_qformer_text_input``; InstructBLIP: always)."""
+
+    def __init__(self, config, layer_idx: int, text_ffn: bool = True):
+        super().__init__()
+        self.chunk_size_feed_forward = getattr(config, "chunk_size_feed_forward", 0)  # chunking: same result
+        self.seq_len_dim = 1
+        self.layer_idx = layer_idx
+        self.attention = QFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(config, is_cross_attention=True)
+        self.has_text_ffn = text_ffn
+        if text_ffn:
+            self.intermediate = QFormerIntermediate(config)
+            self.output = QFormerOutput(config)
+        self.intermediate_query = QFormerIntermediate(config)
+        self.output_query = QFormerOutput(config)
+
+    def _text_ffn(self, x: Tensor) -> Tensor:
+        if not self.has_text_ffn:
+            raise ValueError("this Q-Former has no text FFN (BLIP-2 config.use_qformer_text_input=False) but the "
+                             "input has text rows: pass query_length = the sequence length, or build the model "
+                             "with use_qformer_text_input=True")
+        return self.output(self.intermediate(x), x)
+
+    def _query_ffn(self, x: Tensor) -> Tensor:
+        return self.output_query(self.intermediate_query(x), x)
+
+    def forward(self, hidden_states: Tensor, self_mask: AttentionMask = AttentionMask(),
+                encoder_hidden_states: Optional[Tensor] = None, cross_mask: AttentionMask = AttentionMask(),
+                query_length: int = 0, encoder_batch_index: Optional[Tensor] = None,
+                need_weights: bool = False) -> LayerOutput:
+        """``hidden_states (B, L, D)``, rows ``[:query_length]`` are the learned queries -> ``(B, L, D)``."""
+        x, self_probs = self.attention(hidden_states, self_mask, need_weights=need_weights)
+        if query_length <= 0:
+            return LayerOutput(self._text_ffn(x), self_probs)
+        xq, cross_probs = x[:, :query_length], None
+        if self.has_cross_attention:
+            if encoder_hidden_states is None:
+                raise ValueError(f"encoder_hidden_states must be given: layer {self.layer_idx} has cross-attention")
+            xq, cross_probs = self.crossattention(xq, cross_mask, encoder_hidden_states, encoder_batch_index,
+                                                  need_weights)
+        out = self._query_ffn(xq)
+        if x.shape[1] > query_length:
+            out = torch.cat([out, self._text_ffn(x[:, query_length:])], dim=1)
+        return LayerOutput(out, self_probs, cross_probs)
+
+
+@dataclass
+class EncoderOutput:
+    last_hidden_state: Tensor
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+    cross_attentions: Optional[tuple] = None
+
+
+class QFormerEncoder(nn.Module):
+    """``Blip2QFormerEncoder``: ``layer`` = ``num_hidden_layers`` × :class:`QFormerLayer`."""
+
+    def __init__(self, config, text_ffn: bool = True):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([QFormerLayer(config, i, text_ffn) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: Tensor, self_mask: AttentionMask = AttentionMask(),
+                encoder_hidden_states: Optional[Tensor] = None, cross_mask: AttentionMask = AttentionMask(),
+                query_length: int = 0, encoder_batch_index: Optional[Tensor] = None,
+                output_attentions: bool = False, output_hidden_states: bool = False) -> EncoderOutput:
+        """Runs the layers; with ``output_attentions`` the ``attentions`` tuple lists every attention module's
+        weights in execution order (self, then cross where the layer has it), as transformers v5 records them."""
+        all_hidden = [hidden_states] if output_hidden_states else None
+        attentions, cross = ([], []) if output_attentions else (None, None)
+        for layer in self.layer:
+            args = (hidden_states, self_mask, encoder_hidden_states, cross_mask, query_length, encoder_batch_index,
+                    output_attentions)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                from torch.utils.checkpoint import checkpoint
+                out = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                out = layer(*args)
+            hidden_states = out.hidden_states
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if output_attentions:
+                attentions.append(out.self_attention)
+                if out.cross_attention is not None:
+                    attentions.append(out.cross_attention)
+                    cross.append(out.cross_attention)
+        return EncoderOutput(hidden_states, None if all_hidden is None else tuple(all_hidden),
+                             None if attentions is None else tuple(attentions), None if cross is None else tuple(cross))
+
+
+class QFormerTextEmbeddings(nn.Module):
+    """``InstructBlipQFormerEmbeddings``: ``LayerNorm(concat([query_embeds, word_emb[ids] + pos_emb[pos]]))`` then
+    dropout; queries get no position embedding (SPEC §1.1). ``position_ids`` is a non-persistent buffer."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
+                             persistent=False)
+        self.config = config
+
+    def reset_buffers(self) -> None:
+        """Recompute ``position_ids`` (e.g. after ``to_empty``)."""
+        n = self.position_embeddings.num_embeddings
+        self.position_ids = torch.arange(n, device=self.position_ids.device).expand((1, -1))
+
+    def forward(self, input_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                query_embeds: Optional[Tensor] = None, cache_length: int = 0) -> Tensor:
+        """``input_ids (B, T)``, ``query_embeds (B, Q, D)`` -> ``(B, Q + T, D)`` in the LayerNorm's dtype."""
+        if input_ids is not None:
+            T = input_ids.shape[1]
+            if position_ids is None:
+                position_ids = self.position_ids[:, cache_length:cache_length + T]
+            embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids.to(input_ids.device))
+            if query_embeds is not None:
+                embeddings = torch.cat((query_embeds, embeddings), dim=1)
+        else:
+            embeddings = query_embeds
+        embeddings = embeddings.to(self.layernorm.weight.dtype)
+        return self.dropout(self.layernorm(embeddings))
+
+
+def init_qformer_weights(module: nn.Module, std: float) -> None:
+    """transformers' ``_init_weights`` for these modules: Linear/Embedding ``N(0, std)``, zero bias and padding
+    row, LayerNorm ``(1, 0)``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+__all__ = ["AttentionMask", "QFormerAttention", "QFormerEncoder", "QFormerIntermediate", "QFormerLayer",
+           "QFormerMultiHeadAttention", "QFormerOutput", "QFormerSelfOutput", "QFormerTextEmbeddings",
+           "eager_attention", "init_qformer_weights"]
