@@ -217,7 +217,7 @@ def _e2e_case(device: str, batch: int, h: int, w: int, hidden: int, dtype: torch
 
         patchify, why = _vlmkern_patchify()
         if patchify is not None:
-            case.backends["vlmkern patchify+linear"] = _backend("patchify", pix)
+            case.backends["vlmkern patchify+linear"] = _backend("patchify", pix, PATCH, torch.float32)
             case.impls["vlmkern patchify+linear"] = lambda: F.linear(
                 patchify(_to_bchw(hwc, device)).to(dtype), weight, bias)
         else:
@@ -262,7 +262,7 @@ def _fused_case(device: str, batch: int, h: int, w: int, hidden: int, dtype: tor
             case.impls["torch.compile unfold+linear"] = lambda: compiled(pix, weight, bias)
         patchify, why = _vlmkern_patchify()
         if patchify is not None:
-            case.backends["vlmkern patchify+linear"] = _backend("patchify", pix)
+            case.backends["vlmkern patchify+linear"] = _backend("patchify", pix, PATCH, torch.float32)
             case.impls["vlmkern patchify+linear"] = lambda: F.linear(patchify(pix).to(dtype), weight, bias)
         else:
             case.skipped["vlmkern patchify+linear"] = why
@@ -285,7 +285,7 @@ def _patchify_case(device: str, batch: int, h: int, w: int) -> Case:
         pix = _to_bchw(hwc, device)
         patchify, why = _vlmkern_patchify()
         if patchify is not None:
-            case.backends["vlmkern"] = _backend("patchify", pix)
+            case.backends["vlmkern"] = _backend("patchify", pix, PATCH, torch.float32)
             case.impls["vlmkern"] = lambda: patchify(pix)
         else:
             case.skipped["vlmkern"] = why
