@@ -251,20 +251,56 @@ def _drop(t: Tensor, keep: Optional[Tensor], keep_scale: float) -> Tensor:
     return t if keep is None else t * (keep.to(t.dtype) * keep_scale)
 
 
+def _cpu_rows(mask: Tensor) -> Optional[Tensor]:
+    """Indices of the routed rows when on the CPU, where reading them costs no device sync; else None
+    (on a GPU the reference path stays sync-free with masked full-size products)."""
+    return mask.nonzero().squeeze(1) if mask.device.type == "cpu" else None
+
+
 def _ref_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
-    return _zero_unrouted(_drop(a, keep, keep_scale).matmul(b.t()) * scale, mask)
+    rows = _cpu_rows(mask)
+    if rows is None:
+        return _zero_unrouted(_drop(a, keep, keep_scale).matmul(b.t()) * scale, mask)
+    out = a.new_zeros((a.shape[0], b.shape[0]))
+    if rows.numel():
+        sub_keep = None if keep is None else keep[rows]
+        out[rows] = _drop(a[rows], sub_keep, keep_scale).matmul(b.t()) * scale
+    return out
 
 
 def _ref_lora_up(a, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
     y = torch.nn.functional.linear(a, w, bias)
-    return y + _zero_unrouted(_drop(u.matmul(v.t()), keep, keep_scale), mask)
+    rows = _cpu_rows(mask)
+    if rows is None:
+        return y + _zero_unrouted(_drop(u.matmul(v.t()), keep, keep_scale), mask)
+    if rows.numel():
+        sub_keep = None if keep is None else keep[rows]
+        y[rows] += _drop(u[rows].matmul(v.t()), sub_keep, keep_scale)
+    return y
 
 
 def _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
     sel = sel.to(torch.int64)
     q = _drop(q, keep, keep_scale)
-    outs = [_zero_unrouted(p, sel == g + sel_base).t().matmul(q) * scale for g in range(groups)]
+    outs = []
+    for g in range(groups):
+        rows = _cpu_rows(sel == g + sel_base)
+        if rows is None:
+            outs.append(_zero_unrouted(p, sel == g + sel_base).t().matmul(q) * scale)
+        else:
+            outs.append(p[rows].t().matmul(q[rows]) * scale)
     return torch.stack(outs) if outs else p.new_empty((0, p.shape[1], q.shape[1]))
+
+
+def _ref_expert_linear(x, weights, expert_ids) -> Tensor:
+    if x.device.type != "cpu":
+        return ref.expert_linear(x, weights, expert_ids)
+    out = torch.full((x.shape[0], weights[0].shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    for e, w in enumerate(weights):                     # each row computed once, by its expert
+        rows = _cpu_rows(expert_ids == e)
+        if rows.numel():
+            out[rows] = torch.nn.functional.linear(x[rows], w)
+    return out
 
 
 def _select(dispatch: OpDispatch, x: Tensor) -> str:
@@ -369,7 +405,7 @@ def _expert_linear_op(x: Tensor, weights: list[Tensor], expert_ids: Tensor) -> T
     """2-D core: x (M, in), E weights (out, in) any strides, expert_ids (M,) int32 -> (M, out)."""
     if _select(EXPERT_LINEAR, x) == "triton":
         return _triton_expert_gemm(x, weights, expert_ids)
-    return ref.expert_linear(x, weights, expert_ids)
+    return _ref_expert_linear(x, weights, expert_ids)
 
 
 @_expert_linear_op.register_fake
