@@ -117,6 +117,10 @@ class Resampler(nn.Module):
         ct = torch.float64 if dtype == torch.float64 else torch.float32
         pos_grad = self.pos_embed.requires_grad and torch.is_grad_enabled()
         w_grad = w_k.requires_grad and torch.is_grad_enabled()
+        if torch.compiler.is_compiling():
+            # The cache keys on data_ptr/_version, which a traced graph cannot see; compiled graphs recompute
+            # the (small) bias instead, with no graph break.
+            return F.linear(get_abs_pos(self.pos_embed, L).to(ct), w_k.to(ct)).to(dtype)
         if pos_grad:
             table = get_abs_pos(self.pos_embed, L)
         else:

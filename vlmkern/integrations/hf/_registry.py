@@ -1,0 +1,109 @@
+"""The registry behind ``vlmkern.integrations.hf.apply``: one ``Family`` per model family, each a list of swaps.
+
+A ``Swap`` says: in every module whose class is one of ``owners`` (any module when empty), the child called
+``attribute`` whose class is exactly ``original`` becomes ``convert(child)``. Classes are named by import path
+(``"transformers.models.fuyu.modeling_fuyu:FuyuModel"``) and resolved lazily, so a transformers version that
+lacks a class only disables the swaps that need it. ``convert`` returns ``None`` (with a reason) when this
+particular child cannot be swapped (e.g. a non-GELU projector); the module is then left as it is.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+
+class Replaced(NamedTuple):
+    """One swapped submodule: qualified name in the patched model, original and new class names."""
+
+    qualified_name: str
+    original_class_name: str
+    new_class_name: str
+
+
+class Skipped(NamedTuple):
+    qualified_name: str
+    original_class_name: str
+    reason: str
+
+
+Converter = Callable[[nn.Module], "nn.Module | str"]
+
+
+@dataclass(frozen=True)
+class Swap:
+    attribute: str
+    original: str
+    convert: Converter
+    owners: tuple[str, ...] = ()
+
+
+@dataclass
+class Family:
+    name: str
+    swaps: list[Swap] = field(default_factory=list)
+    doc: str = ""
+
+
+REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    if family.name in REGISTRY:
+        raise ValueError(f"integration family {family.name!r} is registered twice")
+    REGISTRY[family.name] = family
+    return family
+
+
+def resolve(path: str) -> Optional[type]:
+    """The class at ``"module:Qualname"``, or ``None`` if this environment does not have it."""
+    module, _, name = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def twin(original: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` loaded with ``original``'s weights (strict), on its device/dtype, with its ``requires_grad``
+    flags and train/eval mode."""
+    params = dict(original.named_parameters())
+    ref = next(iter(params.values()), None)
+    if ref is not None:
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    new.load_state_dict(original.state_dict(), strict=True)
+    for name, p in new.named_parameters():
+        if name in params:
+            p.requires_grad_(params[name].requires_grad)
+    return new.train(original.training)
+
+
+def copy_dropout(original: nn.Module, new: nn.Module) -> nn.Module:
+    """Carry dropout probabilities set on ``original``'s modules (not in any state dict) over to the
+    same-named ``nn.Dropout`` modules of ``new``."""
+    old = dict(original.named_modules())
+    for name, m in new.named_modules():
+        if isinstance(m, nn.Dropout) and isinstance(old.get(name), nn.Dropout):
+            m.p = old[name].p
+    return new
+
+
+def meta_init(cls, *args, **kwargs) -> nn.Module:
+    """Construct ``cls`` on the meta device (no random init of weights that are about to be overwritten)."""
+    with torch.device("meta"):
+        return cls(*args, **kwargs)
+
+
+def load_into_empty(original: nn.Module, new: nn.Module) -> nn.Module:
+    """Materialise a meta-built ``new`` on ``original``'s device and fill it with ``twin``."""
+    ref = next(original.parameters())
+    new = new.to_empty(device=ref.device)
+    if hasattr(new, "reset_buffers"):
+        new.reset_buffers()
+    return twin(original, new)
