@@ -156,9 +156,21 @@ def _triton_grad_pixels(grad, pixels, weight, p, rescale, std) -> Tensor:
 
 
 # ------------------------------------------------------------------------------- reference backward
+def _patches(pixels, p, pad_value, rescale, mean, std, dtype) -> Tensor:
+    """Normalised patches for the non-Triton path: the C++ patchify where it can run (CPU), else torch."""
+    from vlmkern.ops.patchify import PATCHIFY, _patchify_op  # patchify.py imports this module
+
+    if PATCHIFY.select(pixels, p, dtype) == "cpp":
+        return _patchify_op(pixels, p, pad_value, rescale, mean, std, dtype)
+    return reference.patchify(pixels, p, pad_value=pad_value, rescale=rescale, mean=mean, std=std, out_dtype=dtype)
+
+
+def _reference_forward(pixels, weight, bias, p, pad_value, rescale, mean, std) -> Tensor:
+    return torch.nn.functional.linear(_patches(pixels, p, pad_value, rescale, mean, std, weight.dtype), weight, bias)
+
+
 def _reference_grad_weight(grad, pixels, weight, p, pad_value, rescale, mean, std) -> Tensor:
-    patches = reference.patchify(pixels, p, pad_value=pad_value, rescale=rescale, mean=mean, std=std,
-                                 out_dtype=weight.dtype)
+    patches = _patches(pixels, p, pad_value, rescale, mean, std, weight.dtype)
     N, K = weight.shape
     return grad.reshape(-1, N).t().matmul(patches.reshape(-1, K))
 
@@ -178,8 +190,7 @@ def _patch_embed_op(pixels: Tensor, weight: Tensor, bias: Optional[Tensor], patc
                     pad_value: float, rescale: float, mean: list[float], std: list[float]) -> Tensor:
     if PATCH_EMBED.select(pixels, weight) == "triton":
         return _triton_forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std)
-    return reference.patch_embed(pixels, weight, bias, patch_size=patch_size, pad_value=pad_value,
-                                 rescale=rescale, mean=mean, std=std)
+    return _reference_forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std)
 
 
 @_patch_embed_op.register_fake

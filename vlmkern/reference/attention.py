@@ -58,7 +58,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bool(mask.all()):                                   # nothing masked: plain softmax
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
     has_key = mask.any(dim=-1, keepdim=True)
+    if bool(has_key.all()):
+        return torch.matmul(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), v)
     # A row with no visible key gets finite scores so that softmax (and its gradient) stays finite; its
     # probabilities are then zeroed.
     scores = torch.where(has_key, scores.masked_fill(~mask, float("-inf")), scores.new_zeros(()))
