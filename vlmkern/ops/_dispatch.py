@@ -38,6 +38,14 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision matching what torch would do: fp32 GEMMs use TF32 only when the user allowed
+    it (``torch.backends.cuda.matmul.allow_tf32``); 16-bit inputs ignore the setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def triton_env_reasons(device: torch.device) -> list[str]:
     """Why Triton cannot run on ``device`` at all (independent of the op's inputs)."""
     try:

@@ -79,12 +79,6 @@ GATHER_LINEAR = register(OpDispatch("gather_linear", {
 }))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _as_groups(x: Tensor) -> Tensor:
     """``x (..., T, C)`` -> a ``(G, T, C)`` view (``(1, M, C)`` for 2-D): rows ``g·T + t`` in logical order."""
     return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
@@ -113,7 +107,7 @@ def _triton_gather_linear(x, index, weight, bias, extra, fill, gelu: bool, save_
             *x3.stride(), e.stride(0) if extra is not None else 0, e.stride(1) if extra is not None else 0,
             *index.stride(), *weight.stride(), *out.stride(),
             HAS_BIAS=bias is not None, HAS_EXTRA=extra is not None, HAS_FILL=fill is not None, GELU=gelu,
-            SAVE_PRE=save_pre, UPCAST=_dispatch.triton_interpreting(), INPUT_PRECISION=_precision(x.dtype), **cfg)
+            SAVE_PRE=save_pre, UPCAST=_dispatch.triton_interpreting(), INPUT_PRECISION=_dispatch.dot_precision(x.dtype), **cfg)
     return out, pre
 
 

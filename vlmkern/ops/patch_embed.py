@@ -34,9 +34,9 @@ def _norm_list(value, name: str, channels: int) -> list[float]:
     return vals
 
 
-def _check_patch_embed(pixels, weight, bias, patch_size) -> None:
+def check_pixels(pixels, patch_size) -> None:
+    """``pixels (B, C, H, W)`` with at least one non-empty image, and a positive int ``patch_size``."""
     check_tensor(pixels, "pixels", ndim=4, dtypes=_PIXEL_DTYPES, shape_doc="(B, C, H, W)")
-    check_tensor(weight, "weight", ndim=2, dtypes=_FLOAT_WEIGHTS, shape_doc="(out_features, C*patch_size**2)")
     if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     B, C, H, W = pixels.shape
@@ -44,6 +44,12 @@ def _check_patch_embed(pixels, weight, bias, patch_size) -> None:
         raise ValueError(f"pixels must hold at least one non-empty image, got shape {tuple(pixels.shape)}")
     if C == 0:
         raise ValueError("pixels must have at least one channel")
+
+
+def _check_patch_embed(pixels, weight, bias, patch_size) -> None:
+    check_pixels(pixels, patch_size)
+    check_tensor(weight, "weight", ndim=2, dtypes=_FLOAT_WEIGHTS, shape_doc="(out_features, C*patch_size**2)")
+    B, C, H, W = pixels.shape
     if weight.shape[1] != C * patch_size * patch_size:
         expected = weight.shape[1] / (patch_size * patch_size)
         raise ValueError(
@@ -84,10 +90,8 @@ def _scale_shift(rescale, mean, std, device) -> tuple[Tensor, Tensor]:
 
 
 def _launch_params(weight_dtype: torch.dtype) -> tuple[bool, str]:
-    upcast = _dispatch.triton_interpreting()  # the interpreter's low-precision dot is not trustworthy (bf16)
-    if weight_dtype == torch.float32:
-        return upcast, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return upcast, "tf32"
+    # The interpreter's low-precision dot is not trustworthy (bf16): upcast there.
+    return _dispatch.triton_interpreting(), _dispatch.dot_precision(weight_dtype)
 
 
 # ------------------------------------------------------------------------------------- triton launches

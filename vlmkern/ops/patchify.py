@@ -15,9 +15,8 @@ from torch import Tensor
 
 from vlmkern import _ext, reference
 from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import check_tensor
 from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops.patch_embed import _PIXEL_DTYPES, _norm_list
+from vlmkern.ops.patch_embed import _norm_list, check_pixels
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_PIXELS = (torch.uint8, torch.float32)          # what the C++ and CUDA kernels read
@@ -31,14 +30,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # --------------------------------------------------------------------------------------------- checks
 def _check_patchify(pixels, patch_size, pad_value, rescale, out_dtype) -> None:
-    check_tensor(pixels, "pixels", ndim=4, dtypes=_PIXEL_DTYPES, shape_doc="(B, C, H, W)")
-    if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    B, C, H, W = pixels.shape
-    if B == 0 or H == 0 or W == 0:
-        raise ValueError(f"pixels must hold at least one non-empty image, got shape {tuple(pixels.shape)}")
-    if C == 0:
-        raise ValueError("pixels must have at least one channel")
+    check_pixels(pixels, patch_size)
     for name, value in (("pad_value", pad_value), ("rescale", rescale)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise TypeError(f"{name} must be a finite float, got {value!r}")

@@ -41,12 +41,6 @@ LINEAR_GELU = register(OpDispatch("linear_gelu", {
 }))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _triton_linear_gelu(x2, weight, bias, save_pre: bool) -> tuple[Tensor, Tensor]:
     import triton
     from vlmkern.kernels.projector import LINEAR_GELU_CONFIG, _linear_gelu_fwd_kernel
@@ -62,7 +56,7 @@ def _triton_linear_gelu(x2, weight, bias, save_pre: bool) -> tuple[Tensor, Tenso
             x2, weight, bias if bias is not None else weight, out, pre if save_pre else out,
             M, N, K, *x2.stride(), *weight.stride(), *out.stride(),
             HAS_BIAS=bias is not None, SAVE_PRE=save_pre, UPCAST=_dispatch.triton_interpreting(),
-            INPUT_PRECISION=_precision(x2.dtype), **cfg)
+            INPUT_PRECISION=_dispatch.dot_precision(x2.dtype), **cfg)
     return out, pre
 
 

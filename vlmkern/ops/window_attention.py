@@ -88,7 +88,6 @@ def _ct(h: Tensor) -> torch.dtype:
 
 # ------------------------------------------------------------------------------------ triton launches
 def _triton_forward(u, h, eps):
-    import triton  # noqa: F401
     from vlmkern.kernels.window_attention import _window_attn_fwd_kernel, window_config
 
     B, N, C = u.shape

@@ -6,7 +6,6 @@ signature), written with the same copy so that it is an independent oracle.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
