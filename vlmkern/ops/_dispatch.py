@@ -109,6 +109,14 @@ class OpDispatch:
         raise BackendNotSupported(f"no backend can run vlmkern::{self.name}")  # reference never refuses
 
 
+def eager_cpu_reference(dispatch: OpDispatch, x: torch.Tensor, *args) -> bool:
+    """Whether an eager call on CPU tensors dispatches to the reference. Such calls run the reference math
+    under plain autograd, as the originals do (autograd keeps what backward needs instead of the op's
+    recompute-friendly saves): the fastest CPU path. Compiled graphs and GPU tensors keep the custom op."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and dispatch.select(x, *args) == "reference")
+
+
 REGISTRY: dict[str, OpDispatch] = {}
 
 

@@ -305,14 +305,6 @@ _cross_attention_op.register_autograd(_backward, setup_context=_setup_cross)
 
 
 # ------------------------------------------------------------------------------------ public API
-def _eager_cpu_reference(dispatch: OpDispatch, q: Tensor, k: Tensor) -> bool:
-    """Eager CPU calls that dispatch to the reference run its math under plain autograd (as the originals
-    do, which keeps the probabilities for backward instead of recomputing them: the fastest CPU path at
-    Q-Former sizes). Compiled graphs and GPU tensors keep the custom op."""
-    return (q.device.type == "cpu" and not torch.compiler.is_compiling()
-            and dispatch.select(q, k) == "reference")
-
-
 def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str,
                       text_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
     """Q-Former self-attention over ``[num_query learned queries ; T text tokens]`` with the mask of ``mode``.
@@ -356,7 +348,7 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
     _check_key_mask(text_mask, "text_mask", B, T, q)
     _check_scale(scale)
     # With Lq == T the rows are the text positions num_query.. ; with Lq == L == T (num_query 0) both agree.
-    if _eager_cpu_reference(QFORMER_ATTENTION, q, k):
+    if _dispatch.eager_cpu_reference(QFORMER_ATTENTION, q, k):
         return ref_attention.qformer_attention(q, k, v, num_query=num_query, mode=mode, text_mask=text_mask,
                                                scale=_scale(q, scale))
     out, _ = _qformer_attention_op(q, k, v, _as_bool(text_mask), num_query, MODES[mode], _scale(q, scale))
@@ -380,7 +372,7 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Option
     _check_qkv(q, k, v)
     _check_key_mask(key_padding_mask, "key_padding_mask", q.shape[0], k.shape[2], q)
     _check_scale(scale)
-    if _eager_cpu_reference(CROSS_ATTENTION, q, k):
+    if _dispatch.eager_cpu_reference(CROSS_ATTENTION, q, k):
         return ref_attention.cross_attention(q, k, v, key_padding_mask=key_padding_mask, scale=_scale(q, scale))
     out, _ = _cross_attention_op(q, k, v, _as_bool(key_padding_mask), _scale(q, scale))
     return out

@@ -128,6 +128,8 @@ _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``gelu(x Wᵀ + b)`` (exact GELU) in one kernel. ``x (..., in)``, ``weight (out, in)`` -> ``(..., out)``."""
     _check_linear(x, weight, bias)
+    if _dispatch.eager_cpu_reference(LINEAR_GELU, x, weight):
+        return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     return _linear_gelu_op(x, weight, bias, needs_grad)[0]
