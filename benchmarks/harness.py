@@ -229,7 +229,7 @@ def max_abs_diff(a: Any, b: Any) -> Optional[float]:
     if ta.numel() == 0:
         return 0.0
     tb = tb.to(ta.device)
-    return float((ta.reshape(-1).float() - tb.reshape(-1).float()).abs().max())
+    return float((ta.detach().reshape(-1).float() - tb.detach().reshape(-1).float()).abs().max())
 
 
 # ------------------------------------------------------------------------------------------- progress
