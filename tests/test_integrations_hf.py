@@ -17,7 +17,7 @@ EXPECTED = {
     "instructblip": [("qformer", "InstructBlipQFormerModel", "InstructBlipQFormerModel")],
     "fuyu": [("model.vision_embed_tokens", "Linear", "PatchEmbedLinear")],
     "llava": [("model.multi_modal_projector", "LlavaMultiModalProjector", "MLPProjector")],
-    "llava_next": [("model.multi_modal_projector", "LlavaNextMultiModalProjector", "MLPProjector")],
+    "llava_next": [("model.multi_modal_projector", "LlavaNextMultiModalProjector", "PackingProjector")],
 }
 
 
@@ -139,3 +139,23 @@ def test_registry_has_one_entry_per_family():
     assert set(hf.REGISTRY) == set(EXPECTED)
     for name, fam in hf.REGISTRY.items():
         assert fam.swaps and fam.name == name
+
+
+def test_llava_next_runs_the_fused_project_and_pack(monkeypatch):
+    """After apply, LLaVA-NeXT's projector work happens in project_and_pack (only kept rows projected), logits
+    are unchanged, and the projector called directly still projects."""
+    from vlmkern.integrations.hf import llava_next as integration
+    model, inputs = tiny.tiny_llava_next()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    hf.apply(model)
+    calls = []
+    fused = integration.packing.project_and_pack
+    monkeypatch.setattr(integration.packing, "project_and_pack", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert calls == [1]
+    assert_close(out, ref, ref, name="llava_next logits")
+    proj = model.model.multi_modal_projector
+    x = torch.randn(3, proj.linear_1.in_features)
+    assert not proj.deferred and proj(x).shape == (3, proj.linear_2.out_features)

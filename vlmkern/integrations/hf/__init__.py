@@ -13,7 +13,9 @@ untouched. One registry entry per family, in its own module:
   ``qformer`` -> ``vlmkern.models.instructblip.InstructBlipQFormerModel``
 * ``fuyu`` (``fuyu.py``): ``FuyuModel``: ``vision_embed_tokens`` (``nn.Linear``) -> ``vlmkern.nn.PatchEmbedLinear``
 * ``llava`` (``llava.py``): ``LlavaModel``: ``multi_modal_projector`` -> ``vlmkern.nn.MLPProjector``
-* ``llava_next`` (``llava_next.py``): ``LlavaNextModel``: ``multi_modal_projector`` -> ``vlmkern.nn.MLPProjector``
+* ``llava_next`` (``llava_next.py``): ``LlavaNextModel``: ``multi_modal_projector`` -> a ``vlmkern.nn.MLPProjector``
+  whose work moves into ``pack_image_features`` (fused ``project_and_pack``: only the rows unpadding keeps are
+  projected, newline rows written in the same pass)
 
 ``apply`` is idempotent (a second call replaces nothing). ``skipped(model)`` lists what matched a registered
 class but could not be swapped, and why (e.g. a projector whose activation is not exact GELU).
@@ -77,6 +79,8 @@ def apply(model: nn.Module, families: Optional[Iterable[str]] = None) -> list[Re
         new = swap.convert(child)
         if isinstance(new, nn.Module):
             setattr(parent, swap.attribute, new)
+            if swap.on_parent is not None:
+                swap.on_parent(parent, new)
             done.append(Replaced(qname, type(child).__name__, type(new).__name__))
     return done
 

@@ -39,6 +39,9 @@ class Swap:
     original: str
     convert: Converter
     owners: tuple[str, ...] = ()
+    # Called as ``on_parent(parent, new)`` after the swap, for drop-ins that also reroute a method of the
+    # module that owns them (LLaVA-NeXT: the projector's work moves into the pack step).
+    on_parent: Optional[Callable[[nn.Module, nn.Module], None]] = None
 
 
 @dataclass
