@@ -15,3 +15,13 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_m + (pid % in_group) % rows
     pid_n = (pid % in_group) // rows
     return pid_m, pid_n
+
+
+@triton.jit
+def dot(a, b, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``tl.dot`` of two tiles of one dtype; with UPCAST (set by the launchers under the Triton interpreter,
+    whose low-precision dot is wrong) the product is taken in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
+    else:
+        return tl.dot(a, b, input_precision=INPUT_PRECISION)

@@ -22,17 +22,10 @@ import triton
 import triton.language as tl
 
 from vlmkern.kernels._build import KernelBuild, launched, register_builds
+from vlmkern.kernels._common import dot
 
 MODE_FULL, MODE_UNIMODAL, MODE_CAUSAL = 0, 1, 2
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mm(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
 
 
 @triton.jit
@@ -117,7 +110,7 @@ def _masked_attn_fwd_kernel(
         col_ok = cols < Lk
         k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd, mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=col_ok[:, None], other=0.0)
-        s = _mm(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
         keep = _visible(rows[:, None], cols[None, :], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE, HAS_KPM)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -125,7 +118,7 @@ def _masked_attn_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -199,14 +192,14 @@ def _masked_attn_bwd_dkdv_kernel(
         do = tl.load(do_base + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd, mask=row_ok[:, None], other=0.0)
         lse2 = tl.load(lse_ptr + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + bh.to(tl.int64) * Lq + offs_m, mask=row_ok, other=0.0)
-        s_t = _mm(k, tl.trans(q), UPCAST, PRECISION) * qk_scale
+        s_t = dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale
         keep_t = _visible((offs_m + row_off)[None, :], cols[:, None], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt,
                           MODE, HAS_KPM)
         p_t = tl.where(keep_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv += _mm(p_t.to(do.dtype), do, UPCAST, PRECISION)
-        dp_t = _mm(v, tl.trans(do), UPCAST, PRECISION)
+        dv += dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
+        dp_t = dot(v, tl.trans(do), UPCAST, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mm(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+        dk += dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
 
     dk = dk * sm_scale
     dk_base = dk_ptr + b.to(tl.int64) * s_dkb + h.to(tl.int64) * s_dkh
@@ -254,12 +247,12 @@ def _masked_attn_bwd_dq_kernel(
         col_ok = cols < Lk
         k = tl.load(k_base + cols[:, None] * s_kn + offs_d[None, :] * s_kd, mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=col_ok[:, None], other=0.0)
-        s = _mm(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
+        s = dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
         keep = _visible(rows[:, None], cols[None, :], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE, HAS_KPM)
         p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = _mm(do, tl.trans(v), UPCAST, PRECISION)
+        dp = dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, UPCAST, PRECISION)
+        dq += dot(ds.to(k.dtype), k, UPCAST, PRECISION)
 
     dq = dq * sm_scale
     tl.store(dq_ptr + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + offs_m[:, None] * s_dqm

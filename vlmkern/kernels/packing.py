@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from vlmkern.kernels._build import KernelBuild, launched, register_builds
-from vlmkern.kernels._common import grouped_tile
+from vlmkern.kernels._common import dot, grouped_tile
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
@@ -56,10 +56,7 @@ def _gather_linear_fwd_kernel(
                              mask=in_e[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + rn[None, :].to(tl.int64) * s_wn + (q * C + rk)[:, None].to(tl.int64) * s_wk,
                         mask=n_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
-                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision=INPUT_PRECISION)
-            else:
-                acc += tl.dot(a, w.to(a.dtype), input_precision=INPUT_PRECISION)
+            acc += dot(a, w.to(a.dtype), UPCAST, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on

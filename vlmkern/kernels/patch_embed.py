@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from vlmkern.kernels._build import KernelBuild, launched, register_builds
-from vlmkern.kernels._common import grouped_tile
+from vlmkern.kernels._common import dot, grouped_tile
 
 
 @triton.jit
@@ -64,10 +64,7 @@ def _patch_embed_fwd_kernel(
                         s_pb, s_pc, s_ph, s_pw, C, P)
         w = tl.load(w_ptr + rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk,
                     mask=(rn < N)[None, :] & (rk < K)[:, None], other=0.0)
-        if UPCAST:  # the interpreter's bf16 dot is wrong: compute in fp32 there
-            acc += tl.dot(a, w.to(tl.float32), input_precision=INPUT_PRECISION)
-        else:
-            acc += tl.dot(a.to(w.dtype), w, input_precision=INPUT_PRECISION)
+        acc += dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     out_offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
@@ -95,10 +92,7 @@ def _patch_embed_bwd_weight_kernel(
         a = tl.where((rm < M)[:, None], a, 0.0)
         gt = tl.load(g_ptr + rm[None, :].to(tl.int64) * s_gm + rn[:, None] * s_gn,
                      mask=(rm < M)[None, :] & (rn < N)[:, None], other=0.0)
-        if UPCAST:
-            acc += tl.dot(gt.to(tl.float32), a, input_precision=INPUT_PRECISION)
-        else:
-            acc += tl.dot(gt, a.to(gt.dtype), input_precision=INPUT_PRECISION)
+        acc += dot(gt, a.to(gt.dtype), UPCAST, INPUT_PRECISION)
     offs = rn[:, None].to(tl.int64) * s_dn + rk[None, :] * s_dk
     tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
 
@@ -127,10 +121,7 @@ def _patch_embed_bwd_pixels_kernel(
                     mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * s_wn + rk[None, :] * s_wk,
                     mask=(rn < N)[:, None] & (rk < K)[None, :], other=0.0)
-        if UPCAST:
-            acc += tl.dot(g.to(tl.float32), w.to(tl.float32), input_precision=INPUT_PRECISION)
-        else:
-            acc += tl.dot(g, w.to(g.dtype), input_precision=INPUT_PRECISION)
+        acc += dot(g, w.to(g.dtype), UPCAST, INPUT_PRECISION)
     img = rm // nP
     pidx = rm % nP
     y0 = (pidx // nW) * P

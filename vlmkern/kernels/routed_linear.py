@@ -22,14 +22,7 @@ import triton
 import triton.language as tl
 
 from vlmkern.kernels._build import KernelBuild, launched, register_builds
-from vlmkern.kernels._common import grouped_tile
-
-
-@triton.jit
-def _mma(acc, a, b, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    if UPCAST:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=INPUT_PRECISION)
-    return acc + tl.dot(a.to(b.dtype), b, input_precision=INPUT_PRECISION)
+from vlmkern.kernels._common import dot, grouped_tile
 
 
 @triton.jit
@@ -64,7 +57,7 @@ def _lora_down_kernel(
                 a = a.to(tl.float32) * (kp.to(tl.float32) * keep_scale)
                 k_ptrs += BLOCK_K * s_kk
             b = tl.load(b_ptrs, mask=(rr < R)[None, :] & (rk < K - k0)[:, None], other=0.0)
-            acc = _mma(acc, a, b, UPCAST, INPUT_PRECISION)
+            acc = acc + dot(a.to(b.dtype), b, UPCAST, INPUT_PRECISION)
             a_ptrs += BLOCK_K * s_ak
             b_ptrs += BLOCK_K * s_bk
     offs = rm[:, None].to(tl.int64) * s_om + rr[None, :] * s_or
@@ -95,7 +88,7 @@ def _lora_up_kernel(
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=(rn < N)[None, :] & (rk < K - k0)[:, None], other=0.0)
-        acc = _mma(acc, a, w, UPCAST, INPUT_PRECISION)
+        acc = acc + dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K * s_ak
         w_ptrs += BLOCK_K * s_wk
     routed = tl.load(mask_ptr + rm, mask=rm < M, other=0) != 0
@@ -107,7 +100,7 @@ def _lora_up_kernel(
             for j0 in range(0, R, BLOCK_K):
                 u = tl.load(u_ptrs, mask=routed[:, None] & (rk < R - j0)[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=(rn < N)[None, :] & (rk < R - j0)[:, None], other=0.0)
-                low = _mma(low, u, v, UPCAST, INPUT_PRECISION)
+                low = low + dot(u.to(v.dtype), v, UPCAST, INPUT_PRECISION)
                 u_ptrs += BLOCK_K * s_ur
                 v_ptrs += BLOCK_K * s_vr
             kp = tl.load(keep_ptr + rm[:, None].to(tl.int64) * s_km + rn[None, :] * s_kn,
@@ -117,7 +110,7 @@ def _lora_up_kernel(
             for j0 in range(0, R, BLOCK_K):
                 u = tl.load(u_ptrs, mask=routed[:, None] & (rk < R - j0)[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=(rn < N)[None, :] & (rk < R - j0)[:, None], other=0.0)
-                acc = _mma(acc, u, v, UPCAST, INPUT_PRECISION)
+                acc = acc + dot(u.to(v.dtype), v, UPCAST, INPUT_PRECISION)
                 u_ptrs += BLOCK_K * s_ur
                 v_ptrs += BLOCK_K * s_vr
     if HAS_BIAS:
@@ -163,7 +156,7 @@ def _expert_gemm_kernel(
             for k0 in range(0, K, BLOCK_K):
                 a = tl.load(a_ptrs, mask=mine[:, None] & (rk < K - k0)[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=(rn < N)[None, :] & (rk < K - k0)[:, None], other=0.0)
-                acc = _mma(acc, a, w, UPCAST, INPUT_PRECISION)
+                acc = acc + dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
                 a_ptrs += BLOCK_K * s_ak
                 w_ptrs += BLOCK_K * s_wk
     valid = (ids >= 0) & (ids < E)
@@ -204,7 +197,7 @@ def _routed_tn_kernel(
             if HAS_KEEP:
                 kp = tl.load(k_ptrs, mask=q_mask, other=0)
                 q = (q.to(tl.float32) * (kp.to(tl.float32) * keep_scale)).to(q.dtype)
-            acc = _mma(acc, pt, q, UPCAST, INPUT_PRECISION)
+            acc = acc + dot(pt.to(q.dtype), q, UPCAST, INPUT_PRECISION)
         p_ptrs += BLOCK_M * s_pm
         q_ptrs += BLOCK_M * s_qm
         k_ptrs += BLOCK_M * s_km
