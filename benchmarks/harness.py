@@ -6,7 +6,8 @@ implementations to compare on it, one of which is the *subject* (the vlmkern op)
 
 * time: median, p20 and p80 of per-call times in ms. CUDA: one ``torch.cuda.Event`` pair per call, the L2
   cache flushed before each call (outside the timed region), warmup first. CPU: ``time.perf_counter``
-  around each call after warmup.
+  around each call after warmup, the implementations of a case called round-robin (one call each per round,
+  the order rotating) so that the load drift of a shared machine falls on all of them alike.
 * peak memory (MiB): CUDA only, ``max_memory_allocated`` during one call minus what was allocated before it
   (the call's working set including its output). ``None`` on the CPU: torch's CPU allocator is invisible to
   ``tracemalloc`` and RSS deltas mostly show malloc's caching, so no honest number exists there.
@@ -103,7 +104,7 @@ class TimerConfig:
             return TimerConfig(budget_s=0.0, min_reps=2, max_reps=2, warmup_s=0.0)
         if device == "cuda":
             return TimerConfig(0.15, 5, 300, 0.05) if quick else TimerConfig(0.5, 10, 1000, 0.1)
-        return TimerConfig(0.25, 3, 50, 0.0) if quick else TimerConfig(1.5, 5, 200, 0.2)
+        return TimerConfig(0.5, 5, 50, 0.0) if quick else TimerConfig(1.5, 7, 200, 0.2)
 
 
 # ----------------------------------------------------------------------------------------------- stats
@@ -187,6 +188,39 @@ def time_fn(fn: Callable[[], Any], device: str, cfg: TimerConfig) -> tuple[list[
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times, first
+
+
+def time_round_robin(fns: dict[str, Callable[[], Any]], cfg: TimerConfig
+                     ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Exception]]:
+    """CPU: per-call times in ms of each of ``fns``, called in rounds (each once per round, rotating order).
+
+    Returns (times, first outputs, errors); an implementation whose first call raises is left out of the
+    rounds. Reps: the budget over the slowest implementation's estimate, clamped to ``[min_reps, max_reps]``.
+    """
+    firsts: dict[str, Any] = {}
+    errors: dict[str, Exception] = {}
+    est: dict[str, float] = {}
+    for name, fn in fns.items():
+        try:
+            t0 = time.perf_counter()
+            firsts[name] = fn()
+            est[name] = max(time.perf_counter() - t0, 1e-7)
+        except Exception as exc:
+            errors[name] = exc
+    names = [n for n in fns if n in firsts]
+    t_end = time.perf_counter() + cfg.warmup_s
+    while names and time.perf_counter() < t_end:
+        for n in names:
+            fns[n]()
+    reps = int(min(max(cfg.budget_s / max(est.values(), default=1e-7), cfg.min_reps), cfg.max_reps))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for i in range(len(names)):
+            n = names[(i + r) % len(names)]
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    return times, firsts, errors
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: str) -> Optional[float]:
@@ -280,11 +314,20 @@ def run_cases(cases: Iterable[Case], device: str, cfg: TimerConfig, *, desc: str
                                     note=f"setup failed: {type(exc).__name__}: {exc}"[:500]))
         names = sorted(case.impls, key=lambda n: n != case.subject)
         ref_out = None
+        rr_times, rr_first, rr_err = ({}, {}, {})
+        if device != "cuda" and names:
+            bar.set_postfix_str(f"{case.name} ({len(names)} round-robin)")
+            rr_times, rr_first, rr_err = time_round_robin({n: case.impls[n] for n in names}, cfg)
         for name in names:
             bar.set_postfix_str(f"{case.name} / {name}")
             m = Measurement(case.name, case.group, case.shape, name, name == case.subject, case.backends.get(name))
             try:
-                times, first = time_fn(case.impls[name], device, cfg)
+                if name in rr_err:
+                    raise rr_err[name]
+                if device != "cuda":
+                    times, first = rr_times[name], rr_first.pop(name)
+                else:
+                    times, first = time_fn(case.impls[name], device, cfg)
                 m.__dict__.update(summarize(times))
                 m.reps = len(times)
                 m.peak_mem_mb = peak_memory_mb(case.impls[name], device)

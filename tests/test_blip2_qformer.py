@@ -334,6 +334,51 @@ def test_encoder_batch_index_computes_each_image_once(monkeypatch):
     assert calls == [2, 2]       # K and V GEMMs of layer 0 over the 2 distinct images only
 
 
+def test_repeated_frozen_images_are_found_and_computed_once(monkeypatch):
+    """Frozen image features with repeated rows (the ITM batch as BLIP-2 builds it, without an index): each
+    distinct image's K/V is computed once on the CPU; outputs and parameter gradients equal transformers'."""
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    x = _cast(itm_inputs(batch=4), torch.float32, no_grad=("encoder_hidden_states",))
+    images = x["encoder_hidden_states"]
+    images[2], images[3] = images[0], images[1]
+    calls = []
+    linear = torch.nn.functional.linear
+
+    def spy(inp, w, b=None):
+        if w.shape[1] == 48:                      # the image-side (encoder width 48) projections of layer 0
+            calls.append(inp.shape[0])
+        return linear(inp, w, b)
+
+    def run(model, **kw):
+        calls.clear()
+        monkeypatch.setattr(torch.nn.functional, "linear", spy)
+        try:
+            return model(**{**x, **kw}).last_hidden_state
+        finally:
+            monkeypatch.setattr(torch.nn.functional, "linear", linear)
+
+    got = run(ours)
+    assert calls == [2, 2]
+    expected = hf(**x).last_hidden_state
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(got)
+    leaves = [p for p in ours.parameters()] + [x["query_embeds"]]
+    hf_leaves = [p for p in hf.parameters()] + [x["query_embeds"]]
+    for a, b in zip(torch.autograd.grad(got, leaves, g, allow_unused=True),
+                    torch.autograd.grad(expected, hf_leaves, g, allow_unused=True)):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b)
+    # row 3 repeats row 1's image but not its image mask: 3 distinct (image, mask) pairs
+    img_mask = torch.ones(4, LK, dtype=torch.long)
+    img_mask[3, -2:] = 0
+    got = run(ours, encoder_attention_mask=img_mask)
+    assert calls == [3, 3]
+    unmerged = run(ours, encoder_attention_mask=img_mask, encoder_hidden_states=images.clone().requires_grad_())
+    assert calls == [4, 4]                        # images that need a gradient keep their rows
+    torch.testing.assert_close(got, unmerged)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_input():
     ours = Blip2QFormerModel(make_config(text=False))

@@ -211,3 +211,28 @@ def test_bad_input():
         cross_attention(q, k, v, key_padding_mask=torch.ones(2, 20, dtype=torch.bool, device="meta"))
     with pytest.raises(TypeError, match="scale"):
         cross_attention(q, k, v, scale="0.1")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_eager_cpu_long_keys(padded, monkeypatch):
+    """An eager CPU call with a score matrix past the flash threshold (CogAgent's long keys) runs torch's flash
+    kernel when nothing is masked, the explicit math otherwise: both agree with the fp64 reference."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    torch.manual_seed(0)
+    lq, lk = 256, attn_ops._CPU_FLASH_MIN_SCORES // 256 + 3
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (lq, lk, lk))
+    mask = None
+    if padded:
+        mask = torch.ones(1, lk, dtype=torch.bool)
+        mask[0, -7:] = False
+    out = cross_attention(q, k, v, key_padding_mask=mask)
+    assert len(calls) == (0 if padded else 1)
+    exact = ref_attention.cross_attention(*(t.double() for t in (q, k, v)), key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), g),
+                         torch.autograd.grad(exact, (q, k, v), g.double())):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

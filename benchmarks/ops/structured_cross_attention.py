@@ -13,7 +13,8 @@ mining and CogAgent high-resolution cross-attention, each against what the origi
   module math with ``F.scaled_dot_product_attention`` (what the original calls for its default all-zero mask):
   2048 LLM tokens x 6400 image tokens, 32 heads x 32, hidden 4096.
 
-Groups ``<model> fwd`` and ``<model> fwd+bwd``; bf16 on the GPU, fp32 and small shapes on the CPU.
+Groups ``<model> fwd`` and ``<model> fwd+bwd``; bf16 on the GPU; fp32 on the CPU at the models' widths with fewer
+images and tokens (``--quick``: fewer still).
 """
 from __future__ import annotations
 
@@ -141,8 +142,12 @@ def cases(device: str, quick: bool = False, smoke: bool = False) -> list[Case]:
     if smoke or device != "cuda":
         dt = torch.float32
         shapes = dict(res=(2, 64, 48, 128, 4, 4), mine=(1, 4, 4, 32, 48), cog=(1, 32, 400, 64, 2, 32))
-        if not smoke and not quick:
-            shapes = dict(res=(4, 256, 96, 256, 8, 8), mine=(2, 12, 8, 64, 96), cog=(1, 128, 1600, 128, 4, 32))
+        if not smoke:   # CPU: the models' widths (heads of 128 / 32), fewer images and tokens
+            shapes = dict(res=(2, 256, 832, 1024, 8, 8), mine=(1, 12, 4, 1024, 1536),
+                          cog=(1, 128, 1600, 1024, 32, 32))
+            if not quick:
+                shapes = dict(res=(4, 1024, 1664, 2048, 16, 16), mine=(1, 24, 4, 1024, 2880),
+                              cog=(1, 512, 6400, 1024, 32, 32))
     else:
         dt = torch.bfloat16
         shapes = dict(res=(64, 1024, 1664, 4096, 32, 16), mine=(8, 24, 8, 1024, 2880),

@@ -13,7 +13,8 @@ Differences from transformers, all documented where they occur:
 * ``encoder_batch_index`` (vlmkern extension): ``encoder_hidden_states`` may hold each distinct image once
   ``(N, Lk, E)`` and ``encoder_batch_index (B,)`` say which one each batch row uses (the ITM batch
   ``[pos, neg image, neg text]`` of SPEC §1.2 repeats every positive image), so the cross-attention K/V
-  projection runs once per image. ``encoder_attention_mask`` is then per distinct image ``(N, Lk)``.
+  projection runs once per image. ``encoder_attention_mask`` is then per distinct image ``(N, Lk)``. Eager CPU
+  calls whose images need no gradient find repeated images themselves (:func:`repeated_images`).
 * ``output_attentions=True``, 3-D/4-D masks and attention-probability dropout in training mode run the
   original's dense attention (:func:`vlmkern.nn.qformer.eager_attention`) instead of the kernels.
 * A batch row whose attention mask is all zeros returns zeros on the kernel path (transformers averages the
@@ -133,6 +134,11 @@ class QFormerModelBase(nn.Module):
             elif N not in (B, 1):
                 raise ValueError(f"encoder_hidden_states has batch {N} but the queries have batch {B} (give "
                                  f"encoder_batch_index to map rows to distinct images)")
+            else:
+                found = repeated_images(encoder_hidden_states, encoder_attention_mask)
+                if found is not None:
+                    encoder_hidden_states, encoder_attention_mask, encoder_batch_index = found
+                    N = encoder_hidden_states.shape[0]
             encoder_hidden_states = encoder_hidden_states.to(device=device, dtype=embedding_output.dtype)
             cross_mask = AttentionMask.from_hf(encoder_attention_mask, "encoder_attention_mask", N, query_length,
                                                Lk, device)
@@ -145,6 +151,44 @@ class QFormerModelBase(nn.Module):
         out = _output_class()(last_hidden_state=seq, pooler_output=seq[:, 0, :], hidden_states=enc.hidden_states,
                               attentions=enc.attentions, cross_attentions=enc.cross_attentions)
         return out if return_dict else out.to_tuple()
+
+
+def repeated_images(images: Tensor, mask: Optional[Tensor]
+                    ) -> Optional[tuple[Tensor, Optional[Tensor], Tensor]]:
+    """``(distinct images, their masks, encoder_batch_index)`` when batch rows of ``images`` ``(B, Lk, E)``
+    (with equal rows of the 2-D ``mask``) repeat, else ``None``.
+
+    The ITM batch ``[pos, (text, neg image), (neg text, image)]`` repeats every image; finding the repeats lets
+    the cross-attention K/V projections, the most expensive GEMMs of the Q-Former, run once per image without
+    the caller passing ``encoder_batch_index``. Only for eager CPU calls on images that need no gradient (the
+    frozen vision tower of BLIP-2 / InstructBLIP): there the content check (a sum per row, then an exact
+    comparison of rows whose sums agree) costs one read of the images and no device sync, and the per-row
+    gradients of ``images`` do not exist to be routed.
+    """
+    B = images.shape[0]
+    if (B < 2 or images.device.type != "cpu" or images.requires_grad or torch.compiler.is_compiling()
+            or (mask is not None and (mask.dim() != 2 or mask.shape[0] != B))):
+        return None
+    sums = images.reshape(B, -1).sum(1, dtype=torch.float64).tolist()
+    reps: list[int] = []
+    index: list[int] = []
+    by_sum: dict[float, list[int]] = {}                   # row sum -> slots of the distinct rows with it
+    for b, total in enumerate(sums):
+        slots = by_sum.setdefault(total, [])
+        for slot in slots:
+            r = reps[slot]
+            if torch.equal(images[r], images[b]) and (mask is None or torch.equal(mask[r], mask[b])):
+                index.append(slot)
+                break
+        else:
+            slots.append(len(reps))
+            index.append(len(reps))
+            reps.append(b)
+    if len(reps) == B:
+        return None
+    keep = torch.tensor(reps, device=images.device)
+    return (images.index_select(0, keep), None if mask is None else mask.index_select(0, keep),
+            torch.tensor(index, device=images.device))
 
 
 class Blip2QFormerModel(QFormerModelBase):

@@ -12,8 +12,10 @@ Without a mask it runs (per call, ``X (N, L, kv_dim)``, ``P16`` the stored table
 
 so neither the ``(L, N, D)`` copy ``x + pos`` nor the ``(256, N, D)`` repeated queries nor the ``(N, 256, L)``
 attention weights exist, and ``F.interpolate`` runs once per grid and table version instead of every call.
-When ``pos_embed`` or ``attn.in_proj_weight`` need gradients the position term is recomputed (differentiably)
-each call. With an ``attn_mask`` the original computation runs (``nn.MultiheadAttention``).
+When ``pos_embed`` or ``attn.in_proj_weight`` need gradients (training), ``k = (LN_kv(X W_kv) + P_L) W_k + b_k``
+as the original (the add costs less than recomputing ``P_L W_k`` every step; ``P_L`` stays cached while
+``pos_embed`` is frozen, and every gradient reaches its parameter).
+With an ``attn_mask`` the original computation runs (``nn.MultiheadAttention``).
 """
 from __future__ import annotations
 
@@ -112,31 +114,32 @@ class Resampler(nn.Module):
         return L
 
     # --------------------------------------------------------------------------------- position term
-    def _key_position_bias(self, L: int, w_k: Tensor, dtype: torch.dtype) -> Tensor:
-        """``P_L W_kᵀ`` ``(L, D)`` in ``dtype`` (computed in fp32, fp64 for fp64); cached when nothing in it needs a gradient."""
-        ct = torch.float64 if dtype == torch.float64 else torch.float32
-        pos_grad = self.pos_embed.requires_grad and torch.is_grad_enabled()
-        w_grad = w_k.requires_grad and torch.is_grad_enabled()
+    def _position_table(self, L: int) -> Tensor:
+        """``P_L`` ``(L, D)``: ``pos_embed`` resized to ``L`` keys; cached unless ``pos_embed`` needs a gradient."""
+        if (self.pos_embed.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            # The cache keys on data_ptr/_version, which a traced graph cannot see: compiled graphs recompute.
+            return get_abs_pos(self.pos_embed, L)
+        key = ("table", L, *_version_key(self.pos_embed))
+        table = self._cache.get(key)
+        if table is None:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "table" or k[1] != L}
+            table = self._cache[key] = get_abs_pos(self.pos_embed.detach(), L)
+        return table
+
+    def _cached_key_bias(self, L: int, w_k: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        """``P_L W_kᵀ`` ``(L, D)`` in ``dtype`` (computed in fp32, fp64 for fp64), cached per (L, table and weight
+        versions); None when ``pos_embed`` or ``w_k`` needs a gradient or under ``torch.compile``."""
+        if torch.is_grad_enabled() and (self.pos_embed.requires_grad or w_k.requires_grad):
+            return None
         if torch.compiler.is_compiling():
-            # The cache keys on data_ptr/_version, which a traced graph cannot see; compiled graphs recompute
-            # the (small) bias instead, with no graph break.
-            return F.linear(get_abs_pos(self.pos_embed, L).to(ct), w_k.to(ct)).to(dtype)
-        if pos_grad:
-            table = get_abs_pos(self.pos_embed, L)
-        else:
-            key = ("table", L, *_version_key(self.pos_embed))
-            table = self._cache.get(key)
-            if table is None:
-                self._cache = {k: v for k, v in self._cache.items() if k[0] != "table" or k[1] != L}
-                table = self._cache[key] = get_abs_pos(self.pos_embed.detach(), L)
-        if pos_grad or w_grad:
-            return F.linear(table.to(ct), w_k.to(ct)).to(dtype)
+            return None
         key = ("bias", L, *_version_key(self.pos_embed), *_version_key(self.attn.in_proj_weight), dtype)
         bias = self._cache.get(key)
         if bias is None:
+            ct = torch.float64 if dtype == torch.float64 else torch.float32
             self._cache = {k: v for k, v in self._cache.items() if k[0] != "bias" or k[1] != L}
             with torch.no_grad():
-                bias = self._cache[key] = F.linear(table.to(ct), w_k.detach().to(ct)).to(dtype)
+                bias = self._cache[key] = F.linear(self._position_table(L).to(ct), w_k.detach().to(ct)).to(dtype)
         return bias
 
     # ----------------------------------------------------------------------------------------- forward
@@ -149,14 +152,22 @@ class Resampler(nn.Module):
         d = D // H
         x = self.ln_kv(self.kv_proj(x))                                       # (N, L, D)
         w, b = self.attn.in_proj_weight, self.attn.in_proj_bias
-        w_q, w_k, w_kv = w[:D], w[D:2 * D], w[D:]
-        b_q = b[:D] if b is not None else None
-        b_kv = b[D:] if b is not None else None
+        w_q, w_k, w_v = w.split(D)              # one split: its backward writes each block once, no zero fills
+        b_q, b_k, b_v = b.split(D) if b is not None else (None, None, None)
         q = F.linear(self.ln_q(self.query) + self.pos_embed, w_q, b_q)        # (Q, D), once per call
-        kv = F.linear(x, w_kv, b_kv)                                         # (N, L, 2D): [k | v]
-        kv[..., :D] += self._key_position_bias(L, w_k, kv.dtype)              # + P_L W_k, no x + pos copy
-        k = kv[..., :D].unflatten(-1, (H, d)).transpose(1, 2)                 # (N, H, L, d) views
-        v = kv[..., D:].unflatten(-1, (H, d)).transpose(1, 2)
+        bias = self._cached_key_bias(L, w_k, x.dtype)
+        if bias is not None:
+            # Frozen position term: one [k | v] GEMM plus the cached P_L W_kᵀ, no x + pos copy.
+            kv = F.linear(x, w[D:], b[D:] if b is not None else None)         # (N, L, 2D)
+            kv[..., :D] += bias
+            k, v = kv[..., :D], kv[..., D:]
+        else:
+            # Training the position term or W_k: (x + P_L) W_kᵀ as the original (an add is cheaper than the
+            # extra L x D x D GEMM of P_L W_kᵀ, and both gradients follow), the table still not re-interpolated.
+            k = F.linear(x + self._position_table(L).to(x.dtype), w_k, b_k)
+            v = F.linear(x, w_v, b_v)
+        k = k.unflatten(-1, (H, d)).transpose(1, 2)                            # (N, H, L, d) views
+        v = v.unflatten(-1, (H, d)).transpose(1, 2)
         qh = q.unflatten(-1, (H, d)).transpose(0, 1).unsqueeze(0).expand(N, H, self.num_queries, d)
         out = cross_attention(qh, k, v)                                      # (N, H, Q, d)
         out = out.transpose(1, 2).reshape(N, self.num_queries, D)

@@ -251,10 +251,30 @@ def _drop(t: Tensor, keep: Optional[Tensor], keep_scale: float) -> Tensor:
     return t if keep is None else t * (keep.to(t.dtype) * keep_scale)
 
 
-def _cpu_rows(mask: Tensor) -> Optional[Tensor]:
-    """Indices of the routed rows when on the CPU, where reading them costs no device sync; else None
-    (on a GPU the reference path stays sync-free with masked full-size products)."""
-    return mask.nonzero().squeeze(1) if mask.device.type == "cpu" else None
+_MAX_RUNS = 32
+
+
+def _cpu_rows(mask: Tensor) -> Optional[list[slice] | Tensor]:
+    """The routed rows of a CPU ``mask`` ``(M,)``, where reading them costs no device sync: a list of slices
+    when they form at most ``_MAX_RUNS`` contiguous runs (image tokens and CogVLM's vision tokens come in one
+    run per image: the products then run on row views, with no gather or scatter copy), else an index
+    tensor. None on a GPU (the reference path there stays sync-free with masked full-size products)."""
+    if mask.device.type != "cpu":
+        return None
+    m = mask.to(torch.int8)
+    zero = m.new_zeros(1)
+    edges = torch.diff(m, prepend=zero, append=zero).nonzero().squeeze(1)   # run starts and ends, alternating
+    if edges.numel() > 2 * _MAX_RUNS:
+        return mask.nonzero().squeeze(1)
+    bounds = edges.tolist()
+    return [slice(a, b) for a, b in zip(bounds[0::2], bounds[1::2])]
+
+
+def _row_blocks(rows: list[slice] | Tensor) -> list:
+    """Row selectors to loop over: each run, or the whole index tensor at once (empty: nothing)."""
+    if isinstance(rows, Tensor):
+        return [rows] if rows.numel() else []
+    return rows
 
 
 def _ref_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
@@ -262,9 +282,8 @@ def _ref_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
     if rows is None:
         return _zero_unrouted(_drop(a, keep, keep_scale).matmul(b.t()) * scale, mask)
     out = a.new_zeros((a.shape[0], b.shape[0]))
-    if rows.numel():
-        sub_keep = None if keep is None else keep[rows]
-        out[rows] = _drop(a[rows], sub_keep, keep_scale).matmul(b.t()) * scale
+    for r in _row_blocks(rows):
+        out[r] = _drop(a[r], None if keep is None else keep[r], keep_scale).matmul(b.t()) * scale
     return out
 
 
@@ -273,9 +292,11 @@ def _ref_lora_up(a, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
     rows = _cpu_rows(mask)
     if rows is None:
         return y + _zero_unrouted(_drop(u.matmul(v.t()), keep, keep_scale), mask)
-    if rows.numel():
-        sub_keep = None if keep is None else keep[rows]
-        y[rows] += _drop(u[rows].matmul(v.t()), sub_keep, keep_scale)
+    for r in _row_blocks(rows):
+        if keep is None and isinstance(r, slice):
+            y[r].addmm_(u[r], v.t())                   # in place on the row view
+        else:
+            y[r] += _drop(u[r].matmul(v.t()), None if keep is None else keep[r], keep_scale)
     return y
 
 
@@ -287,19 +308,32 @@ def _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tens
         rows = _cpu_rows(sel == g + sel_base)
         if rows is None:
             outs.append(_zero_unrouted(p, sel == g + sel_base).t().matmul(q) * scale)
-        else:
-            outs.append(p[rows].t().matmul(q[rows]) * scale)
+            continue
+        acc = p.new_zeros((p.shape[1], q.shape[1]))
+        for r in _row_blocks(rows):
+            acc.addmm_(p[r].t(), q[r])
+        outs.append(acc.mul_(scale) if scale != 1.0 else acc)
     return torch.stack(outs) if outs else p.new_empty((0, p.shape[1], q.shape[1]))
 
 
 def _ref_expert_linear(x, weights, expert_ids) -> Tensor:
     if x.device.type != "cpu":
         return ref.expert_linear(x, weights, expert_ids)
-    out = torch.full((x.shape[0], weights[0].shape[0]), float("nan"), dtype=x.dtype, device=x.device)
+    out = torch.empty((x.shape[0], weights[0].shape[0]), dtype=x.dtype, device=x.device)
+    covered = 0
     for e, w in enumerate(weights):                     # each row computed once, by its expert
-        rows = _cpu_rows(expert_ids == e)
-        if rows.numel():
-            out[rows] = torch.nn.functional.linear(x[rows], w)
+        for r in _row_blocks(_cpu_rows(expert_ids == e)):
+            if isinstance(r, slice):
+                torch.mm(x[r], w.t(), out=out[r])       # straight into the output's row view
+                covered += r.stop - r.start
+            else:
+                out[r] = torch.nn.functional.linear(x[r], w)
+                covered += r.numel()
+    if covered != x.shape[0]:                           # ids out of range (unchecked): those rows are NaN
+        keep = torch.zeros(x.shape[0], dtype=torch.bool)
+        for e in range(len(weights)):
+            keep |= expert_ids == e
+        out[~keep] = float("nan")
     return out
 
 
