@@ -170,8 +170,8 @@ def unpad_bounds(image_size, grid_size) -> tuple[int, int, int, int]:
 
 
 class PackPlan(NamedTuple):
-    """Per image: which feature rows are projected (``kept``, relative to the image's first row) and where each
-    packed token comes from (``source``: a row of the projected ``kept`` rows, or -1 for the newline)."""
+    """Per image: which feature rows are projected (``kept``, ascending, relative to the image's first row) and
+    where each packed token comes from (``source``: a row of the projected ``kept`` rows, or -1 for the newline)."""
     kept: Tensor          # (R,) int32
     source: Tensor        # (L,) int32
     feature_rows: int     # rows of features[i] (tiles x tokens_per_tile)
@@ -192,8 +192,15 @@ def _plan(image_size: tuple[int, int], n_tiles: int, tokens: int, side: int, pin
     tile = (ys // side) * npw + xs // side
     grid_rows = (1 + tile) * T + (ys % side) * side + xs % side
     h, w = grid_rows.shape
-    kept = torch.cat([base, grid_rows.reshape(-1)])
-    grid_src = T + torch.arange(h * w, dtype=torch.int32).reshape(h, w)
+    # Kept rows in feature order (a row-major walk of the grid jumps between tiles): the first GEMM then reads
+    # its rows in memory order, and when unpadding drops nothing it reads ``features`` as they are, no gather.
+    # The grid's row-major order moves to ``source``, which the second GEMM gathers anyway.
+    grid_flat = grid_rows.reshape(-1)
+    order = torch.argsort(grid_flat, stable=True)
+    kept = torch.cat([base, grid_flat[order]])
+    where = torch.empty_like(order)
+    where[order] = torch.arange(order.numel())
+    grid_src = (T + where).to(torch.int32).reshape(h, w)
     if newline:
         grid_src = torch.cat([grid_src, torch.full((h, 1), -1, dtype=torch.int32)], 1)
     return PackPlan(kept, torch.cat([base, grid_src.reshape(-1)]), n_tiles * T)

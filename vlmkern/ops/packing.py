@@ -121,7 +121,10 @@ def _gather_linear_op(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[T
     pre = _reference.gather_linear(x, index, weight, bias, extra=extra)
     out = torch.nn.functional.gelu(pre) if gelu else pre
     if fill is not None:
-        out = torch.where(index[:, :1] < 0, fill[None, :], out)
+        if out.device.type == "cpu":
+            out[index[:, 0] < 0] = fill           # only the fill rows (a CPU mask costs no sync); out is ours
+        else:
+            out = torch.where(index[:, :1] < 0, fill[None, :], out)
     return out, pre if save_pre else pre.new_empty((0,))
 
 

@@ -24,14 +24,24 @@ def gather_linear(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bi
     if extra is not None:
         src = torch.cat([src, extra.to(src.dtype)])
     R, P = index.shape
-    is_fill = index[:, 0] < 0
-    a = src[torch.where(is_fill[:, None], 0, index).long()].reshape(R, P * C)
+    if fill is None and _reads_every_row_in_order(index, src.shape[0]):
+        a = src                                           # no gather copy: the rows as they are
+    else:
+        is_fill = index[:, 0] < 0
+        a = src[torch.where(is_fill[:, None], 0, index).long()].reshape(R, P * C)
     y = F.linear(a, weight, bias)
     if gelu:
         y = F.gelu(y)
     if fill is not None:
         y = torch.where(is_fill[:, None], fill.to(y.dtype)[None, :], y)
     return y
+
+
+def _reads_every_row_in_order(index: torch.Tensor, rows: int) -> bool:
+    """Whether ``index (R, 1)`` is ``0..rows-1`` (checked on the CPU only, where reading it costs no sync)."""
+    if index.device.type != "cpu" or index.shape != (rows, 1):
+        return False
+    return bool(torch.equal(index[:, 0], torch.arange(rows, dtype=index.dtype)))
 
 
 def gather_linear_gelu(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
