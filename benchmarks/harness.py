@@ -104,7 +104,7 @@ class TimerConfig:
             return TimerConfig(budget_s=0.0, min_reps=2, max_reps=2, warmup_s=0.0)
         if device == "cuda":
             return TimerConfig(0.15, 5, 300, 0.05) if quick else TimerConfig(0.5, 10, 1000, 0.1)
-        return TimerConfig(0.5, 5, 50, 0.0) if quick else TimerConfig(1.5, 7, 200, 0.2)
+        return TimerConfig(0.5, 5, 50, 0.0) if quick else TimerConfig(4.0, 11, 300, 0.3)
 
 
 # ----------------------------------------------------------------------------------------------- stats

@@ -66,6 +66,27 @@ def _fake_case(**kw) -> Case:
                 targets={"slow": 2.0, "missing": 1.0}, skipped={"missing": "not installed"}, **kw)
 
 
+def test_cpu_round_robin_interleaves_and_rotates():
+    """CPU timing calls the implementations of a case in rounds, rotating the order, so that a drift in the
+    machine's load falls on all of them alike; a failing first call leaves that one out."""
+    order = []
+
+    def make(name):
+        def fn():
+            order.append(name)
+            return name
+        return fn
+
+    def broken():
+        raise RuntimeError("no")
+
+    cfg = TimerConfig(budget_s=0.0, min_reps=3, max_reps=3, warmup_s=0.0)
+    times, firsts, errors = harness.time_round_robin({"a": make("a"), "b": make("b"), "x": broken}, cfg)
+    assert firsts == {"a": "a", "b": "b"} and set(errors) == {"x"}
+    assert {n: len(t) for n, t in times.items()} == {"a": 3, "b": 3}
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]    # first calls, then rounds ab / ba / ab
+
+
 def test_run_cases_ratios_targets_errors_and_skips():
     cfg = TimerConfig(budget_s=0.0, min_reps=5, max_reps=5, warmup_s=0.0)
     rows = {r.impl: r for r in harness.run_cases([_fake_case()], "cpu", cfg, show_progress=False)}
