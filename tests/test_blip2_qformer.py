@@ -474,3 +474,25 @@ def test_lavis_whole_checkpoint_names():
         "qformer.encoder.layer.0.output_query.LayerNorm.weight"
     with pytest.raises(ValueError, match="variant"):
         f("query_tokens", "blip3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_images_exact_match_only(dtype):
+    """Rows are merged only when equal in every value (and mask); a difference outside the sampled values keeps
+    them apart; images needing a gradient, a single row or a broadcast mask are left alone."""
+    from vlmkern.models.blip2 import repeated_images
+    x = torch.randn(5, 257, 48).to(dtype)
+    x[3], x[4] = x[0], x[1]
+    found = repeated_images(x, None)
+    assert found[2].tolist() == [0, 1, 2, 0, 1] and torch.equal(found[0], x[:3])
+    y = x.clone()
+    y[3, 100, 5] += 1                               # not among the sampled values
+    assert repeated_images(y, None)[2].tolist() == [0, 1, 2, 3, 1]
+    mask = torch.ones(5, 257, dtype=torch.long)
+    mask[4, -1] = 0
+    found = repeated_images(x, mask)
+    assert found[2].tolist() == [0, 1, 2, 0, 3] and torch.equal(found[1], mask[[0, 1, 2, 4]])
+    assert repeated_images(x.clone().requires_grad_(), None) is None
+    assert repeated_images(x[:1], None) is None
+    assert repeated_images(x, mask[:1]) is None
+    assert repeated_images(torch.randn(3, 4, 8), None) is None   # all distinct

@@ -213,23 +213,29 @@ def test_bad_input():
         cross_attention(q, k, v, scale="0.1")
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_eager_cpu_long_keys(padded, monkeypatch):
-    """An eager CPU call with a score matrix past the flash threshold (CogAgent's long keys) runs torch's flash
-    kernel when nothing is masked, the explicit math otherwise: both agree with the fp64 reference."""
+@pytest.mark.parametrize("case", ["long keys", "long keys padded", "strided", "empty row", "small contiguous"])
+def test_eager_cpu_paths(case, monkeypatch):
+    """Eager CPU calls run torch's flash kernel (mask as an additive bias) for long keys or strided views of the
+    projections, the explicit math for small contiguous inputs and for a batch whose keys are all padding (which
+    returns zeros): every path agrees with the fp64 reference, forward and gradients."""
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
     torch.manual_seed(0)
-    lq, lk = 256, attn_ops._CPU_FLASH_MIN_SCORES // 256 + 3
-    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (lq, lk, lk))
+    lq, lk = (256, attn_ops._CPU_FLASH_MIN_SCORES // 256 + 3) if case.startswith("long") else (8, 37)
+    q, k, v = (torch.randn(2, 2, n, 16) for n in (lq, lk, lk))
+    if case in ("strided", "empty row"):           # (B, L, H*d) projections viewed as heads: not contiguous
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     mask = None
-    if padded:
-        mask = torch.ones(1, lk, dtype=torch.bool)
+    if case in ("long keys padded", "empty row"):
+        mask = torch.ones(2, lk, dtype=torch.bool)
         mask[0, -7:] = False
+        if case == "empty row":
+            mask[1] = False
     out = cross_attention(q, k, v, key_padding_mask=mask)
-    assert len(calls) == (0 if padded else 1)
+    assert len(calls) == (1 if case in ("long keys", "long keys padded", "strided") else 0)
     exact = ref_attention.cross_attention(*(t.double() for t in (q, k, v)), key_padding_mask=mask)
     torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-5)
     g = torch.randn_like(out)

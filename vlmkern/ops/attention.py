@@ -190,11 +190,30 @@ def _cpu_flash(q: Tensor, k: Tensor) -> bool:
             and k.shape[2] > 0 and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
-# Score-matrix size per head from which the eager CPU path of an unmasked cross-attention calls torch's flash
-# kernel (what the originals with long keys call). Measured on the 2-core CI CPU, fp32, explicit vs flash:
-# Q-Former 16x12 heads x 32x257 keys fwd+bwd 14.3 vs 17.4 ms (explicit below the threshold); 32 heads x
-# 128x1600 fwd 16.6 vs 13.8, fwd+bwd 34.8 vs 37.8 (a tie); CogAgent-like 512x6400 fwd+bwd 1119 vs 501.
+# Eager CPU attention runs torch's fused flash kernel (with the mask as an additive -inf bias of its broadcast
+# shape) instead of the explicit matmul-softmax-matmul, except for contiguous q/k/v with fewer score entries per
+# head than this. Measured on the 2-core CI CPU, fp32, explicit vs flash, ms: strided views of the projections
+# (as the models pass them) Q-Former cross 4x12 heads x 32x257 keys fwd 2.92 vs 1.55, fwd+bwd 8.4 vs 5.7;
+# 32x12 x 32x677 fwd+bwd 295 vs 187; masked self-attention 64x12 x 64x64 fwd+bwd 66.7 vs 47.0. Contiguous:
+# 16x12 x 32x257 fwd+bwd 14.3 vs 17.4 (explicit wins), 32 heads x 128x1600 34.8 vs 37.8, 512x6400 1119 vs 501.
 _CPU_FLASH_MIN_SCORES = 1 << 17
+
+
+def _eager_cpu_attention(q: Tensor, k: Tensor, v: Tensor, num_query: int, mode: str, key_mask: Optional[Tensor],
+                         scale: float) -> Optional[Tensor]:
+    """Eager CPU attention through ``F.scaled_dot_product_attention`` (the flash CPU kernel), or None where the
+    reference math is faster (small contiguous inputs) or needed (a row with no visible key returns zeros)."""
+    if not _cpu_flash(q, k):
+        return None
+    if all(t.is_contiguous() for t in (q, k, v)) and q.shape[2] * k.shape[2] < _CPU_FLASH_MIN_SCORES:
+        return None
+    mask = ref_attention.qformer_mask_broadcast(num_query, mode, key_mask, q_len=q.shape[2], k_len=k.shape[2],
+                                                device=q.device)
+    if bool(mask.all()):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if not bool(mask.any(-1).all()):
+        return None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_additive(mask, q.dtype), scale=scale)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -357,6 +376,9 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
     _check_scale(scale)
     # With Lq == T the rows are the text positions num_query.. ; with Lq == L == T (num_query 0) both agree.
     if _dispatch.eager_cpu_reference(QFORMER_ATTENTION, q, k):
+        out = _eager_cpu_attention(q, k, v, num_query, mode, text_mask, _scale(q, scale))
+        if out is not None:
+            return out
         return ref_attention.qformer_attention(q, k, v, num_query=num_query, mode=mode, text_mask=text_mask,
                                                scale=_scale(q, scale))
     out, _ = _qformer_attention_op(q, k, v, _as_bool(text_mask), num_query, MODES[mode], _scale(q, scale))
@@ -381,9 +403,9 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Option
     _check_key_mask(key_padding_mask, "key_padding_mask", q.shape[0], k.shape[2], q)
     _check_scale(scale)
     if _dispatch.eager_cpu_reference(CROSS_ATTENTION, q, k):
-        if key_padding_mask is None and _cpu_flash(q, k) and q.shape[2] * k.shape[2] >= _CPU_FLASH_MIN_SCORES:
-            # Long keys (CogAgent's 6400): torch's fused CPU flash kernel, 2-4x the explicit softmax there.
-            return F.scaled_dot_product_attention(q, k, v, scale=_scale(q, scale))
+        out = _eager_cpu_attention(q, k, v, 0, "bidirectional", key_padding_mask, _scale(q, scale))
+        if out is not None:
+            return out
         return ref_attention.cross_attention(q, k, v, key_padding_mask=key_padding_mask, scale=_scale(q, scale))
     out, _ = _cross_attention_op(q, k, v, _as_bool(key_padding_mask), _scale(q, scale))
     return out

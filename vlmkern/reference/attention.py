@@ -16,7 +16,7 @@ from torch import Tensor
 MODES = ("bidirectional", "unimodal", "multimodal_causal")
 
 
-def _broadcast_mask(num_query: int, mode: str, text_mask: Tensor | None, *, q_len: int, k_len: int,
+def qformer_mask_broadcast(num_query: int, mode: str, text_mask: Tensor | None, *, q_len: int, k_len: int,
                     device=None) -> Tensor:
     """The SPEC §1.2 mask in its smallest broadcastable shape: ``(1|B, 1, 1|q_len, k_len)`` bool, True = attend.
 
@@ -49,7 +49,7 @@ def qformer_attention_mask(num_query: int, mode: str, text_mask: Tensor | None, 
     the text (``q_len = T``, the ITG pass against the queries' cached keys/values). ``text_mask`` ``(B, T)``
     (nonzero = real token) masks text *keys* only; padded rows are still computed.
     """
-    m = _broadcast_mask(num_query, mode, text_mask, q_len=q_len, k_len=k_len, device=device)
+    m = qformer_mask_broadcast(num_query, mode, text_mask, q_len=q_len, k_len=k_len, device=device)
     return m.expand(max(batch, m.shape[0]), 1, q_len, k_len)
 
 
@@ -90,7 +90,7 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
     ``q`` ``(B, H, Lq, d)`` with ``Lq = num_query + T`` or ``Lq = T`` (text rows only); ``k``, ``v``
     ``(B, H, num_query + T, d)``; ``text_mask`` ``(B, T)``. Returns ``(B, H, Lq, d)``.
     """
-    mask = _broadcast_mask(num_query, mode, text_mask, q_len=q.shape[-2], k_len=k.shape[-2], device=q.device)
+    mask = qformer_mask_broadcast(num_query, mode, text_mask, q_len=q.shape[-2], k_len=k.shape[-2], device=q.device)
     return masked_attention(q, k, v, mask, scale)
 
 
@@ -98,6 +98,6 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor
                     scale: float | None = None) -> Tensor:
     """Queries ``(B, H, Lq, d)`` attending to keys/values ``(B, H, Lk, d)``; ``key_padding_mask`` ``(B, Lk)``
     nonzero = real key."""
-    mask = _broadcast_mask(0, "bidirectional", key_padding_mask, q_len=q.shape[-2], k_len=k.shape[-2],
+    mask = qformer_mask_broadcast(0, "bidirectional", key_padding_mask, q_len=q.shape[-2], k_len=k.shape[-2],
                            device=q.device)
     return masked_attention(q, k, v, mask, scale)
