@@ -433,7 +433,7 @@ def environment(device: str) -> dict[str, Any]:
         "peak_memory_note": CPU_MEMORY_NOTE if device != "cuda" else
         "CUDA max_memory_allocated during one call minus memory allocated before it (output included)",
         "timing": ("torch.cuda.Event per call, L2 flushed before each call" if device == "cuda"
-                   else "time.perf_counter per call"),
+                   else "time.perf_counter per call, implementations of a case round-robin"),
     }
     if device == "cuda" and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name()
