@@ -375,3 +375,27 @@ def test_cpu_row_runs_and_scattered_rows_agree(runs):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for u, v in zip(torch.autograd.grad(got, (x, w, b, a, bl), g), torch.autograd.grad(expected, (x, w, b, a, bl), g)):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-4)
+
+
+def test_text_only_cpu_inference_is_the_base_linear(monkeypatch):
+    """No image row and no gradient on the CPU (a text decode step): exactly F.linear, the op is not called;
+    with gradients the op runs so the adapter gets zero gradients."""
+    from vlmkern.ops import routed_linear as ops_rl
+    torch.manual_seed(0)
+    x, w, b, a, bl = (torch.randn(*s) for s in ((1, 3, 24), (20, 24), (20,), (4, 24), (20, 4)))
+    mask = torch.zeros(1, 3, dtype=torch.bool)
+    calls = []
+    op = ops_rl._partial_lora_op
+    monkeypatch.setattr(ops_rl, "_partial_lora_op", lambda *args: calls.append(1) or op(*args))
+    with torch.no_grad():
+        assert torch.equal(partial_lora_linear(x, w, b, a, bl, mask, 2.0), F.linear(x, w, b))
+    assert calls == []
+    a.requires_grad_()
+    y = partial_lora_linear(x, w, b, a, bl, mask, 2.0)
+    assert calls == [1]
+    torch.testing.assert_close(y, F.linear(x, w, b))
+    assert torch.equal(torch.autograd.grad(y.sum(), a)[0], torch.zeros_like(a))
+    mask[0, 1] = True                               # an image row: the op, under no_grad too
+    with torch.no_grad():
+        partial_lora_linear(x, w, b, a, bl, mask, 2.0)
+    assert calls == [1, 1]
