@@ -138,11 +138,6 @@ def speedups(medians: dict[str, float], subject: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- timers
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 _L2_FLUSH: dict[str, torch.Tensor] = {}
 
 
@@ -155,39 +150,33 @@ def _flush_l2() -> None:
 
 def time_fn(fn: Callable[[], Any], device: str, cfg: TimerConfig) -> tuple[list[float], Any]:
     """Per-call times in ms of ``fn`` after warmup, and the output of its first (warmup) call."""
-    _sync(device)
-    t0 = time.perf_counter()
+    if device != "cuda":
+        times, firsts, errors = time_round_robin({"fn": fn}, cfg)
+        if errors:
+            raise errors["fn"]
+        return times["fn"], firsts["fn"]
+    torch.cuda.synchronize()
     first = fn()
-    _sync(device)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()        # the first CUDA call may include compilation or autotuning: estimate again
+    fn()
+    torch.cuda.synchronize()
     est = max(time.perf_counter() - t0, 1e-7)
-    if device == "cuda":  # the first CUDA call may include compilation or autotuning: estimate again
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        est = max(time.perf_counter() - t0, 1e-7)
     t_end = time.perf_counter() + cfg.warmup_s
     while time.perf_counter() < t_end:          # warmup beyond the first call (caches, autotuning, clocks)
         fn()
-    _sync(device)
+    torch.cuda.synchronize()
     reps = int(min(max(cfg.budget_s / est, cfg.min_reps), cfg.max_reps))
-    times: list[float] = []
-    if device == "cuda":
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for i in range(reps):
-            if cfg.flush_l2:
-                _flush_l2()
-            starts[i].record()
-            fn()
-            ends[i].record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times, first
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if cfg.flush_l2:
+            _flush_l2()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)], first
 
 
 def time_round_robin(fns: dict[str, Callable[[], Any]], cfg: TimerConfig

@@ -44,6 +44,16 @@ def backend(monkeypatch, request):
     return name
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list:
+    """Records each call of ``F.scaled_dot_product_attention`` (which eager CPU attention path ran)."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -114,33 +114,37 @@ class Resampler(nn.Module):
         return L
 
     # --------------------------------------------------------------------------------- position term
+    def _cached(self, kind: str, L: int, versions: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """``make()`` cached under ``(kind, L, *versions)``; an entry of the same kind and ``L`` with other
+        versions (the parameters changed) is dropped."""
+        key = (kind, L, *versions)
+        value = self._cache.get(key)
+        if value is None:
+            self._cache = {k: v for k, v in self._cache.items() if k[:2] != (kind, L)}
+            value = self._cache[key] = make()
+        return value
+
     def _position_table(self, L: int) -> Tensor:
         """``P_L`` ``(L, D)``: ``pos_embed`` resized to ``L`` keys; cached unless ``pos_embed`` needs a gradient."""
         if (self.pos_embed.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             # The cache keys on data_ptr/_version, which a traced graph cannot see: compiled graphs recompute.
             return get_abs_pos(self.pos_embed, L)
-        key = ("table", L, *_version_key(self.pos_embed))
-        table = self._cache.get(key)
-        if table is None:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "table" or k[1] != L}
-            table = self._cache[key] = get_abs_pos(self.pos_embed.detach(), L)
-        return table
+        return self._cached("table", L, _version_key(self.pos_embed),
+                            lambda: get_abs_pos(self.pos_embed.detach(), L))
 
     def _cached_key_bias(self, L: int, w_k: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
         """``P_L W_kᵀ`` ``(L, D)`` in ``dtype`` (computed in fp32, fp64 for fp64), cached per (L, table and weight
         versions); None when ``pos_embed`` or ``w_k`` needs a gradient or under ``torch.compile``."""
-        if torch.is_grad_enabled() and (self.pos_embed.requires_grad or w_k.requires_grad):
+        if (torch.is_grad_enabled() and (self.pos_embed.requires_grad or w_k.requires_grad)
+                or torch.compiler.is_compiling()):
             return None
-        if torch.compiler.is_compiling():
-            return None
-        key = ("bias", L, *_version_key(self.pos_embed), *_version_key(self.attn.in_proj_weight), dtype)
-        bias = self._cache.get(key)
-        if bias is None:
-            ct = torch.float64 if dtype == torch.float64 else torch.float32
-            self._cache = {k: v for k, v in self._cache.items() if k[0] != "bias" or k[1] != L}
-            with torch.no_grad():
-                bias = self._cache[key] = F.linear(self._position_table(L).to(ct), w_k.detach().to(ct)).to(dtype)
-        return bias
+        ct = torch.float64 if dtype == torch.float64 else torch.float32
+
+        @torch.no_grad()
+        def make() -> Tensor:
+            return F.linear(self._position_table(L).to(ct), w_k.detach().to(ct)).to(dtype)
+        return self._cached("bias", L, (*_version_key(self.pos_embed), *_version_key(self.attn.in_proj_weight),
+                                        dtype), make)
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:

@@ -117,6 +117,11 @@ def eager_cpu_reference(dispatch: OpDispatch, x: torch.Tensor, *args) -> bool:
             and dispatch.select(x, *args) == "reference")
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (None entries ignored)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 REGISTRY: dict[str, OpDispatch] = {}
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmkern.reference import attention as ref_attention
+from vlmkern.reference.attention import additive_mask as _additive
 from vlmkern.ops import _dispatch
 from vlmkern.ops._checks import check_same_device, check_tensor
 from vlmkern.ops._dispatch import OpDispatch, register
@@ -175,8 +176,9 @@ def _triton_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) -> tu
 
 # ------------------------------------------------------------------------------------ reference paths
 def _reference_mask(q, k, kpm, num_query, mode) -> Tensor:
-    return ref_attention.qformer_attention_mask(
-        num_query, _MODE_NAMES[mode], kpm, q_len=q.shape[2], k_len=k.shape[2], batch=q.shape[0], device=q.device)
+    """The SPEC §1.2 mask in its smallest broadcast shape (no ``(B, 1, Lq, Lk)`` tensor)."""
+    return ref_attention.qformer_mask_broadcast(num_query, _MODE_NAMES[mode], kpm, q_len=q.shape[2],
+                                                k_len=k.shape[2], device=q.device)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -207,17 +209,12 @@ def _eager_cpu_attention(q: Tensor, k: Tensor, v: Tensor, num_query: int, mode: 
         return None
     if all(t.is_contiguous() for t in (q, k, v)) and q.shape[2] * k.shape[2] < _CPU_FLASH_MIN_SCORES:
         return None
-    mask = ref_attention.qformer_mask_broadcast(num_query, mode, key_mask, q_len=q.shape[2], k_len=k.shape[2],
-                                                device=q.device)
+    mask = _reference_mask(q, k, key_mask, num_query, MODES[mode])
     if bool(mask.all()):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if not bool(mask.any(-1).all()):
         return None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_additive(mask, q.dtype), scale=scale)
-
-
-def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _reference_forward(q, k, v, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor]:

@@ -184,15 +184,11 @@ _gather_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------ public API
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                    extra: Optional[Tensor] = None, fill: Optional[Tensor] = None, gelu: bool = False,
                    validate_values: bool = True) -> Tensor:
     _check_gather_linear(x, index, weight, bias, extra, fill, validate_values=validate_values)
-    save_pre = gelu and _needs_grad(x, weight, bias, extra)
+    save_pre = gelu and _dispatch.needs_grad(x, weight, bias, extra)
     return _gather_linear_op(x, index, weight, bias, extra, fill, gelu, save_pre)[0]
 
 

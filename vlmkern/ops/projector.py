@@ -130,9 +130,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     _check_linear(x, weight, bias)
     if _dispatch.eager_cpu_reference(LINEAR_GELU, x, weight):
         return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    return _linear_gelu_op(x, weight, bias, needs_grad)[0]
+    return _linear_gelu_op(x, weight, bias, _dispatch.needs_grad(x, weight, bias))[0]
 
 
 __all__ = ["linear_gelu"]

@@ -320,20 +320,13 @@ def _ref_expert_linear(x, weights, expert_ids) -> Tensor:
     if x.device.type != "cpu":
         return ref.expert_linear(x, weights, expert_ids)
     out = torch.empty((x.shape[0], weights[0].shape[0]), dtype=x.dtype, device=x.device)
-    covered = 0
     for e, w in enumerate(weights):                     # each row computed once, by its expert
         for r in _row_blocks(_cpu_rows(expert_ids == e)):
             if isinstance(r, slice):
                 torch.mm(x[r], w.t(), out=out[r])       # straight into the output's row view
-                covered += r.stop - r.start
             else:
                 out[r] = torch.nn.functional.linear(x[r], w)
-                covered += r.numel()
-    if covered != x.shape[0]:                           # ids out of range (unchecked): those rows are NaN
-        keep = torch.zeros(x.shape[0], dtype=torch.bool)
-        for e in range(len(weights)):
-            keep |= expert_ids == e
-        out[~keep] = float("nan")
+    out[(expert_ids < 0) | (expert_ids >= len(weights))] = float("nan")   # unchecked out-of-range ids
     return out
 
 
@@ -483,13 +476,11 @@ def _autocast(x: Tensor, *tensors):
 
 def _text_only_cpu_inference(x, weight, bias, lora_a, lora_b, im_mask) -> bool:
     """An eager CPU call on the reference backend that needs no gradient and has no image row (reading a CPU
-    mask costs no sync). With
-    gradients the op still runs, so that the adapter's parameters get their (zero) gradients, as the original's."""
+    mask costs no sync). With gradients the op still runs, so that the adapter's parameters get their (zero)
+    gradients, as the original's."""
     if im_mask.device.type != "cpu" or not _dispatch.eager_cpu_reference(PARTIAL_LORA, x.reshape(-1, x.shape[-1])):
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
-        return False
-    return not bool(im_mask.any())
+    return not _dispatch.needs_grad(x, weight, bias, lora_a, lora_b) and not bool(im_mask.any())
 
 
 def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,

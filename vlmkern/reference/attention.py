@@ -17,7 +17,7 @@ MODES = ("bidirectional", "unimodal", "multimodal_causal")
 
 
 def qformer_mask_broadcast(num_query: int, mode: str, text_mask: Tensor | None, *, q_len: int, k_len: int,
-                    device=None) -> Tensor:
+                           device=None) -> Tensor:
     """The SPEC §1.2 mask in its smallest broadcastable shape: ``(1|B, 1, 1|q_len, k_len)`` bool, True = attend.
 
     Bidirectional depends on the keys only (``(B, 1, 1, k_len)``, or ``(1, 1, 1, k_len)`` all True without a
@@ -60,6 +60,11 @@ def cross_attention_mask(key_padding_mask: Tensor | None, *, q_len: int, k_len: 
                                   batch=batch, device=device)
 
 
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """``0`` where ``mask`` (bool, True = attend) is set, ``-inf`` elsewhere, in ``mask``'s (broadcast) shape."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
     """``softmax(q k^T * scale, masked) v`` in the input dtype; rows with no visible key return zeros.
 
@@ -71,8 +76,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if bool(mask.all()):                                   # nothing masked: plain softmax
         return torch.matmul(torch.softmax(scores, dim=-1), v)
-    scores = scores + torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(
-        ~mask, float("-inf"))
+    scores = scores + additive_mask(mask, scores.dtype)
     has_key = mask.any(dim=-1, keepdim=True)
     if bool(has_key.all()):
         return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -90,7 +94,8 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
     ``q`` ``(B, H, Lq, d)`` with ``Lq = num_query + T`` or ``Lq = T`` (text rows only); ``k``, ``v``
     ``(B, H, num_query + T, d)``; ``text_mask`` ``(B, T)``. Returns ``(B, H, Lq, d)``.
     """
-    mask = qformer_mask_broadcast(num_query, mode, text_mask, q_len=q.shape[-2], k_len=k.shape[-2], device=q.device)
+    mask = qformer_mask_broadcast(num_query, mode, text_mask, q_len=q.shape[-2], k_len=k.shape[-2],
+                                  device=q.device)
     return masked_attention(q, k, v, mask, scale)
 
 
@@ -99,5 +104,5 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor
     """Queries ``(B, H, Lq, d)`` attending to keys/values ``(B, H, Lk, d)``; ``key_padding_mask`` ``(B, Lk)``
     nonzero = real key."""
     mask = qformer_mask_broadcast(0, "bidirectional", key_padding_mask, q_len=q.shape[-2], k_len=k.shape[-2],
-                           device=q.device)
+                                  device=q.device)
     return masked_attention(q, k, v, mask, scale)
