@@ -1,6 +1,7 @@
 """A tiny VLM made of vlmkern parts (``examples/train_tiny_vlm.py``: PatchEmbedLinear -> Q-Former ->
 MLPProjector -> PLoRA decoder layer) trains 3 steps under DDP and FSDP2 (2 CPU processes, gloo, loopback) with
 the same losses, gradients and weights as one process on the whole batch."""
+import gc
 import os
 import socket
 import sys
@@ -72,6 +73,12 @@ def _worker(rank: int, mode: str, port: int, out: str) -> None:
         if rank == 0:
             strip = lambda d: {k.removeprefix("module."): v for k, v in d.items()}  # noqa: E731
             torch.save((result[0], strip(result[1]), strip(result[2])), out)
+        # Why: CI once saw gloo abort a rank at teardown ("terminate called without an active exception").
+        # Both ranks finish every collective, and the DDP/FSDP objects (which hold the process group and its
+        # threads) are freed on this thread, before the group is destroyed.
+        del model, full, result
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
