@@ -46,7 +46,9 @@ def _gather_linear_fwd_kernel(
         x_row = (xs // T) * s_xg + (xs % T) * s_xt
         if HAS_EXTRA:
             in_e = (src >= M) & (src < ME)
-            e_row = tl.where(in_e, src - M, 0) * s_em
+            # No tl.where here: Triton 3.6 miscompiles a second select on `src` (layout mismatch in
+            # arith.select). Rows outside [M, ME) never dereference e_row: their loads are masked by in_e.
+            e_row = (src - M) * s_em
         for k0 in range(0, C, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < C
