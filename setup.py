@@ -25,7 +25,7 @@ import tempfile
 import torch
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CUDA_EXT = "vlmkern._cuda"
@@ -78,6 +78,18 @@ def _cxx_flags() -> list[str]:
     return ["-O3", "-g0", "-ffp-contract=off"]
 
 
+def _cuda_home() -> str | None:
+    """torch's guess of the toolkit, unless it lacks the CUDA headers (an ``nvcc`` wrapper script in
+    /usr/local/bin makes torch guess /usr/local): then /usr/local/cuda when that has them."""
+    home = cpp_extension.CUDA_HOME
+    has_headers = lambda d: d is not None and os.path.isfile(os.path.join(d, "include", "cuda_runtime.h"))  # noqa: E731
+    if home is None or has_headers(home) or not has_headers("/usr/local/cuda"):
+        return home
+    print(f"vlmkern: CUDA_HOME={home} has no include/cuda_runtime.h, using /usr/local/cuda", file=sys.stderr)
+    cpp_extension.CUDA_HOME = "/usr/local/cuda"   # torch's include, library and nvcc paths read this global
+    return cpp_extension.CUDA_HOME
+
+
 def extensions() -> list:
     if _flag("VLMKERN_NO_EXT"):
         return []
@@ -89,7 +101,7 @@ def extensions() -> list:
         extra_compile_args={"cxx": _cxx_flags() + omp},
         extra_link_args=omp,
     )]
-    if torch.version.cuda is None or CUDA_HOME is None:
+    if torch.version.cuda is None or _cuda_home() is None:
         why = "torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit found (set CUDA_HOME)"
         msg = f"not building {CUDA_EXT}: {why}"
         if _flag("VLMKERN_REQUIRE_CUDA"):

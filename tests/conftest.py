@@ -13,6 +13,16 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+try:
+    from hypothesis import settings
+except ImportError:
+    pass
+else:
+    # Every run draws the same examples, as Hypothesis does by itself under CI (its "ci" profile): a drawn
+    # shape is a fixed test case, so a run on a GPU machine or a laptop checks what CI checked.
+    settings.register_profile("vlmkern", derandomize=True, database=None)
+    settings.load_profile("vlmkern")
+
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -40,6 +50,10 @@ def device():
 def backend(monkeypatch, request):
     """Force a backend for the duration of a test: use with ``@pytest.mark.parametrize('backend', [...], indirect=True)``."""
     name = getattr(request, "param", "triton")
+    if name == "triton" and not HAS_CUDA:
+        from vlmkern.ops._dispatch import interpreter_version_reason
+        if interpreter_version_reason():
+            pytest.skip(interpreter_version_reason())
     monkeypatch.setenv("VLMKERN_BACKEND", name)
     return name
 

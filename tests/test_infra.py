@@ -37,6 +37,17 @@ def test_bad_backend_name(monkeypatch):
         _dispatch.forced_backend()
 
 
+@pytest.mark.parametrize("version, too_old", [("3.6.0", True), ("3.7.0", False), ("3.9.0+git1a2b", False)])
+def test_old_triton_interpreter_is_refused_with_a_reason(monkeypatch, version, too_old):
+    import triton
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    reasons = _dispatch.triton_env_reasons(torch.device("cpu"))
+    assert (reasons == [f"the Triton interpreter of triton {version} cannot run vlmkern's kernels (needs >= 3.7)"]
+            if too_old else reasons == [])
+
+
 def test_tolerance_rule_accepts_and_rejects():
     ref = torch.randn(1000, dtype=torch.float64)
     base = ref.to(torch.bfloat16)

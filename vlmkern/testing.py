@@ -7,6 +7,11 @@ absolute floor scaled by the reference's magnitude::
     err(ours)  <=  FACTOR[kind] * err(torch_lowp)  +  FLOOR[dtype] * max(1, max|ref|)
 
 with ``err(x) = max|x - ref|`` computed in float64.
+
+Both sides are single-draw maxima, so on random data the rule has a small false-failure tail: where torch
+happens to land near-exact on a tensor, an equally accurate kernel can exceed 3x of it (Mini-Gemini gradients
+on 40 seeds: median ratio ours/torch 0.9-1.4, yet single draws up to 14x). The test suite therefore fixes
+its data (seeded torch, derandomized Hypothesis in tests/conftest.py), so every run checks the same cases.
 """
 from __future__ import annotations
 

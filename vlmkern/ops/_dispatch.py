@@ -46,6 +46,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+# Triton's interpreter before 3.7 cannot run a loop whose bounds derive from tl.program_id, as the attention
+# kernels' key ranges do ("only 0-dimensional arrays can be converted to Python scalars"). Compiled kernels are
+# unaffected: the GPU build check compiles every shipped config with Triton 3.6 as well.
+MIN_INTERPRETER_TRITON = (3, 7)
+
+
+def interpreter_version_reason() -> str:
+    """Why this Triton's interpreter can't run vlmkern's kernels, or ``""``."""
+    import triton
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    if version < MIN_INTERPRETER_TRITON:
+        return (f"the Triton interpreter of triton {triton.__version__} cannot run vlmkern's kernels "
+                f"(needs >= {'.'.join(map(str, MIN_INTERPRETER_TRITON))})")
+    return ""
+
+
 def triton_env_reasons(device: torch.device) -> list[str]:
     """Why Triton cannot run on ``device`` at all (independent of the op's inputs)."""
     try:
@@ -57,6 +73,8 @@ def triton_env_reasons(device: torch.device) -> list[str]:
     if device.type == "cpu":
         if not triton_interpreting():
             return ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]
+        if interpreter_version_reason():
+            return [interpreter_version_reason()]
         # The interpreter is a test tool, orders of magnitude slower than the reference: never picked by default.
         if forced_backend() != "triton":
             return ["on the CPU the Triton interpreter runs only when forced with VLMKERN_BACKEND=triton"]
