@@ -118,6 +118,21 @@ def test_status_and_table_flag_spills_and_shared_memory():
     assert cells[:6] == ["k[spill]", "-", "sm_80", "10", "12", "0"] and cells[6] == "FAIL"
 
 
+def test_unaligned_variants_drop_the_divisibility_hints_and_allow_spills():
+    shipped, _ = gbc.discover_builds()
+    hinted = [b for b in shipped if b.attrs]
+    variants = gbc.unaligned_variants(shipped)
+    assert len(variants) == len(hinted) > 0
+    for b, v in zip(hinted, variants):
+        assert v.label == b.label + "{unaligned}" and v.attrs == {}
+        assert (v.kernel, v.signature, v.constexprs, v.num_warps, v.num_stages) == (
+            b.kernel, b.signature, b.constexprs, b.num_warps, b.num_stages)
+    spill = dict(kind="triton", config="-", arch=90, registers=255, spill_stores=8, spill_loads=8, shared=0)
+    assert gbc.BuildResult("k[x]{unaligned}", **spill).ok
+    assert not gbc.BuildResult("k[x]", **spill).ok
+    assert not gbc.BuildResult("k[x]{unaligned}", **dict(spill, error="boom")).ok   # errors still fail
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(gbc.find_nvcc() is None, reason="nvcc not installed")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
