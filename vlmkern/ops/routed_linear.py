@@ -320,13 +320,19 @@ def _ref_expert_linear(x, weights, expert_ids) -> Tensor:
     if x.device.type != "cpu":
         return ref.expert_linear(x, weights, expert_ids)
     out = torch.empty((x.shape[0], weights[0].shape[0]), dtype=x.dtype, device=x.device)
-    for e, w in enumerate(weights):                     # each row computed once, by its expert
-        for r in _row_blocks(_cpu_rows(expert_ids == e)):
+    routed = 0
+    # Every expert's rows first: small ops right after a large multi-threaded GEMM run measurably slower here.
+    rows = [_row_blocks(_cpu_rows(expert_ids == e)) for e in range(len(weights))]
+    for w, blocks in zip(weights, rows):                # each row computed once, by its expert
+        for r in blocks:
             if isinstance(r, slice):
                 torch.mm(x[r], w.t(), out=out[r])       # straight into the output's row view
+                routed += r.stop - r.start
             else:
                 out[r] = torch.nn.functional.linear(x[r], w)
-    out[(expert_ids < 0) | (expert_ids >= len(weights))] = float("nan")   # unchecked out-of-range ids
+                routed += r.numel()
+    if routed < x.shape[0]:   # unchecked out-of-range ids (a full-size masked fill costs ~3 % of the call)
+        out[(expert_ids < 0) | (expert_ids >= len(weights))] = float("nan")
     return out
 
 
