@@ -52,8 +52,9 @@ def backend(monkeypatch, request):
     name = getattr(request, "param", "triton")
     if name == "triton" and not HAS_CUDA:
         from vlmkern.ops._dispatch import interpreter_version_reason
-        if interpreter_version_reason():
-            pytest.skip(interpreter_version_reason())
+        too_old = interpreter_version_reason()
+        if too_old:
+            pytest.skip(too_old)
     monkeypatch.setenv("VLMKERN_BACKEND", name)
     return name
 

@@ -73,8 +73,9 @@ def triton_env_reasons(device: torch.device) -> list[str]:
     if device.type == "cpu":
         if not triton_interpreting():
             return ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]
-        if interpreter_version_reason():
-            return [interpreter_version_reason()]
+        too_old = interpreter_version_reason()
+        if too_old:
+            return [too_old]
         # The interpreter is a test tool, orders of magnitude slower than the reference: never picked by default.
         if forced_backend() != "triton":
             return ["on the CPU the Triton interpreter runs only when forced with VLMKERN_BACKEND=triton"]
