@@ -157,16 +157,6 @@ def test_dropout_mask_is_drawn_for_all_rows(backend, device):
     torch.testing.assert_close(states[0], states[1])
 
 
-def _original_plora(x, weight, bias, lora_a, lora_b, im_mask, scaling):
-    """SPEC §3.1 forward, eval mode, including the ``× 0`` branch when there is no image token."""
-    res = F.linear(x, weight, bias)
-    if im_mask.sum() > 0:
-        res[im_mask] += F.linear(F.linear(x[im_mask], lora_a), lora_b) * scaling
-    else:
-        res[:, :1] += F.linear(F.linear(x[:, :1], lora_a), lora_b) * 0
-    return res
-
-
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
 def test_fp16_overflow_does_not_become_nan(backend, device):
     # x·Aᵀ overflows fp16 (> 65504) while x·Wᵀ does not: the original's × 0 path writes NaN.
@@ -175,7 +165,7 @@ def test_fp16_overflow_does_not_become_nan(backend, device):
     lora_a = torch.full((16, 32), 100.0, device=device).half()
     lora_b = torch.ones(16, 16, device=device).half()
     no_image = torch.zeros(1, 6, dtype=torch.bool, device=device)
-    assert torch.isnan(_original_plora(x, weight, None, lora_a, lora_b, no_image, 1.0)).any()
+    assert torch.isnan(ref.original_plora(x, weight, None, lora_a, lora_b, no_image, 1.0)).any()
     y = partial_lora_linear(x, weight, None, lora_a, lora_b, no_image, 1.0)
     assert torch.isfinite(y).all()
     assert torch.equal(y, F.linear(x, weight))
@@ -259,7 +249,7 @@ def test_opcheck(device):
     torch.library.opcheck(op, (x, *params, mask, None, 2.0, 1.0))
     torch.library.opcheck(op, (x, params[0], None, params[2], params[3], mask, keep, 2.0, 1.25))
     # Backward-only ops (no autograd formula of their own): detached inputs.
-    xd, (w, _, a, bl) = x.detach(), [p.detach() for p in params]
+    w, _, a, bl = [p.detach() for p in params]
     g = torch.randn(20, 32, device=device)
     torch.library.opcheck(torch.ops.vlmkern.lora_down.default, (g, bl.t(), mask, None, 2.0, 1.0))
     gm = torch.randn(20, 16, device=device)

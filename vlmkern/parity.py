@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmkern.reference.routed_linear import original_plora
 from vlmkern.testing import FLOOR, bound, max_error
 
 
@@ -184,16 +184,6 @@ def case_qwen_resampler():
         return run(ours.eval(), torch.float32), run(orig.eval(), torch.float32), run(exact.eval(), torch.float64)
 
 
-def _original_plora(x, weight, bias, lora_a, lora_b, im_mask, scaling):
-    """SPEC §3.1 ``PLoRA.forward`` (eval): base GEMM on all tokens, adapter on the gathered image tokens."""
-    res = F.linear(x, weight, bias)
-    if im_mask.sum() > 0:
-        res[im_mask] += F.linear(F.linear(x[im_mask], lora_a), lora_b) * scaling
-    else:
-        res[:, :1] += F.linear(F.linear(x[:, :1], lora_a), lora_b) * 0
-    return res
-
-
 def case_plora():
     from vlmkern.nn import PLoRA
     ours = _randomize_(PLoRA(64, 96, lora_r=16, lora_alpha=16, lora_dropout=0.05)).eval()
@@ -204,7 +194,7 @@ def case_plora():
 
     def orig(dt):
         p = {k: v.to(dt) for k, v in ours.state_dict().items()}
-        return _original_plora(x.to(dt), p["weight"], p["bias"], p["Plora_A.weight"], p["Plora_B.weight"], m,
+        return original_plora(x.to(dt), p["weight"], p["bias"], p["Plora_A.weight"], p["Plora_B.weight"], m,
                                ours.lora_scaling)
     with torch.no_grad():
         return ours(x, m), orig(torch.float32), orig(torch.float64)

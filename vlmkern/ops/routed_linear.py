@@ -277,8 +277,8 @@ def _row_blocks(rows: list[slice] | Tensor) -> list:
     return rows
 
 
-def _ref_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
-    rows = _cpu_rows(mask)
+def _ref_lora_down(a, b, mask, rows, keep, scale, keep_scale) -> Tensor:
+    """``rows``: ``_cpu_rows(mask)``, taken by the caller (partial LoRA's forward shares it with the up GEMM)."""
     if rows is None:
         return _zero_unrouted(_drop(a, keep, keep_scale).matmul(b.t()) * scale, mask)
     out = a.new_zeros((a.shape[0], b.shape[0]))
@@ -287,9 +287,8 @@ def _ref_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
     return out
 
 
-def _ref_lora_up(a, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
+def _ref_lora_up(a, w, u, v, bias, mask, rows, keep, keep_scale) -> Tensor:
     y = torch.nn.functional.linear(a, w, bias)
-    rows = _cpu_rows(mask)
     if rows is None:
         return y + _zero_unrouted(_drop(u.matmul(v.t()), keep, keep_scale), mask)
     for r in _row_blocks(rows):
@@ -305,9 +304,10 @@ def _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tens
     q = _drop(q, keep, keep_scale)
     outs = []
     for g in range(groups):
-        rows = _cpu_rows(sel == g + sel_base)
+        routed = sel == g + sel_base
+        rows = _cpu_rows(routed)
         if rows is None:
-            outs.append(_zero_unrouted(p, sel == g + sel_base).t().matmul(q) * scale)
+            outs.append(_zero_unrouted(p, routed).t().matmul(q) * scale)
             continue
         acc = p.new_zeros((p.shape[1], q.shape[1]))
         for r in _row_blocks(rows):
@@ -349,8 +349,9 @@ def _partial_lora_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: 
     if _select(PARTIAL_LORA, x) == "triton":
         u = _triton_lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
         return _triton_lora_up(x, weight, u, lora_b, bias, im_mask, None, 1.0), u
-    u = _ref_lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
-    return _ref_lora_up(x, weight, u, lora_b, bias, im_mask, None, 1.0), u
+    rows = _cpu_rows(im_mask)   # once, before either GEMM
+    u = _ref_lora_down(x, lora_a, im_mask, rows, keep, scaling, keep_scale)
+    return _ref_lora_up(x, weight, u, lora_b, bias, im_mask, rows, None, 1.0), u
 
 
 @_partial_lora_op.register_fake
@@ -364,7 +365,7 @@ def _lora_down_op(a: Tensor, b: Tensor, mask: Tensor, keep: Optional[Tensor], sc
     """``m ⊙ scale·(drop(a) bᵀ)``, (M, R); backward of partial LoRA: ``G = m ⊙ s·(dY B)`` with b = Bᵀ."""
     if _select(PARTIAL_LORA, a) == "triton":
         return _triton_lora_down(a, b, mask, keep, scale, keep_scale)
-    return _ref_lora_down(a, b, mask, keep, scale, keep_scale)
+    return _ref_lora_down(a, b, mask, _cpu_rows(mask), keep, scale, keep_scale)
 
 
 @_lora_down_op.register_fake
@@ -378,7 +379,7 @@ def _lora_up_op(a: Tensor, w: Tensor, u: Tensor, v: Tensor, mask: Tensor, keep: 
     """``a wᵀ + m ⊙ (u vᵀ) ⊙ drop-mask``; backward of partial LoRA: ``dX = dY W + keep ⊙ (G A)``."""
     if _select(PARTIAL_LORA, a) == "triton":
         return _triton_lora_up(a, w, u, v, None, mask, keep, keep_scale)
-    return _ref_lora_up(a, w, u, v, None, mask, keep, keep_scale)
+    return _ref_lora_up(a, w, u, v, None, mask, _cpu_rows(mask), keep, keep_scale)
 
 
 @_lora_up_op.register_fake
