@@ -159,3 +159,28 @@ def test_llava_next_runs_the_fused_project_and_pack(monkeypatch):
     proj = model.model.multi_modal_projector
     x = torch.randn(3, proj.linear_1.in_features)
     assert not proj.deferred and proj(x).shape == (3, proj.linear_2.out_features)
+
+
+@pytest.mark.parametrize("family", ["blip2", "instructblip"])
+def test_qformer_output_hidden_states_selects_as_transformers(family):
+    """transformers v5 takes ``output_hidden_states`` as a flag or as the indices to keep (others ``None``)."""
+    model, _ = tiny.BUILDERS[family]()
+    original = copy.deepcopy(model.qformer)
+    hf.apply(model)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(query_embeds=torch.randn(2, 4, 32, generator=g), encoder_hidden_states=torch.randn(2, 5, 24, generator=g))
+    if family == "instructblip":
+        kw["input_ids"] = torch.randint(3, tiny.VOCAB, (2, 3), generator=g)
+    for sel in (True, False, [0, 2, -1], [1], (0,), 1, -1, [5, -7], 0, []):
+        with torch.no_grad():
+            want = original(**kw, output_hidden_states=sel).hidden_states
+            got = model.qformer(**kw, output_hidden_states=sel).hidden_states
+        assert (got is None) == (want is None), sel
+        if want is not None:
+            assert [h is None for h in got] == [h is None for h in want], sel
+            for a, b in zip(got, want):
+                if b is not None:
+                    assert_close(a, b, b, name=f"hidden state {sel}")
+    for bad in ("all", [1.5], [True]):
+        with pytest.raises(TypeError, match="output_hidden_states"):
+            model.qformer(**kw, output_hidden_states=bad)

@@ -18,11 +18,12 @@ Differences from transformers, all documented where they occur:
 * ``output_attentions=True``, 3-D/4-D masks and attention-probability dropout in training mode run the
   original's dense attention (:func:`vlmkern.nn.qformer.eager_attention`) instead of the kernels.
 * A batch row whose attention mask is all zeros returns zeros on the kernel path (transformers averages the
-  values). ``output_hidden_states`` takes a bool (not transformers' index selection). ``head_mask`` and
+  values). ``head_mask`` and
   ``past_key_values`` are not supported (transformers v5 dropped them as well).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -70,6 +71,26 @@ def _config_flag(config, name: str, value, default):
     return value if value is not None else getattr(config, name, default)
 
 
+def hidden_state_selection(value, num_layers: int) -> Optional[set[int]]:
+    """transformers v5's ``output_hidden_states``: a flag, or the index / indices of the ``num_layers + 1``
+    hidden states to keep (negative from the end; out of range selects nothing; ``0`` and ``[]`` mean
+    ``False``, as there). ``None`` for a flag, else the resolved indices."""
+    if value is None or isinstance(value, bool):
+        return None
+    items = list(value) if isinstance(value, (list, tuple, range)) else [value]
+    if any(isinstance(i, bool) or not hasattr(i, "__index__") for i in items):
+        raise TypeError(f"output_hidden_states must be a bool, an int or a list of ints, got {value!r}")
+    n = num_layers + 1
+    return {operator.index(i) % n for i in items if -n <= operator.index(i) < n}
+
+
+def _select(hidden_states: Optional[tuple], selection: Optional[set[int]]) -> Optional[tuple]:
+    """Unselected entries become ``None``, as transformers returns them."""
+    if hidden_states is None or selection is None:
+        return hidden_states
+    return tuple(h if i in selection else None for i, h in enumerate(hidden_states))
+
+
 class QFormerModelBase(nn.Module):
     """What both Q-Former models share: the encoder run, masks, outputs and ``from_transformers``."""
 
@@ -109,7 +130,9 @@ class QFormerModelBase(nn.Module):
                 raise NotImplementedError(f"{type(self).__name__} does not support {name}")
         config = self.config
         output_attentions = bool(_config_flag(config, "output_attentions", output_attentions, False))
-        output_hidden_states = bool(_config_flag(config, "output_hidden_states", output_hidden_states, False))
+        output_hidden_states = _config_flag(config, "output_hidden_states", output_hidden_states, False)
+        selection = hidden_state_selection(output_hidden_states, len(self.encoder.layer))
+        output_hidden_states = bool(output_hidden_states)   # 0 and [] select nothing, as in transformers
         return_dict = _config_flag(config, "return_dict", return_dict, True)
 
         B, L, _ = embedding_output.shape
@@ -148,7 +171,8 @@ class QFormerModelBase(nn.Module):
         enc = self.encoder(embedding_output, self_mask, encoder_hidden_states, cross_mask, query_length,
                            encoder_batch_index, output_attentions, output_hidden_states)
         seq = enc.last_hidden_state
-        out = _output_class()(last_hidden_state=seq, pooler_output=seq[:, 0, :], hidden_states=enc.hidden_states,
+        out = _output_class()(last_hidden_state=seq, pooler_output=seq[:, 0, :],
+                              hidden_states=_select(enc.hidden_states, selection),
                               attentions=enc.attentions, cross_attentions=enc.cross_attentions)
         return out if return_dict else out.to_tuple()
 
@@ -214,7 +238,8 @@ class Blip2QFormerModel(QFormerModelBase):
     def forward(self, query_embeds: Tensor, query_length: Optional[int] = None,
                 attention_mask: Optional[Tensor] = None, encoder_hidden_states: Optional[Tensor] = None,
                 encoder_attention_mask: Optional[Tensor] = None, *, output_attentions: Optional[bool] = None,
-                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                output_hidden_states: Optional[bool | int | list[int]] = None,
+                return_dict: Optional[bool] = None,
                 encoder_batch_index: Optional[Tensor] = None, **kwargs):
         """Q-Former over ``query_embeds``.
 
@@ -227,6 +252,8 @@ class Blip2QFormerModel(QFormerModelBase):
                 with ``encoder_batch_index``); cast to the model's dtype.
             encoder_attention_mask: ``(B, Lk)`` (``(N, Lk)`` with ``encoder_batch_index``), 1 = real token.
             encoder_batch_index: vlmkern extension, ``(B,)`` row of ``encoder_hidden_states`` for each batch row.
+            output_hidden_states: a flag, or (transformers v5) the index / list of indices of the
+                ``num_hidden_layers + 1`` hidden states to return; the others are ``None`` in the tuple.
 
         Returns:
             ``BaseModelOutputWithPoolingAndCrossAttentions``: ``last_hidden_state (B, L, D)``, ``pooler_output

@@ -41,7 +41,8 @@ class InstructBlipQFormerModel(QFormerModelBase):
     def forward(self, input_ids: Optional[Tensor], attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, query_embeds: Optional[Tensor] = None,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
-                *, output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                *, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool | int | list[int]] = None,
                 return_dict: Optional[bool] = None, encoder_batch_index: Optional[Tensor] = None, **kwargs):
         """Q-Former over ``[query_embeds ; embed(input_ids)]``.
 

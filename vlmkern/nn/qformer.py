@@ -351,7 +351,12 @@ class QFormerEncoder(nn.Module):
 
 class QFormerTextEmbeddings(nn.Module):
     """``InstructBlipQFormerEmbeddings``: ``LayerNorm(concat([query_embeds, word_emb[ids] + pos_emb[pos]]))`` then
-    dropout; queries get no position embedding (SPEC §1.1). ``position_ids`` is a non-persistent buffer."""
+    dropout; queries get no position embedding (SPEC §1.1).
+
+    Default positions are computed per call instead of read from a ``position_ids`` buffer, so a model built
+    on the meta device and materialised with ``to_empty()`` + transformers' ``init_weights()`` (which does not
+    know this class) cannot run on uninitialised positions; ``position_ids`` stays readable as a property.
+    """
 
     def __init__(self, config):
         super().__init__()
@@ -359,14 +364,13 @@ class QFormerTextEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
-                             persistent=False)
         self.config = config
 
-    def reset_buffers(self) -> None:
-        """Recompute ``position_ids`` (e.g. after ``to_empty``)."""
-        n = self.position_embeddings.num_embeddings
-        self.position_ids = torch.arange(n, device=self.position_ids.device).expand((1, -1))
+    @property
+    def position_ids(self) -> Tensor:
+        """``(1, max_position_embeddings)`` int64 ``0, 1, ...`` (transformers' non-persistent buffer)."""
+        w = self.position_embeddings.weight
+        return torch.arange(self.position_embeddings.num_embeddings, device=w.device).expand((1, -1))
 
     def forward(self, input_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 query_embeds: Optional[Tensor] = None, cache_length: int = 0) -> Tensor:
@@ -374,7 +378,8 @@ class QFormerTextEmbeddings(nn.Module):
         if input_ids is not None:
             T = input_ids.shape[1]
             if position_ids is None:
-                position_ids = self.position_ids[:, cache_length:cache_length + T]
+                position_ids = torch.arange(cache_length, cache_length + T,
+                                            device=self.position_embeddings.weight.device)[None]
             embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids.to(input_ids.device))
             if query_embeds is not None:
                 embeddings = torch.cat((query_embeds, embeddings), dim=1)

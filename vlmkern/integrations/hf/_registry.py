@@ -9,6 +9,7 @@ particular child cannot be swapped (e.g. a non-GELU projector); the module is th
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -110,3 +111,27 @@ def load_into_empty(original: nn.Module, new: nn.Module) -> nn.Module:
     if hasattr(new, "reset_buffers"):
         new.reset_buffers()
     return twin(original, new)
+
+
+class ModelHook:
+    """``model.<name>`` overridden by the module-level ``function(model, ...)``.
+
+    Set on the instance (``model.<name> = ModelHook(model, name, function)``); it holds the model itself, not a
+    bound method or a closure, so ``copy.deepcopy`` gives the copy a hook on the copy (its own weights) and
+    ``pickle`` / ``torch.save`` of the whole model work. Its signature is the class method's: ``generate()``
+    reads it to route its kwargs.
+    """
+
+    def __init__(self, model: nn.Module, name: str, function) -> None:
+        self.model, self.name, self.function = model, name, function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(getattr(type(self.model), self.name).__get__(self.model))
+
+    def __repr__(self) -> str:
+        return f"<vlmkern hook {type(self.model).__name__}.{self.name} -> {self.function.__qualname__}>"
+

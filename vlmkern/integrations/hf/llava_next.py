@@ -9,13 +9,11 @@ projected and packed by transformers' own code, and a direct call of the project
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from vlmkern.integrations.hf._projector import mlp_projector
-from vlmkern.integrations.hf._registry import Family, Swap, register
+from vlmkern.integrations.hf._registry import Family, ModelHook, Swap, register
 from vlmkern.models import llava_next as packing
 from vlmkern.nn import MLPProjector
 
@@ -36,34 +34,40 @@ def _packing_projector(original: nn.Module):
     return new
 
 
-def _reroute(model: nn.Module, projector: PackingProjector) -> None:
-    get_image_features, pack_image_features = model.get_image_features, model.pack_image_features
-    config = model.config
-
-    # functools.wraps keeps the original signature visible: generate() reads it to route its kwargs.
-    @functools.wraps(get_image_features)
-    def fused_get_image_features(*args, **kwargs):
+def _fused_get_image_features(model: nn.Module, *args, **kwargs):
+    """The class's ``get_image_features`` with the projector deferred to the pack step."""
+    projector = model.multi_modal_projector
+    deferring = isinstance(projector, PackingProjector)   # False if the projector was replaced after apply
+    if deferring:
         projector.deferred = True
-        try:
-            return get_image_features(*args, **kwargs)
-        finally:
+    try:
+        return type(model).get_image_features(model, *args, **kwargs)
+    finally:
+        if deferring:
             projector.deferred = False
 
-    @functools.wraps(pack_image_features)
-    def fused_pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
-        feats = list(image_features)
-        if projector.deferred:
-            projector.deferred = False
-            if vision_feature_select_strategy == "default" and all(
-                    f.dim() == 3 and f.shape[-1] == projector.linear_1.in_features for f in feats):
-                return packing.project_and_pack(
-                    feats, image_sizes, projector, image_newline, image_grid_pinpoints=config.image_grid_pinpoints,
-                    tile_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)
-            feats = [projector(f) for f in feats]
-        return pack_image_features(feats, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
 
-    model.get_image_features = fused_get_image_features
-    model.pack_image_features = fused_pack_image_features
+def _fused_pack_image_features(model: nn.Module, image_features, image_sizes, vision_feature_select_strategy,
+                               image_newline=None):
+    """``project_and_pack`` when the projector was deferred and the features fit it, else the class's pack."""
+    projector, config = model.multi_modal_projector, model.config
+    feats = list(image_features)
+    if isinstance(projector, PackingProjector) and projector.deferred:
+        projector.deferred = False
+        if vision_feature_select_strategy == "default" and all(
+                f.dim() == 3 and f.shape[-1] == projector.linear_1.in_features for f in feats):
+            return packing.project_and_pack(
+                feats, image_sizes, projector, image_newline, image_grid_pinpoints=config.image_grid_pinpoints,
+                tile_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)
+        feats = [projector(f) for f in feats]
+    return type(model).pack_image_features(model, feats, image_sizes, vision_feature_select_strategy,
+                                           image_newline=image_newline)
+
+
+def _reroute(model: nn.Module, projector: PackingProjector) -> None:
+    for name, function in (("get_image_features", _fused_get_image_features),
+                           ("pack_image_features", _fused_pack_image_features)):
+        setattr(model, name, ModelHook(model, name, function))
 
 
 FAMILY = register(Family("llava_next", [
