@@ -394,3 +394,117 @@ def test_bad_input():
         embedder([])
     with pytest.raises(ValueError, match="on meta"):
         embedder(torch.zeros(1, 3, 30, 30, dtype=torch.uint8, device="meta"))
+
+
+# ------------------------------------------------------------------- HF integration: uint8 images end to end
+def _hf_processors():
+    """(transformers' FuyuProcessor, FusedFuyuProcessor sharing its tokenizer and image processor)."""
+    import numpy as np
+
+    from vlmkern.integrations.hf import fuyu as integration
+    from vlmkern.integrations.hf import tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proc = tiny.tiny_fuyu_processor()
+    fused = integration.fused_processor(proc)
+    image_processor = proc.image_processor
+    if _resize_method(image_processor) == "pil":
+        # transformers 5.24's FuyuProcessor hands torch crops to the PIL backend's numpy patchify, and expects a
+        # batched torch result back (the torchvision backend's contract): adapt, for the reference only.
+        numpy_patchify = image_processor.patchify_image
+
+        def patchify_image(image, patch_size=None):
+            out = torch.from_numpy(np.asarray(numpy_patchify(np.asarray(image), patch_size)))
+            return out if out.dim() == 3 else out[None]
+
+        image_processor.patchify_image = patchify_image
+    return proc, fused
+
+
+def _hwc(images):
+    return [img.permute(1, 2, 0).numpy() for img in images]       # numpy HWC uint8, as images are usually read
+
+
+def _tiny_fuyu_model():
+    from vlmkern.integrations.hf import tiny
+    return tiny.tiny_fuyu()[0]
+
+
+@pytest.mark.parametrize("sizes", [[(61, 47), (95, 130)], [(31, 29), (31, 29)], [(1100, 1999)]],
+                         ids=["two-sizes", "one-size", "resized"])
+def test_fused_processor_and_patched_model_match_transformers(sizes):
+    """FusedFuyuProcessor (resize only, uint8 out) + the patched model's fused patch embedding give the token ids
+    and logits of transformers' FuyuProcessor + FuyuForCausalLM."""
+    from vlmkern.integrations import hf
+    proc, fused = _hf_processors()
+    images = _hwc([_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)])
+    text = ["what is this?", "a cat"][:len(images)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want_in = proc(images=images, text=text, return_tensors="pt", return_legacy_image_output=False)
+        got_in = fused(images=images, text=text, return_tensors="pt", return_legacy_image_output=False)
+    assert torch.equal(got_in["input_ids"], want_in["input_ids"])
+    assert torch.equal(got_in["attention_mask"], want_in["attention_mask"])
+    pixels = got_in["pixel_values"]
+    one_size = len(set(sizes)) == 1
+    assert isinstance(pixels, torch.Tensor) == one_size
+    assert all(t.dtype == torch.uint8 for t in (pixels if one_size else pixels))
+
+    model = _tiny_fuyu_model()
+    oracle = copy.deepcopy(model).double()
+    with torch.no_grad():
+        base = model(**want_in).logits
+        ref = oracle(**{**want_in, "pixel_values": want_in["pixel_values"].double()}).logits
+        assert [r.new_class_name for r in hf.apply(model)] == ["FuyuPatchEmbed"]
+        got = model(**got_in).logits
+        also = model(**want_in).logits          # the patched model still takes transformers' float patches
+    assert_close(got, base, ref, name="logits from uint8 images")
+    assert_close(also, base, ref, name="logits from float patches")
+
+
+def test_fused_processor_generate_matches_transformers():
+    from vlmkern.integrations import hf
+    proc, fused = _hf_processors()
+    images, text = _hwc([_image(61, 47), _image(61, 47, seed=1)]), ["what is this?", "a cat"]
+    model = _tiny_fuyu_model()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = model.generate(**proc(images=images, text=text, return_tensors="pt"), max_new_tokens=3,
+                              do_sample=False)
+        hf.apply(model)
+        got = model.generate(**fused(images=images, text=text, return_tensors="pt"), max_new_tokens=3,
+                             do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_fused_processor_refuses_what_the_fused_op_does_not_compute():
+    _, fused = _hf_processors()
+    image = _hwc([_image(31, 29)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="image_mean"):
+            fused(images=image, text="a cat", return_tensors="pt", image_mean=0.3)
+        with pytest.raises(ValueError, match="uint8"):
+            fused(images=[image[0].astype("float32")], text="a cat", return_tensors="pt")
+    from vlmkern.integrations.hf.fuyu_processor import FusedFuyuProcessor
+    with pytest.raises(TypeError, match="FuyuProcessor"):
+        FusedFuyuProcessor.from_processor(object())
+
+
+def test_patched_vision_embed_takes_patches_or_uint8_images():
+    from vlmkern.integrations.hf.fuyu import FuyuPatchEmbed
+    layer = FuyuPatchEmbed(2700, 16)
+    imgs = [_image(61, 47), _image(31, 95, seed=1)]
+    with torch.no_grad():
+        want = torch.cat([layer(fuyu.patchify(img)) for img in imgs])
+        assert_close(layer(imgs), want, want, name="list of images")
+        assert_close(layer(tuple(imgs)), want, want, name="tuple of images")
+        assert_close(layer(imgs[0]), want[:6], want[:6], name="one image")
+        both = torch.stack([imgs[0], imgs[0]])
+        assert_close(layer(both), want[:6].repeat(2, 1), want[:6].repeat(2, 1), name="batch")
+    with pytest.raises(ValueError, match="uint8"):
+        layer([imgs[0].float()])
+    with pytest.raises(ValueError, match="list"):
+        layer([])
+    with pytest.raises(ValueError, match="uint8 images"):
+        layer(imgs[0][0])

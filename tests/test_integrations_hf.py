@@ -15,7 +15,7 @@ from vlmkern.testing import assert_close  # noqa: E402
 EXPECTED = {
     "blip2": [("qformer", "Blip2QFormerModel", "Blip2QFormerModel")],
     "instructblip": [("qformer", "InstructBlipQFormerModel", "InstructBlipQFormerModel")],
-    "fuyu": [("model.vision_embed_tokens", "Linear", "PatchEmbedLinear")],
+    "fuyu": [("model.vision_embed_tokens", "Linear", "FuyuPatchEmbed")],
     "llava": [("model.multi_modal_projector", "LlavaMultiModalProjector", "MLPProjector")],
     "llava_next": [("model.multi_modal_projector", "LlavaNextMultiModalProjector", "PackingProjector")],
 }

@@ -108,6 +108,26 @@ def tiny_fuyu():
     return model, inputs
 
 
+NEWLINE_TOKEN = 100
+
+
+def tiny_fuyu_processor():
+    """A ``FuyuProcessor`` with a tiny word-level tokenizer over the ids of ``tiny_fuyu`` (``|SPEAKER|`` =
+    ``IMAGE_TOKEN``, ``|NEWLINE|`` = ``NEWLINE_TOKEN``). Like Fuyu's tokenizer it puts a ``▁`` before the image
+    placeholders (the processor strips that first token). Prompt words: ``a cat what is this ?``."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "\u2581", "<0x04>", "a", "cat", "what", "is", "this", "?", "\n"]
+    vocab = {w: i for i, w in enumerate(words)} | {"|SPEAKER|": IMAGE_TOKEN, "|NEWLINE|": NEWLINE_TOKEN}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581|" + r"\|SPEAKER\||\|NEWLINE\||<0x04>|\?|\n"), "isolated")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>")
+    return transformers.FuyuProcessor(image_processor=transformers.FuyuImageProcessor(), tokenizer=fast)
+
+
 def tiny_llava():
     import transformers
     cfg = transformers.LlavaConfig(vision_config=_clip(), text_config=_llama(), image_token_id=IMAGE_TOKEN,
