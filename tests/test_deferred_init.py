@@ -1,7 +1,6 @@
 """Deferred initialisation of patched models: built on the meta device, patched, then materialised with
 ``to_empty()`` + transformers' ``init_weights()`` (as transformers' own deferred init does), a model gives the
 unpatched model's outputs once the same weights are loaded: nothing vlmkern adds stays uninitialised."""
-import warnings
 
 import pytest
 import torch
@@ -13,12 +12,7 @@ from vlmkern.integrations.hf import tiny  # noqa: E402
 from vlmkern.nn.qformer import QFormerTextEmbeddings  # noqa: E402
 from vlmkern.testing import assert_close  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")   # transformers' deprecation chatter
 
 
 def _materialise(model):

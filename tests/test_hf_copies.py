@@ -3,7 +3,6 @@ whole-module ``pickle`` / ``torch.save`` wherever the unpatched model does."""
 import copy
 import io
 import pickle
-import warnings
 
 import pytest
 import torch
@@ -13,12 +12,7 @@ pytest.importorskip("transformers")
 from vlmkern.integrations import hf  # noqa: E402
 from vlmkern.integrations.hf import tiny  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")   # transformers' deprecation chatter
 
 
 def _logits(model, inputs):

@@ -11,14 +11,18 @@ untouched. One registry entry per family, in its own module:
   ``qformer`` -> ``vlmkern.models.blip2.Blip2QFormerModel``
 * ``instructblip`` (``blip2.py``): ``InstructBlipModel``, ``InstructBlipForConditionalGeneration``:
   ``qformer`` -> ``vlmkern.models.instructblip.InstructBlipQFormerModel``
-* ``fuyu`` (``fuyu.py``): ``FuyuModel``: ``vision_embed_tokens`` (``nn.Linear``) -> ``vlmkern.nn.PatchEmbedLinear``
+* ``fuyu`` (``fuyu.py``): ``FuyuModel``: ``vision_embed_tokens`` (``nn.Linear``) -> ``fuyu.FuyuPatchEmbed`` (a
+  ``vlmkern.nn.PatchEmbedLinear`` that also embeds the uint8 images of ``fuyu.fused_processor(processor)`` in
+  one ``ops.patch_embed``)
 * ``llava`` (``llava.py``): ``LlavaModel``: ``multi_modal_projector`` -> ``vlmkern.nn.MLPProjector``
 * ``llava_next`` (``llava_next.py``): ``LlavaNextModel``: ``multi_modal_projector`` -> a ``vlmkern.nn.MLPProjector``
   whose work moves into ``pack_image_features`` (fused ``project_and_pack``: only the rows unpadding keeps are
   projected, newline rows written in the same pass)
 
-``apply`` is idempotent (a second call replaces nothing). ``skipped(model)`` lists what matched a registered
-class but could not be swapped, and why (e.g. a projector whose activation is not exact GELU).
+``apply`` is idempotent (a second call replaces nothing). Patched models deep-copy, pickle and materialise
+from the meta device (``to_empty`` + ``init_weights``) like unpatched ones. ``skipped(model)`` lists what
+matched a registered class but could not be swapped, and why (e.g. a projector whose activation is not exact
+GELU).
 """
 from __future__ import annotations
 

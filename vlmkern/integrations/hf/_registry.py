@@ -124,6 +124,7 @@ class ModelHook:
 
     def __init__(self, model: nn.Module, name: str, function) -> None:
         self.model, self.name, self.function = model, name, function
+        self.__name__ = name
 
     def __call__(self, *args, **kwargs):
         return self.function(self.model, *args, **kwargs)

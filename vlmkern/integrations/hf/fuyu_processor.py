@@ -58,6 +58,14 @@ class FusedFuyuProcessor(FuyuProcessor):
 
     skip_tensor_conversion = [*FuyuProcessor.skip_tensor_conversion, "pixel_values", "image_patches"]
 
+    def __init__(self, image_processor, tokenizer, **kwargs):   # this signature: transformers reads it
+        if not callable(getattr(FuyuProcessor, "_process_images", None)):
+            # the step overridden below; without it the processor would silently hand over float patches
+            import transformers
+            raise NotImplementedError(f"FusedFuyuProcessor needs FuyuProcessor._process_images (transformers 5.x); "
+                                      f"transformers {transformers.__version__} has none")
+        super().__init__(image_processor, tokenizer, **kwargs)
+
     @classmethod
     def from_processor(cls, processor: FuyuProcessor) -> "FusedFuyuProcessor":
         if not isinstance(processor, FuyuProcessor):
