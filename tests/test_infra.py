@@ -1,4 +1,5 @@
 """Library plumbing: dispatch, the tolerance rule, `python -m vlmkern info`, import without extensions."""
+import logging
 import subprocess
 import sys
 
@@ -27,8 +28,34 @@ def test_forced_backend_explains_refusal(monkeypatch):
         _toy().select(-1)
     monkeypatch.setenv("VLMKERN_BACKEND", "reference")
     assert _toy().select(1) == "reference"
-    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")  # an op without that backend keeps its own order
-    assert _toy().select(1) == "triton"
+    monkeypatch.setenv("VLMKERN_BACKEND", "cuda")  # an op without the forced backend refuses, naming its own
+    with pytest.raises(BackendNotSupported, match=r"VLMKERN_BACKEND=cuda: vlmkern::toy has no cuda backend "
+                                                  r"\(its backends: triton, reference\)"):
+        _toy().select(1)
+
+
+def test_dispatch_logs_the_backend_taken_and_why_not_the_others(monkeypatch, caplog):
+    monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
+    with caplog.at_level(logging.DEBUG, logger="vlmkern"):
+        assert _toy().select(-1) == "reference"
+        monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+        assert _toy().select(1) == "triton"
+    assert [r.getMessage() for r in caplog.records] == [
+        "vlmkern::toy -> reference; not triton: x must be positive",
+        "vlmkern::toy -> triton (forced by VLMKERN_BACKEND)"]
+    caplog.clear()
+    monkeypatch.delenv("VLMKERN_BACKEND")
+    with caplog.at_level(logging.INFO, logger="vlmkern"):
+        _toy().select(-1)
+    assert not caplog.records
+
+
+def test_logger_is_silent_by_default():
+    out = subprocess.run([sys.executable, "-c", "import logging, vlmkern, torch; "
+                          "print(logging.getLogger('vlmkern').handlers); "
+                          "vlmkern.ops.linear_gelu(torch.randn(2, 4), torch.randn(3, 4), None)"],
+                         capture_output=True, text=True, check=True)
+    assert "NullHandler" in out.stdout and out.stderr == ""
 
 
 def test_bad_backend_name(monkeypatch):
@@ -70,3 +97,15 @@ def test_info_command_lists_ops_and_reasons():
     assert "patch_embed" in out and "reference  ok" in out
     if not torch.cuda.is_available():
         assert "TRITON_INTERPRET=1 is not set" in out
+
+
+def test_integrations_and_models_load_on_first_access():
+    """``import vlmkern; vlmkern.integrations.hf.apply(model)`` as the README writes it; transformers and the
+    models stay unimported until then."""
+    code = ("import sys, vlmkern; assert 'transformers' not in sys.modules and 'vlmkern.models' not in sys.modules; "
+            "assert callable(vlmkern.integrations.hf.apply) and vlmkern.models.cogvlm.VisionExpertMLP; "
+            "assert 'transformers' not in sys.modules; print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        __import__("vlmkern").nope
