@@ -358,3 +358,23 @@ def test_cuda_decoder_layer_training_step_has_no_host_sync(backend):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------------------------ from_linear
+def test_from_linear_leaves_every_row_unchanged_until_trained():
+    linear = nn.Linear(24, 20).eval()
+    linear.bias.requires_grad_(False)
+    layer = PLoRA.from_linear(linear, lora_r=4, lora_alpha=8)
+    assert (layer.weight.dtype, layer.training, layer.lora_scaling, layer.lora_dropout_p) == (torch.float32, False,
+                                                                                               2.0, 0.0)
+    assert layer.weight.requires_grad and not layer.bias.requires_grad
+    assert torch.count_nonzero(layer.Plora_B.weight) == 0 and torch.count_nonzero(layer.Plora_A.weight) > 0
+    x, m = torch.randn(2, 7, 24, dtype=torch.float32), torch.rand(2, 7) < 0.5
+    torch.testing.assert_close(layer(x, m), linear(x), rtol=0, atol=0)
+    assert layer.weight.data_ptr() != linear.weight.data_ptr()        # a copy: training one leaves the other
+    fresh = PLoRA(24, 20, lora_r=4, lora_alpha=8)             # the original's init: B is random
+    fresh.load_state_dict({"weight": linear.weight, "bias": linear.bias}, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x, m)[m], linear(x)[m])
+    with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
+        PLoRA.from_linear(nn.Conv1d(2, 2, 1))

@@ -50,6 +50,18 @@ class PatchInfoMining(nn.Module):
         window_grid(images.shape[1], images_aux.shape)
 
     def forward(self, images: Tensor, images_aux: Tensor) -> tuple[Tensor, Tensor]:
+        """The original ``unified_resampler(images, images_aux)``.
+
+        Args:
+            images: ``(B, N, C)`` low-resolution tokens, ``N = PN²`` (576 = 24² for CLIP ViT-L/14-336),
+                ``C = mm_hidden_size``.
+            images_aux: ``(B, C_aux, PN·M, PN·M)`` high-resolution feature map, ``C_aux = mm_hidden_size_aux``
+                (2880 for ConvNeXt-L at 768 px: a 192² map, ``M = 8``), any strides, same dtype as ``images``.
+
+        Returns:
+            ``(images, embed_feat)``: ``images`` unchanged, and ``embed_feat (B, N, C)``, each token's
+            single-head attention (scale ``1/sqrt(C)``) over its own ``M x M`` window of ``images_aux``.
+        """
         self._check(images, images_aux)
         lns = (self.vlm_uni_query_projector[0], self.vlm_uni_aux_projector[0], self.vlm_uni_val_projector[0])
         embed_feat = patch_info_mining(
