@@ -1,5 +1,7 @@
 """Library plumbing: dispatch, the tolerance rule, `python -m vlmkern info`, import without extensions."""
 import logging
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -109,3 +111,39 @@ def test_integrations_and_models_load_on_first_access():
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         __import__("vlmkern").nope
+
+
+WHEEL_CHECK = """
+import importlib.resources, sys
+import torch, vlmkern
+from vlmkern import _ext
+assert vlmkern.__file__.startswith(sys.prefix), vlmkern.__file__   # the installed wheel, not a checkout
+assert _ext.cpu_ext() is not None, _ext.cpu_ext_error()
+assert importlib.resources.files("vlmkern").joinpath("py.typed").is_file()
+assert vlmkern.ops.patchify(torch.zeros(1, 3, 30, 30, dtype=torch.uint8)).shape == (1, 1, 2700)
+assert callable(vlmkern.integrations.hf.apply) and "transformers" not in sys.modules
+print("wheel ok", vlmkern.__version__)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VLMKERN_TEST_WHEEL") != "1",
+                    reason="builds a wheel and a clean virtualenv (~5 min on 2 cores): set VLMKERN_TEST_WHEEL=1")
+def test_wheel_installs_and_imports_in_a_clean_venv(tmp_path):
+    """The documented wheel build (``pip wheel --no-build-isolation --no-deps .``) installed with ``--no-deps``
+    into a virtualenv that sees no site-packages, next to the same torch / Triton versions from the index."""
+    import venv
+
+    import triton
+    root = pathlib.Path(__file__).resolve().parents[1]
+    run = lambda *cmd, **kw: subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # noqa: E731
+    run(sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path / "whl"),
+        str(root))
+    wheel, = (tmp_path / "whl").glob("vlmkern-*.whl")
+    venv.create(tmp_path / "venv", with_pip=True)
+    py = str(tmp_path / "venv" / "bin" / "python")
+    run(py, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}",
+        f"triton=={triton.__version__}", "numpy")
+    run(py, "-m", "pip", "install", "-q", "--no-deps", str(wheel))
+    out = run(py, "-c", WHEEL_CHECK, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert "wheel ok" in out.stdout
