@@ -1,4 +1,4 @@
-"""vlmkern.nn.PLoRA and the IXC2 InternLM2 decoder layer vs faithful ports of the originals (SPEC §3)."""
+"""vlmkern.nn.PLoRA and the IXC2 InternLM2 decoder layer vs faithful ports of the originals."""
 import math
 from types import SimpleNamespace
 
@@ -14,7 +14,7 @@ from vlmkern.testing import assert_close
 
 
 class OriginalPLoRA(nn.Linear):
-    """SPEC §3.1, line for line (IXC2-7B / VL / 4KHD ``build_mlp.py``)."""
+    """The original, line for line (IXC2-7B / VL / 4KHD ``build_mlp.py``)."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_len=0, **kwargs):
@@ -189,7 +189,7 @@ def test_compile_fullgraph(backend, device):
     torch.testing.assert_close(g, ours.Plora_A.weight.grad, rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------------------ InternLM2 decoder layer with PLoRA (SPEC §3.2)
+# ------------------------------------------------------ InternLM2 decoder layer with PLoRA (``modeling_internlm2.py``)
 LAYER_CONFIG = SimpleNamespace(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                                rms_norm_eps=1e-5, bias=False, hidden_act="silu", rope_theta=10000.0,
                                max_position_embeddings=2048)

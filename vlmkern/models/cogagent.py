@@ -1,4 +1,4 @@
-"""CogAgent high-resolution cross-attention (HF hub ``modeling_cogagent.py``: ``CrossAttention``; SPEC §5.2).
+"""CogAgent high-resolution cross-attention (HF hub ``modeling_cogagent.py``: ``CrossAttention``).
 
 Every LLM token (vision and language, every layer) attends to the ~6400 tokens of the 1120-px EVA2-CLIP-L
 encoder, 32 heads of 32. ``CrossAttention`` keeps the original's parameters (``query``, ``key_value``,

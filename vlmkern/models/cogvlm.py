@@ -1,4 +1,4 @@
-"""CogVLM visual-expert blocks (HF ``modeling_cogvlm.py``; SPEC §5.1, §5.3), training / prefill path.
+"""CogVLM visual-expert blocks (HF hub ``modeling_cogvlm.py``), training / prefill path.
 
 Image tokens and text tokens use different weights for QKV, the attention output and the MLP. The
 original gathers each modality with a boolean mask and scatters back (a host sync per linear); here every

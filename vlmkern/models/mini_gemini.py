@@ -1,5 +1,4 @@
-"""Mini-Gemini patch info mining (``mgm/model/mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``;
-SPEC §8).
+"""Mini-Gemini patch info mining (``mgm/model/mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``).
 
 ``PatchInfoMining`` holds the three ``Sequential(LayerNorm, Linear)`` projectors under the original names
 (``vlm_uni_{query,aux,val}_projector.{0,1}.*``) and computes ``unified_resampler`` with
@@ -71,7 +70,7 @@ class PatchInfoMining(nn.Module):
 
 
 def stack_hd_views(global_lr: Tensor, global_hr: Tensor, tiles_lr: Tensor, tiles_hr: Tensor) -> tuple[Tensor, Tensor]:
-    """HD setting (SPEC §8.2): ``global_lr (B, N, C)``, ``global_hr (B, C_aux, S, S)``, ``tiles_lr (B, T, N, C)``,
+    """HD setting (MGM-HD): ``global_lr (B, N, C)``, ``global_hr (B, C_aux, S, S)``, ``tiles_lr (B, T, N, C)``,
     ``tiles_hr (B, T, C_aux, S, S)`` (``T = 4`` row-major tiles) -> one batch of ``B·(1+T)`` pairs in the
     original token order ``[global, tile(0,0), tile(0,1), ...]`` per sample, ready for ``PatchInfoMining``."""
     lr = torch.cat([global_lr.unsqueeze(1), tiles_lr], 1).flatten(0, 1)

@@ -1,4 +1,4 @@
-"""Drop-in for InternLM-XComposer2's ``build_mlp.PLoRA`` (SPEC §3.1): a linear with a Partial LoRA adapter.
+"""Drop-in for InternLM-XComposer2's ``build_mlp.PLoRA``: a linear with a Partial LoRA adapter.
 
 Keys ``weight``, ``bias``, ``Plora_A.weight``, ``Plora_B.weight``; ``forward(x, im_mask=None)``. The math is
 ``vlmkern.ops.partial_lora_linear``: the adapter runs on image rows only, with no host sync and no ``× 0``.
