@@ -28,9 +28,9 @@ try:
 except ImportError as _exc:  # pip's isolated build env has no torch: say what to do instead of a bare traceback
     sys.exit(
         f"vlmkern's setup.py needs torch to build its C++/CUDA extensions, and torch is not importable here "
-        f"({_exc}).\nInstall torch first, then install vlmkern without build isolation, so that the build sees "
-        f"that torch:\n    pip install torch\n    pip install --no-build-isolation .   (or -e . for a checkout)\n"
-        f"(VLMKERN_NO_EXT=1 still needs torch: the package imports it.)")
+        f"({_exc}).\nIf torch is installed, pip is building in an isolated environment without it: add "
+        f"--no-build-isolation. Otherwise install torch first. Either way:\n"
+        f"    pip install torch\n    pip install --no-build-isolation .   (or -e . for a checkout)")
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension

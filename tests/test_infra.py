@@ -147,3 +147,12 @@ def test_wheel_installs_and_imports_in_a_clean_venv(tmp_path):
     run(py, "-m", "pip", "install", "-q", "--no-deps", str(wheel))
     out = run(py, "-c", WHEEL_CHECK, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert "wheel ok" in out.stdout
+
+
+def test_setup_without_torch_says_to_install_it_and_use_no_build_isolation():
+    """What pip's isolated build (no torch in it) shows instead of a bare 'No module named torch'."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; exec(open('setup.py').read())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert res.returncode == 1, res.stdout
+    assert "torch is not importable" in res.stderr and "pip install --no-build-isolation" in res.stderr, res.stderr
