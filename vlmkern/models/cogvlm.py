@@ -47,6 +47,7 @@ class CogVLMConfig:
 def _cfg(config, name: str) -> int:
     return positive_int(config, name, CogVLMConfig)
 
+
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
