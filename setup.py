@@ -21,8 +21,16 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
-import torch
+try:
+    import torch
+except ImportError as _exc:  # pip's isolated build env has no torch: say what to do instead of a bare traceback
+    sys.exit(
+        f"vlmkern's setup.py needs torch to build its C++/CUDA extensions, and torch is not importable here "
+        f"({_exc}).\nIf torch is installed, pip is building in an isolated environment without it: add "
+        f"--no-build-isolation. Otherwise install torch first. Either way:\n"
+        f"    pip install torch\n    pip install --no-build-isolation .   (or -e . for a checkout)")
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -140,8 +148,13 @@ class Build(BuildExtension):
         self.extensions = [e for e in self.extensions if e.name not in self._failed]
 
     def build_extension(self, ext) -> None:
+        # pip shows these lines with -v (its spinner hides them otherwise); the C++ build is a few minutes on 2 cores
+        print(f"vlmkern: building {ext.name} from {len(ext.sources)} sources "
+              f"({'nvcc + ' if any(s.endswith('.cu') for s in ext.sources) else ''}c++)...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
         try:
             super().build_extension(ext)
+            print(f"vlmkern: built {ext.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         except Exception as exc:  # torch raises RuntimeError, which setuptools' optional handling ignores
             if not ext.optional:
                 raise

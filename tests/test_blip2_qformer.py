@@ -303,7 +303,7 @@ def test_gradient_checkpointing_matches():
 
 
 def test_encoder_batch_index_computes_each_image_once(monkeypatch):
-    """ITM batch [pos, (text, neg image), (neg text, image)]: 2 distinct images for 3 rows (SPEC §1.2)."""
+    """ITM batch [pos, (text, neg image), (neg text, image)]: 2 distinct images for 3 rows (as LAVIS builds it)."""
     hf = hf_model(make_config())
     ours = Blip2QFormerModel.from_transformers(hf)
     x = _cast(itm_inputs(), torch.float32)

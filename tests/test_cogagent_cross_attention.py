@@ -1,4 +1,4 @@
-"""CogAgent high-resolution ``CrossAttention`` drop-in (SPEC §5.2): parity with a port of the original
+"""CogAgent high-resolution ``CrossAttention`` drop-in: parity with a port of the original
 (``modeling_cogagent.py``: ``CrossAttention`` + ``attention_fn``), outputs and gradients, cached cross K/V,
 masks, bad input."""
 import math

@@ -24,7 +24,7 @@ def small_tiles(monkeypatch):
 
 
 def _original_get_expert_mask(token_type_ids):
-    """HF ``modeling_cogvlm.get_expert_mask`` (SPEC §5.1)."""
+    """HF ``modeling_cogvlm.get_expert_mask``."""
     vision = torch.zeros_like(token_type_ids, dtype=torch.bool)
     vision[:, :-1] = (token_type_ids[:, :-1] == 1) & (token_type_ids[:, 1:] == 1)
     return vision, ~vision
@@ -40,7 +40,7 @@ def _original_split_linear(x, w_language, w_vision, token_type_ids):
 
 
 def _cogvlm_types(B, L, n_vis, device, start=1):
-    """``[BOS] + [boi, patches.., eoi] + text`` per sample, with padding text tokens (SPEC §5.1)."""
+    """``[BOS] + [boi, patches.., eoi] + text`` per sample, with padding text tokens (CogVLM's layout)."""
     t = torch.zeros(B, L, dtype=torch.long, device=device)
     t[:, start:start + n_vis] = 1
     return t

@@ -126,7 +126,7 @@ def test_resize_rules():
     out = fuyu.resize_to_fit(batch)
     assert out.shape == (2, 3, 1080, 450)
     assert torch.equal(out[1], fuyu.resize_to_fit(batch[1]))
-    # SPEC §4.4 examples are width x height: 640x480 -> 16x22, 4000x3000 -> 36x48 (1764 tokens), 301x299 -> 10x11
+    # Fuyu examples, width x height: 640x480 -> 16x22, 4000x3000 -> 36x48 (1764 tokens), 301x299 -> 10x11
     assert fuyu.image_token_layout(480, 640) == (16, 22)
     nH, nW = fuyu.image_token_layout(3000, 4000)
     assert (nH, nW) == (36, 48) and fuyu.build_image_tokens(nH, nW, IMG, NL).numel() == 1764

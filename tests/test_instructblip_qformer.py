@@ -1,7 +1,7 @@
 """vlmkern.models.instructblip.InstructBlipQFormerModel against transformers.InstructBlipQFormerModel (eager).
 
 Oracle: a float64 copy of the transformers model; baseline: the transformers model in the tested dtype.
-Random weights everywhere; the instruction is padded differently per row (SPEC §1.3).
+Random weights everywhere; the instruction is padded differently per row.
 """
 import copy
 

@@ -83,7 +83,7 @@ def test_unpad_bounds_match_transformers_unpad_image():
 
 
 def test_real_config_token_counts_and_projector_work():
-    # SPEC §6.2: 640x480 -> 2340, 1920x1080 -> 1948, 1000x667 -> 2144, max 2928 (sizes are (height, width)).
+    # LLaVA-NeXT: 640x480 -> 2340, 1920x1080 -> 1948, 1000x667 -> 2144, max 2928 (sizes are (height, width)).
     expect = {(480, 640): (2340, 576), (1080, 1920): (1948, 960), (667, 1000): (2144, 768), (672, 672): (2928, 0)}
     for size, (tokens, skipped) in expect.items():
         work = ln.projector_work(size)

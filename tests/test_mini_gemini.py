@@ -1,7 +1,7 @@
 """Mini-Gemini patch info mining: the ``vlmkern::window_attention`` op and the ``PatchInfoMining`` drop-in.
 
 The oracle is a faithful port of the original (``mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``,
-SPEC §8.1), written here from the SPEC: re-arranged HR copy, K and V materialised, softmax in the input dtype.
+``mgm_arch.py``), ported from the original: re-arranged HR copy, K and V materialised, softmax in the input dtype.
 """
 import math
 
@@ -21,7 +21,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 class OriginalMGM(nn.Module):
-    """Port of Mini-Gemini's modules and ``unified_resampler`` (SPEC §8.1)."""
+    """Port of Mini-Gemini's modules and ``unified_resampler``."""
 
     def __init__(self, mm_hidden_size, mm_hidden_size_aux):
         super().__init__()

@@ -1,4 +1,4 @@
-"""vlmkern.nn.PLoRA and the IXC2 InternLM2 decoder layer vs faithful ports of the originals (SPEC §3)."""
+"""vlmkern.nn.PLoRA and the IXC2 InternLM2 decoder layer vs faithful ports of the originals."""
 import math
 from types import SimpleNamespace
 
@@ -14,7 +14,7 @@ from vlmkern.testing import assert_close
 
 
 class OriginalPLoRA(nn.Linear):
-    """SPEC §3.1, line for line (IXC2-7B / VL / 4KHD ``build_mlp.py``)."""
+    """The original, line for line (IXC2-7B / VL / 4KHD ``build_mlp.py``)."""
 
     def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
                  lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_len=0, **kwargs):
@@ -189,7 +189,7 @@ def test_compile_fullgraph(backend, device):
     torch.testing.assert_close(g, ours.Plora_A.weight.grad, rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------------------ InternLM2 decoder layer with PLoRA (SPEC §3.2)
+# ------------------------------------------------------ InternLM2 decoder layer with PLoRA (``modeling_internlm2.py``)
 LAYER_CONFIG = SimpleNamespace(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                                rms_norm_eps=1e-5, bias=False, hidden_act="silu", rope_theta=10000.0,
                                max_position_embeddings=2048)
@@ -358,3 +358,23 @@ def test_cuda_decoder_layer_training_step_has_no_host_sync(backend):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------------------------ from_linear
+def test_from_linear_leaves_every_row_unchanged_until_trained():
+    linear = nn.Linear(24, 20).eval()
+    linear.bias.requires_grad_(False)
+    layer = PLoRA.from_linear(linear, lora_r=4, lora_alpha=8)
+    assert (layer.weight.dtype, layer.training, layer.lora_scaling, layer.lora_dropout_p) == (torch.float32, False,
+                                                                                               2.0, 0.0)
+    assert layer.weight.requires_grad and not layer.bias.requires_grad
+    assert torch.count_nonzero(layer.Plora_B.weight) == 0 and torch.count_nonzero(layer.Plora_A.weight) > 0
+    x, m = torch.randn(2, 7, 24, dtype=torch.float32), torch.rand(2, 7) < 0.5
+    torch.testing.assert_close(layer(x, m), linear(x), rtol=0, atol=0)
+    assert layer.weight.data_ptr() != linear.weight.data_ptr()        # a copy: training one leaves the other
+    fresh = PLoRA(24, 20, lora_r=4, lora_alpha=8)             # the original's init: B is random
+    fresh.load_state_dict({"weight": linear.weight, "bias": linear.bias}, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x, m)[m], linear(x)[m])
+    with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
+        PLoRA.from_linear(nn.Conv1d(2, 2, 1))

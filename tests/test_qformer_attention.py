@@ -1,4 +1,4 @@
-"""vlmkern.ops.qformer_attention: the three Q-Former masks (SPEC §1.2) computed inside the kernel.
+"""vlmkern.ops.qformer_attention: the three Q-Former masks (LAVIS ``blip2_qformer.py``) computed inside the kernel.
 
 Oracles are built independently of vlmkern: the masks are written out the way the originals build them
 (additive ``-10000``), and attention is plain ``softmax(q k^T * scale + M) v`` in float64 (reference) and
@@ -23,7 +23,7 @@ REFERENCE = pytest.mark.parametrize("backend", ["reference"], indirect=True)
 
 # ------------------------------------------------------------------------------------------- oracles
 def spec_mask(mode: str, nq: int, pad_t: torch.Tensor, text_rows_only: bool = False) -> torch.Tensor:
-    """SPEC §1.2 as the originals build it: additive ``(B, 1, rows, Q+T)``, 0 keep / -10000 masked."""
+    """The masks as the originals build them: additive ``(B, 1, rows, Q+T)``, 0 keep / -10000 masked."""
     B, T = pad_t.shape
     L = nq + T
     pad = pad_t.to(torch.float64)
@@ -45,7 +45,7 @@ def spec_mask(mode: str, nq: int, pad_t: torch.Tensor, text_rows_only: bool = Fa
 
 
 def itg_mask(nq: int, pad_t: torch.Tensor) -> torch.Tensor:
-    """SPEC §1.2 ITG training path, literally: M[b, t, j] = 0 if j < Q or (j-Q <= t and padT[b, j-Q] == 1)."""
+    """The ITG training path's mask, literally: M[b, t, j] = 0 if j < Q or (j-Q <= t and padT[b, j-Q] == 1)."""
     B, T = pad_t.shape
     t = torch.arange(T)[:, None]
     j = torch.arange(nq + T)[None, :]

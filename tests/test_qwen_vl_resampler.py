@@ -1,5 +1,5 @@
-"""Qwen-VL ``Resampler`` drop-in (SPEC §2): parity with a faithful port of ``visual.Resampler`` (which itself calls
-``nn.MultiheadAttention``) and with the SPEC's explicit math, outputs and gradients, the cached key-side position
+"""Qwen-VL ``Resampler`` drop-in: parity with a faithful port of ``visual.Resampler`` (which itself calls
+``nn.MultiheadAttention``) and with its explicit math, outputs and gradients, the cached key-side position
 term, and bad input."""
 import math
 from functools import partial
@@ -74,7 +74,7 @@ class OriginalResampler(nn.Module):
 
 
 def _spec_math(m, x):
-    """SPEC §2.1 'Math', written out with explicit softmax (no nn.MultiheadAttention)."""
+    """The resampler's math, written out with explicit softmax (no nn.MultiheadAttention)."""
     D, H = m.embed_dim, m.num_heads
     d = D // H
     Xp = m.ln_kv(m.kv_proj(x))

@@ -14,7 +14,7 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 
-# ------------------------------------------------------------------ port of the original code (SPEC §7.1, §7.2)
+# ----------------------------------------------------- port of the original code (``HD_transform``, ``build_mlp.py``)
 try:  # the original calls torchvision on PIL images; without it, the same PIL operations written out
     from torchvision.transforms import functional as _tvf
 
@@ -140,7 +140,7 @@ def test_hd_transform_matches_original(wh, hd_num):
 
 
 def test_spec_grids_and_token_counts():
-    # SPEC §7.2 (sizes are width x height).
+    # IXC2-4KHD token counts (sizes are width x height).
     cases = {((1024, 768), 16): ((3, 4), 1921), ((1024, 768), 25): ((4, 5), 3085),
              ((1024, 768), 55): ((6, 8), 7141), ((3840, 2160), 55): ((6, 9), 8005),
              ((336, 336), 55): ((7, 7), 7297)}

@@ -1,7 +1,7 @@
 """``python -m vlmkern parity``: every drop-in against its original, on random weights, as a table of errors.
 
 The original is the transformers class where transformers has it, else a faithful port: the ones in this
-package (``Resampler.forward_original``, the SPEC §3.1 PLoRA forward below) and, from a repository checkout,
+package (``Resampler.forward_original``, IXC2's PLoRA forward ``original_plora``) and, from a repository checkout,
 the ports in ``tests/`` (CogVLM, CogAgent, Mini-Gemini). Each row runs the original in float64 (the oracle)
 and in the working dtype (the baseline), and vlmkern in the working dtype, and applies the library's one
 tolerance rule (:mod:`vlmkern.testing`): ``err(vlmkern) <= 2 * err(original) + floor``. Rows ``apply:*`` run a
@@ -266,7 +266,7 @@ CASES: list[tuple[str, str, Callable]] = [
      case_instructblip_qformer),
     ("models.llava_next.project_and_pack", "transformers projector + pack_image_features", case_llava_next_pack),
     ("models.qwen_vl.Resampler", "Resampler.forward_original (port)", case_qwen_resampler),
-    ("nn.PLoRA", "IXC2 build_mlp.PLoRA (SPEC 3.1 port)", case_plora),
+    ("nn.PLoRA", "IXC2 build_mlp.PLoRA (port)", case_plora),
     ("models.cogvlm.VisionExpertMLP", "CogVLM VisionExpertMLP (tests port)", case_cogvlm_mlp),
     ("models.cogvlm.VisionExpertAttention", "CogVLM VisionExpertAttention (tests port)", case_cogvlm_attention),
     ("models.cogagent.CrossAttention", "CogAgent CrossAttention (tests port)", case_cogagent_cross),

@@ -1,4 +1,4 @@
-"""The one tolerance rule of the library (SPEC "Correctness rule"), shared by tests, parity and benchmarks.
+"""The one tolerance rule of the library (README "Correctness rule"), shared by tests, parity and benchmarks.
 
 A vlmkern result passes when its error against a high-precision reference is at most ``FACTOR[kind]``
 times the error of plain PyTorch run in the same low precision against that same reference, plus an

@@ -1,4 +1,4 @@
-"""Dynamic-resolution packing fused with the projector (SPEC §6.2, §7.2).
+"""Dynamic-resolution packing fused with the projector (LLaVA-NeXT AnyRes, IXC2-4KHD).
 
 ``llava-next``: ``vlmkern.models.llava_next.project_and_pack`` (projects only the rows unpadding keeps, writes
 the newline rows in the same pass) against transformers' computation (projector on every tile, then reshape /

@@ -1,4 +1,4 @@
-"""Fuyu patch embedding (SPEC §4): ``vlmkern.ops.patch_embed`` / ``vlmkern.ops.patchify`` against what a user
+"""Fuyu patch embedding: ``vlmkern.ops.patch_embed`` / ``vlmkern.ops.patchify`` against what a user
 would run instead, on Fuyu-8B's sizes (patch 30, 3 channels -> 2700, hidden 4096; images up to 1080x1920).
 
 Groups (one plot panel each):

@@ -1,4 +1,4 @@
-"""MLP projector (SPEC §6.1): ``vlmkern.nn.MLPProjector`` (bias + exact GELU in the first GEMM's epilogue)
+"""MLP projector (LLaVA-1.5): ``vlmkern.nn.MLPProjector`` (bias + exact GELU in the first GEMM's epilogue)
 against LLaVA's ``nn.Sequential(Linear, GELU, Linear)`` (= transformers' ``LlavaMultiModalProjector``),
 eager and, on the GPU outside ``--quick``, compiled.
 

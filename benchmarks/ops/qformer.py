@@ -1,4 +1,4 @@
-"""BLIP-2 / InstructBLIP Q-Former (SPEC §1): the masked self-attention, the query->image cross-attention and the
+"""BLIP-2 / InstructBLIP Q-Former: the masked self-attention, the query->image cross-attention and the
 whole Q-Former, forward + backward, against what a user would run instead.
 
 Groups (one plot panel each):
@@ -18,7 +18,7 @@ Groups (one plot panel each):
 * ``qformer fwd+bwd`` / ``qformer fwd``: the whole Q-Former (BLIP-2 config: 12 layers, 768 hidden, 257 x 1408
   image tokens), ``vlmkern.models.blip2.Blip2QFormerModel`` against ``transformers.Blip2QFormerModel`` with
   eager and SDPA attention, same weights, eval mode (dropout off, so both run the same math). ITM batches are
-  ``[pos, (text, neg image), (neg text, image)]`` (SPEC §1.2): ``vlmkern dedup`` passes each distinct image
+  ``[pos, (text, neg image), (neg text, image)]`` (LAVIS): ``vlmkern dedup`` passes each distinct image
   once (``encoder_batch_index``). CPU target: vlmkern never slower than transformers.
 
 bf16 on the GPU, fp32 on the CPU. Useful FLOP are dense (masked score entries counted); fwd+bwd attention FLOP

@@ -1,9 +1,9 @@
-"""Token-routed GEMMs (SPEC §3, §5.1): partial LoRA on image rows (InternLM-XComposer2) and visual-expert
+"""Token-routed GEMMs: partial LoRA on image rows (InternLM-XComposer2) and visual-expert
 linears (CogVLM), against what a user would run instead.
 
 PLoRA groups ``plora fwd`` / ``plora fwd+bwd``: T tokens with 0 / 25 / 50 / 100 % image rows in one contiguous
 run, r = 256, scaling 1 (IXC2's settings), eval mode. Alternatives: the original ``build_mlp.PLoRA`` (boolean
-gather/scatter, a host sync per call; written here from SPEC §3.1), all-tokens-then-mask (adapter on every row,
+gather/scatter, a host sync per call; ported from IXC2's ``build_mlp.py``), all-tokens-then-mask (adapter on every row,
 multiplied by the mask), and plain ``nn.Linear`` (the lower bound). GPU targets (bf16): <= 1.12x plain Linear at
 50 % image rows, >= 2x the original.
 Expert groups ``experts fwd`` / ``experts fwd+bwd``: CogVLM's two experts, half the tokens vision-routed.
@@ -22,7 +22,7 @@ RANK = 256
 
 
 class OriginalPLoRA(nn.Linear):
-    """InternLM-XComposer2 ``build_mlp.PLoRA.forward`` as published (SPEC §3.1), eval mode."""
+    """InternLM-XComposer2 ``build_mlp.PLoRA.forward`` as published, eval mode."""
 
     def __init__(self, in_features, out_features, lora_r, device=None, dtype=None):
         super().__init__(in_features, out_features, False, device, dtype)

@@ -1,4 +1,4 @@
-"""Structured cross-attention (SPEC §2, §8, §5.2): the Qwen-VL position-aware resampler, Mini-Gemini patch info
+"""Structured cross-attention: the Qwen-VL position-aware resampler, Mini-Gemini patch info
 mining and CogAgent high-resolution cross-attention, each against what the original runs.
 
 * ``resampler``: ``vlmkern.models.qwen_vl.Resampler`` (cached key position term, query side once per call,

@@ -1,4 +1,4 @@
-// Fuyu patchify on the CPU (SPEC §4.2): raw pixels -> padded, rescaled, normalised patches.
+// Fuyu patchify on the CPU (FuyuImageProcessor's): raw pixels -> padded, rescaled, normalised patches.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
 // Fuyu patchify as a plain CUDA kernel on raw pointers (no torch headers; the binding lives in
-// patchify_binding.cpp). Semantics are those of vlmkern.reference.patchify, SPEC §4.2.
+// patchify_binding.cpp). Semantics are those of vlmkern.reference.patchify (FuyuImageProcessor's).
 #pragma once
 
 #include <cuda_runtime.h>

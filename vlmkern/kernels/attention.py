@@ -4,7 +4,7 @@ Flash-attention style (online softmax, fp32 accumulation), forward and FA2 backw
 ``(B, H, L, d)`` with explicit strides (views of a fused QKV projection work). The visibility of key ``j``
 from query row ``r`` is a predicate of the row's absolute position ``p = r + row_off``, ``j``, ``NQ``
 (number of learned queries), ``MODE`` and the key padding mask ``kpm[b, j - NQ]`` (1 = real token) that
-covers the keys ``j >= NQ`` (SPEC §1.2)::
+covers the keys ``j >= NQ`` (LAVIS ``blip2_qformer.py``)::
 
     MODE_FULL      (bidirectional / cross)  every non-pad key
     MODE_UNIMODAL  (ITC as one pass)        (p < NQ) == (j < NQ), and non-pad

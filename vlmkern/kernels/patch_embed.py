@@ -1,7 +1,7 @@
 """Fused Fuyu patch embedding: raw pixels -> normalised patch tile -> GEMM -> bias, and its backward.
 
 Row ``m`` of the GEMM is patch ``m % nP`` of image ``m // nP``; column ``k`` of a patch is
-``(r*P + c)*C + ch`` (SPEC §4.2, channel-last inside a patch). A patch element is gathered straight from
+``(r*P + c)*C + ch`` (Fuyu's, channel-last inside a patch). A patch element is gathered straight from
 the ``(B, C, H, W)`` pixel tensor; outside the image it is ``pad_value`` (raw units), and every value is
 normalised as ``x * scale[ch] + shift[ch]`` (``scale = rescale/std``, ``shift = -mean/std``).
 """

@@ -2,12 +2,12 @@
 
 Routing is read per row tile inside the kernels (no host sync, no gather, no dynamic shapes):
 
-* Partial LoRA (SPEC §3): ``y = x Wᵀ + b + m ⊙ s·(drop(x) Aᵀ) Bᵀ``. ``_lora_down_kernel`` writes the rank-r
+* Partial LoRA (IXC2 PLoRA): ``y = x Wᵀ + b + m ⊙ s·(drop(x) Aᵀ) Bᵀ``. ``_lora_down_kernel`` writes the rank-r
   activations ``U = m ⊙ s·(drop(x) Aᵀ)`` (exactly 0 on text rows; text-only row tiles skip the GEMM) and
   ``_lora_up_kernel`` runs ``x Wᵀ + U Bᵀ + b`` as one GEMM over the concatenated K dimension ``[x | U]``, the
   second K loop skipped on text-only row tiles. Both take arbitrary strides, so the backward reuses them
   with transposed operands: ``G = m ⊙ s·(dY B)`` (down) and ``dX = dY W + keep ⊙ (G A)`` (up).
-* Visual expert (SPEC §5.1): ``_expert_gemm_kernel`` computes ``y[t] = W[e(t)] x[t]``; a row tile runs one
+* Visual expert (CogVLM): ``_expert_gemm_kernel`` computes ``y[t] = W[e(t)] x[t]``; a row tile runs one
   K loop per expert present in it (one for the homogeneous tiles inside a text or image run).
 * ``_routed_tn_kernel``: ``out[g] = Σ_{t: sel[t] = g + base} p[t]ᵀ q[t]`` for weight gradients (dA, dB of
   the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); tiles with no selected

@@ -1,4 +1,4 @@
-"""Window-local LayerNorm attention pooling (Mini-Gemini patch info mining, SPEC §8), forward and backward.
+"""Window-local LayerNorm attention pooling (Mini-Gemini patch info mining, ``mgm_arch.py``), forward and backward.
 
 For low-resolution token ``n`` at grid cell ``(i, j)`` of a ``PN x PN`` grid, its window is the ``M x M`` block
 ``h[b, :, i*M + r, j*M + c]`` of the high-resolution map (``(B, C, Hh, Wh)``, any strides), read in place by index

@@ -1,4 +1,4 @@
-"""BLIP-2 Q-Former (SPEC §1) on vlmkern kernels: drop-in for ``transformers.Blip2QFormerModel``.
+"""BLIP-2 Q-Former on vlmkern kernels: drop-in for ``transformers.Blip2QFormerModel``.
 
 Same config class (``transformers.Blip2QFormerConfig``, read by attribute: any object with its fields works),
 same state-dict keys (``ours.load_state_dict(hf.state_dict(), strict=True)``), same forward arguments and
@@ -12,7 +12,7 @@ Differences from transformers, all documented where they occur:
 
 * ``encoder_batch_index`` (vlmkern extension): ``encoder_hidden_states`` may hold each distinct image once
   ``(N, Lk, E)`` and ``encoder_batch_index (B,)`` say which one each batch row uses (the ITM batch
-  ``[pos, neg image, neg text]`` of SPEC §1.2 repeats every positive image), so the cross-attention K/V
+  ``[pos, neg image, neg text]`` of LAVIS ``blip2_qformer.py`` repeats every positive image), so the cross-attention K/V
   projection runs once per image. ``encoder_attention_mask`` is then per distinct image ``(N, Lk)``. Eager CPU
   calls whose images need no gradient find repeated images themselves (:func:`repeated_images`).
 * ``output_attentions=True``, 3-D/4-D masks and attention-probability dropout in training mode run the

@@ -1,4 +1,4 @@
-"""CogAgent high-resolution cross-attention (HF hub ``modeling_cogagent.py``: ``CrossAttention``; SPEC §5.2).
+"""CogAgent high-resolution cross-attention (HF hub ``modeling_cogagent.py``: ``CrossAttention``).
 
 Every LLM token (vision and language, every layer) attends to the ~6400 tokens of the 1120-px EVA2-CLIP-L
 encoder, 32 heads of 32. ``CrossAttention`` keeps the original's parameters (``query``, ``key_value``,
@@ -15,27 +15,49 @@ Masks follow the original ``attention_fn``: an all-zero additive mask (the defau
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmkern.models._config import positive_int
 from vlmkern.ops.attention import cross_attention
 
 
+@dataclass
+class CogAgentCrossAttentionConfig:
+    """What ``CrossAttention`` reads from its config; defaults are the released CogAgent's (``cogagent-chat-hf``).
+    The original's config object (or any object with these attributes) works as well.
+
+    Attributes:
+        hidden_size: LLM width, the query input and output width (4096).
+        cross_hidden_size: width of the high-resolution encoder's tokens, the key/value input (1024,
+            EVA2-CLIP-L at 1120 px: 6400 tokens).
+        cross_compute_hidden_size: width of the cross-attention's queries, keys and values (1024).
+        num_attention_heads: heads; the cross head dim is ``cross_compute_hidden_size // num_attention_heads``
+            (32 heads of 32).
+    """
+
+    hidden_size: int = 4096
+    cross_hidden_size: int = 1024
+    cross_compute_hidden_size: int = 1024
+    num_attention_heads: int = 32
+
+
 def _cfg(config, name: str) -> int:
-    value = getattr(config, name, None)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"config.{name} must be a positive int, got {value!r}")
-    return value
+    return positive_int(config, name, CogAgentCrossAttentionConfig)
 
 
 class CrossAttention(nn.Module):
     """Drop-in for CogAgent's ``CrossAttention(config)``: ``hidden_states (B, Lq, hidden_size)``,
-    ``encoder_outputs (B, Lk, cross_hidden_size)`` -> ``(attn_output (B, Lq, hidden_size), None, past_key_value)``."""
+    ``encoder_outputs (B, Lk, cross_hidden_size)`` -> ``(attn_output (B, Lq, hidden_size), None, past_key_value)``.
 
-    def __init__(self, config):
+    ``config``: a :class:`CogAgentCrossAttentionConfig`, or any object with its fields (the original's config).
+    """
+
+    def __init__(self, config: CogAgentCrossAttentionConfig):
         super().__init__()
         self.config = config
         self.hidden_size = _cfg(config, "hidden_size")
@@ -101,6 +123,22 @@ class CrossAttention(nn.Module):
     def forward(self, hidden_states: Tensor, encoder_outputs: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, past_key_value: Optional[tuple[Tensor, Tensor]] = None,
                 output_attentions: bool = False, use_cache: bool = False):
+        """Cross-attention of every token to the image's high-resolution tokens, as the original's forward.
+
+        Args:
+            hidden_states: ``(B, Lq, hidden_size)``, the normed LLM hidden states (all tokens, any modality).
+            encoder_outputs: ``(B, Lk, cross_hidden_size)``, the high-resolution encoder's tokens (Lk = 6400 at
+                1120 px); required unless ``past_key_value`` is given, and then unused.
+            attention_mask: additive mask broadcastable to ``(B, H, Lq, Lk)``; None or all-zero (the original's
+                default ``zeros(B, 1, 1, 1)``) attends to every key.
+            past_key_value: ``(key_states, value_states)``, each ``(B, H, Lk, d)``, as returned by an earlier
+                call with ``use_cache=True`` (decode steps reuse them without recomputation).
+            output_attentions: accepted for the original's signature; no weights are returned.
+            use_cache: return the cross K/V as ``past_key_value``.
+
+        Returns:
+            ``(attn_output (B, Lq, hidden_size), None, past_key_value or None)``.
+        """
         self._check(hidden_states, past_key_value)
         bsz, q_len, _ = hidden_states.shape
         if past_key_value is None:
@@ -119,4 +157,4 @@ class CrossAttention(nn.Module):
         return self.dense(context), None, past_key_value
 
 
-__all__ = ["CrossAttention"]
+__all__ = ["CogAgentCrossAttentionConfig", "CrossAttention"]

@@ -1,4 +1,4 @@
-"""CogVLM visual-expert blocks (HF ``modeling_cogvlm.py``; SPEC §5.1, §5.3), training / prefill path.
+"""CogVLM visual-expert blocks (HF hub ``modeling_cogvlm.py``), training / prefill path.
 
 Image tokens and text tokens use different weights for QKV, the attention output and the MLP. The
 original gathers each modality with a boolean mask and scatters back (a host sync per linear); here every
@@ -11,14 +11,42 @@ state-dict keys are the original's (``{language,vision}_mlp.{gate,up,down}_proj.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlmkern.models._config import positive_int
 from vlmkern.models.cogagent import CrossAttention  # noqa: F401  (CogAgent layers live beside CogVLM's)
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear
+
+
+@dataclass
+class CogVLMConfig:
+    """What ``VisionExpertMLP`` and ``VisionExpertAttention`` read from their config; defaults are CogVLM-17B's
+    (Vicuna-7B LLM). The original's config object (or any object with these attributes) works as well.
+
+    Attributes:
+        hidden_size: LLM width D (4096).
+        intermediate_size: SwiGLU MLP width (11008); read by ``VisionExpertMLP``.
+        num_attention_heads: attention heads, ``hidden_size`` must be divisible by it (32 heads of 128); read by
+            ``VisionExpertAttention``.
+        hidden_act: MLP activation, one of ``silu`` (= ``swish``), ``gelu``, ``relu`` (``silu``).
+        max_position_embeddings: kept on the attention module as the original does (2048).
+    """
+
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_attention_heads: int = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+
+
+def _cfg(config, name: str) -> int:
+    return positive_int(config, name, CogVLMConfig)
+
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -33,10 +61,10 @@ def _activation(config):
 class ExpertMLP(nn.Module):
     """One expert's SwiGLU MLP weights (``CogvlmMLP`` layout: ``gate_proj``, ``up_proj``, ``down_proj``)."""
 
-    def __init__(self, config):
+    def __init__(self, config: CogVLMConfig):
         super().__init__()
-        self.hidden_size = config.hidden_size
-        self.intermediate_size = config.intermediate_size
+        self.hidden_size = _cfg(config, "hidden_size")
+        self.intermediate_size = _cfg(config, "intermediate_size")
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=False)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
@@ -47,9 +75,12 @@ class ExpertMLP(nn.Module):
 
 
 class VisionExpertMLP(nn.Module):
-    """``y_t = down^{e(t)}(act(gate^{e(t)} x_t) ⊙ up^{e(t)} x_t)``; ``forward(hidden_states, token_type_ids)``."""
+    """``y_t = down^{e(t)}(act(gate^{e(t)} x_t) ⊙ up^{e(t)} x_t)``; ``forward(hidden_states, token_type_ids)``.
 
-    def __init__(self, config):
+    ``config``: a :class:`CogVLMConfig` (``hidden_size``, ``intermediate_size``, ``hidden_act``), or any object
+    with those attributes (the original's config)."""
+
+    def __init__(self, config: CogVLMConfig):
         super().__init__()
         self.language_mlp = ExpertMLP(config)
         self.vision_mlp = ExpertMLP(config)
@@ -97,14 +128,15 @@ class VisionExpertAttention(nn.Module):
     ``forward(hidden_states, token_type_ids, position_ids, attention_mask=None, past_key_value=None,
     output_attentions=False) -> (attn_output, attn_weights or None, past_key_value)`` as the original;
     ``attention_mask`` is the additive ``(B, 1, L, L)`` mask (None: no mask, as the original's eager path).
-    Training / prefill only: ``past_key_value`` must be None.
+    Training / prefill only: ``past_key_value`` must be None. ``config``: a :class:`CogVLMConfig`
+    (``hidden_size``, ``num_attention_heads``, ``max_position_embeddings``), or any object with those attributes.
     """
 
-    def __init__(self, config, layer_idx: Optional[int] = None):
+    def __init__(self, config: CogVLMConfig, layer_idx: Optional[int] = None):
         super().__init__()
         self.config = config
-        self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
+        self.hidden_size = _cfg(config, "hidden_size")
+        self.num_heads = _cfg(config, "num_attention_heads")
         self.head_dim = self.hidden_size // self.num_heads
         if self.head_dim * self.num_heads != self.hidden_size:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by "
@@ -153,4 +185,4 @@ class VisionExpertAttention(nn.Module):
         return out, weights, past_key_value
 
 
-__all__ = ["ExpertMLP", "RotaryEmbedding", "VisionExpertAttention", "VisionExpertMLP"]
+__all__ = ["CogVLMConfig", "ExpertMLP", "RotaryEmbedding", "VisionExpertAttention", "VisionExpertMLP"]

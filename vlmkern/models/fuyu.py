@@ -1,4 +1,4 @@
-"""Fuyu's encoder-free image path (HF ``models/fuyu``; SPEC §4): image -> patches -> embeddings -> token stream.
+"""Fuyu's encoder-free image path (HF ``models/fuyu``): image -> patches -> embeddings -> token stream.
 
 Pipeline of ``FuyuProcessor`` + ``FuyuForCausalLM``, piece by piece:
 
@@ -197,7 +197,7 @@ def build_image_tokens(nH: int, nW: int, image_token_id: int, newline_token_id: 
 def build_input_ids(prompt_ids: Sequence[int] | Tensor, grid: tuple[int, int] | None, *,
                     newline_token_id: int, bos_token_id: int, boa_token_id: int | None = None,
                     image_token_id: int = IMAGE_TOKEN_ID, device=None) -> Tensor:
-    """One sample's token stream, ``FuyuProcessor`` layout (SPEC §4.3)::
+    """One sample's token stream, ``FuyuProcessor`` layout::
 
         [(image x nW, newline) x nH] + [bos] + prompt_ids + [boa]
 

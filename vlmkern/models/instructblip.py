@@ -1,4 +1,4 @@
-"""InstructBLIP instruction-aware Q-Former (SPEC §1.3): drop-in for ``transformers.InstructBlipQFormerModel``.
+"""InstructBLIP instruction-aware Q-Former: drop-in for ``transformers.InstructBlipQFormerModel``.
 
 Same config class (``transformers.InstructBlipQFormerConfig``), state-dict keys, forward arguments and outputs.
 The instruction is embedded here (``embeddings``: word + position embeddings, LayerNorm over

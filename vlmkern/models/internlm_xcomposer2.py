@@ -1,4 +1,4 @@
-"""InternLM-XComposer2's InternLM2 decoder layer with Partial LoRA on all five linears (SPEC §3.2, §3.4).
+"""InternLM-XComposer2's InternLM2 decoder layer with Partial LoRA on all five linears (``modeling_internlm2.py``).
 
 ``modeling_internlm2.py`` (IXC2-7B / VL / 4KHD), eager path, training / prefill: RMSNorm, group-interleaved
 GQA ``wqkv`` (per KV group ``[q_0..q_{g-1}, k, v]``), RoPE, softmax attention, SwiGLU MLP

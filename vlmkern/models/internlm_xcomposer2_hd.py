@@ -1,4 +1,5 @@
-"""InternLM-XComposer2-4KHD dynamic image partition with the token layout fused into the projector (SPEC §7).
+"""InternLM-XComposer2-4KHD dynamic image partition with the token layout fused into the projector
+(``ixc_utils.HD_transform``, ``build_mlp.py``).
 
 Data side: ``HD_transform`` (exact port: landscape orientation, ``scale`` columns of 336 px, PIL bilinear resize,
 white padding of the short side to a multiple of 336, centred) and ``tower_inputs`` (row-major 336 px tiles after

@@ -1,4 +1,4 @@
-"""LAVIS checkpoint names -> transformers names (SPEC §1.5), for the Q-Formers of BLIP-2 and InstructBLIP.
+"""LAVIS checkpoint names -> transformers names, for the Q-Formers of BLIP-2 and InstructBLIP.
 
 LAVIS keeps the Q-Former as a BERT under ``Qformer.bert.``; transformers (and vlmkern, which uses the same
 names) renames, as ``convert_blip_2_original_to_pytorch.py`` / ``convert_instructblip_original_to_pytorch.py`` do:

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT (1.6) AnyRes image path with the projector fused into the packing (SPEC §6.2; HF ``llava_next``).
+"""LLaVA-NeXT (1.6) AnyRes image path with the projector fused into the packing (HF ``llava_next``).
 
 Conventions are transformers' (v5): image sizes and grid pinpoints are ``(height, width)``.
 

@@ -1,5 +1,4 @@
-"""Mini-Gemini patch info mining (``mgm/model/mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``;
-SPEC §8).
+"""Mini-Gemini patch info mining (``mgm/model/mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``).
 
 ``PatchInfoMining`` holds the three ``Sequential(LayerNorm, Linear)`` projectors under the original names
 (``vlm_uni_{query,aux,val}_projector.{0,1}.*``) and computes ``unified_resampler`` with
@@ -50,6 +49,18 @@ class PatchInfoMining(nn.Module):
         window_grid(images.shape[1], images_aux.shape)
 
     def forward(self, images: Tensor, images_aux: Tensor) -> tuple[Tensor, Tensor]:
+        """The original ``unified_resampler(images, images_aux)``.
+
+        Args:
+            images: ``(B, N, C)`` low-resolution tokens, ``N = PN²`` (576 = 24² for CLIP ViT-L/14-336),
+                ``C = mm_hidden_size``.
+            images_aux: ``(B, C_aux, PN·M, PN·M)`` high-resolution feature map, ``C_aux = mm_hidden_size_aux``
+                (2880 for ConvNeXt-L at 768 px: a 192² map, ``M = 8``), any strides, same dtype as ``images``.
+
+        Returns:
+            ``(images, embed_feat)``: ``images`` unchanged, and ``embed_feat (B, N, C)``, each token's
+            single-head attention (scale ``1/sqrt(C)``) over its own ``M x M`` window of ``images_aux``.
+        """
         self._check(images, images_aux)
         lns = (self.vlm_uni_query_projector[0], self.vlm_uni_aux_projector[0], self.vlm_uni_val_projector[0])
         embed_feat = patch_info_mining(
@@ -59,7 +70,7 @@ class PatchInfoMining(nn.Module):
 
 
 def stack_hd_views(global_lr: Tensor, global_hr: Tensor, tiles_lr: Tensor, tiles_hr: Tensor) -> tuple[Tensor, Tensor]:
-    """HD setting (SPEC §8.2): ``global_lr (B, N, C)``, ``global_hr (B, C_aux, S, S)``, ``tiles_lr (B, T, N, C)``,
+    """HD setting (MGM-HD): ``global_lr (B, N, C)``, ``global_hr (B, C_aux, S, S)``, ``tiles_lr (B, T, N, C)``,
     ``tiles_hr (B, T, C_aux, S, S)`` (``T = 4`` row-major tiles) -> one batch of ``B·(1+T)`` pairs in the
     original token order ``[global, tile(0,0), tile(0,1), ...]`` per sample, ready for ``PatchInfoMining``."""
     lr = torch.cat([global_lr.unsqueeze(1), tiles_lr], 1).flatten(0, 1)

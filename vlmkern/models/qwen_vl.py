@@ -1,5 +1,5 @@
 """Qwen-VL position-aware vision-language adapter (``visual.py``: ``Resampler``, ``get_abs_pos``,
-``get_2d_sincos_pos_embed``; SPEC §2).
+``get_2d_sincos_pos_embed``).
 
 ``Resampler`` is a drop-in for the original: same constructor, parameter names (``query``, ``pos_embed``,
 ``kv_proj``, ``attn.in_proj_weight/bias``, ``attn.out_proj``, ``ln_q``, ``ln_kv``) and ``forward(x, attn_mask=None)``.
@@ -31,7 +31,7 @@ from vlmkern.ops.attention import cross_attention
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
-    """MAE 2-D sin-cos table ``(grid_size², embed_dim)`` float32 (SPEC §2.1): token ``t = h*G + w``; channels
+    """MAE 2-D sin-cos table ``(grid_size², embed_dim)`` float32 (``visual.py``): token ``t = h*G + w``; channels
     ``[0, D/2)`` encode the column ``w``, ``[D/2, D)`` the row ``h``; each half ``[sin(p ω_i)] ++ [cos(p ω_i)]``,
     ``ω_i = 10000^{-i/(D/4)}``."""
     if embed_dim % 4:

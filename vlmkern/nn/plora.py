@@ -1,4 +1,4 @@
-"""Drop-in for InternLM-XComposer2's ``build_mlp.PLoRA`` (SPEC §3.1): a linear with a Partial LoRA adapter.
+"""Drop-in for InternLM-XComposer2's ``build_mlp.PLoRA``: a linear with a Partial LoRA adapter.
 
 Keys ``weight``, ``bias``, ``Plora_A.weight``, ``Plora_B.weight``; ``forward(x, im_mask=None)``. The math is
 ``vlmkern.ops.partial_lora_linear``: the adapter runs on image rows only, with no host sync and no ``× 0``.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from vlmkern.ops.routed_linear import partial_lora_linear
@@ -49,6 +50,35 @@ class PLoRA(nn.Linear):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, "
                 f"lora_dropout={self.lora_dropout_p}")
+
+    # ------------------------------------------------------------------------------- from a trained Linear
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, lora_r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    lora_len: int = 0) -> "PLoRA":
+        """A PLoRA holding a copy of ``linear``'s weight and bias, whose adapter starts at zero.
+
+        ``Plora_B`` is zero and ``Plora_A`` keeps ``nn.Linear``'s init (the usual LoRA start), so the output
+        equals ``linear(x)`` on every row, image rows included, until training moves the adapter. This differs
+        from the constructor, which keeps the original's init for drop-in use: there ``Plora_B`` is
+        ``nn.Linear``'s random init (the original's ``reset_parameters`` looks for a ``lora_A`` attribute that
+        never exists, so it never zeroes B), and a fresh PLoRA changes image rows at once.
+        Device, dtype, ``requires_grad`` of weight and bias, and train/eval mode follow ``linear``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+                    dtype=w.dtype, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                    lora_len=lora_len)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+            layer.Plora_B.weight.zero_()
+        layer.weight.requires_grad_(w.requires_grad)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
+        return layer.train(linear.training)
 
 
 __all__ = ["PLoRA"]

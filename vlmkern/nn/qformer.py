@@ -1,4 +1,4 @@
-"""Q-Former layers (BLIP-2 / InstructBLIP, SPEC §1.1) on vlmkern ops, with transformers' module tree.
+"""Q-Former layers (BLIP-2 / InstructBLIP; transformers ``blip_2``) on vlmkern ops, with transformers' module tree.
 
 Module and parameter names are those of ``transformers``' ``Blip2QFormer*`` / ``InstructBlipQFormer*`` classes
 (``attention.attention.{query,key,value}``, ``attention.output.{dense,LayerNorm}``, ``crossattention.*``,
@@ -255,7 +255,7 @@ class LayerOutput:
 
 
 class QFormerLayer(nn.Module):
-    """``Blip2QFormerLayer`` (SPEC §1.1). ``text_ffn``: whether the text FFN (``intermediate``/``output``) exists
+    """``Blip2QFormerLayer``. ``text_ffn``: whether the text FFN (``intermediate``/``output``) exists
     (BLIP-2: ``config.use_qformer_text_input``; InstructBLIP: always)."""
 
     def __init__(self, config, layer_idx: int, text_ffn: bool = True):
@@ -351,7 +351,7 @@ class QFormerEncoder(nn.Module):
 
 class QFormerTextEmbeddings(nn.Module):
     """``InstructBlipQFormerEmbeddings``: ``LayerNorm(concat([query_embeds, word_emb[ids] + pos_emb[pos]]))`` then
-    dropout; queries get no position embedding (SPEC §1.1).
+    dropout; queries get no position embedding (as transformers').
 
     Default positions are computed per call instead of read from a ``position_ids`` buffer, so a model built
     on the meta device and materialised with ``to_empty()`` + transformers' ``init_weights()`` (which does not

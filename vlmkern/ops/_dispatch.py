@@ -2,11 +2,15 @@
 
 Every op family registers an :class:`OpDispatch` naming its backends in order of preference, each with a
 ``not_supported_reasons(*args, **kwargs) -> list[str]`` (empty list = can run). ``VLMKERN_BACKEND`` in
-the environment forces one backend for every op that has it (ops without it keep their own order); if
-the forced backend cannot take an input the error lists why instead of silently falling back.
+the environment forces one backend for every op: an op that lacks that backend, or whose forced backend
+cannot take an input, raises :class:`BackendNotSupported` saying why instead of silently running another.
+
+Each selection is logged at debug level on the ``vlmkern`` logger: the backend taken and why each
+preferred one could not run (``logging.getLogger("vlmkern").setLevel(logging.DEBUG)`` plus a handler).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +23,8 @@ BACKENDS = ("cuda", "triton", "cpp", "reference")
 ENV_VAR = "VLMKERN_BACKEND"
 
 ReasonsFn = Callable[..., list[str]]
+
+log = logging.getLogger("vlmkern.dispatch")
 
 
 class BackendNotSupported(RuntimeError):
@@ -115,16 +121,30 @@ class OpDispatch:
 
     def select(self, *args, **kwargs) -> str:
         forced = forced_backend()
-        if forced is not None and forced in self.backends:
+        if forced is not None:
+            if forced not in self.backends:
+                raise BackendNotSupported(
+                    f"{ENV_VAR}={forced}: vlmkern::{self.name} has no {forced} backend (its backends: "
+                    f"{', '.join(self.backends)}); unset {ENV_VAR} or force one of those")
             why = self.reasons(forced, *args, **kwargs)
             if why:
                 raise BackendNotSupported(
                     f"{ENV_VAR}={forced} cannot run vlmkern::{self.name} on these inputs: " + "; ".join(why)
                 )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("vlmkern::%s -> %s (forced by %s)", self.name, forced, ENV_VAR)
             return forced
+        debug = log.isEnabledFor(logging.DEBUG)  # off: no reason strings joined (host overhead per call)
+        skipped = []
         for backend in self.backends:
-            if not self.reasons(backend, *args, **kwargs):
+            why = self.reasons(backend, *args, **kwargs)
+            if not why:
+                if debug:
+                    log.debug("vlmkern::%s -> %s%s", self.name, backend,
+                              "".join(f"; not {b}: {'; '.join(w)}" for b, w in skipped))
                 return backend
+            if debug:
+                skipped.append((backend, why))
         raise BackendNotSupported(f"no backend can run vlmkern::{self.name}")  # reference never refuses
 
 

@@ -176,7 +176,7 @@ def _triton_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) -> tu
 
 # ------------------------------------------------------------------------------------ reference paths
 def _reference_mask(q, k, kpm, num_query, mode) -> Tensor:
-    """The SPEC §1.2 mask in its smallest broadcast shape (no ``(B, 1, Lq, Lk)`` tensor)."""
+    """The Q-Former mask of ``mode`` in its smallest broadcast shape (no ``(B, 1, Lq, Lk)`` tensor)."""
     return ref_attention.qformer_mask_broadcast(num_query, _MODE_NAMES[mode], kpm, q_len=q.shape[2],
                                                 k_len=k.shape[2], device=q.device)
 
@@ -339,7 +339,7 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
         k, v: ``(B, H, num_query + T, d)``, same dtype (float16, bfloat16, float32; float64 runs the
             reference) and device as ``q``. Any strides (e.g. views of a fused QKV projection).
         num_query: number of learned queries at the front of the key sequence (0 for a text-only pass).
-        mode: SPEC §1.2, rows/keys in positions of ``[queries ; text]``:
+        mode: the BLIP-2 objective's mask (LAVIS ``blip2_qformer.py``), rows/keys in positions of ``[queries ; text]``:
             ``"bidirectional"`` (ITM, InstructBLIP): every row sees every non-pad key;
             ``"unimodal"`` (ITC in one pass): query rows see queries only, text rows see non-pad text;
             ``"multimodal_causal"`` (ITG): query rows see queries only, text row ``t`` sees every query and

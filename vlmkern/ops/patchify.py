@@ -1,4 +1,4 @@
-"""``vlmkern::patchify``: Fuyu's data-loader patchify (SPEC §4.1-4.2) -- pad, rescale, normalise and cut into
+"""``vlmkern::patchify``: Fuyu's data-loader patchify (``FuyuImageProcessor``) -- pad, rescale, normalise and cut into
 patches in one pass, in C++ on the CPU (``vlmkern._C``) or CUDA (``vlmkern._cuda``), else the reference.
 
 Shapes: ``pixels (B, C, H, W)`` uint8 or float in raw units -> ``(B, ceil(H/p)*ceil(W/p), p*p*C)`` in

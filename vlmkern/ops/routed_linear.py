@@ -1,4 +1,4 @@
-"""Token-routed GEMMs: ``vlmkern::partial_lora_linear`` (SPEC §3) and ``vlmkern::expert_linear`` (SPEC §5.1).
+"""Token-routed GEMMs: ``vlmkern::partial_lora_linear`` (IXC2 PLoRA) and ``vlmkern::expert_linear`` (CogVLM).
 
 Neither op synchronises with the host (no ``.item()``, ``nonzero``, boolean indexing, data-dependent
 shapes) in forward or backward: the routing is read inside the kernels. The only exception is the
@@ -552,7 +552,7 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
 
 
 def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
-    """CogVLM routing: expert 1 (vision) iff a token and the next are vision-type (SPEC §5.1), else 0.
+    """CogVLM routing: expert 1 (vision) iff a token and the next are vision-type (``get_expert_mask``), else 0.
 
     ``token_type_ids (B, L)`` integer -> int32 ``(B, L)``, computed on device without a sync: the ``eoi``
     token and a vision-type token in the last position use the language expert.

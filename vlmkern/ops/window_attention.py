@@ -1,5 +1,5 @@
 """``vlmkern::window_attention``: window-local LayerNorm attention pooling, and ``patch_info_mining`` on top of it
-(Mini-Gemini's ``unified_resampler``, SPEC §8).
+(Mini-Gemini's ``unified_resampler``, ``mgm/model/mgm_arch.py``).
 
 The original projects every HR feature of every window to a key and a value (two ``C_aux x C`` GEMMs on
 ``B·N·M²`` rows) and then takes one ``1 x M²`` softmax per LR token. Both projections are linear, so per LR
@@ -233,7 +233,7 @@ def _check_params(params, name: str, in_dim: int, out_dim: int | None, dtype: to
 
 def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_params, value_params,
                       eps: tuple[float, float, float] = (1e-5, 1e-5, 1e-5)) -> Tensor:
-    """Mini-Gemini ``unified_resampler``'s ``embed_feat`` (SPEC §8.1) through ``window_attention``.
+    """Mini-Gemini ``unified_resampler``'s ``embed_feat`` (``mgm/model/mgm_arch.py``) through ``window_attention``.
 
     Args:
         images: ``(B, N, C)`` LR tokens, ``N = PN²``.

@@ -1,7 +1,7 @@
 """Q-Former self-attention with its three masks, and query->image cross-attention, in plain PyTorch.
 
 Computed the way the originals compute (``q @ k^T * scale``, an additive mask, softmax, ``@ v``, all in the
-input dtype), with the SPEC §1.2 mask built in its smallest broadcast shape. Masked keys are excluded (``-inf``)
+input dtype), with the Q-Former mask built in its smallest broadcast shape. Masked keys are excluded (``-inf``)
 rather than pushed down by the originals' additive ``-10000``: the two agree to the input precision
 except for a row whose keys are all masked, which the originals turn into a uniform average and which
 here (as in ``vlmkern.ops``) returns zeros.
@@ -18,7 +18,7 @@ MODES = ("bidirectional", "unimodal", "multimodal_causal")
 
 def qformer_mask_broadcast(num_query: int, mode: str, text_mask: Tensor | None, *, q_len: int, k_len: int,
                            device=None) -> Tensor:
-    """The SPEC §1.2 mask in its smallest broadcastable shape: ``(1|B, 1, 1|q_len, k_len)`` bool, True = attend.
+    """The Q-Former mask in its smallest broadcastable shape: ``(1|B, 1, 1|q_len, k_len)`` bool, True = attend.
 
     Bidirectional depends on the keys only (``(B, 1, 1, k_len)``, or ``(1, 1, 1, k_len)`` all True without a
     ``text_mask``); the other modes add a row structure ``(1, 1, q_len, k_len)``.
@@ -89,7 +89,7 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
 
 def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str,
                       text_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Q-Former self-attention over ``[num_query queries ; T text]`` with the SPEC §1.2 mask of ``mode``.
+    """Q-Former self-attention over ``[num_query queries ; T text]`` with the mask of ``mode`` (as LAVIS).
 
     ``q`` ``(B, H, Lq, d)`` with ``Lq = num_query + T`` or ``Lq = T`` (text rows only); ``k``, ``v``
     ``(B, H, num_query + T, d)``; ``text_mask`` ``(B, T)``. Returns ``(B, H, Lq, d)``.

@@ -1,7 +1,7 @@
 """Fuyu encoder-free patch embedding, written the way ``FuyuImageProcessor`` + ``nn.Linear`` compute it.
 
 Pixel layout: ``pixels`` ``(B, C, H, W)``, uint8 or float, in raw pixel units (0..255).
-Patch layout (SPEC §4.2): ``P[b, i*nW + j, (r*p + c)*C + ch] = norm(img[b, ch, p*i + r, p*j + c])``,
+Patch layout (Fuyu's): ``P[b, i*nW + j, (r*p + c)*C + ch] = norm(img[b, ch, p*i + r, p*j + c])``,
 channel-last inside a patch, patches row-major; the bottom/right border is padded with ``pad_value`` in raw
 units before rescale+normalise, as Fuyu pads before normalising.
 """

@@ -1,4 +1,4 @@
-"""Token-routed linears in plain PyTorch: Partial LoRA (SPEC §3) and the CogVLM visual expert (SPEC §5.1).
+"""Token-routed linears in plain PyTorch: Partial LoRA (IXC2) and the CogVLM visual expert.
 
 These are the oracle and the CPU path: every row is computed by every branch and the routed result is
 selected with ``torch.where`` (never ``× 0``, so an overflow on a row that does not take the branch cannot
@@ -32,7 +32,7 @@ def dropout_keep_mask(x: Tensor, dropout_p: float, training: bool) -> tuple[Tens
 
 def original_plora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                    im_mask: Tensor, scaling: float) -> Tensor:
-    """The original ``PLoRA.forward`` (SPEC §3.1), eval mode: base GEMM on all tokens, adapter on the gathered
+    """The original ``PLoRA.forward`` (IXC2), eval mode: base GEMM on all tokens, adapter on the gathered
     image tokens, and its ``× 0`` branch when there is none (an adapter overflow there becomes NaN).
     ``x (B, L, in)``, ``im_mask (B, L)`` bool -> ``(B, L, out)``. A port for parity checks, not a vlmkern path."""
     res = F.linear(x, weight, bias)

@@ -1,4 +1,4 @@
-"""Mini-Gemini patch info mining (SPEC §8.1) in plain PyTorch.
+"""Mini-Gemini patch info mining (``mgm_arch.py: unified_resampler``) in plain PyTorch.
 
 ``patch_info_mining`` is the original ``unified_resampler`` (re-arranged HR copy, K and V materialised,
 softmax in the input dtype). ``window_attention`` is the window-local core of ``vlmkern.ops`` (the same
