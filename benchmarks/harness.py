@@ -44,6 +44,10 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Implementations that compute less than the op (the GEMM alone, the mask build alone): lower bounds, never
+# the baseline a speedup claim is made against.
+LOWER_BOUNDS = frozenset({"nn.Linear", "dense", "gemm only", "gemm on kept rows", "gemm on all rows",
+                          "create_block_mask only"})
 CPU_MEMORY_NOTE = ("peak memory is not measured on the CPU (torch's CPU allocator is invisible to tracemalloc "
                    "and RSS deltas mostly reflect malloc caching); reported as null")
 

@@ -125,10 +125,13 @@ def _main(args: argparse.Namespace, dropped_interpret: bool) -> int:
             failed.append(op)
             print(f"[bench] {op} failed:\n{traceback.format_exc()}", file=sys.stderr)
             continue
+        if not rows and args.compiled == "only":
+            print(f"[bench] {op}: no compiled baseline in this run's cases", flush=True)
+            continue
         extra = {"quick": args.quick, "smoke": args.smoke, "mode": mode, "compiled": args.compiled,
                  "timer": asdict(cfg), "argv": sys.argv[1:], "wall_s": round(time.perf_counter() - t0, 2),
                  "cases": harness.case_records(cases)}
-        stem = op if args.compiled == "include" else f"{op}-compiled_{args.compiled}"
+        stem = f"{op}-compiled" if args.compiled == "only" else op
         paths = harness.write_results(stem, device, rows, env, out_dir, extra=extra, plot=not args.no_plot)
         if any(r.subject and r.status == "error" for r in rows):
             failed.append(op)

@@ -19,6 +19,7 @@ test run never imports it, so its time is unchanged.
 from __future__ import annotations
 
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +36,11 @@ FAMILIES = {
     "packing": ("packing_op", "llava_next", "xcomposer2_hd"),
 }
 _FILE_FAMILY = {f"test_{stem}.py": fam for fam, stems in FAMILIES.items() for stem in stems}
+
+
+def op_test_files() -> list[str]:
+    """Each family's op-level test file (listed first in FAMILIES), relative to the repository."""
+    return [f"tests/test_{stems[0]}.py" for stems in FAMILIES.values()]
 
 
 def family_of(nodeid: str) -> str:
@@ -105,7 +111,16 @@ def install_poison() -> None:
     torch.Tensor.new_empty = _poisoned(torch.Tensor.new_empty)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config):
+    if config.getoption("--gpu-suite"):
+        # A time limit's SIGTERM (and a SIGINT that a shell's background job inherits ignored) ends the run the
+        # way Ctrl-C does: pytest still reports what ran and writes its JUnit XML.
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.environ.get("VLMKERN_POISON") == "1":
         install_poison()
 

@@ -141,7 +141,7 @@ def _add_flex(case: Case, q, k, v, leaves, grad, mask_mod, batch, lq, lk, device
 
 
 # ------------------------------------------------------------------------------------ self-attention
-def _self_attn_case(device: str, batch: int, mode: str, train: bool) -> Case:
+def _self_attn_case(device: str, batch: int, mode: str, train: bool, with_flex: bool = True) -> Case:
     dtype = _dtype(device)
     L = NQ + T_TEXT
     flops, nbytes = _attention_counts(batch, L, L, dtype, train)
@@ -183,7 +183,8 @@ def _self_attn_case(device: str, batch: int, mode: str, train: bool) -> Case:
         else:
             def mask_mod(b, h, qi, ki):
                 return (ki < NQ) | ((ki <= qi) & real[b, ki])
-        _add_flex(case, q, k, v, leaves, grad, mask_mod, batch, L, L, device)
+        if with_flex:
+            _add_flex(case, q, k, v, leaves, grad, mask_mod, batch, L, L, device)
 
         eager, why = _hf_eager()
         if eager is None:
@@ -213,7 +214,7 @@ def _self_attn_case(device: str, batch: int, mode: str, train: bool) -> Case:
 
 
 # ----------------------------------------------------------------------------------- cross-attention
-def _cross_attn_case(device: str, batch: int, lk: int, train: bool) -> Case:
+def _cross_attn_case(device: str, batch: int, lk: int, train: bool, with_flex: bool = True) -> Case:
     dtype = _dtype(device)
     flops, nbytes = _attention_counts(batch, NQ, lk, dtype, train)
 
@@ -235,7 +236,8 @@ def _cross_attn_case(device: str, batch: int, lk: int, train: bool) -> Case:
                 _try(case, f"sdpa {name}", f"sdpa {name}", run)
         else:
             _try(case, "sdpa", "sdpa default", lambda: _fwd_bwd(lambda: sdpa(q, k, v), leaves, grad))
-        _add_flex(case, q, k, v, leaves, grad, None, batch, NQ, lk, device)
+        if with_flex:
+            _add_flex(case, q, k, v, leaves, grad, None, batch, NQ, lk, device)
         eager, why = _hf_eager()
         if eager is None:
             case.skipped["hf eager"] = why
