@@ -115,6 +115,12 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def uninstall_poison() -> None:
+    for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
+        fn = getattr(owner, name)
+        setattr(owner, name, getattr(fn, "__wrapped__", fn))
+
+
 def pytest_configure(config):
     if config.getoption("--gpu-suite"):
         # A time limit's SIGTERM (and a SIGINT that a shell's background job inherits ignored) ends the run the
@@ -147,6 +153,8 @@ def _tensors(x):
 class TwiceMode(torch.utils._python_dispatch.TorchDispatchMode):
     """Runs each functional ``vlmkern::`` op twice; records device-side 'differs' and 'new NaN' flags."""
 
+    namespaces = ("vlmkern",)
+
     def __init__(self):
         super().__init__()
         self.flags: list[tuple[str, str, torch.Tensor]] = []
@@ -154,7 +162,7 @@ class TwiceMode(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func.namespace != "vlmkern" or func._schema.is_mutable:
+        if func.namespace not in self.namespaces or func._schema.is_mutable:
             return out
         ins = [t for t in _tensors((args, kwargs)) if t.is_floating_point()]
         outs = [t for t in _tensors(out)]
