@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         return 2
     res = measure(device, **sizes)
     tag = " (DRY RUN on the CPU: not a ceiling)" if args.dry_run else ""
-    print(f"ceiling copy: {res['copy_gbps']:.0f} GB/s (device-to-device copy of {res['copy_bytes'] >> 20} MiB, "
+    print(f"ceiling copy: {res['copy_gbps']:.4g} GB/s (device-to-device copy of {res['copy_bytes'] >> 20} MiB, "
           f"read + write){tag}", flush=True)
     print(f"ceiling gemm: {res['gemm_tflops']:.4g} TFLOP/s (bf16 {res['gemm_n']}^3 torch.mm){tag}", flush=True)
     if args.json:

@@ -662,12 +662,14 @@ def plot_results(op: str, device: str, rows: list[Measurement], env: dict[str, A
 
     ok = [r for r in rows if r.status == "ok"]
     groups = list(dict.fromkeys(r.group for r in ok)) or [""]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 3.4 * len(groups) + 0.8), squeeze=False)
+    height = 3.4 * len(groups) + 0.8
+    fig, axes = plt.subplots(len(groups), 1, figsize=(12, height), squeeze=False)
     for ax, group in zip(axes[:, 0], groups):
         g = [r for r in ok if r.group == group]
         cases = list(dict.fromkeys(r.case for r in g))
         impls = list(dict.fromkeys(r.impl for r in sorted(g, key=lambda r: not r.subject)))
         width = 0.8 / max(len(impls), 1)
+        top = 0.0
         for i, impl in enumerate(impls):
             xs, ys, lo, hi, labels = [], [], [], [], []
             mine = [r for r in g if r.impl == impl]
@@ -680,16 +682,16 @@ def plot_results(op: str, device: str, rows: list[Measurement], env: dict[str, A
                 lo.append(max(r.median_ms - r.p20_ms, 0))
                 hi.append(max(r.p80_ms - r.median_ms, 0))
                 labels.append("" if r.subject or r.speedup is None else f"x{r.speedup:.2f}")
+            top = max([top] + [y + h for y, h in zip(ys, hi)])
             bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=impl_label(mine[0]),
                           hatch="//" if mine[0].subject else None)
-            for b, text, top in zip(bars, labels, [y + h for y, h in zip(ys, hi)]):
+            for b, text, y_end in zip(bars, labels, [y + h for y, h in zip(ys, hi)]):
                 if text:
-                    ax.annotate(text, (b.get_x() + b.get_width() / 2, top), ha="center",
+                    ax.annotate(text, (b.get_x() + b.get_width() / 2, y_end), ha="center",
                                 va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, fontsize=8)
-        ax.set_ylim(bottom=0)
-        ax.margins(y=0.12)                                  # room for the speedup labels above the bars
+        ax.set_ylim(0, top * 1.15 or 1.0)                   # from zero; room for the speedup labels on top
         ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.set_ylabel("median ms (p20-p80)")
@@ -700,8 +702,8 @@ def plot_results(op: str, device: str, rows: list[Measurement], env: dict[str, A
     fig.suptitle(f"{op} on {env.get('device_name', device)} - {run}\n"
                  f"xN above a bar = vlmkern's speedup over it (> 1: vlmkern faster); [..] = backend that ran",
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97 - 0.25 / len(groups)))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))      # the two title lines take ~0.45 inch
+    fig.savefig(path, dpi=110, bbox_inches="tight")            # the legends sit right of the panels
     plt.close(fig)
     return path
 

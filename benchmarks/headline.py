@@ -78,7 +78,7 @@ def specs(device: str, tiny: bool) -> list[Spec]:
                         structured_cross_attention._cogagent_case(device, dt, train, *cog), ("SDPA",)))
     h, w, hidden = (61, 89, 64) if tiny else (*patch_embed.FULL, patch_embed.HIDDEN)
     out.append(Spec("patch_embed", patch_embed._fused_case(device, 1, h, w, hidden, dt, with_compile=False),
-                    ("torch unfold+linear", "vlmkern patchify+linear"), ("gemm only",),
+                    ("torch unfold+linear",), ("gemm only",),
                     note="fwd only (the benchmark's cases are inference)"))
     dims = (32, 64, 64) if tiny else (projector.VISION, projector.LLM, projector.LLM)
     for train in (False, True):
