@@ -118,7 +118,7 @@ class TimerConfig:
             return TimerConfig(budget_s=0.0, min_reps=2, max_reps=2, warmup_s=0.0)
         if device == "cuda":
             return TimerConfig(0.15, 5, 300, 0.05) if quick else TimerConfig(0.5, 10, 1000, 0.1)
-        return TimerConfig(0.5, 5, 50, 0.0) if quick else TimerConfig(4.0, 11, 300, 0.3)
+        return TimerConfig(0.3, 3, 30, 0.0) if quick else TimerConfig(4.0, 11, 300, 0.3)
 
 
 # ----------------------------------------------------------------------------------------------- stats
@@ -237,7 +237,8 @@ def time_graph(fn: Callable[[], Any], cfg: TimerConfig, reps: int) -> list[float
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def time_round_robin(fns: dict[str, Callable[[], Any]], cfg: TimerConfig
+def time_round_robin(fns: dict[str, Callable[[], Any]], cfg: TimerConfig,
+                     on_round: Optional[Callable[[int, int], None]] = None
                      ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Exception]]:
     """CPU: per-call times in ms of each of ``fns``, called in rounds (each once per round, rotating order).
 
@@ -262,6 +263,8 @@ def time_round_robin(fns: dict[str, Callable[[], Any]], cfg: TimerConfig
     reps = int(min(max(cfg.budget_s / max(est.values(), default=1e-7), cfg.min_reps), cfg.max_reps))
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
+        if on_round is not None:
+            on_round(r, reps)
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
             t0 = time.perf_counter()
@@ -370,16 +373,21 @@ def is_compiled(name: str, backend: Optional[str]) -> bool:
 
 # ------------------------------------------------------------------------------------------- progress
 class _PlainProgress:
-    """Stand-in for tqdm: one line per finished step on stderr."""
+    """Stand-in for tqdm: one line per finished step on stderr, and the current activity every 10 s or more."""
 
     def __init__(self, total: int, desc: str, quiet: bool = False):
         self.total, self.desc, self.n, self.quiet, self.postfix = total, desc, 0, quiet, ""
+        self.last = time.perf_counter()
 
     def set_postfix_str(self, s: str, refresh: bool = True) -> None:
         self.postfix = s
+        if not self.quiet and time.perf_counter() - self.last >= 10:
+            self.last = time.perf_counter()
+            print(f"[{self.desc}] {self.n}/{self.total} {s}", file=sys.stderr, flush=True)
 
     def update(self, k: int = 1) -> None:
         self.n += k
+        self.last = time.perf_counter()
         if not self.quiet:
             print(f"[{self.desc}] {self.n}/{self.total} {self.postfix}", file=sys.stderr, flush=True)
 
@@ -433,7 +441,9 @@ def run_cases(cases: Iterable[Case], device: str, cfg: TimerConfig, *, desc: str
         rr_times, rr_first, rr_err = ({}, {}, {})
         if device != "cuda" and names:
             bar.set_postfix_str(f"{case.name} ({len(names)} round-robin)")
-            rr_times, rr_first, rr_err = time_round_robin({n: case.impls[n] for n in names}, cfg)
+            def on_round(r: int, reps: int, label=f"{case.name}: {len(names)} impls") -> None:
+                bar.set_postfix_str(f"{label}, round {r + 1}/{reps}")
+            rr_times, rr_first, rr_err = time_round_robin({n: case.impls[n] for n in names}, cfg, on_round)
         for name in names:
             bar.set_postfix_str(f"{case.name} / {name}")
             m = Measurement(case.name, case.group, case.shape, name, name == case.subject, case.backends.get(name))
