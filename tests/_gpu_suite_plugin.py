@@ -12,7 +12,8 @@ test run never imports it, so its time is unchanged.
 * ``VLMKERN_POISON=1``: ``torch.empty`` / ``empty_like`` / ``Tensor.new_empty`` fill floating tensors with NaN,
   so an output element a kernel forgets to write is NaN, never stale memory that happens to be right.
 * ``VLMKERN_TWICE=1``: every ``vlmkern::`` op runs twice on the same inputs; the two results must be equal bit
-  for bit (a race or an uninitialised read shows as a difference) and must hold no NaN unless an input did.
+  for bit (a race or an uninitialised read shows as a difference) and must hold no NaN unless an input did
+  (not checked in tests whose name mentions NaN: those expect NaN rows, e.g. out-of-range expert ids).
   The comparison stays on the device until the test ends (a host sync inside a test under
   ``torch.cuda.set_sync_debug_mode("error")`` would fail it), then fails the test.
 """
@@ -125,8 +126,11 @@ def pytest_configure(config):
     if config.getoption("--gpu-suite"):
         # A time limit's SIGTERM (and a SIGINT that a shell's background job inherits ignored) ends the run the
         # way Ctrl-C does: pytest still reports what ran and writes its JUnit XML.
-        signal.signal(signal.SIGTERM, _interrupt)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:      # not the main thread (an xdist worker): the controller handles the signal
+            pass
     if os.environ.get("VLMKERN_POISON") == "1":
         install_poison()
 
@@ -155,8 +159,9 @@ class TwiceMode(torch.utils._python_dispatch.TorchDispatchMode):
 
     namespaces = ("vlmkern",)
 
-    def __init__(self):
+    def __init__(self, check_nan: bool = True):
         super().__init__()
+        self.check_nan = check_nan
         self.flags: list[tuple[str, str, torch.Tensor]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -168,6 +173,8 @@ class TwiceMode(torch.utils._python_dispatch.TorchDispatchMode):
         outs = [t for t in _tensors(out)]
         if any(t.device.type == "meta" or type(t) is not torch.Tensor for t in outs + ins):
             return out      # fake / traced: nothing ran
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return out      # a CUDA graph capture runs nothing: the flags would hold garbage
         again = list(_tensors(func(*args, **kwargs)))
         name = str(func.name())
         for i, (a, b) in enumerate(zip(outs, again)):
@@ -176,10 +183,12 @@ class TwiceMode(torch.utils._python_dispatch.TorchDispatchMode):
             if a.numel():
                 self.flags.append((name, f"output {i} differs bit for bit between two identical calls (race?)",
                                    (_bits(a) != _bits(b)).any()))
-                if a.is_floating_point():
-                    had_nan = torch.stack([t.isnan().any().to(a.device) for t in ins]).any() if ins else torch.tensor(False)
+                if a.is_floating_point() and self.check_nan:
+                    # Inputs on other devices are left out: copying a flag across would sync the host.
+                    flags = [t.isnan().any() for t in ins if t.device == a.device]
+                    had_nan = torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=a.device)
                     self.flags.append((name, f"output {i} holds NaN though no input does (unwritten or poisoned "
-                                       "element read)", a.isnan().any() & ~had_nan.to(a.device)))
+                                       "element read)", a.isnan().any() & ~had_nan))
         return out
 
     def failures(self) -> list[str]:
@@ -192,7 +201,7 @@ def pytest_runtest_call(item):
     if os.environ.get("VLMKERN_TWICE") != "1" or "compile" in item.nodeid:
         yield
         return
-    mode = TwiceMode()
+    mode = TwiceMode(check_nan="nan" not in item.name.lower())   # tests about NaN outputs expect some
     with mode:
         outcome = yield
     if outcome.excinfo is None:
