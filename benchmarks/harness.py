@@ -219,6 +219,14 @@ def capture_graph(fn: Callable[[], Any]) -> "torch.cuda.CUDAGraph":
     return graph
 
 
+def settle_cuda() -> None:
+    """After a failed call or capture: wait for the GPU, ignoring an error the wait itself reports."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:
+        pass
+
+
 def time_graph(fn: Callable[[], Any], cfg: TimerConfig, reps: int) -> list[float]:
     """Per-replay times in ms of ``fn`` captured once in a CUDA graph (L2 flushed before each replay)."""
     graph = capture_graph(fn)
@@ -365,6 +373,15 @@ def percent_of_peak(tflops: Optional[float], gbps: Optional[float], ceilings: di
     return pct(tflops, ceilings.get("gemm_tflops")), pct(gbps, ceilings.get("copy_gbps"))
 
 
+_COMPILED_MODE = {"mode": "include"}
+
+
+def compiled_skipped() -> bool:
+    """True while :func:`run_cases` runs with ``compiled="skip"``: a case's setup should not even build (or
+    trial-call) its compiled implementations then."""
+    return _COMPILED_MODE["mode"] == "skip"
+
+
 def is_compiled(name: str, backend: Optional[str]) -> bool:
     """An Inductor-compiled implementation (torch.compile, compiled FlexAttention): slow to build."""
     text = f"{name} {backend or ''}".lower()
@@ -418,6 +435,7 @@ def run_cases(cases: Iterable[Case], device: str, cfg: TimerConfig, *, desc: str
     if compiled not in ("include", "skip", "only"):
         raise ValueError(f"compiled: expected 'include', 'skip' or 'only', got {compiled!r}")
     cases = list(cases)
+    _COMPILED_MODE["mode"] = compiled
     bar = progress_bar(len(cases), desc, show_progress)
     ceilings = load_ceilings(device)
     out: list[Measurement] = []
@@ -492,7 +510,7 @@ def _graph_time(m: Measurement, fn: Callable[[], Any], cfg: TimerConfig) -> None
     try:
         m.graph_ms = quantile(time_graph(fn, cfg, max(cfg.min_reps, min(m.reps, 50))), 0.5)
     except Exception as exc:
-        torch.cuda.synchronize()
+        settle_cuda()
         m.note = (m.note + "; " if m.note else "") + f"no CUDA graph: {type(exc).__name__}: {str(exc)[:120]}"
 
 

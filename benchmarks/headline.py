@@ -96,7 +96,7 @@ def time_impl(fn, device: str, reps: int) -> tuple[float, str]:
         try:
             return harness.quantile(harness.time_graph(fn, cfg, reps), 0.5), "graph"
         except Exception as exc:
-            torch.cuda.synchronize()
+            harness.settle_cuda()
             why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
             times, _ = harness.time_fn(fn, device, harness.TimerConfig(0.05, 5, reps, 0.0))
             return harness.quantile(times, 0.5), f"eager (no graph: {why})"
@@ -125,7 +125,7 @@ def run_spec(spec: Spec, device: str, reps: int, ceilings: dict) -> list[dict]:
             except Exception as exc:
                 rec["status"], rec["note"] = "error", f"{type(exc).__name__}: {str(exc)[:300]}"
                 if device == "cuda":
-                    torch.cuda.synchronize()
+                    harness.settle_cuda()
             records.append(rec)
         for name, why in case.skipped.items():
             if name in spec.baselines:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks.harness import Case, compiled_baselines, fwd_bwd, is_compiled
+from benchmarks.harness import Case, compiled_baselines, compiled_skipped, fwd_bwd, is_compiled
 
 NQ, T_TEXT, H, D = 32, 32, 12, 64
 IMAGE_TOKENS = (257, 677)
@@ -115,9 +115,11 @@ def _attention_counts(batch, lq, lk, dtype, train) -> tuple[float, float]:
 
 def _add_flex(case: Case, q, k, v, leaves, grad, mask_mod, batch, lq, lk, device) -> None:
     """Compiled FlexAttention: block mask prebuilt; mask build (compiled) included; mask build alone."""
-    if device != "cuda":
+    if device != "cuda" or compiled_skipped():
+        why = ("FlexAttention runs on the GPU only here (no CPU backward)" if device != "cuda" else
+               "Inductor-compiled: timed in a separate pass (--compiled only)")
         for n in ("flex (mask prebuilt)", "flex + create_block_mask", "create_block_mask only"):
-            case.skipped[n] = "FlexAttention runs on the GPU only here (no CPU backward)"
+            case.skipped[n] = why
         return
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
