@@ -1,10 +1,14 @@
 """Run the benchmark suites.
 
     python -m benchmarks.run [--op NAME] [--device cpu|cuda] [--quick] [--out DIR] [--strict]
+                             [--jsonl FILE] [--compiled include|skip|only]
 
 Every module in ``benchmarks/ops/`` exposing ``cases(device, quick, smoke=False)`` is one op. For each op
-the results go to ``DIR/<op>-<device>.{json,csv,png}`` (default ``benchmarks/results/``) and a table is
-printed at the end. Exit status: 0, or 1 when an op module failed or its subject (vlmkern) errored on a
+the results go to ``DIR/<op>-<device>.{json,csv,png}`` and a table is printed after each op. Default DIR:
+``benchmarks/results/`` for a full run (the tracked files the docs quote), ``benchmarks/results/quick/``
+(git-ignored) for ``--quick`` / ``--smoke``, so a quick run leaves ``git status`` clean. ``--jsonl`` appends
+one JSON line per measurement as each case ends (what a killed run still leaves behind); ``--compiled``
+chooses whether the Inductor-compiled baselines run (they take minutes to compile on a GPU). Exit status: 0, or 1 when an op module failed or its subject (vlmkern) errored on a
 case; ``--strict`` also fails on a missed speed target.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import os
 import pkgutil
 import sys
@@ -19,6 +24,7 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -36,6 +42,21 @@ def _cases(module, device: str, quick: bool, smoke: bool):
     return module.cases(device, quick, smoke=smoke) if "smoke" in params else module.cases(device, quick)
 
 
+def _jsonl_writer(path: Optional[Path], op: str, device: str, env: dict, mode: str):
+    """``on_case`` callback appending the case's rows to ``path`` (flushed: a killed run keeps them)."""
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows) -> None:
+        with open(path, "a") as f:
+            for r in rows:
+                rec = {"op": op, "device": device, "device_name": env.get("device_name"), "mode": mode,
+                       "git_commit": env.get("git_commit"), **asdict(r)}
+                f.write(json.dumps(harness._json_safe(rec), default=str) + "\n")
+    return write
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     ap.add_argument("--op", action="append", help="op module to run (repeatable); default: all")
@@ -43,7 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="default: cuda when available, else cpu")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (CI smoke test)")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, 2 reps: tests only
-    ap.add_argument("--out", type=Path, default=harness.RESULTS_DIR, help="results folder")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default: benchmarks/results, or benchmarks/results/quick for --quick)")
+    ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per measurement to this file")
+    ap.add_argument("--compiled", choices=("include", "skip", "only"), default="include",
+                    help="Inductor-compiled baselines: run them, skip them, or run only them (with vlmkern)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a speed target is missed")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,25 +105,34 @@ def _main(args: argparse.Namespace, dropped_interpret: bool) -> int:
         print("[bench] TRITON_INTERPRET was set: ignored (the interpreter's speed means nothing)", file=sys.stderr)
 
     quick = args.quick or args.smoke
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    out_dir = args.out or (harness.RESULTS_DIR / "quick" if quick else harness.RESULTS_DIR)
     cfg = harness.TimerConfig.for_mode(device, quick=quick, smoke=args.smoke)
+    print(f"[bench] {mode} run on {device}: {', '.join(wanted)} -> {out_dir}", file=sys.stderr, flush=True)
     env = harness.environment(device)
     failed, missed, tables = [], [], []
     for op in wanted:
         t0 = time.perf_counter()
+        print(f"[bench] {op}: importing and building its cases", file=sys.stderr, flush=True)
         try:
             module = importlib.import_module(f"benchmarks.ops.{op}")
             cases = _cases(module, device, quick, args.smoke)
             torch.manual_seed(0)
             # No global no_grad: forward+backward cases need autograd; forward-only cases disable it themselves.
-            rows = harness.run_cases(cases, device, cfg, desc=f"{op} [{device}]",
-                                     show_progress=not args.no_progress)
+            rows = harness.run_cases(cases, device, cfg, desc=f"{op} [{device}]", show_progress=not args.no_progress,
+                                     compiled=args.compiled, on_case=_jsonl_writer(args.jsonl, op, device, env, mode))
         except Exception:
             failed.append(op)
             print(f"[bench] {op} failed:\n{traceback.format_exc()}", file=sys.stderr)
             continue
-        extra = {"quick": args.quick, "smoke": args.smoke, "timer": asdict(cfg), "argv": sys.argv[1:],
-                 "wall_s": round(time.perf_counter() - t0, 2), "cases": harness.case_records(cases)}
-        paths = harness.write_results(op, device, rows, env, args.out, extra=extra, plot=not args.no_plot)
+        if not rows and args.compiled == "only":
+            print(f"[bench] {op}: no compiled baseline in this run's cases", flush=True)
+            continue
+        extra = {"quick": args.quick, "smoke": args.smoke, "mode": mode, "compiled": args.compiled,
+                 "timer": asdict(cfg), "argv": sys.argv[1:], "wall_s": round(time.perf_counter() - t0, 2),
+                 "cases": harness.case_records(cases)}
+        stem = f"{op}-compiled" if args.compiled == "only" else op
+        paths = harness.write_results(stem, device, rows, env, out_dir, extra=extra, plot=not args.no_plot)
         if any(r.subject and r.status == "error" for r in rows):
             failed.append(op)
         missed += [f"{op}: {r.case}: vlmkern vs {r.impl} x{r.speedup:.2f} < x{r.target:g}"
@@ -106,10 +140,9 @@ def _main(args: argparse.Namespace, dropped_interpret: bool) -> int:
         missed += [f"{op}: {r.case}: target vs {r.impl} not measured ({r.status})"
                    for r in rows if r.target is not None and r.target_met is None]
         written = ", ".join(str(p) for p in paths.values() if p is not None)
-        tables.append(f"== {op} on {env['device_name']} ({device}; {extra['wall_s']} s; "
+        tables.append(f"== {op} on {env['device_name']} ({device}, {mode} run; {extra['wall_s']} s; "
                       f"speedup = baseline / vlmkern) ==\n{harness.format_table(rows)}\nwritten: {written}")
-
-    print("\n\n".join(tables))
+        print(tables[-1] + "\n", flush=True)      # each op's table as soon as it ends
     if missed:
         print("\nspeed targets not met:\n  " + "\n  ".join(missed))
     if failed:

@@ -36,12 +36,17 @@ def _section(op: str, prefixes: list[str]) -> str:
                    f"{'quick' if meta.get('quick') else 'full'} run of {env.get('timestamp', '?')} "
                    f"(`benchmarks/results/{path.name}`). Times in ms, median (p20, p80); speedup = "
                    f"{meta.get('speedup_definition', 'baseline / vlmkern')}.\n")
-        out.append("| case | shape | implementation | backend | ms | speedup | status |")
-        out.append("|---|---|---|---|---|---|---|")
+        # GPU runs: CUDA-graph time of launch-bound calls and % of the ceilings measured on that GPU
+        extra = [c for c in ("graph_ms", "pct_gemm_peak", "pct_copy_peak") if any(r.get(c) for r in rows)]
+        heads = {"graph_ms": "graph ms", "pct_gemm_peak": "% GEMM peak", "pct_copy_peak": "% copy peak"}
+        out.append("| case | shape | implementation | backend | ms | " + "".join(f"{heads[c]} | " for c in extra)
+                   + "speedup | status |")
+        out.append("|---" * (7 + len(extra)) + "|")
         for r in rows:
             status = r["status"] + (f": {r['note']}" if r["note"] and r["status"] != "ok" else "")
             out.append(f"| {r['case']} | {r['shape']} | {r['impl']} | {r['backend']} | {_ms(r['median_ms'])} "
-                       f"({_ms(r['p20_ms'])}, {_ms(r['p80_ms'])}) | {_ms(r['speedup'])} | {status} |")
+                       f"({_ms(r['p20_ms'])}, {_ms(r['p80_ms'])}) | " + "".join(f"{_ms(r.get(c))} | " for c in extra)
+                       + f"{_ms(r['speedup'])} | {status} |")
         png = path.with_suffix(".png")
         if png.exists():
             out.append(f"\n![{op} {label}](../benchmarks/results/{png.name})\n")

@@ -8,18 +8,21 @@ Groups (one plot panel each):
   ``multimodal_causal``). Baselines: SDPA with the dense boolean ``(B, 1, L, L)`` mask (prebuilt, not timed)
   under each backend (``math``, ``efficient``, ``cudnn``, ``flash``; a backend that refuses the input is listed
   as skipped with its error; on the CPU only the default), compiled FlexAttention (GPU only: it has no CPU
-  backward) with its block mask prebuilt, *including* its ``create_block_mask`` build, and the build alone,
-  transformers' eager attention (additive mask), xformers when installed.
+  backward) with its block mask prebuilt, *including* its ``create_block_mask`` build (compiled,
+  ``_compile=True``, as a user rebuilding the mask per batch would), and the build alone, transformers' eager
+  attention (additive mask), xformers when installed.
   GPU targets: vlmkern >= 2x every SDPA backend with the mask, >= 1.5x FlexAttention including the mask build.
 * ``cross-attn fwd+bwd`` / ``cross-attn fwd``: ``vlmkern.ops.cross_attention``, 32 queries -> 257 / 677 image
   tokens (ViT-g 224 / 364 px), no padding (``image_atts`` is all ones in the models). Baselines: SDPA without
   a mask (every backend), compiled FlexAttention, transformers eager, xformers. Target: >= 70 % of the
-  GPU's HBM bandwidth (compare the GB/s column with the device's peak: H100 SXM 3350 GB/s -> 2345 GB/s).
+  GPU's memory bandwidth: the ``pct_copy_peak`` column, GB/s as % of the device-to-device copy ceiling that
+  ``benchmarks.ceilings`` measured on the same GPU.
 * ``qformer fwd+bwd`` / ``qformer fwd``: the whole Q-Former (BLIP-2 config: 12 layers, 768 hidden, 257 x 1408
   image tokens), ``vlmkern.models.blip2.Blip2QFormerModel`` against ``transformers.Blip2QFormerModel`` with
   eager and SDPA attention, same weights, eval mode (dropout off, so both run the same math). ITM batches are
   ``[pos, (text, neg image), (neg text, image)]`` (LAVIS): ``vlmkern dedup`` passes each distinct image
-  once (``encoder_batch_index``). CPU target: vlmkern never slower than transformers.
+  once (``encoder_batch_index``). Full GPU runs (or ``VLMKERN_BENCH_COMPILE=1``) add ``torch.compile`` of the
+  transformers SDPA model. CPU target: vlmkern never slower than transformers.
 
 bf16 on the GPU, fp32 on the CPU. Useful FLOP are dense (masked score entries counted); fwd+bwd attention FLOP
 = 3.5x forward (the backward recomputes the scores). Bytes: q, k, v, out (+ dout, dq, dk, dv) once.
@@ -30,7 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, compiled_baselines, compiled_skipped, fwd_bwd, is_compiled
 
 NQ, T_TEXT, H, D = 32, 32, 12, 64
 IMAGE_TOKENS = (257, 677)
@@ -57,14 +60,7 @@ def _leaves(device, dtype, *shapes, seed=0) -> list[torch.Tensor]:
     return [torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
 
 
-def _fwd_bwd(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], grad: Optional[torch.Tensor]):
-    """One call: forward, then (``grad`` given) backward into ``leaves``; returns the output."""
-    if grad is None:
-        with torch.no_grad():
-            return fn()
-    out = fn()
-    torch.autograd.grad(out, leaves, grad)
-    return out.detach()
+_fwd_bwd = fwd_bwd
 
 
 def _sdpa_backend(name: str):
@@ -118,10 +114,12 @@ def _attention_counts(batch, lq, lk, dtype, train) -> tuple[float, float]:
 
 
 def _add_flex(case: Case, q, k, v, leaves, grad, mask_mod, batch, lq, lk, device) -> None:
-    """Compiled FlexAttention: block mask prebuilt; mask build included; mask build alone."""
-    if device != "cuda":
+    """Compiled FlexAttention: block mask prebuilt; mask build (compiled) included; mask build alone."""
+    if device != "cuda" or compiled_skipped():
+        why = ("FlexAttention runs on the GPU only here (no CPU backward)" if device != "cuda" else
+               "Inductor-compiled: timed in a separate pass (--compiled only)")
         for n in ("flex (mask prebuilt)", "flex + create_block_mask", "create_block_mask only"):
-            case.skipped[n] = "FlexAttention runs on the GPU only here (no CPU backward)"
+            case.skipped[n] = why
         return
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -133,19 +131,19 @@ def _add_flex(case: Case, q, k, v, leaves, grad, mask_mod, batch, lq, lk, device
     def build():
         if mask_mod is None:
             return None
-        return create_block_mask(mask_mod, batch, None, lq, lk, device=device)
+        return create_block_mask(mask_mod, batch, None, lq, lk, device=device, _compile=True)
 
     block = build()
-    _try(case, "flex (mask prebuilt)", "flex compiled",
+    _try(case, "flex (mask prebuilt)", "flex (inductor)",
          lambda: _fwd_bwd(lambda: flex(q, k, v, block_mask=block), leaves, grad))
     if mask_mod is not None:
-        _try(case, "flex + create_block_mask", "flex compiled",
+        _try(case, "flex + create_block_mask", "flex (inductor)",
              lambda: _fwd_bwd(lambda: flex(q, k, v, block_mask=build()), leaves, grad))
-        _try(case, "create_block_mask only", "create_block_mask", build)
+        _try(case, "create_block_mask only", "create_block_mask (inductor)", build)
 
 
 # ------------------------------------------------------------------------------------ self-attention
-def _self_attn_case(device: str, batch: int, mode: str, train: bool) -> Case:
+def _self_attn_case(device: str, batch: int, mode: str, train: bool, with_flex: bool = True) -> Case:
     dtype = _dtype(device)
     L = NQ + T_TEXT
     flops, nbytes = _attention_counts(batch, L, L, dtype, train)
@@ -187,7 +185,8 @@ def _self_attn_case(device: str, batch: int, mode: str, train: bool) -> Case:
         else:
             def mask_mod(b, h, qi, ki):
                 return (ki < NQ) | ((ki <= qi) & real[b, ki])
-        _add_flex(case, q, k, v, leaves, grad, mask_mod, batch, L, L, device)
+        if with_flex:
+            _add_flex(case, q, k, v, leaves, grad, mask_mod, batch, L, L, device)
 
         eager, why = _hf_eager()
         if eager is None:
@@ -213,11 +212,11 @@ def _self_attn_case(device: str, batch: int, mode: str, train: bool) -> Case:
                 shape=f"(B={batch}, H={H}, L={NQ}+{T_TEXT}, d={D}) {str(dtype).replace('torch.', '')} {mode}",
                 targets=targets,
                 notes=["SDPA gets the dense (B,1,L,L) bool mask prebuilt (not timed); flex rows: mask prebuilt, "
-                       "build included, build alone (create_block_mask, not compiled)"])
+                       "build included, build alone (create_block_mask(_compile=True))"])
 
 
 # ----------------------------------------------------------------------------------- cross-attention
-def _cross_attn_case(device: str, batch: int, lk: int, train: bool) -> Case:
+def _cross_attn_case(device: str, batch: int, lk: int, train: bool, with_flex: bool = True) -> Case:
     dtype = _dtype(device)
     flops, nbytes = _attention_counts(batch, NQ, lk, dtype, train)
 
@@ -239,7 +238,8 @@ def _cross_attn_case(device: str, batch: int, lk: int, train: bool) -> Case:
                 _try(case, f"sdpa {name}", f"sdpa {name}", run)
         else:
             _try(case, "sdpa", "sdpa default", lambda: _fwd_bwd(lambda: sdpa(q, k, v), leaves, grad))
-        _add_flex(case, q, k, v, leaves, grad, None, batch, NQ, lk, device)
+        if with_flex:
+            _add_flex(case, q, k, v, leaves, grad, None, batch, NQ, lk, device)
         eager, why = _hf_eager()
         if eager is None:
             case.skipped["hf eager"] = why
@@ -256,7 +256,7 @@ def _cross_attn_case(device: str, batch: int, lk: int, train: bool) -> Case:
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2), leaves, grad))
 
     tag = "fwd+bwd" if train else "fwd"
-    notes = ["memory-bound: GPU target >= 70 % of HBM peak (GB/s column; H100 SXM 3350 GB/s -> 2345 GB/s)"]
+    notes = ["memory-bound: GPU target >= 70 % of the measured copy ceiling (pct_copy_peak column)"]
     return Case(name=f"Lk={lk} B={batch}", group=f"cross-attn {tag}", flops=flops, bytes=nbytes, setup=setup,
                 shape=f"(B={batch}, H={H}, Lq={NQ}, Lk={lk}, d={D}) {str(dtype).replace('torch.', '')}",
                 notes=notes)
@@ -276,7 +276,8 @@ def _qformer_counts(cfg, rows: int, images: int, t: int, lk: int, train: bool, e
     return (3 * fwd if train else fwd), elem * ((3 if train else 1) * params + (2 if train else 1) * io)
 
 
-def _qformer_case(device: str, pairs: int, t: int, lk: int, train: bool, layers: int = 12) -> Case:
+def _qformer_case(device: str, pairs: int, t: int, lk: int, train: bool, layers: int = 12,
+                  compile_ref: bool = False) -> Case:
     """ITM batch of ``3 * pairs`` rows [pos, (text, neg image), (neg text, image)] over ``2 * pairs`` images
     (``t > 0``), or ``pairs`` query-only rows (stage-2 path, ``t == 0``). ``layers`` < 12: a shortened
     BLIP-2 Q-Former (real widths) for the quick CPU run."""
@@ -335,8 +336,16 @@ def _qformer_case(device: str, pairs: int, t: int, lk: int, train: bool, layers:
         case.impls["hf eager"] = run(hf, encoder_hidden_states=expanded)
         case.backends["hf sdpa"] = "transformers sdpa"
         case.impls["hf sdpa"] = run(hf_sdpa, encoder_hidden_states=expanded)
-        for fn in case.impls.values():      # one extra untimed call each: first-call costs out of the timing
-            fn()
+        if compile_ref:
+            compiled = torch.compile(hf_sdpa, dynamic=False)
+            case.backends["torch.compile hf sdpa"] = "inductor"
+            leaves = [x] + list(hf_sdpa.parameters())
+            case.impls["torch.compile hf sdpa"] = lambda: _fwd_bwd(
+                lambda: compiled(x, **kw, encoder_hidden_states=expanded).last_hidden_state, leaves, grad)
+        if device == "cuda":    # one extra untimed call each: lazy CUDA init out of the timing (the CPU's
+            for name, fn in case.impls.items():     # round-robin timing makes an untimed first call itself);
+                if not is_compiled(name, case.backends.get(name)):  # compiling is left to the pass timing it
+                    fn()
 
     targets = {"hf eager": 1.0, "hf sdpa": 1.0} if device == "cpu" else {}
     tag = "fwd+bwd" if train else "fwd"
@@ -361,6 +370,7 @@ def _have_transformers() -> bool:
 def cases(device: str, quick: bool = False, smoke: bool = False) -> list[Case]:
     """Attention cases always; the whole-Q-Former cases when transformers (baseline and config) is installed."""
     qformer = _have_transformers()
+    comp = compiled_baselines(device, quick)
     if smoke:
         return [_self_attn_case(device, 2, "bidirectional", True), _cross_attn_case(device, 2, 257, True)]
     if device == "cuda":
@@ -369,13 +379,14 @@ def cases(device: str, quick: bool = False, smoke: bool = False) -> list[Case]:
         out += [_cross_attn_case(device, 256, lk, True) for lk in IMAGE_TOKENS]
         out += [_cross_attn_case(device, 256, lk, False) for lk in IMAGE_TOKENS]
         if qformer:
-            out += [_qformer_case(device, 32, T_TEXT, 257, True)]
+            out += [_qformer_case(device, 32, T_TEXT, 257, True, compile_ref=comp)]
             if not quick:
-                out += [_qformer_case(device, 64, 0, 257, False), _qformer_case(device, 64, 0, 677, True)]
+                out += [_qformer_case(device, 64, 0, 257, False, compile_ref=comp),
+                        _qformer_case(device, 64, 0, 677, True)]
         return out
     if quick:
         out = [_self_attn_case(device, 32, "bidirectional", True), _cross_attn_case(device, 16, 257, True)]
-        return out + ([_qformer_case(device, 1, T_TEXT, 257, True, layers=4)] if qformer else [])
+        return out + ([_qformer_case(device, 1, T_TEXT, 257, True, layers=2)] if qformer else [])
     out = ([_self_attn_case(device, 64, m, True) for m in ("bidirectional", "multimodal_causal")]
            + [_cross_attn_case(device, 32, lk, True) for lk in IMAGE_TOKENS])
     if qformer:

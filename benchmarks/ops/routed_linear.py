@@ -7,15 +7,19 @@ gather/scatter, a host sync per call; ported from IXC2's ``build_mlp.py``), all-
 multiplied by the mask), and plain ``nn.Linear`` (the lower bound). GPU targets (bf16): <= 1.12x plain Linear at
 50 % image rows, >= 2x the original.
 Expert groups ``experts fwd`` / ``experts fwd+bwd``: CogVLM's two experts, half the tokens vision-routed.
-Alternatives: the original boolean split (``out[mask] = vision(x[mask])``...) and one dense Linear of the same
-FLOPs (lower bound). GPU target: <= 1.05x the dense lower bound.
+Alternatives: the original boolean split (``out[mask] = vision(x[mask])``..., a host sync per call), the
+sync-free MoE formulation (sort tokens by expert, one ``grouped_mm`` over the stacked weights, unsort), and one
+dense Linear of the same FLOPs (lower bound). GPU target: <= 1.05x the dense lower bound.
+Full GPU runs (or ``VLMKERN_BENCH_COMPILE=1``) add ``torch.compile`` of vlmkern's pure-PyTorch references
+(``vlmkern.reference.partial_lora_linear`` / ``expert_linear``) as baselines. fwd+bwd calls take fresh
+gradients each call (``torch.autograd.grad``; nothing accumulates).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, compiled_baselines, runner
 
 IXC2_SHAPES = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]   # wqkv, wo, w1/w3, w2
 RANK = 256
@@ -50,16 +54,25 @@ def _image_mask(tokens: int, frac: float, device) -> torch.Tensor:
     return m
 
 
-def _run(fn, inputs, grad, train):
-    if not train:
-        with torch.no_grad():
-            return fn()
-    out = fn()
-    out.backward(grad)
-    return out
+def grouped_mm():
+    """``torch.nn.functional.grouped_mm`` (newer torch) or ``torch._grouped_mm`` (torch 2.8-2.11), or None."""
+    return getattr(nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _plora_case(device, tokens, shape, frac, dtype, train) -> Case:
+def sorted_grouped_experts(x: torch.Tensor, w_t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """MoE-style expert linear without a host sync: tokens sorted by expert, one grouped GEMM, unsorted.
+
+    ``x (..., K)``, ``w_t (E, K, N)`` (the experts' ``(N, K)`` weights transposed), ``ids x.shape[:-1]``
+    -> ``(..., N)``."""
+    flat, fid = x.reshape(-1, x.shape[-1]), ids.reshape(-1).long()
+    order = torch.argsort(fid, stable=True)
+    bounds = torch.arange(1, w_t.shape[0] + 1, device=x.device, dtype=fid.dtype)
+    offs = torch.searchsorted(fid[order], bounds).to(torch.int32)     # end row of each expert, on the device
+    y = grouped_mm()(flat[order], w_t, offs=offs)
+    return y[torch.argsort(order)].reshape(*x.shape[:-1], w_t.shape[-1])
+
+
+def _plora_case(device, tokens, shape, frac, dtype, train, compile_ref=False) -> Case:
     k, n = shape
     rows = tokens * frac
     flops = (2.0 * tokens * k * n + 2.0 * rows * RANK * (k + n)) * (3 if train else 1)
@@ -67,6 +80,7 @@ def _plora_case(device, tokens, shape, frac, dtype, train) -> Case:
     nbytes = wb * (tokens * (k + n) + k * n + RANK * (k + n)) * (2 if train else 1)
 
     def setup(case: Case) -> None:
+        from vlmkern import reference
         from vlmkern.nn import PLoRA
         from vlmkern.ops import _dispatch
         torch.manual_seed(0)
@@ -83,12 +97,19 @@ def _plora_case(device, tokens, shape, frac, dtype, train) -> Case:
         def all_then_mask():
             return nn.functional.linear(x, orig.weight) + orig.Plora_B(orig.Plora_A(x)) * m
 
+        g = grad if train else None
         case.backends["vlmkern"] = _dispatch.REGISTRY["partial_lora_linear"].select(x.reshape(-1, k))
-        case.impls["vlmkern"] = lambda: _run(lambda: ours(x, mask), x, grad, train)
+        case.impls["vlmkern"] = runner(lambda: ours(x, mask), [x, *ours.parameters()], g)
         case.backends["original"] = case.backends["all-then-mask"] = case.backends["nn.Linear"] = "torch"
-        case.impls["original"] = lambda: _run(lambda: orig(x, mask), x, grad, train)
-        case.impls["all-then-mask"] = lambda: _run(all_then_mask, x, grad, train)
-        case.impls["nn.Linear"] = lambda: _run(lambda: plain(x), x, grad, train)
+        case.impls["original"] = runner(lambda: orig(x, mask), [x, *orig.parameters()], g)
+        case.impls["all-then-mask"] = runner(all_then_mask, [x, *orig.parameters()], g)
+        case.impls["nn.Linear"] = runner(lambda: plain(x), [x, *plain.parameters()], g)
+        if compile_ref:
+            ref = torch.compile(reference.partial_lora_linear, dynamic=False)
+            case.backends["torch.compile reference"] = "inductor"
+            case.impls["torch.compile reference"] = runner(
+                lambda: ref(x, orig.weight, None, orig.Plora_A.weight, orig.Plora_B.weight, mask, 1.0),
+                [x, *orig.parameters()], g)
 
     mode = "fwd+bwd" if train else "fwd"
     targets = {"original": 2.0, "nn.Linear": 1 / 1.12} if device == "cuda" and frac == 0.5 else {}
@@ -98,13 +119,14 @@ def _plora_case(device, tokens, shape, frac, dtype, train) -> Case:
                       f"{str(dtype).replace('torch.', '')}")
 
 
-def _expert_case(device, tokens, shape, dtype, train) -> Case:
+def _expert_case(device, tokens, shape, dtype, train, compile_ref=False) -> Case:
     k, n = shape
     flops = 2.0 * tokens * k * n * (3 if train else 1)
     wb = torch.finfo(dtype).bits // 8
     nbytes = wb * (tokens * (k + n) + 2 * k * n) * (2 if train else 1)
 
     def setup(case: Case) -> None:
+        from vlmkern import reference
         from vlmkern.ops import _dispatch, cogvlm_expert_ids, expert_linear
         torch.manual_seed(0)
         lang = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
@@ -122,12 +144,29 @@ def _expert_case(device, tokens, shape, dtype, train) -> Case:
             out[~vmask] = lang(x[~vmask])
             return out
 
+        g = grad if train else None
+        weights = [lang.weight, vis.weight]
         case.backends["vlmkern"] = _dispatch.REGISTRY["expert_linear"].select(x.reshape(-1, k))
-        case.impls["vlmkern"] = lambda: _run(lambda: expert_linear(x, [lang.weight, vis.weight], ids), x, grad,
-                                             train)
+        case.impls["vlmkern"] = runner(lambda: expert_linear(x, weights, ids), [x, *weights], g)
         case.backends["original"] = case.backends["dense"] = "torch"
-        case.impls["original"] = lambda: _run(original, x, grad, train)
-        case.impls["dense"] = lambda: _run(lambda: lang(x), x, grad, train)
+        case.impls["original"] = runner(original, [x, *weights], g)
+        case.impls["dense"] = runner(lambda: lang(x), [x, lang.weight], g)
+        # A grouped-GEMM user keeps the experts stacked: (E, N, K) stored, viewed as (E, K, N) column-major.
+        stacked = torch.stack([w.detach() for w in weights]).requires_grad_(train)
+        grouped = runner(lambda: sorted_grouped_experts(x, stacked.transpose(1, 2), ids), [x, stacked], g)
+        try:
+            if grouped_mm() is None:
+                raise RuntimeError("this torch has neither F.grouped_mm nor torch._grouped_mm")
+            grouped()
+        except Exception as exc:
+            case.skipped["sort+grouped_mm"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        else:
+            case.backends["sort+grouped_mm"] = "torch grouped_mm"
+            case.impls["sort+grouped_mm"] = grouped
+        if compile_ref:
+            ref = torch.compile(reference.expert_linear, dynamic=False)
+            case.backends["torch.compile reference"] = "inductor"
+            case.impls["torch.compile reference"] = runner(lambda: ref(x, weights, ids), [x, *weights], g)
 
     mode = "fwd+bwd" if train else "fwd"
     return Case(name=f"experts {mode} {k}->{n}", group=f"experts {mode}", flops=flops, bytes=nbytes, setup=setup,
@@ -137,21 +176,24 @@ def _expert_case(device, tokens, shape, dtype, train) -> Case:
 
 def cases(device: str, quick: bool = False, smoke: bool = False) -> list[Case]:
     global RANK
+    comp = compiled_baselines(device, quick)
     if smoke:
         RANK = 16
-        return [_plora_case(device, 64, (32, 48), 0.5, torch.float32, False),
-                _expert_case(device, 64, (32, 48), torch.float32, True)]
+        return [_plora_case(device, 64, (32, 48), 0.5, torch.float32, False, comp),
+                _expert_case(device, 64, (32, 48), torch.float32, True, comp)]
     if device == "cuda":
         RANK = 256
         dt, tokens = torch.bfloat16, 8192
         shapes = IXC2_SHAPES[:1] if quick else IXC2_SHAPES
         fracs = (0.0, 0.5) if quick else (0.0, 0.25, 0.5, 1.0)
-        out = [_plora_case(device, tokens, s, f, dt, train) for train in (False, True) for s in shapes for f in fracs]
-        out += [_expert_case(device, tokens, (4096, 12288), dt, train) for train in (False, True)]
+        out = [_plora_case(device, tokens, s, f, dt, train, comp and f == 0.5)
+               for train in (False, True) for s in shapes for f in fracs]
+        out += [_expert_case(device, tokens, (4096, 12288), dt, train, comp) for train in (False, True)]
         out += [] if quick else [_expert_case(device, tokens, s, dt, True) for s in ((4096, 11008), (11008, 4096))]
         return out
     RANK = 64
     dt, tokens = torch.float32, 1024
-    fracs = (0.0, 0.5) if quick else (0.0, 0.25, 0.5, 1.0)
-    return ([_plora_case(device, tokens, (1024, 1536), f, dt, train) for train in (False, True) for f in fracs]
-            + [_expert_case(device, tokens, (1024, 1536), dt, train) for train in (False, True)])
+    fracs = (0.5,) if quick else (0.0, 0.25, 0.5, 1.0)
+    return ([_plora_case(device, tokens, (1024, 1536), f, dt, train, comp and f == 0.5)
+             for train in (False, True) for f in fracs]
+            + [_expert_case(device, tokens, (1024, 1536), dt, train, comp) for train in (False, True)])

@@ -14,7 +14,9 @@ mining and CogAgent high-resolution cross-attention, each against what the origi
   2048 LLM tokens x 6400 image tokens, 32 heads x 32, hidden 4096.
 
 Groups ``<model> fwd`` and ``<model> fwd+bwd``; bf16 on the GPU; fp32 on the CPU at the models' widths with fewer
-images and tokens (``--quick``: fewer still).
+images and tokens (``--quick``: fewer still). Full GPU runs (or ``VLMKERN_BENCH_COMPILE=1``) add ``torch.compile``
+of the original computations (resampler, patch info mining) as baselines. fwd+bwd calls take fresh gradients
+(input and parameters) each call.
 """
 from __future__ import annotations
 
@@ -25,22 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.harness import Case
+from benchmarks.harness import Case, compiled_baselines, runner
 
 
-def _runner(train: bool, fn, grad):
-    def run():
-        if not train:
-            with torch.no_grad():
-                return fn()
-        out = fn()
-        out.backward(grad)
-        return out.detach()
-    return run
+def _runner(train: bool, fn, grad, leaves):
+    return runner(fn, leaves, grad if train else None)
 
 
 # ------------------------------------------------------------------------------------------ resampler
-def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16) -> Case:
+def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16, compile_ref=False) -> Case:
     Q = grid * grid
     flops = (2 * B * L * kv_dim * D + 4 * B * L * D * D + 2 * Q * D * D + 4 * B * Q * L * D + 2 * B * Q * D * D)
     flops *= 3 if train else 1
@@ -57,9 +52,14 @@ def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16) -> Case:
         d = D // H
         probe = torch.empty(1, 1, 1, d, device=device, dtype=dtype)
         case.backends["vlmkern"] = "cross_attention:" + _dispatch.REGISTRY["cross_attention"].select(probe, probe)
-        case.impls["vlmkern"] = _runner(train, lambda: m(x), g)
+        leaves = [x, *m.parameters()]
+        case.impls["vlmkern"] = _runner(train, lambda: m(x), g, leaves)
         case.backends["original"] = "nn.MultiheadAttention (need_weights=True)"
-        case.impls["original"] = _runner(train, lambda: m.forward_original(x), g)
+        case.impls["original"] = _runner(train, lambda: m.forward_original(x), g, leaves)
+        if compile_ref:
+            original = torch.compile(m.forward_original, dynamic=False)
+            case.backends["torch.compile original"] = "inductor"
+            case.impls["torch.compile original"] = _runner(train, lambda: original(x), g, leaves)
 
     mode = "fwd+bwd" if train else "fwd"
     return Case(name=f"resampler {mode} B={B}", group=f"resampler {mode}", flops=flops, bytes=nbytes, setup=setup,
@@ -67,7 +67,7 @@ def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16) -> Case:
 
 
 # ---------------------------------------------------------------------------------- patch info mining
-def _mining_case(device, dtype, train, B, pn, M, C, C_aux) -> Case:
+def _mining_case(device, dtype, train, B, pn, M, C, C_aux, compile_ref=False) -> Case:
     N = B * pn * pn
     flops = N * (2 * C * C + 2 * C * C_aux + 6 * M * M * C_aux + 2 * C_aux * C) * (3 if train else 1)
     wb = torch.finfo(dtype).bits // 8
@@ -90,10 +90,17 @@ def _mining_case(device, dtype, train, B, pn, M, C, C_aux) -> Case:
             return original(x, h, params(m.vlm_uni_query_projector), params(m.vlm_uni_aux_projector),
                             params(m.vlm_uni_val_projector))
 
+        leaves = [x, h, *m.parameters()]
         case.backends["vlmkern"] = _dispatch.REGISTRY["window_attention"].select(x, h)
-        case.impls["vlmkern"] = _runner(train, lambda: m(x, h)[1], g)
+        case.impls["vlmkern"] = _runner(train, lambda: m(x, h)[1], g, leaves)
         case.backends["original"] = "torch eager (unified_resampler)"
-        case.impls["original"] = _runner(train, run_original, g)
+        case.impls["original"] = _runner(train, run_original, g, leaves)
+        if compile_ref:
+            compiled = torch.compile(original, dynamic=False)
+            case.backends["torch.compile original"] = "inductor"
+            case.impls["torch.compile original"] = _runner(train, lambda: compiled(
+                x, h, params(m.vlm_uni_query_projector), params(m.vlm_uni_aux_projector),
+                params(m.vlm_uni_val_projector)), g, leaves)
 
     mode = "fwd+bwd" if train else "fwd"
     return Case(name=f"mining {mode} B={B}", group=f"patch_info_mining {mode}", flops=flops, bytes=nbytes,
@@ -128,9 +135,10 @@ def _cogagent_case(device, dtype, train, B, Lq, Lk, hidden, H, d) -> Case:
 
         probe = torch.empty(1, 1, 1, d, device=device, dtype=dtype)
         case.backends["vlmkern"] = "cross_attention:" + _dispatch.REGISTRY["cross_attention"].select(probe, probe)
-        case.impls["vlmkern"] = _runner(train, lambda: m(hs, enc)[0], g)
+        leaves = [hs, enc, *m.parameters()]
+        case.impls["vlmkern"] = _runner(train, lambda: m(hs, enc)[0], g, leaves)
         case.backends["SDPA"] = "F.scaled_dot_product_attention"
-        case.impls["SDPA"] = _runner(train, run_sdpa, g)
+        case.impls["SDPA"] = _runner(train, run_sdpa, g, leaves)
 
     mode = "fwd+bwd" if train else "fwd"
     return Case(name=f"cogagent {mode} Lq={Lq}", group=f"cogagent {mode}", flops=flops, bytes=nbytes, setup=setup,
@@ -139,6 +147,7 @@ def _cogagent_case(device, dtype, train, B, Lq, Lk, hidden, H, d) -> Case:
 
 def cases(device: str, quick: bool = False, smoke: bool = False) -> list[Case]:
     out = []
+    comp = compiled_baselines(device, quick)
     if smoke or device != "cuda":
         dt = torch.float32
         shapes = dict(res=(2, 64, 48, 128, 4, 4), mine=(1, 4, 4, 32, 48), cog=(1, 32, 400, 64, 2, 32))
@@ -154,9 +163,9 @@ def cases(device: str, quick: bool = False, smoke: bool = False) -> list[Case]:
                       cog=(1, 2048, 6400, 4096, 32, 32))
     for train in (False, True):
         B, L, kv, D, H, grid = shapes["res"]
-        out.append(_resampler_case(device, dt, train, B, L, kv, D, H, grid))
+        out.append(_resampler_case(device, dt, train, B, L, kv, D, H, grid, comp))
         B, pn, M, C, C_aux = shapes["mine"]
-        out.append(_mining_case(device, dt, train, B, pn, M, C, C_aux))
+        out.append(_mining_case(device, dt, train, B, pn, M, C, C_aux, comp))
         B, Lq, Lk, hidden, H, d = shapes["cog"]
         out.append(_cogagent_case(device, dt, train, B, Lq, Lk, hidden, H, d))
     return out
