@@ -63,10 +63,9 @@ def float64_reason(x) -> list[str]:
 def autocast_inputs(x, *tensors):
     """Under ``torch.autocast`` a linear runs in the autocast dtype, as ``F.linear``: cast the floating inputs
     (float64 excepted, which autocast leaves alone) of ``x`` and ``tensors`` (tensors, None or lists)."""
-    dev = x.device.type if isinstance(x, torch.Tensor) else "cpu"
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+    if not isinstance(x, torch.Tensor) or not autocasting(x):
         return (x, *tensors)
-    dt = torch.get_autocast_dtype(dev)
+    dt = torch.get_autocast_dtype(x.device.type)
 
     def cast(t):
         ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
@@ -82,3 +81,9 @@ def rows_2d(x: torch.Tensor) -> torch.Tensor:
 def is_meta(*tensors) -> bool:
     """Whether any of ``tensors`` lives on the meta device (values can't be read: value checks are skipped)."""
     return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def autocasting(x) -> bool:
+    """Whether ``torch.autocast`` is on for ``x``'s device (dtype mismatches are then autocast's to resolve)."""
+    dev = x.device.type
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
