@@ -187,3 +187,40 @@ def test_issue_case_strided_mask_and_ids(backend):
     W = torch.randn(2, 8, 16, generator=g)
     torch.testing.assert_close(expert_linear(x, W, torch.stack([ids, 1 - ids], -1)[..., 0]),
                                ref.expert_linear(x, W, ids))
+
+
+# ------------------------------------------------------------------------------------------ row isolation
+@BACKENDS
+@pytest.mark.parametrize("where", ["lora_a", "lora_b"])
+def test_adapter_inf_reaches_only_image_rows(backend, where):
+    """An inf in the adapter's weights: text rows' outputs and input gradients stay finite (forward and dx)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g).requires_grad_(True)
+    w, b = torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    params = dict(lora_a=torch.randn(3, 8, generator=g), lora_b=torch.randn(6, 3, generator=g))
+    params[where][0, 0] = float("inf")
+    mask = torch.tensor([[False, True, True, False, False], [False, False, False, False, True]])
+    y = partial_lora_linear(x, w, b, params["lora_a"], params["lora_b"], mask, 2.0)
+    y.backward(torch.ones_like(y))
+    assert torch.isfinite(y[~mask]).all() and not torch.isfinite(y[mask]).all()
+    assert torch.isfinite(x.grad[~mask]).all()
+
+
+@BACKENDS
+def test_expert_inf_reaches_only_its_rows(backend):
+    """An inf in expert 1's weight or on an expert-1 input row: expert 0's rows, their input gradients and
+    expert 0's weight gradient stay finite."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g)
+    x[1, 4, 0] = float("inf")                          # an expert-1 row
+    x.requires_grad_(True)
+    w = torch.randn(2, 6, 8, generator=g)
+    w[1, 0, 0] = float("inf")
+    w.requires_grad_(True)
+    ids = torch.tensor([[0, 0, 1, 0, 0], [0, 0, 0, 1, 1]])
+    y = expert_linear(x, w, ids)
+    y.backward(torch.ones_like(y))
+    lang = ids == 0
+    assert torch.isfinite(y[lang]).all() and not torch.isfinite(y[~lang]).all()
+    assert torch.isfinite(x.grad[lang]).all()
+    assert torch.isfinite(w.grad[0]).all()
