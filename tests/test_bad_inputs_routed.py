@@ -456,6 +456,22 @@ def test_bad_input(backend, c: Case):
         c.expect.check(c.call())
 
 
+META_GRADS = {
+    "partial_lora_linear": lambda x, w: partial_lora_linear(x, w, None, m(2, 8), m(5, 2), m(2, 3, dtype=torch.bool), 2.0),
+    "expert_linear": lambda x, w: expert_linear(x, torch.stack([w, w]), m(2, 3, dtype=torch.long)),
+    "linear_gelu": lambda x, w: ops.linear_gelu(x, w, m(5)),
+    "gather_linear_gelu": lambda x, w: gather_linear_gelu(x, m(4, 1, dtype=torch.long), w, m(5)),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
+@pytest.mark.parametrize("op", list(META_GRADS))
+def test_meta_backward_gives_gradient_shapes(backend, op):
+    x, w = m(2, 3, 8).requires_grad_(True), m(5, 8).requires_grad_(True)
+    META_GRADS[op](x, w).sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and x.grad.device.type == META
+
+
 if __name__ == "__main__":
     for target, (n, k) in counts().items():
         print(f"{target:40s} {n:3d} cases {k:3d} classes")

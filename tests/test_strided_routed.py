@@ -224,3 +224,10 @@ def test_expert_inf_reaches_only_its_rows(backend):
     assert torch.isfinite(y[lang]).all() and not torch.isfinite(y[~lang]).all()
     assert torch.isfinite(x.grad[lang]).all()
     assert torch.isfinite(w.grad[0]).all()
+
+
+def test_slow_profile_draws_500_examples():
+    from hypothesis import settings as hs
+    slow = hs.get_profile("slow")
+    assert slow.max_examples >= 500 and slow.derandomize
+    assert examples(8) == (8 if hs.get_current_profile_name() != "slow" else 500)
