@@ -101,6 +101,14 @@ def _run(p, module, dtype):
         return p.call(module, *p.inputs(dtype))
 
 
+def _triple(name):
+    """(pair, ours, the original loaded from ours, the original's float64 result)."""
+    p = PAIRS[name]
+    ours = p.ours()
+    orig = _orig_of(p, ours)
+    return p, ours, orig, _run(p, copy.deepcopy(orig).double(), torch.float64)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_double_matches_original(name):
     p = PAIRS[name]
@@ -114,10 +122,7 @@ def test_double_matches_original(name):
 @BACKENDS
 @pytest.mark.parametrize("name", NAMES)
 def test_half_matches_original(backend, name):
-    p = PAIRS[name]
-    ours = p.ours()
-    orig = _orig_of(p, ours)
-    exact = _run(p, copy.deepcopy(orig).double(), torch.float64)
+    p, ours, orig, exact = _triple(name)
     y = _run(p, ours.half(), torch.float16)
     assert y.dtype == torch.float16
     assert_close(y, _run(p, orig.half(), torch.float16), exact)
@@ -126,10 +131,7 @@ def test_half_matches_original(backend, name):
 @BACKENDS
 @pytest.mark.parametrize("name", NAMES)
 def test_cpu_autocast_bf16_matches_original(backend, name):
-    p = PAIRS[name]
-    ours = p.ours()
-    orig = _orig_of(p, ours)
-    exact = _run(p, copy.deepcopy(orig).double(), torch.float64)
+    p, ours, orig, exact = _triple(name)
     with torch.autocast("cpu", torch.bfloat16):
         y = _run(p, ours, torch.float32)
         try:
