@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from test_cogvlm_experts import CONFIG as COG, OrigVisionExpertAttention, OrigVisionExpertMLP, _build_position_ids
-from test_plora_module import OriginalPLoRA
+from test_plora_module import LAYER_CONFIG, LORA, OriginalPLoRA, OrigInternLM2Layer
 from vlmkern.models import internlm_xcomposer2_hd as ixc, llava_next as ln
 from vlmkern.models.cogvlm import VisionExpertAttention, VisionExpertMLP
+from vlmkern.models.internlm_xcomposer2 import InternLM2DecoderLayer
 from vlmkern.nn import MLPProjector, PLoRA
 from vlmkern.testing import assert_close
 
@@ -31,6 +32,7 @@ class Pair:
     orig: Callable[[], nn.Module]       # the original class, loaded from ours' state_dict by the test
     inputs: Callable[[torch.dtype], tuple]
     call: Callable                      # call(module, *inputs) -> tensor
+    double_tol: float = 1e-10           # float64 agreement with the original
 
 
 def _seeded(make):
@@ -65,6 +67,24 @@ def _attn_call(m, h, types):
     return m(h, types, _build_position_ids(types), mask)[0]
 
 
+def _layer_ours():
+    m = InternLM2DecoderLayer(LAYER_CONFIG, **LORA).eval()
+    with torch.no_grad():
+        for name, q in m.named_parameters():
+            if "Plora_B" in name:
+                q.normal_(0.0, 0.2)
+    return m
+
+
+def _layer_inputs(dtype):
+    B, L = 2, 9
+    im_mask = torch.zeros(B, L, dtype=torch.bool)
+    im_mask[0, 2:6] = True
+    causal = torch.full((L, L), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None].expand(B, 1, L, L)
+    x = torch.randn(B, L, LAYER_CONFIG.hidden_size, generator=torch.Generator().manual_seed(4)).to(dtype)
+    return x, causal, torch.arange(L)[None].expand(B, L), im_mask
+
+
 class _HFProjector(nn.Module):
     """transformers' ``LlavaMultiModalProjector`` layout: ``linear_1 -> GELU -> linear_2``."""
 
@@ -87,6 +107,9 @@ PAIRS = {
     "VisionExpertAttention": Pair(_seeded(lambda: VisionExpertAttention(COG)), lambda: OrigVisionExpertAttention(COG),
                                   _cog_inputs, _attn_call),
 }
+PAIRS["InternLM2DecoderLayer"] = Pair(_seeded(_layer_ours), lambda: OrigInternLM2Layer(LAYER_CONFIG).eval(),
+                                     _layer_inputs, lambda m, x, causal, pos, im: m(x, causal, pos, im_mask=im)[0],
+                                     double_tol=1e-6)   # both take RoPE's cos / sin in float32, computed differently
 NAMES = list(PAIRS)
 
 
@@ -116,7 +139,7 @@ def test_double_matches_original(name):
     orig = _orig_of(p, ours)
     y, want = _run(p, ours.double(), torch.float64), _run(p, orig.double(), torch.float64)
     assert y.dtype == torch.float64
-    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, want, rtol=p.double_tol, atol=p.double_tol)
 
 
 @BACKENDS

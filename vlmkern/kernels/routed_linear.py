@@ -141,8 +141,6 @@ def _expert_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     a_row = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
     w_offs = rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk
-    offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
-    in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
     for e in range(0, E):
         mine = ids == e
         if tl.max(mine.to(tl.int32), axis=0) > 0:
@@ -163,11 +161,16 @@ def _expert_gemm_kernel(
                 acc = acc + dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
                 a_ptrs += BLOCK_K * s_ak
                 w_ptrs += BLOCK_K * s_wk
-            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mine[:, None] & in_bounds)
+            # offsets formed after the K loop, not held through it (registers: fp32 stacked spilled on sm_90)
+            offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty),
+                     mask=(mine & (rm < M))[:, None] & (rn < N)[None, :])
     invalid = (ids < 0) | (ids >= E)
     if tl.max(invalid.to(tl.int32), axis=0) > 0:
         nan = tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32)
-        tl.store(out_ptr + offs, nan.to(out_ptr.dtype.element_ty), mask=invalid[:, None] & in_bounds)
+        offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+        tl.store(out_ptr + offs, nan.to(out_ptr.dtype.element_ty),
+                 mask=(invalid & (rm < M))[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
