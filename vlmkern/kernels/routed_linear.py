@@ -161,10 +161,10 @@ def _expert_gemm_kernel(
                 acc = acc + dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
                 a_ptrs += BLOCK_K * s_ak
                 w_ptrs += BLOCK_K * s_wk
-            # offsets formed after the K loop, not held through it (registers: fp32 stacked spilled on sm_90)
+            # Offsets formed here, not held through the K loop, and no row bound (rows past M have id -1, so
+            # `mine` is False there): registers, the fp32 stacked build spilled otherwise.
             offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
-            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty),
-                     mask=(mine & (rm < M))[:, None] & (rn < N)[None, :])
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mine[:, None] & (rn < N)[None, :])
     invalid = (ids < 0) | (ids >= E)
     if tl.max(invalid.to(tl.int32), axis=0) > 0:
         nan = tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32)
@@ -221,11 +221,12 @@ EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=
 TN_CONFIG = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 # fp32 (tf32 / ieee dots) operands take twice the registers and shared memory: smaller tiles (sized so
 # that no shipped build spills on sm_80 / sm_90 with Triton 3.6 or 3.9, see ``python -m
-# vlmkern.tools.gpu_build_check``; TN's 32-token reduction step and the two-stage fp32 down / expert pipelines
-# are what Triton 3.6 needs to stay spill-free).
+# vlmkern.tools.gpu_build_check``; TN's 32-token reduction step and the two-stage fp32 down pipeline
+# are what Triton 3.6 needs to stay spill-free; the fp32 expert GEMM, which stores per expert for row isolation,
+# is single-stage: two stages spilled 4-16 B on sm_80 with Triton 3.9).
 DOWN_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=2)
 UP_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-EXPERT_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
+EXPERT_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
 TN_FP32_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 CONFIGS = {"down": DOWN_CONFIG, "up": UP_CONFIG, "expert": EXPERT_CONFIG, "tn": TN_CONFIG,
            "down_fp32": DOWN_FP32_CONFIG, "up_fp32": UP_FP32_CONFIG, "expert_fp32": EXPERT_FP32_CONFIG,
