@@ -6,9 +6,9 @@ kernels are imported, hence here at conftest import time.
 Hypothesis profiles (both derandomized: every run draws the same examples):
 
 * ``vlmkern`` (default): each property test's own ``max_examples`` (a few, to keep the default run fast).
-* ``slow``: at least ``SLOW_EXAMPLES`` (500) examples per property test. Loaded with
-  ``VLMKERN_HYPOTHESIS=slow python3 -m pytest -m slow`` (or ``-m slow`` alone, which selects the long
-  property tests, marked ``@pytest.mark.slow``, and loads this profile too).
+* ``slow``: at least ``SLOW_EXAMPLES`` (500) examples per property test. ``python3 -m pytest -m slow`` selects
+  the long property tests (marked ``@pytest.mark.slow``) and loads this profile; ``VLMKERN_HYPOTHESIS=slow``
+  loads it for any selection. The default run (no ``-m``) runs the same tests with their few examples.
 
 Property tests read their example count from ``examples(default)``, which gives ``default`` under the
 ``vlmkern`` profile and ``max(default, SLOW_EXAMPLES)`` under ``slow`` (a test's own ``@settings`` would
