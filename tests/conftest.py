@@ -2,6 +2,17 @@
 
 ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is created, i.e. before vlmkern's
 kernels are imported, hence here at conftest import time.
+
+Hypothesis profiles (both derandomized: every run draws the same examples):
+
+* ``vlmkern`` (default): each property test's own ``max_examples`` (a few, to keep the default run fast).
+* ``slow``: at least ``SLOW_EXAMPLES`` (500) examples per property test. ``python3 -m pytest -m slow`` selects
+  the long property tests (marked ``@pytest.mark.slow``) and loads this profile; ``VLMKERN_HYPOTHESIS=slow``
+  loads it for any selection. The default run (no ``-m``) runs the same tests with their few examples.
+
+Property tests read their example count from ``examples(default)``, which gives ``default`` under the
+``vlmkern`` profile and ``max(default, SLOW_EXAMPLES)`` under ``slow`` (a test's own ``@settings`` would
+otherwise override the profile's ``max_examples``).
 """
 import os
 
@@ -21,12 +32,29 @@ else:
     # Every run draws the same examples, as Hypothesis does by itself under CI (its "ci" profile): a drawn
     # shape is a fixed test case, so a run on a GPU machine or a laptop checks what CI checked.
     settings.register_profile("vlmkern", derandomize=True, database=None)
-    settings.load_profile("vlmkern")
+    settings.register_profile("slow", derandomize=True, database=None, max_examples=500, deadline=None)
+    settings.load_profile("slow" if os.environ.get("VLMKERN_HYPOTHESIS") == "slow" else "vlmkern")
+
+SLOW_EXAMPLES = 500
+
+
+def examples(default: int) -> int:
+    """A property test's ``max_examples``: ``default``, or at least ``SLOW_EXAMPLES`` under the ``slow`` profile."""
+    from hypothesis import settings as _settings
+    return max(default, SLOW_EXAMPLES) if _settings.get_current_profile_name() == "slow" else default
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def pytest_configure(config):
+    markexpr = getattr(config.option, "markexpr", "") or ""
+    if "slow" in markexpr and "not slow" not in markexpr:  # `-m slow`: the long property runs, 500+ examples
+        os.environ["VLMKERN_HYPOTHESIS"] = "slow"
+        try:
+            from hypothesis import settings as _settings
+            _settings.load_profile("slow")
+        except ImportError:
+            pass
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on the CPU")
 

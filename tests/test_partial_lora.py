@@ -293,7 +293,7 @@ def _good():
     (dict(im_mask=torch.zeros(2, 5)), TypeError, "im_mask must have dtype bool"),
     (dict(im_mask=[[True] * 5] * 2), TypeError, "im_mask must be a bool torch.Tensor"),
     (dict(x=torch.randn(2, 5, 9)), ValueError, "in_features=8"),
-    (dict(x=torch.randn(2, 5, 8, dtype=torch.float64)), TypeError, "x must have dtype"),
+    (dict(x=torch.ones(2, 5, 8, dtype=torch.int32)), TypeError, "x must have dtype"),
     (dict(x=torch.randn(2, 5, 8).half()), TypeError, "weight dtype float32 must match x dtype float16"),
     (dict(weight=torch.randn(12, 8, 1)), ValueError, "weight must be 2-D"),
     (dict(lora_a=torch.randn(4, 9)), ValueError, r"lora_a must have shape \(r, in_features=8\)"),

@@ -4,11 +4,15 @@ Routing is read per row tile inside the kernels (no host sync, no gather, no dyn
 
 * Partial LoRA (IXC2 PLoRA): ``y = x Wᵀ + b + m ⊙ s·(drop(x) Aᵀ) Bᵀ``. ``_lora_down_kernel`` writes the rank-r
   activations ``U = m ⊙ s·(drop(x) Aᵀ)`` (exactly 0 on text rows; text-only row tiles skip the GEMM) and
-  ``_lora_up_kernel`` runs ``x Wᵀ + U Bᵀ + b`` as one GEMM over the concatenated K dimension ``[x | U]``, the
-  second K loop skipped on text-only row tiles. Both take arbitrary strides, so the backward reuses them
+  ``_lora_up_kernel`` runs ``x Wᵀ + U Bᵀ + b`` as one GEMM over the concatenated K dimension ``[U | x]``, the
+  low-rank K loop skipped on text-only row tiles. Both take arbitrary strides, so the backward reuses them
   with transposed operands: ``G = m ⊙ s·(dY B)`` (down) and ``dX = dY W + keep ⊙ (G A)`` (up).
 * Visual expert (CogVLM): ``_expert_gemm_kernel`` computes ``y[t] = W[e(t)] x[t]``; a row tile runs one
-  K loop per expert present in it (one for the homogeneous tiles inside a text or image run).
+  K loop per expert present in it (one for the homogeneous tiles inside a text or image run) and stores
+  that expert's rows only.
+
+Row isolation: a non-finite value in one expert's or the adapter's weights reaches only the rows routed to
+it (rows a GEMM loads as 0 meet that weight as ``0 · inf = NaN`` and are never stored or are reset to 0).
 * ``_routed_tn_kernel``: ``out[g] = Σ_{t: sel[t] = g + base} p[t]ᵀ q[t]`` for weight gradients (dA, dB of
   the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); tiles with no selected
   row are skipped.
@@ -60,8 +64,9 @@ def _lora_down_kernel(
             acc = acc + dot(a.to(b.dtype), b, UPCAST, INPUT_PRECISION)
             a_ptrs += BLOCK_K * s_ak
             b_ptrs += BLOCK_K * s_bk
+    acc = tl.where(routed[:, None], acc * scale, 0.0)  # text rows of a mixed tile hold 0 · b: NaN if b has an inf
     offs = rm[:, None].to(tl.int64) * s_om + rr[None, :] * s_or
-    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rr < R)[None, :])
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rr < R)[None, :])
 
 
 @triton.jit
@@ -74,7 +79,7 @@ def _lora_up_kernel(
 ):
     """out[m, n] = Σ_k a[m, k] w[n, k] + [mask[m]] (Σ_j u[m, j] v[n, j]) · keep[m, n]·keep_scale + bias[n].
 
-    One accumulator over the concatenated K dimension ``[a | u]``; the low-rank loop runs only on row
+    One accumulator over the concatenated K dimension ``[u | a]``; the low-rank loop runs only on row
     tiles that hold a routed row, and loads only routed rows of ``u``. Forward: (x, W, U, B). Input
     gradient: (dY, Wᵀ, G, Aᵀ) with the dropout ``keep`` mask of x.
     """
@@ -82,37 +87,32 @@ def _lora_up_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The low-rank term first, alone in the accumulator: its text rows (u loaded as 0) hold 0 · v, NaN if v
+    # has an inf, and are reset to 0 before the base GEMM accumulates on top (row isolation).
+    routed = tl.load(mask_ptr + rm, mask=rm < M, other=0) != 0
+    if tl.max(routed.to(tl.int32), axis=0) > 0:  # text-only row tiles skip the low-rank K loop
+        u_ptrs = u_ptr + rm[:, None].to(tl.int64) * s_um + rk[None, :] * s_ur
+        v_ptrs = v_ptr + rn[None, :].to(tl.int64) * s_vn + rk[:, None] * s_vr
+        for j0 in range(0, R, BLOCK_K):
+            u = tl.load(u_ptrs, mask=routed[:, None] & (rk < R - j0)[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=(rn < N)[None, :] & (rk < R - j0)[:, None], other=0.0)
+            acc = acc + dot(u.to(v.dtype), v, UPCAST, INPUT_PRECISION)
+            u_ptrs += BLOCK_K * s_ur
+            v_ptrs += BLOCK_K * s_vr
+        if HAS_KEEP:  # the dropout mask multiplies the low-rank term only
+            kp = tl.load(keep_ptr + rm[:, None].to(tl.int64) * s_km + rn[None, :] * s_kn,
+                         mask=routed[:, None] & (rn < N)[None, :], other=0)
+            acc = acc * (kp.to(tl.float32) * keep_scale)
+        acc = tl.where(routed[:, None], acc, 0.0)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=(rm < M)[:, None] & (rk < K - k0)[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=(rn < N)[None, :] & (rk < K - k0)[:, None], other=0.0)
         acc = acc + dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
         a_ptrs += BLOCK_K * s_ak
         w_ptrs += BLOCK_K * s_wk
-    routed = tl.load(mask_ptr + rm, mask=rm < M, other=0) != 0
-    if tl.max(routed.to(tl.int32), axis=0) > 0:  # text-only row tiles skip the low-rank K loop
-        u_ptrs = u_ptr + rm[:, None].to(tl.int64) * s_um + rk[None, :] * s_ur
-        v_ptrs = v_ptr + rn[None, :].to(tl.int64) * s_vn + rk[:, None] * s_vr
-        if HAS_KEEP:  # the dropout mask multiplies the low-rank term only: a second accumulator
-            low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for j0 in range(0, R, BLOCK_K):
-                u = tl.load(u_ptrs, mask=routed[:, None] & (rk < R - j0)[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=(rn < N)[None, :] & (rk < R - j0)[:, None], other=0.0)
-                low = low + dot(u.to(v.dtype), v, UPCAST, INPUT_PRECISION)
-                u_ptrs += BLOCK_K * s_ur
-                v_ptrs += BLOCK_K * s_vr
-            kp = tl.load(keep_ptr + rm[:, None].to(tl.int64) * s_km + rn[None, :] * s_kn,
-                         mask=routed[:, None] & (rn < N)[None, :], other=0)
-            acc += low * (kp.to(tl.float32) * keep_scale)
-        else:  # u is loaded as 0 on text rows, so they accumulate exact zeros
-            for j0 in range(0, R, BLOCK_K):
-                u = tl.load(u_ptrs, mask=routed[:, None] & (rk < R - j0)[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=(rn < N)[None, :] & (rk < R - j0)[:, None], other=0.0)
-                acc = acc + dot(u.to(v.dtype), v, UPCAST, INPUT_PRECISION)
-                u_ptrs += BLOCK_K * s_ur
-                v_ptrs += BLOCK_K * s_vr
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
@@ -138,13 +138,15 @@ def _expert_gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ids = tl.load(ids_ptr + rm, mask=rm < M, other=-1).to(tl.int32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rk = tl.arange(0, BLOCK_K)
     a_row = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
     w_offs = rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk
     for e in range(0, E):
         mine = ids == e
         if tl.max(mine.to(tl.int32), axis=0) > 0:
+            # One accumulator per expert, stored on its rows only: the other rows load as 0 and meet this
+            # expert's weight as 0 · w (NaN where w is inf), so they must not share the accumulator.
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             a_ptrs = a_row
             if PAIR:
                 if e == 0:
@@ -152,17 +154,23 @@ def _expert_gemm_kernel(
                 else:
                     w_ptrs = w1_ptr + w_offs
             else:
-                w_ptrs = w_ptr + e * s_we + w_offs  # int32 e·s_we: a stacked (E, N, K) holds < 2³¹ elements
+                w_ptrs = w_ptr + e * s_we + w_offs  # int32 e·s_we: the ops layer refuses stacks of >= 2³¹ elements
             for k0 in range(0, K, BLOCK_K):
                 a = tl.load(a_ptrs, mask=mine[:, None] & (rk < K - k0)[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=(rn < N)[None, :] & (rk < K - k0)[:, None], other=0.0)
                 acc = acc + dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
                 a_ptrs += BLOCK_K * s_ak
                 w_ptrs += BLOCK_K * s_wk
-    valid = (ids >= 0) & (ids < E)
-    acc = tl.where(valid[:, None], acc, float("nan"))
-    offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+            # Offsets formed here, not held through the K loop, and no row bound (rows past M have id -1, so
+            # `mine` is False there): registers, the fp32 stacked build spilled otherwise.
+            offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mine[:, None] & (rn < N)[None, :])
+    invalid = (ids < 0) | (ids >= E)
+    if tl.max(invalid.to(tl.int32), axis=0) > 0:
+        nan = tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32)
+        offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
+        tl.store(out_ptr + offs, nan.to(out_ptr.dtype.element_ty),
+                 mask=(invalid & (rm < M))[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
@@ -213,11 +221,12 @@ EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=
 TN_CONFIG = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 # fp32 (tf32 / ieee dots) operands take twice the registers and shared memory: smaller tiles (sized so
 # that no shipped build spills on sm_80 / sm_90 with Triton 3.6 or 3.9, see ``python -m
-# vlmkern.tools.gpu_build_check``; TN's 32-token reduction step and the two-stage fp32 down / expert pipelines
-# are what Triton 3.6 needs to stay spill-free).
+# vlmkern.tools.gpu_build_check``; TN's 32-token reduction step and the two-stage fp32 down pipeline
+# are what Triton 3.6 needs to stay spill-free; the fp32 expert GEMM, which stores per expert for row isolation,
+# is single-stage: two stages spilled 4-16 B on sm_80 with Triton 3.9).
 DOWN_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=2)
 UP_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-EXPERT_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)
+EXPERT_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
 TN_FP32_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 CONFIGS = {"down": DOWN_CONFIG, "up": UP_CONFIG, "expert": EXPERT_CONFIG, "tn": TN_CONFIG,
            "down_fp32": DOWN_FP32_CONFIG, "up_fp32": UP_FP32_CONFIG, "expert_fp32": EXPERT_FP32_CONFIG,

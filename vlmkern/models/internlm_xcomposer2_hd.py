@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlmkern.models.llava_next import projector_parameters
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops._checks import check_tensor
+from vlmkern.ops._checks import autocasting, check_tensor
 from vlmkern.ops.packing import _gather_linear
 
 TILE = 336
@@ -241,7 +241,7 @@ def project_and_pack(features, grids, glb_GN: Tensor, sub_GN: Tensor,
     if W1.shape[1] != 4 * C:
         raise ValueError(f"projector's first Linear takes {W1.shape[1]} features but the 2x2-merged tokens of "
                          f"width-{C} features have 4C = {4 * C}")
-    if x.dtype != W1.dtype:
+    if x.dtype != W1.dtype and not autocasting(x):  # under autocast both run in its dtype, as the original
         raise TypeError(f"features dtype {x.dtype} must match the projector's dtype {W1.dtype}")
     extra = _separators(glb_GN, sub_GN, C, x.dtype)
     side = math.isqrt(x.shape[1])

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops._checks import check_tensor
+from vlmkern.ops._checks import autocasting, check_tensor
 from vlmkern.ops.packing import _gather_linear
 
 # llava-hf/llava-v1.6-* config: image_grid_pinpoints, vision_config.image_size, vision_config.patch_size.
@@ -343,7 +343,7 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
         raise ValueError(f"features has {len(counts)} images but image_sizes has {len(sizes)}")
     if C != W1.shape[1]:
         raise ValueError(f"features have width C={C} but the projector's first Linear takes {W1.shape[1]}")
-    if x.dtype != W1.dtype:
+    if x.dtype != W1.dtype and not autocasting(x):  # under autocast both run in its dtype, as the original
         raise TypeError(f"features dtype {x.dtype} must match the projector's dtype {W1.dtype}")
     D = W2.shape[0]
     if image_newline is not None:

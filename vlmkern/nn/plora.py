@@ -41,7 +41,7 @@ class PLoRA(nn.Linear):
 
     def forward(self, x: Tensor, im_mask: Tensor | None = None) -> Tensor:
         """``x (B, N, in)`` (any leading dims), ``im_mask`` bool ``(B, N)`` or flattened ``(B*N,)``."""
-        if im_mask is not None and tuple(im_mask.shape) != tuple(x.shape[:-1]) \
+        if isinstance(im_mask, Tensor) and isinstance(x, Tensor) and tuple(im_mask.shape) != tuple(x.shape[:-1]) \
                 and im_mask.numel() == math.prod(x.shape[:-1]):
             im_mask = im_mask.reshape(x.shape[:-1])  # the IXC2.5 variant passes the mask flattened
         return partial_lora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight, im_mask,

@@ -14,7 +14,9 @@ class MLPProjector(nn.Module):
     """``Linear(in, hidden) -> exact GELU -> Linear(hidden, out)``; the first GEMM's epilogue applies bias+GELU.
 
     Loads both the transformers layout (``linear_1.*``, ``linear_2.*``, which it saves) and LLaVA's
-    ``mm_projector`` layout (``0.*``, ``2.*``) with ``strict=True``.
+    ``mm_projector`` layout (``0.*``, ``2.*``) with ``strict=True``; a state_dict holding both is an error
+    naming the keys. Under ``torch.autocast``, ``.double()`` and ``.half()`` it behaves as the original
+    ``nn.Sequential(Linear, GELU, Linear)``.
 
     Shapes: ``forward(x (..., in)) -> (..., out)``.
     """
@@ -30,8 +32,16 @@ class MLPProjector(nn.Module):
         h = ops.linear_gelu(x, self.linear_1.weight, self.linear_1.bias)
         return self.linear_2(h)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for old, new in _LLAVA_TO_HF.items():
-            for key in [k for k in state_dict if k.startswith(prefix + old)]:
-                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        renames = {k: prefix + new + k[len(prefix + old):]
+                   for old, new in _LLAVA_TO_HF.items() for k in state_dict if k.startswith(prefix + old)}
+        both = sorted(k for k in renames if renames[k] in state_dict)
+        if both:  # which layout is meant is unknowable: say so instead of silently picking one
+            error_msgs.append(f"state_dict holds both the LLaVA layout ({', '.join(both)}) and the transformers "
+                              f"layout ({', '.join(renames[k] for k in both)}) of the projector: keep one")
+        else:
+            for key, new_key in renames.items():
+                state_dict[new_key] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

@@ -1,6 +1,7 @@
 """Argument checks shared by every op: each error names the argument and what was expected."""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -26,3 +27,63 @@ def check_same_device(**tensors) -> None:
     for name, dev in devices.items():
         if dev != first:
             raise ValueError(f"{name} is on {dev} but {first_name} is on {first}: all inputs must share one device")
+
+
+# --------------------------------------------------------------------- shared by the routed / projector ops
+INT32_MAX = 2**31 - 1
+# The largest tile edge any shipped config uses: an index runs up to size + block before its mask applies.
+MAX_BLOCK = 128
+
+
+def int32_offset_reasons(**tensors) -> list[str]:
+    """Why a Triton launch reading ``tensors`` could overflow a 32-bit offset (empty list: it cannot).
+
+    The kernels offset along each operand's first dim (rows) in 64-bit and along every other dim in 32-bit
+    (``index * stride``, and ``block * stride`` pointer steps along both). Reads shapes and strides only,
+    so meta tensors answer too. None entries are skipped.
+    """
+    reasons = []
+    for name, t in tensors.items():
+        if t is None or t.dim() == 0:
+            continue
+        size, stride = t.shape, t.stride()
+        terms = [size[0] + MAX_BLOCK, MAX_BLOCK * abs(stride[0])]
+        terms += [(size[i] + MAX_BLOCK) * abs(stride[i]) for i in range(1, t.dim())]
+        if max(terms) > INT32_MAX:
+            reasons.append(f"{name} of shape {tuple(size)} and strides {tuple(stride)} needs offsets beyond "
+                           f"2**31-1, which the Triton kernels compute in 32-bit")
+    return reasons
+
+
+def float64_reason(x) -> list[str]:
+    """float64 runs on the reference backend: no Triton kernel takes it."""
+    return ["float64 is not supported by vlmkern's Triton kernels"] if x.dtype == torch.float64 else []
+
+
+def autocast_inputs(x, *tensors):
+    """Under ``torch.autocast`` a linear runs in the autocast dtype, as ``F.linear``: cast the floating inputs
+    (float64 excepted, which autocast leaves alone) of ``x`` and ``tensors`` (tensors, None or lists)."""
+    if not isinstance(x, torch.Tensor) or not autocasting(x):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(x.device.type)
+
+    def cast(t):
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dt) if ok else t
+    return (cast(x), *[[cast(w) for w in t] if isinstance(t, (list, tuple)) else cast(t) for t in tensors])
+
+
+def rows_2d(x: torch.Tensor) -> torch.Tensor:
+    """``x (..., C)`` -> ``(prod(...), C)``, also when ``C == 0`` (where ``reshape(-1, C)`` is ambiguous)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def is_meta(*tensors) -> bool:
+    """Whether any of ``tensors`` lives on the meta device (values can't be read: value checks are skipped)."""
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def autocasting(x) -> bool:
+    """Whether ``torch.autocast`` is on for ``x``'s device (dtype mismatches are then autocast's to resolve)."""
+    dev = x.device.type
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)

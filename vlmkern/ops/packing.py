@@ -13,6 +13,7 @@ row used several times, e.g. a separator, accumulates), ``dfill`` = the fill row
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -20,11 +21,12 @@ from torch import Tensor
 
 from vlmkern.reference import packing as _reference
 from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import check_same_device, check_tensor
+from vlmkern.ops._checks import (autocast_inputs, check_same_device, check_tensor, float64_reason,
+                                 int32_offset_reasons, is_meta, rows_2d)
 from vlmkern.ops._dispatch import OpDispatch, register
 from vlmkern.ops.projector import _gelu_backward_op
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
 _INDEX = (torch.int32, torch.int64)
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -59,9 +61,8 @@ def _check_gather_linear(x, index, weight, bias, extra, fill, *, validate_values
         if fill.shape[0] != N:
             raise ValueError(f"fill must have out_features={N} elements, got {fill.shape[0]}")
     check_same_device(x=x, index=index, weight=weight, bias=bias, extra=extra, fill=fill)
-    if validate_values and R and not torch.compiler.is_compiling():
-        total = x.numel() // C if C else 0
-        total += 0 if extra is None else extra.shape[0]
+    if validate_values and R and not torch.compiler.is_compiling() and not is_meta(x, index):
+        total = math.prod(x.shape[:-1]) + (0 if extra is None else extra.shape[0])
         is_fill = index[:, 0] < 0
         if fill is None and bool(is_fill.any()):
             raise ValueError("index has negative entries: -1 marks a fill row, which needs fill=")
@@ -73,15 +74,23 @@ def _check_gather_linear(x, index, weight, bias, extra, fill, *, validate_values
 
 
 # ------------------------------------------------------------------------------------------- dispatch
+def _triton_reasons(x, index=None, weight=None, extra=None, *_, **__) -> list[str]:
+    reasons = _dispatch.triton_env_reasons(x.device) + float64_reason(x)
+    if x.dim() >= 2:  # x's rows and tokens are offset in 64-bit, its channels in 32-bit
+        x_rows = torch.empty_strided(x.shape[-2:], x.stride()[-2:], device="meta")
+        reasons += int32_offset_reasons(x=x_rows, index=index, weight=weight, extra=extra)
+    return reasons
+
+
 GATHER_LINEAR = register(OpDispatch("gather_linear", {
-    "triton": lambda x, *a, **k: _dispatch.triton_env_reasons(x.device),
+    "triton": _triton_reasons,
     "reference": lambda *a, **k: [],
 }))
 
 
 def _as_groups(x: Tensor) -> Tensor:
     """``x (..., T, C)`` -> a ``(G, T, C)`` view (``(1, M, C)`` for 2-D): rows ``g·T + t`` in logical order."""
-    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
 
 
 def _triton_gather_linear(x, index, weight, bias, extra, fill, gelu: bool, save_pre: bool) -> tuple[Tensor, Tensor]:
@@ -101,7 +110,8 @@ def _triton_gather_linear(x, index, weight, bias, extra, fill, gelu: bool, save_
     if R * N:
         e = extra if extra is not None else x3
         _gather_linear_fwd_kernel[grid](
-            x3, e, index, weight, bias if bias is not None else weight, fill if fill is not None else weight,
+            x3, e, index, weight, bias.contiguous() if bias is not None else weight,
+            fill.contiguous() if fill is not None else weight,
             out, pre if save_pre else out,
             R, N, C, P, max(T, 1), M, M + E,
             *x3.stride(), e.stride(0) if extra is not None else 0, e.stride(1) if extra is not None else 0,
@@ -116,7 +126,7 @@ def _triton_gather_linear(x, index, weight, bias, extra, fill, gelu: bool, save_
 def _gather_linear_op(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor], extra: Optional[Tensor],
                       fill: Optional[Tensor], gelu: bool, save_pre: bool) -> tuple[Tensor, Tensor]:
     save_pre = save_pre and gelu
-    if GATHER_LINEAR.select(x, index, weight) == "triton":
+    if GATHER_LINEAR.select(x, index, weight, extra) == "triton":
         return _triton_gather_linear(x, index, weight, bias, extra, fill, gelu, save_pre)
     pre = _reference.gather_linear(x, index, weight, bias, extra=extra)
     out = torch.nn.functional.gelu(pre) if gelu else pre
@@ -159,7 +169,7 @@ def _backward(ctx, grad_out, _grad_pre):
         src = idx.masked_fill(~kept, 0)  # a fill row reads nothing; its other entries are ignored
     R, P = idx.shape
     C = x.shape[-1]
-    M = x.numel() // C if C else 0
+    M = math.prod(x.shape[:-1])
     dx = dw = db = dextra = None
     if need_x or need_e:
         da = dpre.matmul(weight).reshape(R * P, C)
@@ -171,7 +181,7 @@ def _backward(ctx, grad_out, _grad_pre):
         if need_e:
             dextra = acc[M:].to(extra.dtype)
     if need_w:
-        rows = x.reshape(-1, C)
+        rows = rows_2d(x)
         if extra is not None:
             rows = torch.cat([rows, extra])
         dw = dpre.t().matmul(rows[src].reshape(R, P * C))
@@ -187,6 +197,7 @@ _gather_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def _gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                    extra: Optional[Tensor] = None, fill: Optional[Tensor] = None, gelu: bool = False,
                    validate_values: bool = True) -> Tensor:
+    x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
     _check_gather_linear(x, index, weight, bias, extra, fill, validate_values=validate_values)
     save_pre = gelu and _dispatch.needs_grad(x, weight, bias, extra)
     return _gather_linear_op(x, index, weight, bias, extra, fill, gelu, save_pre)[0]

@@ -13,10 +13,11 @@ from torch import Tensor
 
 
 from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import check_same_device, check_tensor
+from vlmkern.ops._checks import (autocast_inputs, check_same_device, check_tensor, float64_reason,
+                                 int32_offset_reasons, rows_2d)
 from vlmkern.ops._dispatch import OpDispatch, register
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
 
 
 def _check_linear(x, weight, bias, name_x="x") -> None:
@@ -35,8 +36,14 @@ def _check_linear(x, weight, bias, name_x="x") -> None:
     check_same_device(**{name_x: x, "weight": weight, "bias": bias})
 
 
+def _triton_reasons(x, weight=None, *_, **__) -> list[str]:
+    x2 = rows_2d(x) if x.dim() else x
+    return (_dispatch.triton_env_reasons(x.device) + float64_reason(x)
+            + int32_offset_reasons(x=x2, weight=weight))
+
+
 LINEAR_GELU = register(OpDispatch("linear_gelu", {
-    "triton": lambda x, *a, **k: _dispatch.triton_env_reasons(x.device),
+    "triton": _triton_reasons,
     "reference": lambda *a, **k: [],
 }))
 
@@ -53,7 +60,7 @@ def _triton_linear_gelu(x2, weight, bias, save_pre: bool) -> tuple[Tensor, Tenso
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     if M * N:
         _linear_gelu_fwd_kernel[grid](
-            x2, weight, bias if bias is not None else weight, out, pre if save_pre else out,
+            x2, weight, bias.contiguous() if bias is not None else weight, out, pre if save_pre else out,
             M, N, K, *x2.stride(), *weight.stride(), *out.stride(),
             HAS_BIAS=bias is not None, SAVE_PRE=save_pre, UPCAST=_dispatch.triton_interpreting(),
             INPUT_PRECISION=_dispatch.dot_precision(x2.dtype), **cfg)
@@ -62,7 +69,7 @@ def _triton_linear_gelu(x2, weight, bias, save_pre: bool) -> tuple[Tensor, Tenso
 
 @torch.library.custom_op("vlmkern::linear_gelu", mutates_args=())
 def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], save_pre: bool) -> tuple[Tensor, Tensor]:
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = rows_2d(x)
     if LINEAR_GELU.select(x, weight) == "triton":
         out, pre = _triton_linear_gelu(x2, weight, bias, save_pre)
     else:
@@ -111,12 +118,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_pre):
     x, weight, pre = ctx.saved_tensors
     dpre = _gelu_backward_op(grad_out, pre)
-    d2 = dpre.reshape(-1, dpre.shape[-1])
+    d2 = rows_2d(dpre)
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = d2.matmul(weight).reshape(x.shape)
     if ctx.needs_input_grad[1]:
-        dw = d2.t().matmul(x.reshape(-1, x.shape[-1]))
+        dw = d2.t().matmul(rows_2d(x))
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = d2.sum(0, dtype=torch.float32).to(weight.dtype)
     return dx, dw, db, None
@@ -126,7 +133,12 @@ _linear_gelu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``gelu(x Wᵀ + b)`` (exact GELU) in one kernel. ``x (..., in)``, ``weight (out, in)`` -> ``(..., out)``."""
+    """``gelu(x Wᵀ + b)`` (exact GELU) in one kernel. ``x (..., in)``, ``weight (out, in)`` -> ``(..., out)``.
+
+    fp16 / bf16 / fp32 (float64 runs the reference); under ``torch.autocast`` the inputs are cast to the
+    autocast dtype first, as ``F.linear`` does. ``in == 0`` gives ``gelu(b)`` (zeros' GELU without bias).
+    """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_linear(x, weight, bias)
     if _dispatch.eager_cpu_reference(LINEAR_GELU, x, weight):
         return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))

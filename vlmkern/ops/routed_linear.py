@@ -19,9 +19,10 @@ from torch import Tensor
 from vlmkern.reference import routed_linear as ref
 from vlmkern.ops import _dispatch
 from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops._checks import check_tensor, check_same_device
+from vlmkern.ops._checks import (autocast_inputs, check_same_device, check_tensor, float64_reason,
+                                 int32_offset_reasons, INT32_MAX, is_meta, rows_2d)
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
 _ID_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
@@ -109,7 +110,7 @@ def _check_expert_linear(x, ws, expert_ids) -> None:
 
 
 def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
-    if expert_ids.numel() == 0 or expert_ids.dtype == torch.bool:
+    if expert_ids.numel() == 0 or expert_ids.dtype == torch.bool or is_meta(expert_ids):
         return
     lo, hi = int(expert_ids.min()), int(expert_ids.max())
     if lo < 0 or hi >= num_experts:
@@ -117,8 +118,17 @@ def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- dispatch
-def _triton_reasons(x, *_, **__) -> list[str]:
-    return _dispatch.triton_env_reasons(x.device)
+def _triton_reasons(x, *_, **operands) -> list[str]:
+    """``operands``: every tensor the launch reads, by name (their 32-bit offsets are checked)."""
+    return _dispatch.triton_env_reasons(x.device) + float64_reason(x) + int32_offset_reasons(x=x, **operands)
+
+
+def _expert_reasons(x, *_, **operands) -> list[str]:
+    ws = [t for n, t in operands.items() if n.startswith("weights[")]
+    reasons = _triton_reasons(x, **operands)
+    if len(ws) > 2 and len(ws) * ws[0].numel() > INT32_MAX:  # stacked (E, N, K), expert offset e·N·K in 32-bit
+        reasons.append(f"{len(ws)} experts of shape {tuple(ws[0].shape)} stack to more than 2**31-1 elements")
+    return reasons
 
 
 PARTIAL_LORA = register(OpDispatch("partial_lora_linear", {
@@ -126,7 +136,7 @@ PARTIAL_LORA = register(OpDispatch("partial_lora_linear", {
     "reference": lambda *a, **k: [],
 }))
 EXPERT_LINEAR = register(OpDispatch("expert_linear", {
-    "triton": _triton_reasons,
+    "triton": _expert_reasons,
     "reference": lambda *a, **k: [],
 }))
 
@@ -140,6 +150,13 @@ def _launch_params(dtype: torch.dtype) -> tuple[bool, str]:
 
 def _u8(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.view(torch.uint8)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D routing / bias tensor the kernels index as ``ptr + i``: contiguous (a strided view would put the
+    routing on the wrong rows), bool as uint8."""
+    t = t.contiguous()
+    return _u8(t) if t.dtype == torch.bool else t
 
 
 def _config(name: str, dtype: torch.dtype) -> dict:
@@ -163,7 +180,7 @@ def _triton_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
     kp = _u8(keep)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
     _lora_down_kernel[grid](
-        a, b, _u8(mask), kp if kp is not None else _u8(mask), out, M, R, K, float(scale), float(keep_scale),
+        a, b, _flat(mask), kp if kp is not None else _flat(mask), out, M, R, K, float(scale), float(keep_scale),
         *a.stride(), *b.stride(), *(kp.stride() if kp is not None else (0, 0)), *out.stride(),
         HAS_KEEP=kp is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
     return out
@@ -184,7 +201,7 @@ def _triton_lora_up(a, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
     kp = _u8(keep)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _lora_up_kernel[grid](
-        a, w, u, v, bias if bias is not None else w, _u8(mask), kp if kp is not None else _u8(mask), out,
+        a, w, u, v, _flat(bias) if bias is not None else w, _flat(mask), kp if kp is not None else _flat(mask), out,
         M, N, K, R, float(keep_scale),
         *a.stride(), *w.stride(), *u.stride(), *v.stride(), *(kp.stride() if kp is not None else (0, 0)),
         *out.stride(),
@@ -205,7 +222,7 @@ def _triton_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> T
     upcast, precision = _launch_params(p.dtype)
     cfg = _config("tn", p.dtype)
     kp = _u8(keep)
-    sel = _u8(sel) if sel.dtype == torch.bool else sel
+    sel = _flat(sel)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]), groups)
     _routed_tn_kernel[grid](
         p, q, sel, kp if kp is not None else sel, out, M, N, K, int(sel_base), float(scale), float(keep_scale),
@@ -237,7 +254,7 @@ def _triton_expert_gemm(a, ws, ids) -> Tensor:
     cfg = _config("expert", a.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _expert_gemm_kernel[grid](
-        a, w0, w1, ids, out, M, N, K, E, *a.stride(), s_we, s_wn, s_wk, *out.stride(),
+        a, w0, w1, _flat(ids), out, M, N, K, E, *a.stride(), s_we, s_wn, s_wk, *out.stride(),
         PAIR=pair, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
     return out
 
@@ -307,7 +324,8 @@ def _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tens
         routed = sel == g + sel_base
         rows = _cpu_rows(routed)
         if rows is None:
-            outs.append(_zero_unrouted(p, routed).t().matmul(q) * scale)
+            # both operands zeroed: a non-finite value on an unrouted row must not reach the sum (0 · inf)
+            outs.append(_zero_unrouted(p, routed).t().matmul(_zero_unrouted(q, routed)) * scale)
             continue
         acc = p.new_zeros((p.shape[1], q.shape[1]))
         for r in _row_blocks(rows):
@@ -336,17 +354,13 @@ def _ref_expert_linear(x, weights, expert_ids) -> Tensor:
     return out
 
 
-def _select(dispatch: OpDispatch, x: Tensor) -> str:
-    return dispatch.select(x)
-
-
 # ------------------------------------------------------------------------------- partial LoRA op
 @torch.library.custom_op("vlmkern::partial_lora_linear", mutates_args=())
 def _partial_lora_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                      im_mask: Tensor, keep: Optional[Tensor], scaling: float,
                      keep_scale: float) -> tuple[Tensor, Tensor]:
     """2-D core: x (M, in), im_mask (M,), keep (M, in) -> (y (M, out), u (M, r)); u is saved for dB."""
-    if _select(PARTIAL_LORA, x) == "triton":
+    if PARTIAL_LORA.select(x, weight=weight, lora_a=lora_a, lora_b=lora_b, keep=keep) == "triton":
         u = _triton_lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
         return _triton_lora_up(x, weight, u, lora_b, bias, im_mask, None, 1.0), u
     rows = _cpu_rows(im_mask)   # once, before either GEMM
@@ -363,7 +377,7 @@ def _(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale):
 def _lora_down_op(a: Tensor, b: Tensor, mask: Tensor, keep: Optional[Tensor], scale: float,
                   keep_scale: float) -> Tensor:
     """``m ⊙ scale·(drop(a) bᵀ)``, (M, R); backward of partial LoRA: ``G = m ⊙ s·(dY B)`` with b = Bᵀ."""
-    if _select(PARTIAL_LORA, a) == "triton":
+    if PARTIAL_LORA.select(a, b=b, keep=keep) == "triton":
         return _triton_lora_down(a, b, mask, keep, scale, keep_scale)
     return _ref_lora_down(a, b, mask, _cpu_rows(mask), keep, scale, keep_scale)
 
@@ -377,7 +391,7 @@ def _(a, b, mask, keep, scale, keep_scale):
 def _lora_up_op(a: Tensor, w: Tensor, u: Tensor, v: Tensor, mask: Tensor, keep: Optional[Tensor],
                 keep_scale: float) -> Tensor:
     """``a wᵀ + m ⊙ (u vᵀ) ⊙ drop-mask``; backward of partial LoRA: ``dX = dY W + keep ⊙ (G A)``."""
-    if _select(PARTIAL_LORA, a) == "triton":
+    if PARTIAL_LORA.select(a, w=w, u=u, v=v, keep=keep) == "triton":
         return _triton_lora_up(a, w, u, v, None, mask, keep, keep_scale)
     return _ref_lora_up(a, w, u, v, None, mask, _cpu_rows(mask), keep, keep_scale)
 
@@ -391,7 +405,7 @@ def _(a, w, u, v, mask, keep, keep_scale):
 def _routed_tn_op(p: Tensor, q: Tensor, sel: Tensor, groups: int, sel_base: int, keep: Optional[Tensor],
                   scale: float, keep_scale: float) -> Tensor:
     """Weight gradients of routed rows: ``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``."""
-    if _select(PARTIAL_LORA, p) == "triton":
+    if PARTIAL_LORA.select(p, q=q, keep=keep) == "triton":
         return _triton_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale)
     return _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale)
 
@@ -437,7 +451,7 @@ _partial_lora_op.register_autograd(_plora_backward, setup_context=_plora_setup_c
 @torch.library.custom_op("vlmkern::expert_linear", mutates_args=())
 def _expert_linear_op(x: Tensor, weights: list[Tensor], expert_ids: Tensor) -> Tensor:
     """2-D core: x (M, in), E weights (out, in) any strides, expert_ids (M,) int32 -> (M, out)."""
-    if _select(EXPERT_LINEAR, x) == "triton":
+    if EXPERT_LINEAR.select(x, **{f"weights[{i}]": w for i, w in enumerate(weights)}) == "triton":
         return _triton_expert_gemm(x, weights, expert_ids)
     return _ref_expert_linear(x, weights, expert_ids)
 
@@ -469,23 +483,11 @@ _expert_linear_op.register_autograd(_expert_backward, setup_context=_expert_setu
 
 
 # ------------------------------------------------------------------------------------ public API
-def _autocast(x: Tensor, *tensors):
-    """Under ``torch.autocast`` a linear runs in the autocast dtype (as ``F.linear``): cast the float inputs."""
-    dev = x.device.type if isinstance(x, Tensor) else "cpu"
-    if not torch.is_autocast_enabled(dev):
-        return (x, *tensors)
-    dt = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        return t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() else t
-    return (cast(x), *[[cast(w) for w in t] if isinstance(t, (list, tuple)) else cast(t) for t in tensors])
-
-
 def _text_only_cpu_inference(x, weight, bias, lora_a, lora_b, im_mask) -> bool:
     """An eager CPU call on the reference backend that needs no gradient and has no image row (reading a CPU
     mask costs no sync). With gradients the op still runs, so that the adapter's parameters get their (zero)
     gradients, as the original's."""
-    if im_mask.device.type != "cpu" or not _dispatch.eager_cpu_reference(PARTIAL_LORA, x.reshape(-1, x.shape[-1])):
+    if im_mask.device.type != "cpu" or not _dispatch.eager_cpu_reference(PARTIAL_LORA, rows_2d(x)):
         return False
     return not _dispatch.needs_grad(x, weight, bias, lora_a, lora_b) and not bool(im_mask.any())
 
@@ -508,7 +510,7 @@ def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     The adapter runs on image rows only — exactly the base GEMM when there are none — and nothing
     synchronises with the host. Differentiable in x, weight, bias, lora_a and lora_b.
     """
-    x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
+    x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p)
     if im_mask is None:
         return torch.nn.functional.linear(x, weight, bias)
@@ -517,9 +519,8 @@ def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
         # A decode step of text tokens: exactly the base GEMM, without the custom op's per-call overhead
         # (~70 us on the CPU, 160 PLoRA linears per InternLM-XComposer2 token).
         return torch.nn.functional.linear(x, weight, bias)
-    in_f = x.shape[-1]
-    y, _ = _partial_lora_op(x.reshape(-1, in_f), weight, bias, lora_a, lora_b, im_mask.reshape(-1),
-                            None if keep is None else keep.reshape(-1, in_f), float(scaling), float(keep_scale))
+    y, _ = _partial_lora_op(rows_2d(x), weight, bias, lora_a, lora_b, im_mask.reshape(-1),
+                            None if keep is None else rows_2d(keep), float(scaling), float(keep_scale))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -540,15 +541,22 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
     Differentiable in x and weights; no host synchronisation in forward or backward.
     """
     ws = _expert_weights(weights)
-    x, ws = _autocast(x, ws)
+    x, ws = autocast_inputs(x, ws)
     _check_expert_linear(x, ws, expert_ids)
     if validate_ids is None:  # free on the CPU; a data-dependent check would break a compiled graph
         validate_ids = expert_ids.device.type == "cpu" and not torch.compiler.is_compiling()
     if validate_ids:
         _check_ids_in_range(expert_ids, len(ws))
-    in_f = x.shape[-1]
-    y = _expert_linear_op(x.reshape(-1, in_f), ws, expert_ids.reshape(-1).to(torch.int32))
+    y = _expert_linear_op(rows_2d(x), ws, _int32_ids(expert_ids.reshape(-1), len(ws)))
     return y.reshape(*x.shape[:-1], ws[0].shape[0])
+
+
+def _int32_ids(ids: Tensor, num_experts: int) -> Tensor:
+    """The kernels' int32 ids: int64 values are saturated to [-1, E] first, so an id beyond int32 stays out of
+    range (its row comes out NaN) instead of wrapping onto a real expert."""
+    if ids.dtype == torch.int64:
+        ids = ids.clamp(-1, num_experts)
+    return ids.to(torch.int32)
 
 
 def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:

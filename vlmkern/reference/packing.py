@@ -7,6 +7,8 @@ channels (``(R, P·C)``, piece ``q`` = columns ``[q·C, (q+1)·C)``) before the 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,7 @@ def gather_linear(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bi
     ``fill (N,)`` -> ``(R, N)`` in ``x.dtype``.
     """
     C = x.shape[-1]
-    src = x.reshape(-1, C)
+    src = x.reshape(math.prod(x.shape[:-1]), C)  # not reshape(-1, C): ambiguous when C == 0
     if extra is not None:
         src = torch.cat([src, extra.to(src.dtype)])
     R, P = index.shape

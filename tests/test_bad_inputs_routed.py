@@ -1,0 +1,478 @@
+"""Declared bad-input matrix (issue 11) of the token-routed GEMM, projector and packing ops and their modules.
+
+Every case names an op or module, a class of bad input, a call, and what must happen: ``Raises(type, text)``
+(a ValueError / TypeError whose message names the argument, raised before any launch) or ``Gives(check)``
+(a documented correct result: meta shapes, ``nn.Linear``'s zero-feature result, the float64 reference, row
+isolation of non-finite values). Each case runs on the default backend and with ``VLMKERN_BACKEND=triton``
+(under the interpreter without a GPU); float64 there raises ``BackendNotSupported`` naming float64, as every
+forced backend does for an input it cannot take.
+
+``python3 tests/test_bad_inputs_routed.py`` prints the number of cases and classes per op and module.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+import torch
+
+from vlmkern import ops
+from vlmkern.models import cogvlm
+from vlmkern.nn import MLPProjector, PLoRA
+from vlmkern.ops._dispatch import BackendNotSupported
+from vlmkern.ops.packing import gather_linear, gather_linear_gelu
+from vlmkern.ops.routed_linear import EXPERT_LINEAR, PARTIAL_LORA, cogvlm_expert_ids, expert_linear, partial_lora_linear
+from vlmkern.reference import packing as ref_packing, projector as ref_projector, routed_linear as ref
+
+INF, NAN = float("inf"), float("nan")
+META = "meta"
+
+
+@dataclass
+class Raises:
+    exc: type
+    text: str
+
+
+@dataclass
+class Gives:
+    check: Callable   # check(result) raises AssertionError when the result is wrong
+
+
+@dataclass
+class Case:
+    target: str
+    klass: str
+    call: Callable
+    expect: Raises | Gives
+    float64: bool = False   # runs the reference: refused by a forced Triton backend
+
+
+CASES: list[Case] = []
+
+
+def case(target, klass, call, expect, float64=False):
+    CASES.append(Case(target, klass, call, expect, float64))
+
+
+def m(*shape, dtype=torch.float32):
+    return torch.empty(*shape, device=META, dtype=dtype)
+
+
+def shape_is(*shape, device=META):
+    def check(y):
+        assert tuple(y.shape) == shape and y.device.type == device, (tuple(y.shape), y.device)
+    return Gives(check)
+
+
+def close_to(expected_fn):
+    def check(y):
+        torch.testing.assert_close(y.double(), expected_fn().double(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    return Gives(check)
+
+
+def finite_rows(rows, nan_rows=()):
+    """Rows ``rows`` of the (flattened) result are finite, rows ``nan_rows`` are not: row isolation."""
+    def check(y):
+        y2 = y.reshape(-1, y.shape[-1])
+        assert torch.isfinite(y2[list(rows)]).all(), y2
+        if nan_rows:
+            assert not torch.isfinite(y2[list(nan_rows)]).all(-1).any(), y2
+    return Gives(check)
+
+
+# ----------------------------------------------------------------------------------- partial_lora_linear
+def _plora(**over):
+    g = torch.Generator().manual_seed(0)
+    a = dict(x=torch.randn(2, 3, 8, generator=g), weight=torch.randn(5, 8, generator=g), bias=torch.randn(5, generator=g),
+             lora_a=torch.randn(2, 8, generator=g), lora_b=torch.randn(5, 2, generator=g),
+             im_mask=torch.tensor([[True, False, True], [False, False, True]]), scaling=2.0)
+    a.update(over)
+    return a
+
+
+def _pl(**over):
+    return lambda: partial_lora_linear(**_plora(**over))
+
+
+T = "partial_lora_linear"
+case(T, "dtype", _pl(x=torch.ones(2, 3, 8, dtype=torch.int32)), Raises(TypeError, "x must have dtype"))
+case(T, "dtype", _pl(lora_b=torch.randn(5, 2).half()), Raises(TypeError, "lora_b dtype"))
+case(T, "dtype", _pl(im_mask=torch.ones(2, 3)), Raises(TypeError, "im_mask must have dtype bool"))
+case(T, "float64", lambda: partial_lora_linear(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                                for k, v in _plora().items()}),
+     close_to(lambda: ref.partial_lora_linear(**{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                                                 for k, v in _plora().items()})), float64=True)
+case(T, "rank", _pl(x=torch.tensor(1.0)), Raises(ValueError, "x must have at least 1 dimension"))
+case(T, "rank", _pl(weight=torch.randn(5, 8, 1)), Raises(ValueError, "weight must be 2-D"))
+case(T, "rank", _pl(lora_a=torch.randn(8)), Raises(ValueError, "lora_a must be 2-D"))
+case(T, "shape", _pl(x=torch.randn(2, 3, 9)), Raises(ValueError, "in_features=8"))
+case(T, "shape", _pl(lora_b=torch.randn(5, 3)), Raises(ValueError, "lora_b must have shape"))
+case(T, "shape", _pl(bias=torch.randn(6)), Raises(ValueError, "bias must have out_features=5"))
+case(T, "shape", _pl(im_mask=torch.ones(2, 4, dtype=torch.bool)), Raises(ValueError, "im_mask must have shape"))
+case(T, "zero-size", _pl(lora_a=torch.randn(0, 8), lora_b=torch.randn(5, 0)), Raises(ValueError, "lora_a must have rank"))
+case(T, "zero-size", _pl(x=torch.randn(0, 3, 8), im_mask=torch.ones(0, 3, dtype=torch.bool)),
+     shape_is(0, 3, 5, device="cpu"))
+case(T, "zero-size", _pl(x=torch.randn(2, 3, 0), weight=torch.randn(5, 0), lora_a=torch.randn(2, 0)),
+     close_to(lambda: _plora()["bias"].expand(2, 3, 5)))   # in_features=0: the bias, as nn.Linear
+case(T, "device", _pl(im_mask=torch.ones(2, 3, dtype=torch.bool, device=META)), Raises(ValueError, "im_mask is on meta"))
+case(T, "device", _pl(weight=m(5, 8)), Raises(ValueError, "weight is on meta"))
+case(T, "meta", lambda: partial_lora_linear(m(2, 3, 8), m(5, 8), m(5), m(2, 8), m(5, 2), m(2, 3, dtype=torch.bool), 2.0),
+     shape_is(2, 3, 5))
+case(T, "non-finite scalar", _pl(scaling=INF), Raises(ValueError, "scaling must be a finite float"))
+case(T, "non-finite scalar", _pl(dropout_p=NAN), Raises(ValueError, "dropout_p must be a float in [0, 1]"))
+case(T, "non-finite tensor", _pl(lora_a=torch.full((2, 8), INF)), finite_rows(rows=(1, 3, 4), nan_rows=(0, 2, 5)))
+case(T, "non-finite tensor", _pl(lora_b=torch.full((5, 2), NAN)), finite_rows(rows=(1, 3, 4), nan_rows=(0, 2, 5)))
+case(T, "out-of-range mask", _pl(im_mask=torch.ones(6, dtype=torch.bool)), Raises(ValueError, "im_mask must have shape"))
+case(T, "int32 overflow", lambda: partial_lora_linear(m(2**16, 2**16, 8).transpose(0, 1), m(5, 8), m(5), m(2, 8),
+                                                       m(5, 2), m(2**16, 2**16, dtype=torch.bool), 2.0),
+     shape_is(2**16, 2**16, 5))
+case(T, "int32 overflow", lambda: PARTIAL_LORA.reasons("triton", m(2**30, 8).t().t()[:, :] if False else m(8, 2**28).t(),
+                                                       weight=m(5, 8)),
+     Gives(lambda why: _assert_reason(why, "x of shape (268435456, 8)")))
+case(T, "keyword", lambda: partial_lora_linear(**_plora(), lora_scale=2.0), Raises(TypeError, "lora_scale"))
+case(T, "type", _pl(im_mask=[[True] * 3] * 2), Raises(TypeError, "im_mask must be a bool torch.Tensor"))
+
+
+def _assert_reason(why, text):
+    assert any(text in w and "2**31-1" in w for w in why), why
+
+
+# ------------------------------------------------------------------------------------------ expert_linear
+def _expert(**over):
+    g = torch.Generator().manual_seed(1)
+    a = dict(x=torch.randn(2, 3, 8, generator=g), weights=torch.randn(2, 5, 8, generator=g),
+             expert_ids=torch.tensor([[0, 1, 0], [1, 1, 0]]))
+    a.update(over)
+    return a
+
+
+def _ex(**over):
+    return lambda: expert_linear(**_expert(**over))
+
+
+def _inf_expert1():
+    w = _expert()["weights"].clone()
+    w[1, 0, 0] = INF
+    return w
+
+
+T = "expert_linear"
+case(T, "dtype", _ex(x=torch.ones(2, 3, 8, dtype=torch.int32)), Raises(TypeError, "x must have dtype"))
+case(T, "dtype", _ex(expert_ids=torch.zeros(2, 3)), Raises(TypeError, "expert_ids must have dtype"))
+case(T, "dtype", _ex(weights=torch.randn(2, 5, 8).half()), Raises(TypeError, "weights dtype"))
+case(T, "float64", lambda: expert_linear(_expert()["x"].double(), _expert()["weights"].double(), _expert()["expert_ids"]),
+     close_to(lambda: ref.expert_linear(_expert()["x"].double(), _expert()["weights"].double(), _expert()["expert_ids"])),
+     float64=True)
+case(T, "rank", _ex(weights=torch.randn(5, 8)), Raises(ValueError, "weights must be 3-D"))
+case(T, "rank", _ex(x=torch.tensor(1.0)), Raises(ValueError, "x must have at least 1 dimension"))
+case(T, "shape", _ex(x=torch.randn(2, 3, 7)), Raises(ValueError, "in_features=8"))
+case(T, "shape", _ex(expert_ids=torch.zeros(3, 2, dtype=torch.long)), Raises(ValueError, "expert_ids must have shape"))
+case(T, "shape", _ex(weights=[torch.randn(5, 8), torch.randn(4, 8)]), Raises(ValueError, "weights[1] has shape"))
+case(T, "zero-size", _ex(weights=torch.randn(0, 5, 8)), Raises(ValueError, "num_experts=0"))
+case(T, "zero-size", _ex(x=torch.randn(2, 3, 0), weights=torch.randn(2, 5, 0)), close_to(lambda: torch.zeros(2, 3, 5)))
+case(T, "zero-size", _ex(x=torch.randn(0, 8), expert_ids=torch.zeros(0, dtype=torch.long)), shape_is(0, 5, device="cpu"))
+case(T, "device", _ex(expert_ids=torch.zeros(2, 3, dtype=torch.long, device=META)), Raises(ValueError, "expert_ids is on meta"))
+case(T, "meta", lambda: expert_linear(m(2, 3, 8), m(2, 5, 8), m(2, 3, dtype=torch.long), validate_ids=True),
+     shape_is(2, 3, 5))
+case(T, "non-finite tensor", _ex(weights=_inf_expert1(), expert_ids=torch.tensor([[0, 0, 0], [0, 0, 1]])),
+     finite_rows(rows=range(5)))                                     # expert 1's inf stays in its row 5
+case(T, "out-of-range ids", _ex(expert_ids=torch.tensor([[0, 2, 0], [0, 0, 0]])), Raises(ValueError, "expert_ids must lie in"))
+case(T, "out-of-range ids", _ex(expert_ids=torch.tensor([[0, -1, 0], [0, 0, 0]])), Raises(ValueError, "expert_ids must lie in"))
+case(T, "out-of-range ids", _ex(expert_ids=torch.tensor([[2**32, 0, 0], [0, 0, 0]])), Raises(ValueError, "expert_ids must lie in"))
+case(T, "out-of-range ids", lambda: expert_linear(**_expert(expert_ids=torch.tensor([[2**32, 0, 0], [0, 0, 0]])),
+                                                 validate_ids=False),
+     finite_rows(rows=range(1, 6), nan_rows=(0,)))                   # documented: NaN row, no wrap onto expert 0
+case(T, "int32 overflow", lambda: EXPERT_LINEAR.reasons("triton", m(4, 8), **{f"weights[{i}]": m(2**14, 2**14)
+                                                                                for i in range(9)}),
+     Gives(lambda why: _assert_reason(why, "stack to more than")))
+case(T, "int32 overflow", lambda: expert_linear(m(8, 2**28).t(), m(2, 5, 8), m(2**28, dtype=torch.long)), shape_is(2**28, 5))
+case(T, "keyword", lambda: expert_linear(**_expert(), validate=True), Raises(TypeError, "validate"))
+case(T, "type", _ex(weights="w"), Raises(TypeError, "weights must be a (num_experts, out, in) tensor"))
+
+# -------------------------------------------------------------------------------------- cogvlm_expert_ids
+T = "cogvlm_expert_ids"
+case(T, "dtype", lambda: cogvlm_expert_ids(torch.zeros(2, 3)), Raises(TypeError, "token_type_ids must have dtype"))
+case(T, "dtype", lambda: cogvlm_expert_ids(torch.zeros(2, 3, dtype=torch.bool)), Raises(TypeError, "token_type_ids must have dtype"))
+case(T, "rank", lambda: cogvlm_expert_ids(torch.zeros(3, dtype=torch.long)), Raises(ValueError, "token_type_ids must be 2-D"))
+case(T, "rank", lambda: cogvlm_expert_ids(torch.zeros(1, 2, 3, dtype=torch.long)), Raises(ValueError, "token_type_ids must be 2-D"))
+case(T, "shape", lambda: cogvlm_expert_ids(torch.ones(2, 1, dtype=torch.long)),
+     close_to(lambda: torch.zeros(2, 1, dtype=torch.int32)))          # a lone vision token: language expert
+case(T, "zero-size", lambda: cogvlm_expert_ids(torch.zeros(0, 4, dtype=torch.long)), shape_is(0, 4, device="cpu"))
+case(T, "zero-size", lambda: cogvlm_expert_ids(torch.zeros(2, 0, dtype=torch.long)), shape_is(2, 0, device="cpu"))
+case(T, "meta", lambda: cogvlm_expert_ids(m(2, 5, dtype=torch.long)), shape_is(2, 5))
+case(T, "out-of-range ids", lambda: cogvlm_expert_ids(torch.tensor([[7, 1, 1, -3]])),
+     close_to(lambda: torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)))  # only type 1 is vision (SPEC §5.1)
+case(T, "strided", lambda: cogvlm_expert_ids(torch.ones(2, 8, dtype=torch.long)[:, ::2]),
+     close_to(lambda: torch.tensor([[1, 1, 1, 0]] * 2, dtype=torch.int32)))
+case(T, "type", lambda: cogvlm_expert_ids([[0, 1]]), Raises(TypeError, "token_type_ids must be a torch.Tensor"))
+case(T, "keyword", lambda: cogvlm_expert_ids(token_types=torch.zeros(1, 2)), Raises(TypeError, "token_types"))
+case(T, "int32 overflow", lambda: cogvlm_expert_ids(m(2**16, 2**16, dtype=torch.long)), shape_is(2**16, 2**16))
+
+
+# ---------------------------------------------------------------------------------------------- linear_gelu
+def _lin(**over):
+    g = torch.Generator().manual_seed(2)
+    a = dict(x=torch.randn(2, 3, 8, generator=g), weight=torch.randn(5, 8, generator=g), bias=torch.randn(5, generator=g))
+    a.update(over)
+    return a
+
+
+def _lg(**over):
+    return lambda: ops.linear_gelu(**_lin(**over))
+
+
+T = "linear_gelu"
+case(T, "dtype", _lg(x=torch.ones(2, 3, 8, dtype=torch.int64)), Raises(TypeError, "x must have dtype"))
+case(T, "dtype", _lg(weight=torch.randn(5, 8).half()), Raises(TypeError, "weight dtype"))
+case(T, "dtype", _lg(bias=torch.randn(5).half()), Raises(TypeError, "bias must have dtype"))
+case(T, "float64", lambda: ops.linear_gelu(**{k: v.double() for k, v in _lin().items()}),
+     close_to(lambda: ref_projector.linear_gelu(**{k: v.double() for k, v in _lin().items()})), float64=True)
+case(T, "rank", _lg(x=torch.tensor(1.0)), Raises(ValueError, "x must have at least 1 dimension"))
+case(T, "rank", _lg(weight=torch.randn(8)), Raises(ValueError, "weight must be 2-D"))
+case(T, "shape", _lg(x=torch.randn(2, 3, 7)), Raises(ValueError, "weight has in_features=8"))
+case(T, "shape", _lg(bias=torch.randn(4)), Raises(ValueError, "bias must have out_features=5"))
+case(T, "zero-size", _lg(x=torch.randn(2, 3, 0), weight=torch.randn(5, 0)),
+     close_to(lambda: torch.nn.functional.gelu(_lin()["bias"]).expand(2, 3, 5)))
+case(T, "zero-size", _lg(x=torch.randn(0, 8)), shape_is(0, 5, device="cpu"))
+case(T, "device", _lg(bias=m(5)), Raises(ValueError, "bias is on meta"))
+case(T, "meta", lambda: ops.linear_gelu(m(2, 3, 8), m(5, 8), m(5)), shape_is(2, 3, 5))
+case(T, "non-finite tensor", _lg(x=torch.tensor([[INF] * 8, [1.0] * 8])), finite_rows(rows=(1,), nan_rows=(0,)))
+case(T, "int32 overflow", lambda: ops.linear_gelu(m(8, 2**28).t(), m(5, 8)), shape_is(2**28, 5))
+case(T, "keyword", lambda: ops.linear_gelu(**_lin(), approximate="tanh"), Raises(TypeError, "approximate"))
+case(T, "type", _lg(weight=[[1.0] * 8] * 5), Raises(TypeError, "weight must be a torch.Tensor"))
+
+
+# --------------------------------------------------------------------------------- gather_linear(_gelu)
+def _gat(**over):
+    g = torch.Generator().manual_seed(3)
+    a = dict(x=torch.randn(2, 3, 4, generator=g), index=torch.tensor([[0, 5], [6, 1], [-1, 0]]),
+             weight=torch.randn(5, 8, generator=g), bias=torch.randn(5, generator=g), extra=torch.randn(1, 4, generator=g),
+             fill=torch.randn(5, generator=g))
+    a.update(over)
+    return a
+
+
+for T, fn, ref_fn, gelu in (("gather_linear", gather_linear, ref_packing.gather_linear, False),
+                            ("gather_linear_gelu", gather_linear_gelu, ref_packing.gather_linear_gelu, True)):
+    def _ga(fn=fn, gelu=gelu, **over):
+        a = _gat(**over)
+        if gelu:
+            a.pop("fill")
+            if "index" not in over:
+                a["index"] = a["index"].clamp(min=0)
+        return lambda: fn(**a)
+
+    def _exact(fn=ref_fn, gelu=gelu, **over):
+        a = {k: v.double() if v.is_floating_point() else v for k, v in _gat(**over).items()}
+        if gelu:
+            a.pop("fill")
+            a["index"] = a["index"].clamp(min=0)
+        return fn(**a)
+
+    case(T, "dtype", _ga(x=torch.ones(2, 3, 4, dtype=torch.int32)), Raises(TypeError, "x must have dtype"))
+    case(T, "dtype", _ga(index=torch.zeros(3, 2)), Raises(TypeError, "index must have dtype"))
+    case(T, "dtype", _ga(extra=torch.randn(1, 4).half()), Raises(TypeError, "extra must have dtype"))
+    case(T, "float64", lambda fn=fn, gelu=gelu: fn(**{k: v.double() if v.is_floating_point() else v
+                                                     for k, v in _gat().items() if not (gelu and k == "fill")}
+                                                  | ({"index": _gat()["index"].clamp(min=0)} if gelu else {})),
+         close_to(_exact), float64=True)
+    case(T, "rank", _ga(x=torch.randn(4)), Raises(ValueError, "x must have at least 2 dims"))
+    case(T, "rank", _ga(index=torch.zeros(3, dtype=torch.long)), Raises(ValueError, "index must be 2-D"))
+    case(T, "shape", _ga(weight=torch.randn(5, 9)), Raises(ValueError, "weight must have pieces*C"))
+    case(T, "shape", _ga(bias=torch.randn(4)), Raises(ValueError, "bias must have out_features=5"))
+    case(T, "shape", _ga(extra=torch.randn(1, 3)), Raises(ValueError, "extra must have x's width"))
+    case(T, "zero-size", _ga(index=torch.zeros(3, 0, dtype=torch.long), weight=torch.randn(5, 0)),
+         Raises(ValueError, "index must have at least one piece"))
+    case(T, "zero-size", _ga(index=torch.zeros(0, 2, dtype=torch.long)), shape_is(0, 5, device="cpu"))
+    case(T, "zero-size", _ga(x=torch.randn(2, 3, 0), weight=torch.randn(5, 0), extra=torch.randn(1, 0)),
+         close_to(lambda ex=_exact: ex(x=torch.randn(2, 3, 0), weight=torch.randn(5, 0), extra=torch.randn(1, 0))))
+    case(T, "device", _ga(index=torch.zeros(3, 2, dtype=torch.long, device=META)), Raises(ValueError, "index is on meta"))
+    case(T, "meta", lambda fn=fn: fn(m(2, 3, 4), m(3, 2, dtype=torch.long), m(5, 8), m(5)), shape_is(3, 5))
+    case(T, "out-of-range ids", _ga(index=torch.tensor([[0, 7], [0, 1], [0, 0]])), Raises(ValueError, "index row 0"))
+    case(T, "out-of-range ids", _ga(index=torch.tensor([[0, -2], [0, 1], [0, 0]])), Raises(ValueError, "index row 0"))
+    case(T, "non-finite tensor", _ga(x=torch.tensor([INF] * 4 + [1.0] * 20).reshape(2, 3, 4),
+                                     index=torch.tensor([[0, 1], [2, 3], [4, 5]])),
+         finite_rows(rows=(1, 2), nan_rows=(0,)))
+    case(T, "int32 overflow", lambda fn=fn: fn(m(4, 2**28).t(), m(3, 2, dtype=torch.long), m(5, 8), m(5)), shape_is(3, 5))
+    case(T, "keyword", lambda fn=fn: fn(**{k: v for k, v in _gat().items() if k != "fill"}, validate=False), Raises(TypeError, "validate"))
+    case(T, "type", _ga(index=[[0, 1]]), Raises(TypeError, "index must be a torch.Tensor"))
+case("gather_linear", "out-of-range ids", lambda: gather_linear(**{**_gat(), "fill": None}),
+     Raises(ValueError, "-1 marks a fill row, which needs fill="))
+
+# ---------------------------------------------------------------------------------------------- modules
+CFG = SimpleNamespace(hidden_size=8, intermediate_size=12, num_attention_heads=2, hidden_act="silu")
+
+
+def _plora_mod(dtype=torch.float32):
+    torch.manual_seed(4)
+    return PLoRA(8, 5, lora_r=2, lora_alpha=4, lora_dropout=0.0).to(dtype)
+
+
+T = "nn.PLoRA"
+X, MASK = torch.randn(2, 3, 8), torch.tensor([[True, False, True], [False, False, False]])
+case(T, "dtype", lambda: _plora_mod()(X.half(), MASK), Raises(TypeError, "weight dtype float32 must match x dtype"))
+case(T, "dtype", lambda: _plora_mod()(X, MASK.long()), Raises(TypeError, "im_mask must have dtype bool"))
+case(T, "float64", lambda: _plora_mod(torch.float64)(X.double(), MASK),
+     close_to(lambda: ref.original_plora(X.double(), *[p.detach() for p in _plora_mod(torch.float64).parameters()][:2],
+                                         _plora_mod(torch.float64).Plora_A.weight.detach(),
+                                         _plora_mod(torch.float64).Plora_B.weight.detach(), MASK, 2.0)), float64=True)
+case(T, "rank", lambda: _plora_mod()(torch.tensor(1.0), None), Raises(ValueError, "x must have at least 1 dimension"))
+case(T, "shape", lambda: _plora_mod()(torch.randn(2, 3, 7), MASK), Raises(ValueError, "in_features=8"))
+case(T, "shape", lambda: _plora_mod()(X, MASK[:, :2]), Raises(ValueError, "im_mask must have shape"))
+case(T, "zero-size", lambda: _plora_mod()(X[:0], MASK[:0]), shape_is(0, 3, 5, device="cpu"))
+case(T, "device", lambda: _plora_mod()(X, MASK.to(META)), Raises(ValueError, "im_mask is on meta"))
+case(T, "meta", lambda: _plora_mod().to(META)(m(2, 3, 8), MASK.to(META)), shape_is(2, 3, 5))
+case(T, "non-finite tensor", lambda: _inf_plora()(X, MASK), finite_rows(rows=(1, 3, 4, 5), nan_rows=(0, 2)))
+case(T, "keyword", lambda: _plora_mod()(X, mask=MASK), Raises(TypeError, "mask"))
+case(T, "type", lambda: _plora_mod()(X, MASK.tolist()), Raises(TypeError, "im_mask must be a bool torch.Tensor"))
+case(T, "non-finite scalar", lambda: PLoRA(8, 5, lora_r=2, lora_alpha=INF)(X, MASK),
+     Raises(ValueError, "scaling must be a finite float"))
+
+
+def _inf_plora():
+    mod = _plora_mod()
+    with torch.no_grad():
+        mod.Plora_B.weight.fill_(INF)
+    return mod
+
+
+def _proj(dtype=torch.float32):
+    torch.manual_seed(5)
+    return MLPProjector(8, 6, 5).to(dtype)
+
+
+def _proj_original(dtype=torch.float64):
+    p = _proj(dtype)
+    return lambda x: p.linear_2(torch.nn.functional.gelu(p.linear_1(x)))
+
+
+T = "nn.MLPProjector"
+case(T, "dtype", lambda: _proj()(X.half()), Raises(TypeError, "weight dtype"))
+case(T, "dtype", lambda: _proj()(X.long()), Raises(TypeError, "x must have dtype"))
+case(T, "float64", lambda: _proj(torch.float64)(X.double()), close_to(lambda: _proj_original()(X.double())), float64=True)
+case(T, "rank", lambda: _proj()(torch.tensor(1.0)), Raises(ValueError, "x must have at least 1 dimension"))
+case(T, "shape", lambda: _proj()(torch.randn(2, 7)), Raises(ValueError, "weight has in_features=8"))
+case(T, "zero-size", lambda: _proj()(X[:0]), shape_is(0, 3, 5, device="cpu"))
+case(T, "zero-size", lambda: MLPProjector(0, 6, 5)(torch.randn(2, 0)), shape_is(2, 5, device="cpu"))
+case(T, "device", lambda: _proj()(X.to(META)), Raises(ValueError, "is on"))
+case(T, "meta", lambda: _proj().to(META)(m(2, 3, 8)), shape_is(2, 3, 5))
+case(T, "non-finite tensor", lambda: _proj()(torch.tensor([[NAN] * 8, [1.0] * 8])), finite_rows(rows=(1,), nan_rows=(0,)))
+case(T, "state_dict", lambda: _proj().load_state_dict({**_proj().state_dict(), **{
+    k.replace("linear_1.", "0.").replace("linear_2.", "2."): v for k, v in _proj().state_dict().items()}}),
+     Raises(RuntimeError, "both the LLaVA layout (0.bias, 0.weight, 2.bias, 2.weight)"))
+case(T, "state_dict", lambda: _proj().load_state_dict({"0.weight": torch.randn(6, 8)}), Raises(RuntimeError, "Missing key"))
+case(T, "keyword", lambda: _proj()(X, im_mask=MASK), Raises(TypeError, "im_mask"))
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(6)
+    return cogvlm.VisionExpertMLP(CFG).to(dtype)
+
+
+TYPES = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+H = torch.randn(2, 5, 8)
+for T, mk in (("models.cogvlm.VisionExpertMLP", _mlp),
+              ("models.cogvlm.VisionExpertAttention", lambda dtype=torch.float32: _attn(dtype))):
+    def call(mod, h=H, types=TYPES, T=T, **kw):
+        if "Attention" in T:
+            pos = torch.arange(h.shape[1]).expand(h.shape[0], -1).to(h.device)
+            return mod(h, types, pos, **kw)[0]
+        return mod(h, types, **kw)
+
+    case(T, "dtype", lambda mk=mk, call=call: call(mk(), H.half()), Raises(TypeError, "dtype"))
+    case(T, "dtype", lambda mk=mk, call=call: call(mk(), H, TYPES.float()), Raises(TypeError, "token_type_ids must have dtype"))
+    case(T, "float64", lambda mk=mk, call=call: call(mk(torch.float64), H.double()), Gives(
+        lambda y: torch.testing.assert_close(y, y.double()) or None), float64=True)
+    case(T, "rank", lambda mk=mk, call=call: call(mk(), H, TYPES[0]), Raises(ValueError, "token_type_ids must be 2-D"))
+    case(T, "shape", lambda mk=mk, call=call: call(mk(), H[..., :7], TYPES), Raises(ValueError, "in_features=8"))
+    case(T, "shape", lambda mk=mk, call=call: call(mk(), H, TYPES[:, :4]), Raises(ValueError, "expert_ids must have shape"))
+    case(T, "zero-size", lambda mk=mk, call=call: call(mk(), H[:0], TYPES[:0]), shape_is(0, 5, 8, device="cpu"))
+    case(T, "device", lambda mk=mk, call=call: call(mk(), H, TYPES.to(META)), Raises(ValueError, "is on meta"))
+    case(T, "meta", lambda mk=mk, call=call: call(mk().to(META), H.to(META), TYPES.to(META)), shape_is(2, 5, 8))
+    case(T, "non-finite tensor", lambda mk=mk, call=call: call(_inf_vision(mk()), H, torch.zeros_like(TYPES)),
+         finite_rows(rows=range(10)))   # an inf in the vision expert never reaches language rows
+    case(T, "out-of-range ids", lambda mk=mk, call=call: call(mk(), H, TYPES + 5),
+         Gives(lambda y: torch.isfinite(y).all() or None))   # unknown token types route to the language expert
+    case(T, "keyword", lambda mk=mk, call=call: call(mk(), H, TYPES, token_types=TYPES), Raises(TypeError, "token_types"))
+    case(T, "type", lambda mk=mk, call=call: call(mk(), H, TYPES.tolist()), Raises(TypeError, "token_type_ids must be a torch.Tensor"))
+
+
+def _attn(dtype=torch.float32):
+    torch.manual_seed(7)
+    return cogvlm.VisionExpertAttention(CFG).to(dtype)
+
+
+def _inf_vision(mod):
+    with torch.no_grad():
+        for name, p in mod.named_parameters():
+            if "vision" in name:
+                p.fill_(INF)
+    return mod
+
+
+# -------------------------------------------------------------------------------------------------- runner
+def counts() -> dict[str, tuple[int, int]]:
+    """``{target: (cases, classes)}`` of the matrix."""
+    by = defaultdict(list)
+    for c in CASES:
+        by[c.target].append(c.klass)
+    return {t: (len(k), len(set(k))) for t, k in by.items()}
+
+
+def _ids():
+    seen = defaultdict(int)
+    out = []
+    for c in CASES:
+        key = f"{c.target}|{c.klass}"
+        seen[key] += 1
+        out.append(f"{key}|{seen[key]}")
+    return out
+
+
+def test_every_target_has_ten_classes():
+    small = {t: k for t, (_, k) in counts().items() if k < 10}
+    assert not small, f"fewer than 10 bad-input classes: {small}"
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
+@pytest.mark.parametrize("c", CASES, ids=_ids())
+def test_bad_input(backend, c: Case):
+    if c.float64 and backend == "triton":
+        with pytest.raises(BackendNotSupported, match="float64 is not supported"):
+            c.call()
+        return
+    if isinstance(c.expect, Raises):
+        with pytest.raises(c.expect.exc) as info:
+            c.call()
+        assert c.expect.text in str(info.value), f"{c.expect.text!r} not in {str(info.value)!r}"
+        assert not isinstance(info.value, BackendNotSupported)
+    else:
+        c.expect.check(c.call())
+
+
+META_GRADS = {
+    "partial_lora_linear": lambda x, w: partial_lora_linear(x, w, None, m(2, 8), m(5, 2), m(2, 3, dtype=torch.bool), 2.0),
+    "expert_linear": lambda x, w: expert_linear(x, torch.stack([w, w]), m(2, 3, dtype=torch.long)),
+    "linear_gelu": lambda x, w: ops.linear_gelu(x, w, m(5)),
+    "gather_linear_gelu": lambda x, w: gather_linear_gelu(x, m(4, 1, dtype=torch.long), w, m(5)),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
+@pytest.mark.parametrize("op", list(META_GRADS))
+def test_meta_backward_gives_gradient_shapes(backend, op):
+    x, w = m(2, 3, 8).requires_grad_(True), m(5, 8).requires_grad_(True)
+    META_GRADS[op](x, w).sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and x.grad.device.type == META
+
+
+if __name__ == "__main__":
+    for target, (n, k) in counts().items():
+        print(f"{target:40s} {n:3d} cases {k:3d} classes")
+    print(f"{'total':40s} {len(CASES):3d} cases")
