@@ -69,7 +69,8 @@ def _as_bool(mask: Tensor | None) -> Tensor | None:
 def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     why = _dispatch.triton_env_reasons(q.device)
     if q.dtype not in _TRITON_DTYPES:
-        why.append(f"dtype {q.dtype} (the kernels take float16, bfloat16, float32)")
+        why.append(f"dtype {q.dtype} (the kernels take float16, bfloat16, float32; float64 is not supported by "
+                   f"the kernels)")
     if q.shape[-1] not in _TRITON_HEAD_DIMS:
         why.append(f"head_dim {q.shape[-1]} (the kernels are built for {_TRITON_HEAD_DIMS})")
     # (b, h) bases are 64-bit in the kernels; offsets inside one (b, h) slice and along a mask row are 32-bit.

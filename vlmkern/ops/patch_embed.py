@@ -81,8 +81,6 @@ def _grid_shape(pixels: Tensor, patch_size: int) -> tuple[int, int, int, int, in
 # ------------------------------------------------------------------------------------------- dispatch
 def _triton_reasons(pixels, weight, *_, **__) -> list[str]:
     why = _dispatch.triton_env_reasons(pixels.device)
-    if weight.shape[0] * pixels.shape[0] == 0:
-        why.append("empty output")
     if weight.dtype not in _TRITON_WEIGHTS:
         why.append(f"weight dtype {weight.dtype} (the kernels take float16, bfloat16, float32; float64 is not "
                    f"supported by the kernels)")
@@ -121,6 +119,8 @@ def _triton_forward(pixels, weight, bias, p, pad_value, rescale, mean, std) -> T
     nP, N, K = nH * nW, weight.shape[0], weight.shape[1]
     M = B * nP
     out = torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
+    if out.numel() == 0:                                   # no out_features: nothing to launch
+        return out
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
     cfg = FWD_CONFIG[weight.element_size()]
@@ -145,6 +145,8 @@ def _triton_grad_weight(grad, pixels, weight, p, pad_value, rescale, mean, std) 
     g = grad.reshape(-1, N)
     M, nP = g.shape[0], grad.shape[1]
     dw = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
+    if N == 0:
+        return dw
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
     cfg = BWD_WEIGHT_CONFIG[weight.element_size()]
@@ -166,6 +168,8 @@ def _triton_grad_pixels(grad, pixels, weight, p, rescale, std) -> Tensor:
     g = grad.reshape(-1, N)
     M, nP = g.shape[0], grad.shape[1]
     dpix = torch.empty((B, C, H, W), device=pixels.device, dtype=pixels.dtype)
+    if N == 0:                                             # no out_features: no gradient reaches the pixels
+        return dpix.zero_()
     scale, _ = _scale_shift(rescale, [0.0] * C, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
     cfg = BWD_PIXELS_CONFIG[weight.element_size()]
