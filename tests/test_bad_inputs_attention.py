@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -388,3 +389,353 @@ def counts(rows) -> dict[str, tuple[int, int]]:
 def test_every_op_has_ten_classes():
     for target, (_, classes) in counts(OP_ROWS).items():
         assert classes >= 10, f"{target}: {classes} classes"
+
+
+# ============================================================================================= modules
+def _blip2_config():
+    from transformers import Blip2QFormerConfig
+    cfg = Blip2QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                             encoder_hidden_size=48, max_position_embeddings=32, vocab_size=100,
+                             use_qformer_text_input=True)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _blip2(device="cpu"):
+    from vlmkern.models.blip2 import Blip2QFormerModel
+    with torch.device(device):
+        return Blip2QFormerModel(_blip2_config()).eval()
+
+
+def _blip2_args(B=3, device="cpu", Lk=17):
+    mk = (lambda *s, dtype=torch.float32: _meta(*s, dtype=dtype)) if device == "meta" else \
+        (lambda *s, dtype=torch.float32: torch.randn(*s).to(dtype))
+    mask = torch.ones(B, 13, dtype=torch.long, device=device)
+    return dict(query_embeds=mk(B, 13, 64), query_length=8, attention_mask=mask, encoder_hidden_states=mk(B, Lk, 48))
+
+
+def _call(model, **kw):
+    return model(**kw).last_hidden_state
+
+
+def _batch_isolated(model_fn, args: dict, key: str):
+    """NaN in batch row 1 of ``args[key]`` leaves rows 0 and 2 as they were."""
+    ref = model_fn(**args)
+    bad = dict(args)
+    bad[key] = args[key].clone()
+    bad[key][1] = float("nan")
+    out = model_fn(**bad)
+    keep = torch.tensor([0, 2])
+    return bool(torch.isfinite(out[keep]).all()) and torch.allclose(out[keep], ref[keep], atol=1e-5)
+
+
+def _model_isolated(model, args, key):
+    with torch.no_grad():
+        return _batch_isolated(lambda **k: _call(model, **k), args, key)
+
+
+def _blip2_rows():
+    n = "Blip2QFormerModel"
+    m = lambda: _blip2()  # noqa: E731
+    a = _blip2_args
+    with_ = lambda **kw: {**a(), **kw}  # noqa: E731
+    return [
+        (n, "dtype", lambda: _call(m(), **with_(query_embeds=torch.zeros(3, 13, 64, dtype=torch.int32))), TypeError,
+         "query_embeds must have dtype"),
+        (n, "dtype", lambda: _call(m(), **with_(encoder_batch_index=torch.zeros(3))), TypeError,
+         "encoder_batch_index must have dtype"),
+        (n, "rank", lambda: _call(m(), **with_(query_embeds=torch.zeros(13, 64))), ValueError, "query_embeds must be 3-D"),
+        (n, "shape", lambda: _call(m(), **with_(query_embeds=torch.zeros(3, 13, 63))), ValueError, "hidden_size=64"),
+        (n, "shape", lambda: _call(m(), **with_(attention_mask=torch.ones(3, 12))), ValueError, "attention_mask must"),
+        (n, "shape", lambda: _call(m(), **with_(encoder_hidden_states=torch.zeros(3, 17, 40))), ValueError,
+         "encoder_hidden_size"),
+        (n, "zero-size", lambda: _call(m(), **a(B=0)), DOCUMENTED, lambda r: tuple(r.shape) == (0, 13, 64)),
+        (n, "device", lambda: _call(m(), **with_(encoder_hidden_states=_meta(3, 17, 48))), ValueError,
+         "encoder_hidden_states is on meta"),
+        (n, "device", lambda: _call(m(), **with_(attention_mask=torch.ones(3, 13, device=META))), ValueError,
+         "attention_mask is on meta"),
+        (n, "meta", lambda: _call(_blip2("meta"), **a(device="meta")), DOCUMENTED, _shape(3, 13, 64)),
+        (n, "non-finite scalar", lambda: _call(m(), **with_(query_length=float("nan"))), TypeError, "query_length"),
+        (n, "non-finite tensor", lambda: _model_isolated(m(), a(), "query_embeds"),
+         DOCUMENTED, bool),
+        (n, "out-of-range", lambda: _call(m(), **with_(encoder_hidden_states=torch.zeros(2, 17, 48),
+                                                       encoder_batch_index=torch.tensor([0, 2, 1]))),
+         ValueError, "encoder_batch_index must be in [0, encoder_hidden_states.shape[0] = 2)"),
+        (n, "out-of-range", lambda: _call(m(), **with_(query_length=-1)), ValueError, "query_length"),
+        (n, "int32", lambda: _call(_blip2("meta"), **a(B=1, device="meta", Lk=2 ** 26 + 1)), DOCUMENTED,
+         _shape(1, 13, 64)),
+        (n, "keyword", lambda: _call(m(), **with_(encoder_mask=torch.ones(3, 17))), TypeError, "encoder_mask"),
+    ]
+
+
+def _iblip(device="cpu"):
+    from transformers import InstructBlipQFormerConfig
+    from vlmkern.models.instructblip import InstructBlipQFormerModel
+    cfg = InstructBlipQFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=128, encoder_hidden_size=48, max_position_embeddings=32,
+                                    vocab_size=100)
+    cfg._attn_implementation = "eager"
+    with torch.device(device):
+        return InstructBlipQFormerModel(cfg).eval()
+
+
+def _iblip_args(B=3, device="cpu", Lk=17):
+    mk = (lambda *s: _meta(*s)) if device == "meta" else (lambda *s: torch.randn(*s))
+    ids = _meta(B, 5, dtype=torch.long) if device == "meta" else torch.randint(1, 100, (B, 5))
+    return dict(input_ids=ids, attention_mask=torch.ones(B, 13, dtype=torch.long, device=device),
+                query_embeds=mk(B, 8, 64), encoder_hidden_states=mk(B, Lk, 48))
+
+
+def _iblip_rows():
+    n = "InstructBlipQFormerModel"
+    m = lambda: _iblip()  # noqa: E731
+    a = _iblip_args
+    with_ = lambda **kw: {**a(), **kw}  # noqa: E731
+    return [
+        (n, "dtype", lambda: _call(m(), **with_(input_ids=torch.zeros(3, 5))), TypeError, "input_ids must have dtype"),
+        (n, "dtype", lambda: _call(m(), **with_(encoder_hidden_states=torch.zeros(3, 17, 48, dtype=torch.int32))),
+         TypeError, "encoder_hidden_states must have dtype"),
+        (n, "rank", lambda: _call(m(), **with_(input_ids=torch.zeros(3, 5, 1, dtype=torch.long))), ValueError,
+         "input_ids must be 2-D"),
+        (n, "shape", lambda: _call(m(), **with_(query_embeds=torch.zeros(2, 8, 64))), ValueError, "batch"),
+        (n, "shape", lambda: _call(m(), **with_(attention_mask=torch.ones(3, 5))), ValueError, "attention_mask"),
+        (n, "zero-size", lambda: _call(m(), **a(B=0)), DOCUMENTED, lambda r: tuple(r.shape) == (0, 13, 64)),
+        (n, "device", lambda: _call(m(), **with_(encoder_hidden_states=_meta(3, 17, 48))), ValueError,
+         "encoder_hidden_states is on meta"),
+        (n, "meta", lambda: _call(_iblip("meta"), **a(device="meta")), DOCUMENTED, _shape(3, 13, 64)),
+        (n, "non-finite tensor", lambda: _model_isolated(m(), a(), "encoder_hidden_states"),
+         DOCUMENTED, bool),
+        (n, "out-of-range", lambda: _call(m(), **with_(input_ids=torch.full((3, 5), 100))), ValueError,
+         "input_ids must be in [0, config.vocab_size = 100)"),
+        (n, "out-of-range", lambda: _call(m(), **with_(position_ids=torch.arange(30, 35)[None])), ValueError,
+         "position_ids must be in [0, config.max_position_embeddings = 32)"),
+        (n, "int32", lambda: _call(_iblip("meta"), **a(B=1, device="meta", Lk=2 ** 26 + 1)), DOCUMENTED,
+         _shape(1, 13, 64)),
+        (n, "keyword", lambda: _call(m(), **with_(text_mask=torch.ones(3, 5))), TypeError, "text_mask"),
+        (n, "non-finite scalar", lambda: _call(m(), **{**a(), "input_ids": None, "attention_mask": None,
+                                                       "query_embeds": None}), ValueError, "query_embeds"),
+    ]
+
+
+def _resampler(device="cpu"):
+    from vlmkern.models.qwen_vl import Resampler
+    with torch.device(device):
+        return Resampler(2, 64, 2, 32)
+
+
+def _resampler_isolated():
+    r, x = _resampler(), torch.randn(3, 16, 32)
+    with torch.no_grad():
+        return _batch_isolated(lambda x: r(x), {"x": x}, "x")
+
+
+def _resampler_rows():
+    n = "Resampler"
+    r = _resampler
+    return [
+        (n, "dtype", lambda: r()(torch.zeros(2, 16, 32, dtype=torch.long)), TypeError, "x must be a floating-point"),
+        (n, "rank", lambda: r()(torch.zeros(16, 32)), ValueError, "x must be 3-D"),
+        (n, "shape", lambda: r()(torch.zeros(2, 16, 31)), ValueError, "kv_dim=32"),
+        (n, "zero-size", lambda: r()(torch.zeros(0, 16, 32)), DOCUMENTED, lambda y: tuple(y.shape) == (0, 4, 64)),
+        (n, "zero-size", lambda: r()(torch.zeros(2, 0, 32)), ValueError, "square grid"),
+        (n, "device", lambda: r()(_meta(2, 16, 32)), ValueError, "x is on meta"),
+        (n, "meta", lambda: r("meta")(_meta(2, 16, 32)), DOCUMENTED, _shape(2, 4, 64)),
+        (n, "non-finite tensor", _resampler_isolated, DOCUMENTED, bool),
+        (n, "out-of-range", lambda: r()(torch.zeros(2, 15, 32)), ValueError, "square grid"),
+        (n, "int32", lambda: r("meta")(_meta(1, 2 ** 26, 32)), DOCUMENTED, _shape(1, 4, 64)),
+        (n, "keyword", lambda: r()(torch.zeros(2, 16, 32), mask=None), TypeError, "mask"),
+    ]
+
+
+def _mgm(device="cpu"):
+    from vlmkern.models.mini_gemini import PatchInfoMining
+    with torch.device(device):
+        return PatchInfoMining(8, 6)
+
+
+def _mgm_inputs(device="cpu", side=4):
+    if device == "meta":
+        return _meta(2, 4, 8), _meta(2, 6, side, side)
+    return torch.randn(2, 4, 8), torch.randn(2, 6, side, side)
+
+
+def _mgm_eps(i, value):
+    m = _mgm()
+    [m.vlm_uni_query_projector, m.vlm_uni_aux_projector, m.vlm_uni_val_projector][i][0].eps = value
+    return m(*_mgm_inputs())
+
+
+def _mgm_inf_key_bias():
+    import torch.nn.functional as F
+    m = _mgm()
+    with torch.no_grad():
+        m.vlm_uni_aux_projector[1].bias.fill_(float("inf"))
+    images, aux = _mgm_inputs()
+    out = m(images, aux)[1]
+    # the original: every logit of a row is ±inf or NaN -> one value after nan_to_num -> uniform weights
+    v = F.layer_norm(aux.permute(0, 2, 3, 1), (6,), m.vlm_uni_val_projector[0].weight,
+                     m.vlm_uni_val_projector[0].bias, 1e-5) @ m.vlm_uni_val_projector[1].weight.T
+    v = v + m.vlm_uni_val_projector[1].bias
+    uniform = v.reshape(2, 2, 2, 2, 2, 8).mean((2, 4)).reshape(2, 4, 8)
+    return bool(torch.isfinite(out).all()) and torch.allclose(out, uniform, atol=1e-5)
+
+
+def _mgm_rows():
+    n = "PatchInfoMining"
+    m = _mgm
+    x = _mgm_inputs
+    return [
+        (n, "dtype", lambda: m()(x()[0].int(), x()[1]), TypeError, "images must have dtype"),
+        (n, "dtype", lambda: m()(x()[0], x()[1].double()), TypeError, "images_aux dtype"),
+        (n, "rank", lambda: m()(x()[0][0], x()[1]), ValueError, "images must be 3-D"),
+        (n, "shape", lambda: m()(torch.zeros(2, 4, 7), x()[1]), ValueError, "mm_hidden_size is 8"),
+        (n, "zero-size", lambda: m()(torch.zeros(2, 0, 8), torch.zeros(2, 6, 0, 0)), ValueError, "perfect square"),
+        (n, "device", lambda: m()(x()[0], _meta(2, 6, 4, 4)), ValueError, "images_aux is on meta"),
+        (n, "meta", lambda: m("meta")(*x("meta"))[1], DOCUMENTED, _shape(2, 4, 8)),
+        (n, "non-finite scalar", lambda: _mgm_eps(0, float("nan")), TypeError, "eps[0]"),
+        (n, "non-finite scalar", lambda: _mgm_eps(1, -1.0), ValueError, "eps"),
+        (n, "non-finite tensor", _mgm_inf_key_bias, DOCUMENTED, bool),
+        (n, "out-of-range", lambda: _mgm_eps(2, 1e-3), ValueError, "eps"),
+        (n, "out-of-range", lambda: m()(x()[0], torch.zeros(2, 6, 5, 5)), ValueError, "divisible"),
+        (n, "int32", lambda: m("meta")(_meta(1, 4, 8), _meta(1, 6, 2 ** 15, 2 ** 15))[1], DOCUMENTED,
+         _shape(1, 4, 8)),
+        (n, "keyword", lambda: m()(images=x()[0], aux=x()[1]), TypeError, "aux"),
+    ]
+
+
+def _cog(device="cpu"):
+    from vlmkern.models.cogagent import CrossAttention
+    cfg = SimpleNamespace(hidden_size=64, cross_hidden_size=64, cross_compute_hidden_size=64,
+                          num_attention_heads=2, max_position_embeddings=2048)
+    with torch.device(device):
+        return CrossAttention(cfg)
+
+
+def _cog_in(B=3, Lq=5, Lk=7, device="cpu"):
+    if device == "meta":
+        return _meta(B, Lq, 64), _meta(B, Lk, 64)
+    return torch.randn(B, Lq, 64), torch.randn(B, Lk, 64)
+
+
+def _cog_isolated():
+    c = _cog()
+    h, e = _cog_in()
+    with torch.no_grad():
+        return _batch_isolated(lambda h, e: c(h, e)[0], {"h": h, "e": e}, "e")
+
+
+def _cog_rows():
+    n = "CogAgent CrossAttention"
+    c = _cog
+    x = _cog_in
+    return [
+        (n, "dtype", lambda: c()(x()[0].long(), x()[1]), TypeError, "hidden_states must be a floating-point"),
+        (n, "dtype", lambda: c()(x()[0], x()[1].long()), TypeError, "encoder_outputs must be a floating-point"),
+        (n, "rank", lambda: c()(x()[0][0], x()[1]), ValueError, "hidden_states must be a 3-D"),
+        (n, "shape", lambda: c()(x()[0], torch.zeros(3, 7, 63)), ValueError, "cross_hidden_size is 64"),
+        (n, "shape", lambda: c()(x()[0], torch.zeros(2, 7, 64)), ValueError, "encoder_outputs has batch 2"),
+        (n, "zero-size", lambda: c()(*x(Lq=0))[0], DOCUMENTED, lambda y: tuple(y.shape) == (3, 0, 64)),
+        (n, "device", lambda: c()(x()[0], _meta(3, 7, 64)), ValueError, "encoder_outputs is on meta"),
+        (n, "meta", lambda: c("meta")(*x(device="meta"), attention_mask=_meta(3, 1, 1, 1))[0], DOCUMENTED,
+         _shape(3, 5, 64)),
+        (n, "non-finite tensor", _cog_isolated, DOCUMENTED, bool),
+        (n, "out-of-range", lambda: c()(x()[0], past_key_value=(torch.zeros(3, 2, 7, 16),) * 2), ValueError,
+         "past_key_value key_states"),
+        (n, "out-of-range", lambda: c()(x()[0]), ValueError, "encoder_outputs is required"),
+        (n, "int32", lambda: c("meta")(*x(B=1, Lk=2 ** 26 + 1, device="meta"))[0], DOCUMENTED, _shape(1, 5, 64)),
+        (n, "keyword", lambda: c()(*x(), mask=None), TypeError, "mask"),
+    ]
+
+
+def _pel(device="cpu"):
+    from vlmkern.nn.patch_embed import PatchEmbedLinear
+    with torch.device(device):
+        return PatchEmbedLinear(48, 8)
+
+
+def _pel_isolated():
+    lin, px = _pel(), _px(dtype=torch.float32)
+    with torch.no_grad():
+        ref = lin.forward_images(px)
+        px[0, 0, 0, 0] = float("inf")
+        return _rows_isolated(lin.forward_images(px), ref, torch.tensor([True, False, False, False]))
+
+
+def _pel_rows():
+    n = "PatchEmbedLinear"
+    f = lambda px, device="cpu", **kw: _pel(device).forward_images(px, **kw)  # noqa: E731
+    return [
+        (n, "dtype", lambda: f(_px(dtype=torch.int32)), TypeError, "pixels must have dtype"),
+        (n, "dtype", lambda: _pel()(torch.zeros(2, 4, 48, dtype=torch.long)), RuntimeError, ""),
+        (n, "rank", lambda: f(_px()[0, 0]), ValueError, "pixels must be (B, C, H, W) or (C, H, W)"),
+        (n, "shape", lambda: f(_px(C=4)), ValueError, "pixels has C=4 channels"),
+        (n, "shape", lambda: _pel()(torch.zeros(2, 4, 47)), ValueError, "in_features=48"),
+        (n, "zero-size", lambda: f(_px(B=0)), ValueError, "non-empty image"),
+        (n, "device", lambda: f(_px(device="meta")), ValueError, "is on"),
+        (n, "meta", lambda: f(_px(device="meta"), "meta"), DOCUMENTED, _shape(1, 4, 8)),
+        (n, "non-finite scalar", lambda: f(_px(), rescale=float("nan")), TypeError, "rescale"),
+        (n, "non-finite tensor", _pel_isolated, DOCUMENTED, bool),
+        (n, "out-of-range", lambda: f(_px(), patch_size=0), ValueError, "patch_size"),
+        (n, "int32", lambda: f(_px(1, 3, 2 ** 15, 2 ** 15, device="meta"), "meta"), DOCUMENTED, _shape(1, 2 ** 26, 8)),
+        (n, "keyword", lambda: f(_px(), patch=4), TypeError, "patch"),
+    ]
+
+
+def _fuyu(device="cpu", **kw):
+    from vlmkern.models.fuyu import FuyuImageEmbedder
+    with torch.device(device):
+        return FuyuImageEmbedder(8, **{"patch_size": 4, "max_size": None, **kw})
+
+
+def _fuyu_isolated():
+    emb, px = _fuyu(), _px(dtype=torch.float32)
+    with torch.no_grad():
+        ref = emb(px).embeddings
+        px[0, 0, 0, 0] = float("inf")
+        out = emb(px).embeddings
+    return _rows_isolated(out[None], ref[None], torch.tensor([True, False, False, False]))
+
+
+def _fuyu_rows():
+    n = "FuyuImageEmbedder"
+    e = _fuyu
+    return [
+        (n, "dtype", lambda: e()(_px(dtype=torch.int32)), TypeError, "images must have dtype"),
+        (n, "rank", lambda: e()(_px()[0, 0]), ValueError, "images must be (C, H, W) or (B, C, H, W)"),
+        (n, "shape", lambda: e()(_px(C=4)), ValueError, "num_channels=3"),
+        (n, "shape", lambda: e()([_px()[0], _px()]), ValueError, "images[1] must be one (C, H, W) image"),
+        (n, "zero-size", lambda: e()([]), ValueError, "at least one image"),
+        (n, "zero-size", lambda: e()(_px(H=0)), ValueError, "non-empty"),
+        (n, "device", lambda: e()(_px(device="meta")), ValueError, "is on"),
+        (n, "meta", lambda: e("meta")(_px(device="meta")).embeddings, DOCUMENTED, _shape(4, 8)),
+        (n, "non-finite scalar", lambda: e(max_size=(float("nan"), 10)), ValueError, "max_size"),
+        (n, "non-finite tensor", _fuyu_isolated, DOCUMENTED, bool),
+        (n, "out-of-range", lambda: e(patch_size=0), ValueError, "patch_size"),
+        (n, "out-of-range", lambda: e(resize_method="bicubic"), ValueError, "resize_method"),
+        (n, "int32", lambda: e("meta")(_px(1, 3, 2 ** 15, 2 ** 15, device="meta")).embeddings, DOCUMENTED,
+         _shape(2 ** 26, 8)),
+        (n, "keyword", lambda: e(patch=4), TypeError, "patch"),
+    ]
+
+
+MODULE_ROWS = (_blip2_rows() + _iblip_rows() + _resampler_rows() + _mgm_rows() + _cog_rows() + _pel_rows()
+               + _fuyu_rows())
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
+@pytest.mark.parametrize("target,cls,build,expect,match", MODULE_ROWS, ids=_ids(MODULE_ROWS))
+def test_module_bad_input(backend, target, cls, build, expect, match):
+    pytest.importorskip("transformers")
+    run_row(build, expect, match, backend)
+
+
+def test_every_module_has_ten_classes():
+    for target, (_, classes) in counts(MODULE_ROWS).items():
+        assert classes >= 10, f"{target}: {classes} classes"
+
+
+if __name__ == "__main__":
+    for title, rows in (("op", OP_ROWS), ("module", MODULE_ROWS)):
+        for target, (n_rows, n_classes) in counts(rows).items():
+            print(f"{title:6s} {target:26s} rows {n_rows:3d}  classes {n_classes:2d}")
+    print(f"total rows {len(OP_ROWS) + len(MODULE_ROWS)} (each runs on 2 backends)")

@@ -100,6 +100,11 @@ class Resampler(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3:
             raise ValueError(f"x must be 3-D (batch, L, kv_dim), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        w = self.attn.in_proj_weight
+        if x.is_meta != w.is_meta:
+            raise ValueError(f"x is on {x.device} but the resampler's parameters are on {w.device}")
         if x.shape[-1] != self.kv_dim:
             raise ValueError(f"x has last dim {x.shape[-1]} but the resampler was built for kv_dim={self.kv_dim}")
         L = x.shape[1]
