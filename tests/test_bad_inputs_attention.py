@@ -394,7 +394,7 @@ def test_every_op_has_ten_classes():
 # ============================================================================================= modules
 def _blip2_config():
     from transformers import Blip2QFormerConfig
-    cfg = Blip2QFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+    cfg = Blip2QFormerConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
                              encoder_hidden_size=48, max_position_embeddings=32, vocab_size=100,
                              use_qformer_text_input=True)
     cfg._attn_implementation = "eager"
@@ -471,7 +471,7 @@ def _blip2_rows():
 def _iblip(device="cpu"):
     from transformers import InstructBlipQFormerConfig
     from vlmkern.models.instructblip import InstructBlipQFormerModel
-    cfg = InstructBlipQFormerConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+    cfg = InstructBlipQFormerConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=128, encoder_hidden_size=48, max_position_embeddings=32,
                                     vocab_size=100)
     cfg._attn_implementation = "eager"
