@@ -666,7 +666,7 @@ def _pel_rows():
     f = lambda px, device="cpu", **kw: _pel(device).forward_images(px, **kw)  # noqa: E731
     return [
         (n, "dtype", lambda: f(_px(dtype=torch.int32)), TypeError, "pixels must have dtype"),
-        (n, "dtype", lambda: _pel()(torch.zeros(2, 4, 48, dtype=torch.long)), RuntimeError, ""),
+        (n, "dtype", lambda: _pel()(torch.zeros(2, 4, 48, dtype=torch.long)), TypeError, "patches must be a floating"),
         (n, "rank", lambda: f(_px()[0, 0]), ValueError, "pixels must be (B, C, H, W) or (C, H, W)"),
         (n, "shape", lambda: f(_px(C=4)), ValueError, "pixels has C=4 channels"),
         (n, "shape", lambda: _pel()(torch.zeros(2, 4, 47)), ValueError, "in_features=48"),

@@ -250,3 +250,33 @@ test_slow_window_attention = _slow(_check_window, window_case())
 test_slow_patch_info_mining = _slow(_check_mining, mining_case())
 test_slow_patch_embed = _slow(_check_patch_embed, patch_case())
 test_slow_patchify = _slow(_check_patchify, patch_case())
+
+
+# --------------------------------------------------------------------------------------------- row isolation
+@BACKENDS
+@pytest.mark.parametrize("op", ["qformer", "cross"])
+def test_masked_keys_and_other_rows_never_leak(backend, op):
+    """Finite garbage in masked keys (k and v) changes nothing; changing one query row changes only that row."""
+    B, H, L, d, nq = 2, 2, 6, 32, 2
+    q, k, v = (torch.randn(B, H, L, d) for _ in range(3))
+    mask_len = L - nq if op == "qformer" else L
+    mask = torch.ones(B, mask_len, dtype=torch.bool)
+    mask[0, -2:] = False
+    mask[1, -1] = False
+
+    def run(q, k, v):
+        if op == "qformer":
+            return ops.qformer_attention(q, k, v, num_query=nq, mode="multimodal_causal", text_mask=mask)
+        return ops.cross_attention(q, k, v, key_padding_mask=mask)
+
+    out = run(q, k, v)
+    masked_keys = torch.zeros(B, L, dtype=torch.bool)
+    masked_keys[:, L - mask_len:] = ~mask
+    kg, vg = k.clone(), v.clone()
+    kg[masked_keys[:, None, :, None].expand_as(k)] = 1e3
+    vg[masked_keys[:, None, :, None].expand_as(v)] = 1e6
+    torch.testing.assert_close(run(q, kg, vg), out, atol=1e-5, rtol=1e-5)
+    q2 = q.clone()
+    q2[:, :, 3] = 50.0
+    other = torch.arange(L) != 3
+    torch.testing.assert_close(run(q2, k, v)[:, :, other], out[:, :, other], atol=0, rtol=0)
