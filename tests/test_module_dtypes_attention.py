@@ -21,6 +21,7 @@ from vlmkern import ops, reference
 from vlmkern.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
+BACKENDS = pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
 
 
 @dataclass
@@ -123,8 +124,9 @@ def test_double_matches_the_original(name):
     torch.testing.assert_close(out, _reference(pair), atol=1e-10, rtol=1e-9)
 
 
+@BACKENDS
 @pytest.mark.parametrize("name", PAIRS)
-def test_half_follows_the_tolerance_rule(name):
+def test_half_follows_the_tolerance_rule(backend, name):
     pair = PAIRS[name]()
     ours, orig = copy.deepcopy(pair.ours).half(), copy.deepcopy(pair.orig).half()
     with torch.no_grad():
@@ -145,8 +147,9 @@ def _autocast_check(name, device_type):
     assert_close(out.cpu(), base.cpu(), _reference(pair), dtype=torch.bfloat16, name=name)
 
 
+@BACKENDS
 @pytest.mark.parametrize("name", PAIRS)
-def test_cpu_autocast_bf16_runs_like_the_original(name):
+def test_cpu_autocast_bf16_runs_like_the_original(backend, name):
     _autocast_check(name, "cpu")
 
 

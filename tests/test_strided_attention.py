@@ -107,18 +107,6 @@ def _check_attention(case, qformer: bool):
     _grads_match(out, ref, (q, k, v), (q64, k64, v64))
 
 
-@BACKENDS
-@_settings(3)
-@given(case=attention_case(qformer=True))
-def test_qformer_attention_any_layout(backend, case):
-    _check_attention(case, qformer=True)
-
-
-@BACKENDS
-@_settings(3)
-@given(case=attention_case(qformer=False))
-def test_cross_attention_any_layout(backend, case):
-    _check_attention(case, qformer=False)
 
 
 # ---------------------------------------------------------------------------------------- window attention
@@ -137,12 +125,6 @@ def _check_window(case):
     torch.testing.assert_close(p.double(), p_ref.detach(), atol=2e-5, rtol=2e-4)
     _grads_match(s, s_ref, (u, h), (u64, h64))
 
-
-@BACKENDS
-@_settings(3)
-@given(case=window_case())
-def test_window_attention_any_layout(backend, case):
-    _check_window(case)
 
 
 @st.composite
@@ -168,12 +150,6 @@ def _check_mining(case):
     expect = reference.patch_info_mining(ref[0], ref[1], ref[2:6], ref[6:10], ref[10:14])
     _grads_match(out, expect, [a for a, _ in pairs[:2]], [b for _, b in pairs[:2]], atol=1e-4, rtol=1e-3)
 
-
-@BACKENDS
-@_settings(3)
-@given(case=mining_case())
-def test_patch_info_mining_any_layout(backend, case):
-    _check_mining(case)
 
 
 # ------------------------------------------------------------------------------------ patch embed / patchify
@@ -207,12 +183,6 @@ def _check_patch_embed(case):
     _grads_match(out, ref, leaves, ref_leaves, atol=1e-4, rtol=1e-3)
 
 
-@BACKENDS
-@_settings(3)
-@given(case=patch_case())
-def test_patch_embed_any_layout(backend, case):
-    _check_patch_embed(case)
-
 
 def _check_patchify(case):
     px = relayout(_pixels(case), case["layouts"][0])
@@ -221,35 +191,39 @@ def _check_patchify(case):
                                atol=0, rtol=0)
 
 
+
+# ----------------------------------------------------------------------------------------------- the runs
+FAMILIES = {
+    "qformer_attention": (lambda c: _check_attention(c, True), attention_case(qformer=True)),
+    "cross_attention": (lambda c: _check_attention(c, False), attention_case(qformer=False)),
+    "window_attention": (_check_window, window_case()),
+    "patch_info_mining": (_check_mining, mining_case()),
+    "patch_embed": (_check_patch_embed, patch_case()),
+    "patchify": (_check_patchify, patch_case()),
+}
+
+
+def _run_family(family, data):
+    check, strategy = FAMILIES[family]
+    check(data.draw(strategy, label="case"))
+
+
 @BACKENDS
+@pytest.mark.parametrize("family", FAMILIES)
 @_settings(3)
-@given(case=patch_case())
-def test_patchify_any_layout(backend, case):
-    _check_patchify(case)
+@given(data=st.data())
+def test_any_layout(backend, family, data):
+    _run_family(family, data)
 
 
-# ---------------------------------------------------------------------------------------------------- slow
-SLOW = [pytest.mark.slow, pytest.mark.skipif(not RUN_SLOW, reason="runs under the slow Hypothesis profile "
-                                                                    "(>= 500 examples)")]
-
-
-def _slow(check, strategy):
-    @pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
-    @_settings(SLOW_EXAMPLES)
-    @given(case=strategy)
-    def test(backend, case):
-        check(case)
-    for mark in SLOW:
-        test = mark(test)
-    return test
-
-
-test_slow_qformer_attention = _slow(lambda c: _check_attention(c, True), attention_case(qformer=True))
-test_slow_cross_attention = _slow(lambda c: _check_attention(c, False), attention_case(qformer=False))
-test_slow_window_attention = _slow(_check_window, window_case())
-test_slow_patch_info_mining = _slow(_check_mining, mining_case())
-test_slow_patch_embed = _slow(_check_patch_embed, patch_case())
-test_slow_patchify = _slow(_check_patchify, patch_case())
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN_SLOW, reason="runs under the slow Hypothesis profile (>= 500 examples)")
+@BACKENDS
+@pytest.mark.parametrize("family", FAMILIES)
+@_settings(SLOW_EXAMPLES)
+@given(data=st.data())
+def test_any_layout_slow(backend, family, data):
+    _run_family(family, data)
 
 
 # --------------------------------------------------------------------------------------------- row isolation

@@ -14,7 +14,7 @@ from torch import Tensor
 from vlmkern import reference
 from vlmkern.ops import _dispatch
 from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops._checks import check_finite_scalar, check_same_device, check_tensor, int32_span_reasons, INT32_MAX
+from vlmkern.ops._checks import autocast_inputs, check_finite_scalar, check_same_device, check_tensor, int32_span_reasons, INT32_MAX
 
 _FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
@@ -292,10 +292,12 @@ def patch_embed(pixels: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
 
     Returns:
         ``(B, ceil(H/p)*ceil(W/p), out)`` in ``weight.dtype``, patches row-major. Differentiable in
-        ``weight``, ``bias`` and float ``pixels``. A float64 ``weight`` runs the reference (fp64 patches).
+        ``weight``, ``bias`` and float ``pixels``. A float64 ``weight`` runs the reference (fp64 patches). Under
+        ``torch.autocast`` weight and bias are cast to the autocast dtype first, as ``F.linear`` casts them.
     """
     _check_patch_embed(pixels, weight, bias, patch_size)
     check_scalars(pad_value, rescale)
+    weight, bias = autocast_inputs(pixels.device, weight, bias)   # the Linear runs as F.linear would
     C = pixels.shape[1]
     mean_l, std_l = _norm_list(mean, "mean", C), _norm_list(std, "std", C)
     if any(s == 0 for s in std_l):
