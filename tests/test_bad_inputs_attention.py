@@ -124,6 +124,8 @@ def _attention_rows(name, fn, mask_kw, mask_len):
         (name, "int32", _reasons_mention(dispatch, "int32", _meta(1, 1, 8, 32),
                                          _meta(1, 1, 8, 32).as_strided((1, 1, 8, 32), (0, 0, BIG // 4, 1)),
                                          _meta(1, 1, 8, 32)), DOCUMENTED, bool),
+        (name, "int32", _reasons_mention(dispatch, "result or gradients", _meta(1, 1, 1, 32).expand(1, 1, 2 ** 26 + 1, 32),
+                                         *[_meta(1, 1, 1, 32).expand(1, 1, 2 ** 26 + 1, 32)] * 2), DOCUMENTED, bool),
         (name, "int32", lambda: fn(_huge_rows(), *[_meta(1, 1, 2 ** 26 + 1, 32)] * 2), DOCUMENTED,
          _shape(1, 1, 2 ** 26 + 1, 32)),
         (name, "keyword", lambda: fn(*_qkv(), attn_mask=bool_mask()), TypeError, "attn_mask"),

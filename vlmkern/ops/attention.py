@@ -16,7 +16,8 @@ from torch import Tensor
 from vlmkern.reference import attention as ref_attention
 from vlmkern.reference.attention import additive_mask as _additive
 from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import autocast_inputs, check_same_device, check_tensor, int32_span_reasons
+from vlmkern.ops._checks import (INT32_MAX, autocast_inputs, check_same_device, check_tensor,
+                                 int32_span_reasons)
 from vlmkern.ops._dispatch import OpDispatch, register
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -74,6 +75,9 @@ def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     if q.shape[-1] not in _TRITON_HEAD_DIMS:
         why.append(f"head_dim {q.shape[-1]} (the kernels are built for {_TRITON_HEAD_DIMS})")
     # (b, h) bases are 64-bit in the kernels; offsets inside one (b, h) slice and along a mask row are 32-bit.
+    rows = max(q.shape[2], k.shape[2]) * q.shape[3]
+    if rows > INT32_MAX:      # the contiguous out/dq/dk/dv slices, whatever q/k/v's strides
+        why.append(f"a (batch, head) slice of the result or gradients holds {rows} elements (offset in int32)")
     return why + int32_span_reasons((2, 3), q=q, k=k, v=v) + int32_span_reasons((1,), key_mask=key_mask)
 
 

@@ -84,12 +84,12 @@ def _triton_reasons(pixels, weight, *_, **__) -> list[str]:
     if weight.dtype not in _TRITON_WEIGHTS:
         why.append(f"weight dtype {weight.dtype} (the kernels take float16, bfloat16, float32; float64 is not "
                    f"supported by the kernels)")
-    # Image and patch-row bases are 64-bit; channel, in-patch and column offsets 32-bit, as are the weight's
-    # column offsets and the pixel gradient's (contiguous) per-image offsets.
+    # Image and patch-row bases are 64-bit; channel, in-patch row/column and column offsets 32-bit, as are the
+    # weight's column offsets and the pixel gradient's (contiguous) per-image offsets.
     B, C, H, W = pixels.shape
     if C * H * W > INT32_MAX:
         why.append(f"one image holds {C * H * W} elements (the pixel gradient is offset in int32 per image)")
-    return why + int32_span_reasons((1, 3), pixels=pixels) + int32_span_reasons((1,), weight=weight)
+    return why + int32_span_reasons((1, 2, 3), pixels=pixels) + int32_span_reasons((1,), weight=weight)
 
 
 PATCH_EMBED = register(OpDispatch("patch_embed", {
