@@ -90,7 +90,7 @@ def _check_query_length(query_length, length: int) -> int:
 def check_ids(ids: Tensor, name: str, bound: int, bound_name: str) -> None:
     """Ids in ``[0, bound)`` (read unless on meta): an index out of range would otherwise surface deep inside
     as an IndexError on the CPU or a device-side assert on CUDA, neither naming the argument."""
-    if ids.is_meta or ids.numel() == 0:
+    if ids.is_meta or ids.numel() == 0 or torch.compiler.is_compiling():   # compiled: no data-dependent break
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= bound:
@@ -138,7 +138,7 @@ class QFormerModelBase(nn.Module):
         for name in _UNSUPPORTED:
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"{type(self).__name__} does not support {name}")
-        unknown = sorted(set(kwargs) - _known_kwargs())
+        unknown = sorted(set(kwargs) - _known_kwargs()) if kwargs else []
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {', '.join(unknown)}")
         config = self.config
