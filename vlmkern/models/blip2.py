@@ -65,6 +65,37 @@ def _output_class():
 
 
 _UNSUPPORTED = ("head_mask", "past_key_values")
+# Keywords transformers' Q-Former forwards accept through ``**kwargs`` (``TransformersKwargs``) and ignore here as
+# they do there; any other keyword is a mistake and raises TypeError naming it.
+_IGNORED_KWARGS = ("use_cache", "cache_position", "position_ids", "output_router_logits", "max_length_q",
+                   "max_length_k", "cu_seq_lens_q", "cu_seq_lens_k", "num_items_in_batch")
+
+
+def _known_kwargs() -> frozenset:
+    try:
+        from transformers.utils.generic import TransformersKwargs
+        names = set(getattr(TransformersKwargs, "__annotations__", {}))
+    except Exception:  # transformers is optional
+        names = set()
+    return frozenset(names | set(_IGNORED_KWARGS) | set(_UNSUPPORTED))
+
+
+def _check_query_length(query_length, length: int) -> int:
+    if isinstance(query_length, bool) or not isinstance(query_length, int):
+        raise TypeError(f"query_length must be an int, got {type(query_length).__name__}")
+    if query_length < 0:
+        raise ValueError(f"query_length must be >= 0, got {query_length}")
+    return min(query_length, length)
+
+
+def check_ids(ids: Tensor, name: str, bound: int, bound_name: str) -> None:
+    """Ids in ``[0, bound)`` (read unless on meta): an index out of range would otherwise surface deep inside
+    as an IndexError on the CPU or a device-side assert on CUDA, neither naming the argument."""
+    if ids.is_meta or ids.numel() == 0 or torch.compiler.is_compiling():   # compiled: no data-dependent break
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name} must be in [0, {bound_name} = {bound}), got values in [{lo}, {hi}]")
 
 
 def _config_flag(config, name: str, value, default):
@@ -128,6 +159,9 @@ class QFormerModelBase(nn.Module):
         for name in _UNSUPPORTED:
             if kwargs.get(name) is not None:
                 raise NotImplementedError(f"{type(self).__name__} does not support {name}")
+        unknown = sorted(set(kwargs) - _known_kwargs()) if kwargs else []
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s) {', '.join(unknown)}")
         config = self.config
         output_attentions = bool(_config_flag(config, "output_attentions", output_attentions, False))
         output_hidden_states = _config_flag(config, "output_hidden_states", output_hidden_states, False)
@@ -138,11 +172,14 @@ class QFormerModelBase(nn.Module):
         B, L, _ = embedding_output.shape
         device = embedding_output.device
         self_mask = AttentionMask.from_hf(attention_mask, "attention_mask", B, L, L, device)
-        query_length = min(query_length, L)
+        query_length = _check_query_length(query_length, L)
         cross_mask = AttentionMask()
         if encoder_hidden_states is not None:
             check_tensor(encoder_hidden_states, "encoder_hidden_states", ndim=3, dtypes=_FLOATS,
                          shape_doc="(batch, image_tokens, encoder_hidden_size)")
+            if encoder_hidden_states.is_meta != embedding_output.is_meta:
+                raise ValueError(f"encoder_hidden_states is on {encoder_hidden_states.device} but the model runs on "
+                                 f"{device}: a meta tensor has no values to move")
             N, Lk, E = encoder_hidden_states.shape
             if E != config.encoder_hidden_size:
                 raise ValueError(f"encoder_hidden_states must have {config.encoder_hidden_size} features "
@@ -153,6 +190,7 @@ class QFormerModelBase(nn.Module):
                 if encoder_batch_index.shape[0] != B:
                     raise ValueError(f"encoder_batch_index must have one entry per batch row ({B}), got "
                                      f"{encoder_batch_index.shape[0]}")
+                check_ids(encoder_batch_index, "encoder_batch_index", N, "encoder_hidden_states.shape[0]")
                 encoder_batch_index = encoder_batch_index.to(device)
             elif N not in (B, 1):
                 raise ValueError(f"encoder_hidden_states has batch {N} but the queries have batch {B} (give "

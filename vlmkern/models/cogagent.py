@@ -85,6 +85,11 @@ class CrossAttention(nn.Module):
         if encoder_outputs.shape[-1] != self.cross_hidden_size:
             raise ValueError(f"encoder_outputs has last dim {encoder_outputs.shape[-1]} but "
                              f"config.cross_hidden_size is {self.cross_hidden_size}")
+        if not encoder_outputs.is_floating_point():
+            raise TypeError(f"encoder_outputs must be a floating-point tensor, got {encoder_outputs.dtype}")
+        if encoder_outputs.device != self.key_value.weight.device:
+            raise ValueError(f"encoder_outputs is on {encoder_outputs.device} but the module's weights are on "
+                             f"{self.key_value.weight.device}")
         kv = self.key_value(encoder_outputs)
         k, v = kv.split(self.cross_compute_hidden_size, dim=-1)
         return self._heads(k), self._heads(v)
@@ -96,6 +101,8 @@ class CrossAttention(nn.Module):
         if hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden_states has last dim {hidden_states.shape[-1]} but config.hidden_size is "
                              f"{self.hidden_size}")
+        if not hidden_states.is_floating_point():
+            raise TypeError(f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
         if past_key_value is not None:
             if not isinstance(past_key_value, (tuple, list)) or len(past_key_value) != 2:
                 raise ValueError("past_key_value must be the (key_states, value_states) pair returned with "
@@ -108,7 +115,7 @@ class CrossAttention(nn.Module):
                                      f"= {want}, got {tuple(t.shape)}")
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-        if attention_mask is None:
+        if attention_mask is None or attention_mask.is_meta:   # meta: no values to choose a path by, same shape
             return cross_attention(q, k, v)
         keep = attention_mask == 0
         is_full = bool(keep.all())

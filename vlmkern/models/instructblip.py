@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vlmkern.models.blip2 import QFormerModelBase
+from vlmkern.models.blip2 import QFormerModelBase, check_ids
 from vlmkern.nn.qformer import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
 from vlmkern.ops._checks import check_tensor
 
@@ -62,6 +62,11 @@ class InstructBlipQFormerModel(QFormerModelBase):
             raise ValueError("You have to specify query_embeds when input_ids is None")
         if input_ids is not None:
             check_tensor(input_ids, "input_ids", ndim=2, dtypes=_ID_DTYPES, shape_doc="(batch, text_length)")
+            check_ids(input_ids, "input_ids", self.config.vocab_size, "config.vocab_size")
+        if position_ids is not None:
+            check_tensor(position_ids, "position_ids", ndim=2, dtypes=_ID_DTYPES, shape_doc="(batch or 1, text_length)")
+            check_ids(position_ids, "position_ids", self.config.max_position_embeddings,
+                       "config.max_position_embeddings")
         if query_embeds is not None:
             check_tensor(query_embeds, "query_embeds", ndim=3, dtypes=_FLOATS, shape_doc="(batch, queries, hidden)")
             if query_embeds.shape[-1] != self.config.hidden_size:

@@ -6,15 +6,14 @@
 Without a mask it runs (per call, ``X (N, L, kv_dim)``, ``P16`` the stored table, ``P_L`` its bicubic resize)::
 
     q  = (LN_q(query) + P16) W_q + b_q                 once per call, shared by every image (stride-0 batch)
-    k  = LN_kv(X W_kv) W_k + (P_L W_k + b_k)           P_L W_k cached per (L, table version, W_k version)
+    k  = (LN_kv(X W_kv) + P_L) W_k + b_k                P_L cached per L while pos_embed is unchanged
     v  = LN_kv(X W_kv) W_v + b_v
     O  = attention(q, k, v) W_o + b_o                  vlmkern.ops.cross_attention, no weights materialised
 
-so neither the ``(L, N, D)`` copy ``x + pos`` nor the ``(256, N, D)`` repeated queries nor the ``(N, 256, L)``
-attention weights exist, and ``F.interpolate`` runs once per grid and table version instead of every call.
-When ``pos_embed`` or ``attn.in_proj_weight`` need gradients (training), ``k = (LN_kv(X W_kv) + P_L) W_k + b_k``
-as the original (the add costs less than recomputing ``P_L W_k`` every step; ``P_L`` stays cached while
-``pos_embed`` is frozen, and every gradient reaches its parameter).
+so neither the ``(L, N, D)`` sequence-first copy nor the ``(256, N, D)`` repeated queries nor the ``(N, 256, L)``
+attention weights exist, and ``F.interpolate`` runs once per grid and table value instead of every call (the
+cache compares ``pos_embed`` with the copy it was built from, so writes through ``.data`` are seen; nothing that
+depends on a projection weight is cached). Every gradient reaches its parameter.
 With an ``attn_mask`` the original computation runs (``nn.MultiheadAttention``).
 """
 from __future__ import annotations
@@ -61,10 +60,6 @@ def get_abs_pos(abs_pos: Tensor, tgt_size: int) -> Tensor:
     return out.permute(0, 2, 3, 1).flatten(0, 2).to(dtype=abs_pos.dtype)
 
 
-def _version_key(t: Tensor) -> tuple:
-    return (t.data_ptr(), t._version, t.dtype, t.device)
-
-
 class Resampler(nn.Module):
     """Drop-in for Qwen-VL's ``visual.Resampler`` (``attn_pool``): ``(N, L, kv_dim)`` -> ``(N, grid_size², embed_dim)``,
     ``L`` a perfect square."""
@@ -105,6 +100,11 @@ class Resampler(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 3:
             raise ValueError(f"x must be 3-D (batch, L, kv_dim), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        w = self.attn.in_proj_weight
+        if x.is_meta != w.is_meta:
+            raise ValueError(f"x is on {x.device} but the resampler's parameters are on {w.device}")
         if x.shape[-1] != self.kv_dim:
             raise ValueError(f"x has last dim {x.shape[-1]} but the resampler was built for kv_dim={self.kv_dim}")
         L = x.shape[1]
@@ -114,37 +114,23 @@ class Resampler(nn.Module):
         return L
 
     # --------------------------------------------------------------------------------- position term
-    def _cached(self, kind: str, L: int, versions: tuple, make: Callable[[], Tensor]) -> Tensor:
-        """``make()`` cached under ``(kind, L, *versions)``; an entry of the same kind and ``L`` with other
-        versions (the parameters changed) is dropped."""
-        key = (kind, L, *versions)
-        value = self._cache.get(key)
-        if value is None:
-            self._cache = {k: v for k, v in self._cache.items() if k[:2] != (kind, L)}
-            value = self._cache[key] = make()
-        return value
-
     def _position_table(self, L: int) -> Tensor:
-        """``P_L`` ``(L, D)``: ``pos_embed`` resized to ``L`` keys; cached unless ``pos_embed`` needs a gradient."""
-        if (self.pos_embed.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
-            # The cache keys on data_ptr/_version, which a traced graph cannot see: compiled graphs recompute.
-            return get_abs_pos(self.pos_embed, L)
-        return self._cached("table", L, _version_key(self.pos_embed),
-                            lambda: get_abs_pos(self.pos_embed.detach(), L))
+        """``P_L`` ``(L, D)``: ``pos_embed`` resized to ``L`` keys; cached unless ``pos_embed`` needs a gradient.
 
-    def _cached_key_bias(self, L: int, w_k: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-        """``P_L W_kᵀ`` ``(L, D)`` in ``dtype`` (computed in fp32, fp64 for fp64), cached per (L, table and weight
-        versions); None when ``pos_embed`` or ``w_k`` needs a gradient or under ``torch.compile``."""
-        if (torch.is_grad_enabled() and (self.pos_embed.requires_grad or w_k.requires_grad)
-                or torch.compiler.is_compiling()):
-            return None
-        ct = torch.float64 if dtype == torch.float64 else torch.float32
-
-        @torch.no_grad()
-        def make() -> Tensor:
-            return F.linear(self._position_table(L).to(ct), w_k.detach().to(ct)).to(dtype)
-        return self._cached("bias", L, (*_version_key(self.pos_embed), *_version_key(self.attn.in_proj_weight),
-                                        dtype), make)
+        The cache holds a copy of the table it was computed from and is used only while ``pos_embed`` still
+        equals it: ``data_ptr``/``_version`` miss writes through ``.data`` (its own version counter) and hooks
+        miss ``.data`` assignment, a comparison misses nothing. Comparing ``Q x D`` values costs less than
+        resizing (``16 L x D`` multiply-adds). Under ``torch.compile`` the table is recomputed (no graph break).
+        """
+        pos = self.pos_embed
+        if (pos.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or pos.is_meta:
+            return get_abs_pos(pos, L)
+        entry = self._cache.get(L)
+        with torch.no_grad():
+            if (entry is None or entry[0].shape != pos.shape or entry[0].dtype != pos.dtype
+                    or entry[0].device != pos.device or not torch.equal(entry[0], pos)):
+                entry = self._cache[L] = (pos.detach().clone(), get_abs_pos(pos.detach(), L))
+        return entry[1]
 
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
@@ -159,17 +145,10 @@ class Resampler(nn.Module):
         w_q, w_k, w_v = w.split(D)              # one split: its backward writes each block once, no zero fills
         b_q, b_k, b_v = b.split(D) if b is not None else (None, None, None)
         q = F.linear(self.ln_q(self.query) + self.pos_embed, w_q, b_q)        # (Q, D), once per call
-        bias = self._cached_key_bias(L, w_k, x.dtype)
-        if bias is not None:
-            # Frozen position term: one [k | v] GEMM plus the cached P_L W_kᵀ, no x + pos copy.
-            kv = F.linear(x, w[D:], b[D:] if b is not None else None)         # (N, L, 2D)
-            kv[..., :D] += bias
-            k, v = kv[..., :D], kv[..., D:]
-        else:
-            # Training the position term or W_k: (x + P_L) W_kᵀ as the original (an add is cheaper than the
-            # extra L x D x D GEMM of P_L W_kᵀ, and both gradients follow), the table still not re-interpolated.
-            k = F.linear(x + self._position_table(L).to(x.dtype), w_k, b_k)
-            v = F.linear(x, w_v, b_v)
+        # (x + P_L) W_kᵀ as the original: both gradients follow; nothing derived from a weight is cached, so a
+        # weight changed in any way (in place, through .data, reassigned) is used as it is.
+        k = F.linear(x + self._position_table(L).to(x.dtype), w_k, b_k)
+        v = F.linear(x, w_v, b_v)
         k = k.unflatten(-1, (H, d)).transpose(1, 2)                            # (N, H, L, d) views
         v = v.unflatten(-1, (H, d)).transpose(1, 2)
         qh = q.unflatten(-1, (H, d)).transpose(0, 1).unsqueeze(0).expand(N, H, self.num_queries, d)

@@ -38,6 +38,8 @@ class PatchEmbedLinear(nn.Linear):
         """``patches (..., in_features)`` (FuyuImageProcessor layout) -> ``(..., out_features)``."""
         if not isinstance(patches, Tensor):
             raise TypeError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
+        if not patches.is_floating_point():
+            raise TypeError(f"patches must be a floating-point tensor, got {patches.dtype}")
         if patches.dim() == 0 or patches.shape[-1] != self.in_features:
             raise ValueError(f"patches must have last dim in_features={self.in_features}, "
                              f"got shape {tuple(patches.shape)}")

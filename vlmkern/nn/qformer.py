@@ -61,6 +61,9 @@ class AttentionMask:
         if mask is None:
             return AttentionMask()
         check_tensor(mask, name, dtypes=_MASK_DTYPES)
+        if mask.is_meta != (device.type == "meta"):
+            raise ValueError(f"{name} is on {mask.device} but the model runs on {device}: a meta tensor has no "
+                             f"values to move")
         mask = mask.to(device)
         if mask.dim() == 2:
             if mask.shape[1] != k_len or mask.shape[0] not in (batch, 1):
@@ -115,8 +118,8 @@ def _split_heads(x: Tensor, heads: int) -> Tensor:
 
     Q, K and V stay three GEMMs: concatenating the weights on every call to make one GEMM cost as much as it
     saved on the CPU, and the GPU GEMMs are large enough either way."""
-    B, L, _ = x.shape
-    return x.view(B, L, heads, -1).transpose(1, 2)
+    B, L, D = x.shape
+    return x.view(B, L, heads, D // heads).transpose(1, 2)      # not -1: a zero-size batch has no inferable dim
 
 
 def _merge_heads(x: Tensor) -> Tensor:

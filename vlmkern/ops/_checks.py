@@ -87,3 +87,29 @@ def autocasting(x) -> bool:
     """Whether ``torch.autocast`` is on for ``x``'s device (dtype mismatches are then autocast's to resolve)."""
     dev = x.device.type
     return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+
+
+# ----------------------------------------------------------- shared by the attention / patch ops
+def int32_span_reasons(dims: Iterable[int], **tensors) -> list[str]:
+    """Why a kernel that indexes dims ``dims`` of each tensor with 32-bit offsets (batch/head bases are 64-bit)
+    could overflow: the largest such offset, ``Σ (n-1)·|stride|``, exceeds ``2**31 - 1``. Shapes and strides only
+    (meta tensors work), so the decision is testable without allocating."""
+    dims = tuple(dims)
+    why = []
+    for name, t in tensors.items():
+        if t is None or t.numel() == 0:
+            continue
+        span = sum((t.shape[i] - 1) * abs(t.stride(i)) for i in dims if i < t.dim())
+        if span > INT32_MAX:
+            why.append(f"{name} spans {span + 1} elements in dims {dims} (the kernel offsets them in int32)")
+    return why
+
+
+def check_finite_scalar(value, name: str, *, minimum: float | None = None) -> float:
+    """``value`` as a float: a real, finite number (TypeError otherwise, as for a wrong type), ``>= minimum`` when given (ValueError)."""
+    import math
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite float, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return float(value)

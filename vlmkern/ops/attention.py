@@ -16,7 +16,8 @@ from torch import Tensor
 from vlmkern.reference import attention as ref_attention
 from vlmkern.reference.attention import additive_mask as _additive
 from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import check_same_device, check_tensor
+from vlmkern.ops._checks import (INT32_MAX, autocast_inputs, check_same_device, check_tensor,
+                                 int32_span_reasons)
 from vlmkern.ops._dispatch import OpDispatch, register
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,12 +37,13 @@ def _check_qkv(q, k, v) -> None:
     check_same_device(q=q, k=k, v=v)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    layout = "q, k and v must be laid out (B, H, L, d); pass a (B, L, H, d) projection as .transpose(1, 2)"
     if q.shape[0] != k.shape[0]:
-        raise ValueError(f"q has batch {q.shape[0]} but k/v have batch {k.shape[0]}")
+        raise ValueError(f"q has batch {q.shape[0]} but k/v have batch {k.shape[0]} ({layout})")
     if q.shape[1] != k.shape[1]:
-        raise ValueError(f"q has {q.shape[1]} heads but k/v have {k.shape[1]}: heads must match")
+        raise ValueError(f"q has {q.shape[1]} heads (dim 1) but k/v have {k.shape[1]}: heads must match; {layout}")
     if q.shape[3] != k.shape[3]:
-        raise ValueError(f"q has head_dim {q.shape[3]} but k/v have head_dim {k.shape[3]}")
+        raise ValueError(f"q has head_dim {q.shape[3]} but k/v have head_dim {k.shape[3]} ({layout})")
 
 
 def _check_key_mask(mask, name: str, batch: int, length: int, q: Tensor) -> None:
@@ -65,13 +67,18 @@ def _as_bool(mask: Tensor | None) -> Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------- dispatch
-def _triton_reasons(q, k, *_, **__) -> list[str]:
+def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     why = _dispatch.triton_env_reasons(q.device)
     if q.dtype not in _TRITON_DTYPES:
-        why.append(f"dtype {q.dtype} (the kernels take float16, bfloat16, float32)")
+        why.append(f"dtype {q.dtype} (the kernels take float16, bfloat16, float32; float64 is not supported by "
+                   f"the kernels)")
     if q.shape[-1] not in _TRITON_HEAD_DIMS:
         why.append(f"head_dim {q.shape[-1]} (the kernels are built for {_TRITON_HEAD_DIMS})")
-    return why
+    # (b, h) bases are 64-bit in the kernels; offsets inside one (b, h) slice and along a mask row are 32-bit.
+    rows = max(q.shape[2], k.shape[2]) * q.shape[3]
+    if rows > INT32_MAX:      # the contiguous out/dq/dk/dv slices, whatever q/k/v's strides
+        why.append(f"a (batch, head) slice of the result or gradients holds {rows} elements (offset in int32)")
+    return why + int32_span_reasons((2, 3), q=q, k=k, v=v) + int32_span_reasons((1,), key_mask=key_mask)
 
 
 QFORMER_ATTENTION = register(OpDispatch("qformer_attention", {
@@ -254,7 +261,7 @@ def _reference_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) ->
 
 # ------------------------------------------------------------------------------------ custom ops
 def _forward(dispatch, q, k, v, kpm, num_query, mode, scale):
-    if dispatch.select(q, k) == "triton":
+    if dispatch.select(q, k, v, kpm) == "triton":
         return _triton_forward(q, k, v, kpm, num_query, mode, scale)
     return _reference_forward(q, k, v, kpm, num_query, mode, scale)
 
@@ -290,7 +297,7 @@ def _(q, k, v, key_padding_mask, scale):
 def _masked_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   key_mask: Optional[Tensor], num_query: int, mode: int, scale: float,
                                   op_name: str) -> tuple[Tensor, Tensor, Tensor]:
-    if _dispatch.REGISTRY[op_name].select(q, k) == "triton":
+    if _dispatch.REGISTRY[op_name].select(q, k, v, key_mask) == "triton":
         return _triton_backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale)
     return _reference_backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale)
 
@@ -329,6 +336,12 @@ _cross_attention_op.register_autograd(_backward, setup_context=_setup_cross)
 
 
 # ------------------------------------------------------------------------------------ public API
+def _empty_head_dim(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``head_dim == 0``: the ``(B, H, Lq, 0)`` result ``F.scaled_dot_product_attention`` gives (no launch), still
+    connected to ``q``, ``k``, ``v`` for autograd (their gradients are empty)."""
+    return q + (k.sum() + v.sum()).to(q.dtype)
+
+
 def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str,
                       text_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
     """Q-Former self-attention over ``[num_query learned queries ; T text tokens]`` with the mask of ``mode``.
@@ -351,6 +364,11 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
     Returns:
         ``(B, H, Lq, d)`` in the input dtype, contiguous; differentiable in ``q``, ``k``, ``v``.
 
+    Edge cases: ``head_dim == 0`` returns the empty ``(B, H, Lq, 0)`` result, as
+    ``F.scaled_dot_product_attention`` does; under ``torch.autocast`` q/k/v are cast to the autocast dtype (as
+    SDPA is); non-finite q/k/v propagate NaN to the affected rows as in the originals. Masked keys never
+    contribute to a row, and the padded rows' values never leak into other rows.
+
     Masked keys are excluded exactly; the originals add ``-10000`` instead, which gives the same result to
     the input precision unless a row has no visible key. Such a row (e.g. a text row whose text is all
     padding in ``"unimodal"``) returns zeros with zero gradients here, where the originals would return the
@@ -371,6 +389,9 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
                          f"got Lq = {Lq}")
     _check_key_mask(text_mask, "text_mask", B, T, q)
     _check_scale(scale)
+    q, k, v = autocast_inputs(q, k, v)
+    if q.shape[-1] == 0:
+        return _empty_head_dim(q, k, v)
     # With Lq == T the rows are the text positions num_query.. ; with Lq == L == T (num_query 0) both agree.
     if _dispatch.eager_cpu_reference(QFORMER_ATTENTION, q, k):
         out = _eager_cpu_attention(q, k, v, num_query, mode, text_mask, _scale(q, scale))
@@ -395,10 +416,15 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Option
 
     Returns:
         ``(B, H, Lq, d)`` in the input dtype. A batch whose keys are all padding returns zeros.
+        ``head_dim == 0`` gives the empty result (as SDPA); under ``torch.autocast`` q/k/v are cast to the
+        autocast dtype first (as SDPA is).
     """
     _check_qkv(q, k, v)
     _check_key_mask(key_padding_mask, "key_padding_mask", q.shape[0], k.shape[2], q)
     _check_scale(scale)
+    q, k, v = autocast_inputs(q, k, v)
+    if q.shape[-1] == 0:
+        return _empty_head_dim(q, k, v)
     if _dispatch.eager_cpu_reference(CROSS_ATTENTION, q, k):
         out = _eager_cpu_attention(q, k, v, 0, "bidirectional", key_padding_mask, _scale(q, scale))
         if out is not None:

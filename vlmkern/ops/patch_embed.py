@@ -14,15 +14,18 @@ from torch import Tensor
 from vlmkern import reference
 from vlmkern.ops import _dispatch
 from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops._checks import check_tensor, check_same_device
+from vlmkern.ops._checks import autocast_inputs, check_finite_scalar, check_same_device, check_tensor, int32_span_reasons, INT32_MAX
 
-_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
 _PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- checks
 def _norm_list(value, name: str, channels: int) -> list[float]:
     if isinstance(value, Tensor):
+        if value.device.type == "meta":
+            raise ValueError(f"{name} must hold values (a float, a sequence or a tensor with data), got a meta tensor")
         value = value.detach().cpu().reshape(-1).tolist()
     vals = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(vals) == 1:
@@ -44,6 +47,12 @@ def check_pixels(pixels, patch_size) -> None:
         raise ValueError(f"pixels must hold at least one non-empty image, got shape {tuple(pixels.shape)}")
     if C == 0:
         raise ValueError("pixels must have at least one channel")
+
+
+def check_scalars(pad_value, rescale) -> None:
+    """``pad_value`` and ``rescale`` are finite floats (TypeError naming the argument)."""
+    check_finite_scalar(pad_value, "pad_value")
+    check_finite_scalar(rescale, "rescale")
 
 
 def _check_patch_embed(pixels, weight, bias, patch_size) -> None:
@@ -72,9 +81,15 @@ def _grid_shape(pixels: Tensor, patch_size: int) -> tuple[int, int, int, int, in
 # ------------------------------------------------------------------------------------------- dispatch
 def _triton_reasons(pixels, weight, *_, **__) -> list[str]:
     why = _dispatch.triton_env_reasons(pixels.device)
-    if weight.shape[0] * pixels.shape[0] == 0:
-        why.append("empty output")
-    return why
+    if weight.dtype not in _TRITON_WEIGHTS:
+        why.append(f"weight dtype {weight.dtype} (the kernels take float16, bfloat16, float32; float64 is not "
+                   f"supported by the kernels)")
+    # Image and patch-row bases are 64-bit; channel, in-patch row/column and column offsets 32-bit, as are the
+    # weight's column offsets and the pixel gradient's (contiguous) per-image offsets.
+    B, C, H, W = pixels.shape
+    if C * H * W > INT32_MAX:
+        why.append(f"one image holds {C * H * W} elements (the pixel gradient is offset in int32 per image)")
+    return why + int32_span_reasons((1, 2, 3), pixels=pixels) + int32_span_reasons((1,), weight=weight)
 
 
 PATCH_EMBED = register(OpDispatch("patch_embed", {
@@ -104,13 +119,16 @@ def _triton_forward(pixels, weight, bias, p, pad_value, rescale, mean, std) -> T
     nP, N, K = nH * nW, weight.shape[0], weight.shape[1]
     M = B * nP
     out = torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
+    if out.numel() == 0:                                   # no out_features: nothing to launch
+        return out
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
     cfg = FWD_CONFIG[weight.element_size()]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     out2 = out.view(M, N)
     _patch_embed_fwd_kernel[grid](
-        pixels, weight, bias if bias is not None else weight, out2, scale, shift,
+        # the kernel reads bias densely (no stride argument)
+        pixels, weight, bias.contiguous() if bias is not None else weight, out2, scale, shift,
         M, N, K, H, W, nW, nP, float(pad_value),
         *pixels.stride(), *weight.stride(), *out2.stride(),
         C=C, P=p, HAS_BIAS=bias is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
@@ -127,6 +145,8 @@ def _triton_grad_weight(grad, pixels, weight, p, pad_value, rescale, mean, std) 
     g = grad.reshape(-1, N)
     M, nP = g.shape[0], grad.shape[1]
     dw = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
+    if N == 0:
+        return dw
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
     cfg = BWD_WEIGHT_CONFIG[weight.element_size()]
@@ -148,6 +168,8 @@ def _triton_grad_pixels(grad, pixels, weight, p, rescale, std) -> Tensor:
     g = grad.reshape(-1, N)
     M, nP = g.shape[0], grad.shape[1]
     dpix = torch.empty((B, C, H, W), device=pixels.device, dtype=pixels.dtype)
+    if N == 0:                                             # no out_features: no gradient reaches the pixels
+        return dpix.zero_()
     scale, _ = _scale_shift(rescale, [0.0] * C, std, pixels.device)
     upcast, precision = _launch_params(weight.dtype)
     cfg = BWD_PIXELS_CONFIG[weight.element_size()]
@@ -182,9 +204,10 @@ def _reference_grad_weight(grad, pixels, weight, p, pad_value, rescale, mean, st
 def _reference_grad_pixels(grad, pixels, weight, p, rescale, std) -> Tensor:
     B, C, H, W = pixels.shape
     nH, nW = -(-H // p), -(-W // p)
-    dpatch = grad.matmul(weight).float()                               # (B, nP, p*p*C)
+    ct = torch.float64 if torch.float64 in (weight.dtype, pixels.dtype) else torch.float32
+    dpatch = grad.matmul(weight).to(ct)                                # (B, nP, p*p*C)
     d = dpatch.reshape(B, nH, nW, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, nH * p, nW * p)
-    d = d[:, :, :H, :W] * (rescale / torch.tensor(std, dtype=torch.float32, device=d.device))[:, None, None]
+    d = d[:, :, :H, :W] * (rescale / torch.tensor(std, dtype=ct, device=d.device))[:, None, None]
     return d.to(pixels.dtype)
 
 
@@ -264,13 +287,17 @@ def patch_embed(pixels: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
         pixels: ``(B, C, H, W)`` uint8 or float, raw pixel units (0..255), any H and W (already resized).
         weight: ``(out, C*patch_size**2)`` in Fuyu's (row, col, channel) patch order; ``bias``: ``(out,)``.
         pad_value: raw-unit value of the bottom/right padding (Fuyu: 1.0), applied before normalising.
-        rescale, mean, std: ``x_norm = (x * rescale - mean) / std``; mean/std per channel or scalar.
+        rescale, mean, std: ``x_norm = (x * rescale - mean) / std``; mean/std per channel or scalar; all
+            finite (``std`` non-zero), as ``patchify`` requires.
 
     Returns:
         ``(B, ceil(H/p)*ceil(W/p), out)`` in ``weight.dtype``, patches row-major. Differentiable in
-        ``weight``, ``bias`` and float ``pixels``.
+        ``weight``, ``bias`` and float ``pixels``. A float64 ``weight`` runs the reference (fp64 patches). Under
+        ``torch.autocast`` weight and bias are cast to the autocast dtype first, as ``F.linear`` casts them.
     """
     _check_patch_embed(pixels, weight, bias, patch_size)
+    check_scalars(pad_value, rescale)
+    _, weight, bias = autocast_inputs(pixels, weight, bias)   # the Linear runs as F.linear would
     C = pixels.shape[1]
     mean_l, std_l = _norm_list(mean, "mean", C), _norm_list(std, "std", C)
     if any(s == 0 for s in std_l):

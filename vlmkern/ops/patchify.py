@@ -7,7 +7,6 @@ Not differentiable (a preprocessing step; ``vlmkern.ops.patch_embed`` is the dif
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -16,7 +15,7 @@ from torch import Tensor
 from vlmkern import _ext, reference
 from vlmkern.ops import _dispatch
 from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops.patch_embed import _norm_list, check_pixels
+from vlmkern.ops.patch_embed import _norm_list, check_pixels, check_scalars
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_PIXELS = (torch.uint8, torch.float32)          # what the C++ and CUDA kernels read
@@ -31,9 +30,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------- checks
 def _check_patchify(pixels, patch_size, pad_value, rescale, out_dtype) -> None:
     check_pixels(pixels, patch_size)
-    for name, value in (("pad_value", pad_value), ("rescale", rescale)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise TypeError(f"{name} must be a finite float, got {value!r}")
+    check_scalars(pad_value, rescale)
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in _OUT_DTYPES:
         names = ", ".join(_dtype_name(d) for d in _OUT_DTYPES)
         raise TypeError(f"out_dtype must be one of ({names}), got {out_dtype!r}")

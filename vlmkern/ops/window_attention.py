@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import check_same_device, check_tensor
+from vlmkern.ops._checks import autocasting, check_finite_scalar, check_same_device, check_tensor, int32_span_reasons, INT32_MAX
 from vlmkern.ops._dispatch import OpDispatch, register
 from vlmkern.reference.window_attention import window_patches
 
@@ -61,19 +61,21 @@ def _check_window_inputs(u: Tensor, images_aux: Tensor, eps) -> None:
     if images_aux.shape[1] == 0:
         raise ValueError("images_aux must have at least one channel")
     window_grid(u.shape[1], images_aux.shape)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise TypeError(f"eps must be a non-negative float, got {eps!r}")
+    check_finite_scalar(eps, "eps", minimum=0.0)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
 def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
     why = _dispatch.triton_env_reasons(u.device)
     if images_aux.dtype not in _TRITON_DTYPES:
-        why.append(f"images_aux dtype {images_aux.dtype} (the kernels take float16, bfloat16, float32)")
-    span = sum((n - 1) * abs(st) for n, st in zip(images_aux.shape[1:], images_aux.stride()[1:]))
-    if span >= 2 ** 31:
-        why.append(f"one images_aux batch element spans {span + 1} elements (the kernels index it in int32)")
-    return why
+        why.append(f"images_aux dtype {images_aux.dtype} (the kernels take float16, bfloat16, float32; "
+                   f"float64 is not supported by the kernels)")
+    # Batch and token bases are 64-bit; offsets inside one batch element of the map (and of its contiguous
+    # gradient) and along a channel row are 32-bit.
+    per_batch = math.prod(images_aux.shape[1:])
+    if per_batch > INT32_MAX:
+        why.append(f"one images_aux batch element holds {per_batch} elements (its gradient is offset in int32)")
+    return why + int32_span_reasons((1, 2, 3), images_aux=images_aux) + int32_span_reasons((2,), u=u)
 
 
 WINDOW_ATTENTION = register(OpDispatch("window_attention", {
@@ -217,18 +219,55 @@ def window_attention(u: Tensor, images_aux: Tensor, eps: float = 1e-5) -> tuple[
     return s, p
 
 
-def _check_params(params, name: str, in_dim: int, out_dim: int | None, dtype: torch.dtype) -> None:
+def _check_params(params, name: str, in_dim: int, out_dim: int | None, dtype: torch.dtype | None,
+                  device: torch.device) -> None:
+    """One ``(ln_weight, ln_bias, weight, bias)`` projector; ``dtype`` None (autocast) accepts any float dtype."""
     if not isinstance(params, (tuple, list)) or len(params) != 4:
         raise TypeError(f"{name} must be (ln_weight, ln_bias, weight, bias), got {type(params).__name__}")
+    for part, t in zip(("ln_weight", "ln_bias", "weight", "bias"), params):
+        check_tensor(t, f"{name} {part}", dtypes=_FLOATS)
     ln_w, ln_b, w, b = params
     for pname, t, shape in ((f"{name} ln_weight", ln_w, (in_dim,)), (f"{name} ln_bias", ln_b, (in_dim,)),
                             (f"{name} weight", w, (out_dim if out_dim is not None else w.shape[0], in_dim)),
                             (f"{name} bias", b, (w.shape[0],))):
-        check_tensor(t, pname, dtypes=_FLOATS)
         if tuple(t.shape) != tuple(shape):
             raise ValueError(f"{pname} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-        if t.dtype != dtype:
+        if dtype is not None and t.dtype != dtype:
             raise TypeError(f"{pname} has dtype {t.dtype} but the inputs are {dtype}")
+        if t.device != device:
+            raise ValueError(f"{pname} is on {t.device} but images is on {device}: all inputs must share one device")
+
+
+def _check_eps(eps) -> tuple[float, float, float]:
+    if not isinstance(eps, (tuple, list)) or len(eps) != 3:
+        raise TypeError(f"eps must be a tuple of 3 floats (query, key, value LayerNorm eps), got {eps!r}")
+    eps_q, eps_k, eps_v = (check_finite_scalar(e, f"eps[{i}]", minimum=0.0) for i, e in enumerate(eps))
+    if eps_k != eps_v:
+        raise ValueError(f"eps: the key and value LayerNorms must share eps (one set of statistics), got {eps_k} "
+                         f"and {eps_v}")
+    return eps_q, eps_k, eps_v
+
+
+def _check_patch_info_mining(images, images_aux, query_params, key_params, value_params, eps):
+    check_tensor(images, "images", ndim=3, dtypes=_FLOATS, shape_doc="(batch, tokens, channels)")
+    check_tensor(images_aux, "images_aux", ndim=4, dtypes=_FLOATS, shape_doc="(batch, channels, Hh, Wh)")
+    check_same_device(images=images, images_aux=images_aux)
+    # Under autocast the originals' LayerNorms run in fp32 and Linears in the autocast dtype whatever the
+    # parameters' dtypes: mixed dtypes are what autocast is for.
+    dtype = None if autocasting(images) else images.dtype
+    if dtype is not None and images_aux.dtype != dtype:
+        raise TypeError(f"images_aux dtype {images_aux.dtype} must match images dtype {images.dtype}")
+    if images_aux.shape[0] != images.shape[0]:
+        raise ValueError(f"images_aux has batch {images_aux.shape[0]} but images has batch {images.shape[0]}")
+    window_grid(images.shape[1], images_aux.shape)
+    C, C_aux = images.shape[2], images_aux.shape[1]
+    _check_params(query_params, "query_params", C, None, dtype, images.device)
+    C_out = query_params[2].shape[0]
+    if C_out == 0:
+        raise ValueError("query_params weight must have at least one output feature")
+    _check_params(key_params, "key_params", C_aux, C_out, dtype, images.device)
+    _check_params(value_params, "value_params", C_aux, C_out, dtype, images.device)
+    return _check_eps(eps)
 
 
 def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_params, value_params,
@@ -240,29 +279,19 @@ def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_para
         images_aux: ``(B, C_aux, PN·M, PN·M)`` HR map (any strides).
         query_params, key_params, value_params: ``(ln_weight, ln_bias, weight, bias)`` of the three
             ``Sequential(LayerNorm, Linear)`` projectors: LayerNorm over ``C`` (query) / ``C_aux`` (key, value),
-            Linear to ``C'`` (``C`` in Mini-Gemini); same dtype as ``images``.
-        eps: epsilons of the query, key and value LayerNorms; key and value must agree (shared statistics).
+            Linear to ``C'`` (``C`` in Mini-Gemini); same dtype (any dtypes under ``torch.autocast``) and
+            device as ``images``.
+        eps: 3 finite non-negative epsilons of the query, key and value LayerNorms; key and value must agree
+            (shared statistics).
 
     Returns:
-        ``(B, N, C')`` in ``images.dtype``: ``Σ_w softmax_w(q·k_w / sqrt(C')) v_w`` over the token's window.
+        ``(B, N, C')`` in ``images.dtype`` (the autocast dtype under autocast, as the original's last Linear):
+        ``Σ_w softmax_w(nan_to_num(q·k_w / sqrt(C'))) v_w`` over the token's window. A non-finite key-side
+        constant ``q·(Wk βk + bk)`` (e.g. an infinite key bias) makes every logit of the row non-finite in the
+        original, which ``nan_to_num`` maps to one value: the row's weights are uniform, here as there.
     """
-    check_tensor(images, "images", ndim=3, dtypes=_FLOATS, shape_doc="(batch, tokens, channels)")
-    check_tensor(images_aux, "images_aux", ndim=4, dtypes=_FLOATS, shape_doc="(batch, channels, Hh, Wh)")
-    check_same_device(images=images, images_aux=images_aux)
-    if images_aux.dtype != images.dtype:
-        raise TypeError(f"images_aux dtype {images_aux.dtype} must match images dtype {images.dtype}")
-    if images_aux.shape[0] != images.shape[0]:
-        raise ValueError(f"images_aux has batch {images_aux.shape[0]} but images has batch {images.shape[0]}")
-    window_grid(images.shape[1], images_aux.shape)
-    C, C_aux = images.shape[2], images_aux.shape[1]
-    _check_params(query_params, "query_params", C, None, images.dtype)
-    C_out = query_params[2].shape[0]
-    _check_params(key_params, "key_params", C_aux, C_out, images.dtype)
-    _check_params(value_params, "value_params", C_aux, C_out, images.dtype)
-    eps_q, eps_k, eps_v = eps
-    if eps_k != eps_v:
-        raise ValueError(f"the key and value LayerNorms must share eps (one set of statistics), got {eps_k} "
-                         f"and {eps_v}")
+    eps_q, eps_k, _ = _check_patch_info_mining(images, images_aux, query_params, key_params, value_params, eps)
+    C, C_out = images.shape[2], query_params[2].shape[0]
 
     ln_qw, ln_qb, wq, bq = query_params
     q = F.linear(F.layer_norm(images, (C,), ln_qw, ln_qb, eps_q), wq, bq)          # (B, N, C')
@@ -270,13 +299,15 @@ def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_para
     ct = _ct(images_aux)
     q_aux = q @ wk                                                                # Wkᵀ q   (B, N, C_aux)
     u = q_aux.to(ct) * (ln_kw.to(ct) / math.sqrt(C_out))
+    # βk and bk shift every logit of a row by the same amount (the softmax ignores it) unless it is not finite.
+    shift = (q_aux * ln_kb).sum(-1, keepdim=True) + q @ bk.unsqueeze(-1)
+    u = torch.where(torch.isfinite(shift), u, 0.0)
     s, _ = window_attention(u, images_aux, eps_k)
     ln_vw, ln_vb, wv, bv = value_params
     t = s * ln_vw.to(s.dtype) + ln_vb.to(s.dtype)                                  # Σ_w a_w LN_v(h_w)
-    # βk and bk shift every logit of a row by the same amount: their gradient is exactly zero. Keep them in
-    # the graph anyway (zero gradients, as the original's up to rounding) so that every parameter is used.
-    shift = (q_aux * ln_kb).sum(-1, keepdim=True) + q @ bk.unsqueeze(-1)
-    t = t + shift.to(t.dtype).mul(0.0)
+    # The shift's gradient is exactly zero. Keep βk and bk in the graph anyway (zero gradients, as the
+    # original's up to rounding) so that every parameter is used.
+    t = t + shift.nan_to_num().to(t.dtype).mul(0.0)
     return F.linear(t.to(images.dtype), wv, bv)
 
 
