@@ -377,6 +377,8 @@ def run_row(build, expect, match, backend="auto"):
 @pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
 @pytest.mark.parametrize("target,cls,build,expect,match", OP_ROWS, ids=_ids(OP_ROWS))
 def test_op_bad_input(backend, target, cls, build, expect, match):
+    if target == "patchify" and backend == "triton":
+        pytest.skip("patchify has no Triton backend (the default run covers its C++ and reference backends)")
     run_row(build, expect, match, backend)
 
 
