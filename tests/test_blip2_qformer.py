@@ -322,6 +322,23 @@ def test_gradient_checkpointing_matches():
         torch.testing.assert_close(a, b)
 
 
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks():
+    """Checkpointed layers redraw (seed, offset) from the restored RNG state: same output and gradients."""
+    ours = Blip2QFormerModel.from_transformers(hf_model(make_config(hidden_dropout_prob=0.1,
+                                                                    attention_probs_dropout_prob=0.3))).train()
+    x = _cast(itm_inputs(), torch.float32)
+    torch.manual_seed(5)
+    out = ours(**x).last_hidden_state
+    g1 = torch.autograd.grad(out.sum(), list(ours.parameters()))
+    ours.gradient_checkpointing_enable()
+    torch.manual_seed(5)
+    out_ck = ours(**x).last_hidden_state
+    g2 = torch.autograd.grad(out_ck.sum(), list(ours.parameters()))
+    torch.testing.assert_close(out_ck, out)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
 def test_encoder_batch_index_computes_each_image_once(monkeypatch):
     """ITM batch [pos, (text, neg image), (neg text, image)]: 2 distinct images for 3 rows (SPEC §1.2)."""
     hf = hf_model(make_config())

@@ -28,10 +28,10 @@ def _train_step_case(device: str, rows: int, lk: int, layers: int = 12, smoke: b
     dtype = _dtype(device)
     from transformers import Blip2QFormerConfig
 
-    def make_config():
+    def make_config(attn_implementation=None):
         return Blip2QFormerConfig(use_qformer_text_input=True, num_hidden_layers=layers,
                                   hidden_dropout_prob=DROPOUT, attention_probs_dropout_prob=DROPOUT,
-                                  **(SMOKE if smoke else {}))
+                                  attn_implementation=attn_implementation, **(SMOKE if smoke else {}))
 
     cfg = make_config()
     width = cfg.encoder_hidden_size
@@ -43,18 +43,12 @@ def _train_step_case(device: str, rows: int, lk: int, layers: int = 12, smoke: b
         from vlmkern.models.blip2 import Blip2QFormerModel
 
         torch.manual_seed(0)
-        hf_cfg = make_config()
-        hf_cfg._attn_implementation = "eager"
-        hf = HFModel(hf_cfg).to(device=device, dtype=dtype).train()
-        ours = Blip2QFormerModel.from_transformers(hf).train()
-        ours_p0 = Blip2QFormerModel.from_transformers(hf).train()
+        hf = {a: HFModel(make_config(a)).to(device=device, dtype=dtype).train() for a in ("eager", "sdpa")}
+        hf["sdpa"].load_state_dict(hf["eager"].state_dict())
+        ours, ours_p0 = (Blip2QFormerModel.from_transformers(hf["eager"]).train() for _ in range(2))
         for m in ours_p0.modules():
             if hasattr(m, "attention_dropout"):
                 m.attention_dropout = 0.0
-        hf_sdpa = HFModel(make_config()).to(device=device, dtype=dtype).train()
-        hf_sdpa.load_state_dict(hf.state_dict())
-        if hasattr(hf_sdpa, "set_attn_implementation"):
-            hf_sdpa.set_attn_implementation("sdpa")
 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(rows, NQ + T_TEXT, cfg.hidden_size, generator=g).to(device, dtype).requires_grad_()
@@ -74,7 +68,8 @@ def _train_step_case(device: str, rows: int, lk: int, layers: int = 12, smoke: b
         probe = torch.empty(1, H, 1, D, device=device, dtype=dtype)
         backend = _backend("qformer_attention", probe, probe)
         for name, model, what in (("vlmkern", ours, backend), ("vlmkern attn p=0", ours_p0, backend),
-                                  ("hf eager", hf, "transformers eager"), ("hf sdpa", hf_sdpa, "transformers sdpa")):
+                                  ("hf eager", hf["eager"], "transformers eager"),
+                                  ("hf sdpa", hf["sdpa"], "transformers sdpa")):
             case.backends[name] = what
             case.impls[name] = run(model)
         for fn in case.impls.values():      # one extra untimed call each: first-call costs out of the timing

@@ -348,7 +348,7 @@ def config_family(elem_bytes: int, precision: str) -> str:
 # With dropout, where the Philox state of a tile does not fit beside the attention tiles: the fp32 (tf32) dq
 # tiles of _CONFIGS spill on sm_90 with it (gpu_build_check), these do not.
 _DROPOUT_CONFIGS = {
-    ("dq", "tf32"): ((32, 32, 8, 2), (16, 32, 8, 1)),
+    ("dq", "tf32"): ((16, 32, 4, 2), (16, 32, 8, 1)),
 }
 DROPOUT_MASK_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
 

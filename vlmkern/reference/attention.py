@@ -12,6 +12,7 @@ keyed by a ``(seed, offset)`` pair, bit for bit the mask the Triton kernels rege
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -135,6 +136,7 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor
 _PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
 _M32 = 0xFFFFFFFF
+_HI = 1 if sys.byteorder == "little" else 0     # index of a uint64's high word in its uint32 view
 DROPOUT_MAX_SCORES = 2 ** 31 - 1        # the kernels index a (batch, head)'s scores with int32
 
 
@@ -143,17 +145,18 @@ def philox4x32(seed: int, c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np
     """Philox4x32 of the uint32 counters ``(c0, c1, c2, c3)`` (equal shapes) under the 64-bit key ``seed``
     (its low and high 32-bit words, two's complement for a negative int64), the way ``tl.philox`` computes it.
     NumPy rather than torch: a 32x32->64-bit product is one uint64 op here, while torch's int64 multiply is
-    not vectorized on the CPU (measured ~25x slower for a cross-attention-sized mask)."""
+    not vectorized on the CPU (measured ~25x slower for a cross-attention-sized mask); the product's high and
+    low words are read as uint32 views, not shifted and masked copies."""
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     a, b = np.uint64(_PHILOX_ROUND[0]), np.uint64(_PHILOX_ROUND[1])
-    shift = np.uint64(32)
     for _ in range(rounds):
-        pa = np.multiply(c0, a, dtype=np.uint64)
-        pb = np.multiply(c2, b, dtype=np.uint64)
-        c0 = (pb >> shift).astype(np.uint32) ^ c1 ^ np.uint32(k0)
-        c2 = (pa >> shift).astype(np.uint32) ^ c3 ^ np.uint32(k1)
-        c1 = pb.astype(np.uint32)
-        c3 = pa.astype(np.uint32)
+        pa = np.multiply(c0, a, dtype=np.uint64).view(np.uint32)
+        pb = np.multiply(c2, b, dtype=np.uint64).view(np.uint32)
+        c0 = np.bitwise_xor(pb[..., _HI::2], c1)
+        c0 ^= np.uint32(k0)
+        c2 = np.bitwise_xor(pa[..., _HI::2], c3)
+        c2 ^= np.uint32(k1)
+        c1, c3 = pb[..., 1 - _HI::2], pa[..., 1 - _HI::2]
         k0, k1 = (k0 + _PHILOX_KEY_STEP[0]) & _M32, (k1 + _PHILOX_KEY_STEP[1]) & _M32
     return c0, c1, c2, c3
 
@@ -192,13 +195,12 @@ def dropout_keep_mask(dropout_rng: Tensor, shape: tuple[int, int, int, int], dro
     c1 = np.broadcast_to(np.arange(B * H, dtype=np.uint32)[:, None], (B * H, calls))
     c2 = np.full((B * H, calls), offset & _M32, dtype=np.uint32)
     c3 = np.full((B * H, calls), (offset >> 32) & _M32, dtype=np.uint32)
-    words = np.stack(philox4x32(seed, c0, c1, c2, c3), axis=-1).reshape(B * H, calls * 4)[:, :n]
-    keep = words >= np.uint32(2 * dropout_threshold(dropout_p))      # (r >> 1) >= t  <=>  r >= 2 t
-    return torch.from_numpy(keep).reshape(B, H, Lq, Lk).to(dropout_rng.device)
+    least = np.uint32(2 * dropout_threshold(dropout_p))                 # (r >> 1) >= t  <=>  r >= 2 t
+    keep = np.stack([w >= least for w in philox4x32(seed, c0, c1, c2, c3)], axis=-1)
+    return torch.from_numpy(keep.reshape(B * H, calls * 4)[:, :n]).reshape(B, H, Lq, Lk).to(dropout_rng.device)
 
 
 def dropout_multiplier(dropout_rng: Tensor, shape: tuple[int, int, int, int], dropout_p: float,
                        dtype: torch.dtype) -> Tensor:
     """``keep / (1 - p)`` in ``dtype``, ``(B, H, Lq, Lk)``: what the probabilities are multiplied by."""
-    keep = dropout_keep_mask(dropout_rng, shape, dropout_p)
-    return torch.zeros(shape, dtype=dtype, device=keep.device).masked_fill_(keep, dropout_scale(dropout_p))
+    return dropout_keep_mask(dropout_rng, shape, dropout_p).to(dtype).mul_(dropout_scale(dropout_p))
