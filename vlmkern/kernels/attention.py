@@ -67,8 +67,10 @@ def _dropout_keep(seed, offset, bh, rows, cols, Lk, thresh):
 
 @triton.jit
 def _dropout_mask_kernel(rng_ptr, keep_ptr, Lq, Lk, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep mask ``(B*H, Lq, Lk)`` uint8 as the attention kernels draw it (tests compare it with the
-    reference generator: compiled and interpreted ``tl.philox`` must both be the Philox4x32-10 it implements)."""
+    """The keep mask ``(B*H, Lq, Lk)`` uint8 as the attention kernels draw it, for tests against the
+    reference generator. Compiled and interpreted ``tl.philox`` are assumed to be the same Philox4x32-10 (the
+    interpreter runs Triton's own source of it on NumPy): the interpreted one is checked on every test run,
+    the compiled one by the ``cuda`` tests of tests/test_attention_dropout.py."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -244,13 +246,13 @@ def _masked_attn_bwd_dkdv_kernel(
         keep_t = _visible((offs_m + row_off)[None, :], cols[:, None], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt,
                           MODE, HAS_KPM)
         p_t = tl.where(keep_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dp_t = dot(v, tl.trans(do), UPCAST, PRECISION)
         if DROPOUT:
             z_t = _dropout_keep(seed, offset, bh, offs_m[None, :], cols[:, None], Lk, drop_thresh)
             dv += dot(tl.where(z_t, p_t * drop_scale, 0.0).to(do.dtype), do, UPCAST, PRECISION)
-            dp_t = tl.where(z_t, dp_t * drop_scale, 0.0)
+            dp_t = tl.where(z_t, dot(v, tl.trans(do), UPCAST, PRECISION) * drop_scale, 0.0)
         else:
             dv += dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
+            dp_t = dot(v, tl.trans(do), UPCAST, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
 
@@ -346,7 +348,8 @@ def config_family(elem_bytes: int, precision: str) -> str:
 
 
 # With dropout, where the Philox state of a tile does not fit beside the attention tiles: the fp32 (tf32) dq
-# tiles of _CONFIGS spill on sm_90 with it (gpu_build_check), these do not.
+# tiles of _CONFIGS spill with it (gpu_build_check, d = 64 and 128 on sm_90, (32, 32, 8, 2) at d = 64 on
+# sm_80), these do not.
 _DROPOUT_CONFIGS = {
     ("dq", "tf32"): ((16, 32, 4, 2), (16, 32, 8, 1)),
 }
@@ -371,10 +374,10 @@ def _tensor_args(names: Sequence[str], dtype: str) -> dict[str, str]:
     return {n: special.get(n, "*" + dtype) for n in names}
 
 
-def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict) -> KernelBuild:
+def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict, div16_extra=()) -> KernelBuild:
     """The common runtime case: contiguous head dim (stride 1) and 16-divisible pointers and outer strides
     (any (B, H, L, d) tensor or fused-QKV view with d in 32/64/128)."""
-    div16 = [n for n in fn.arg_names if n.startswith("s_") and n != "s_mb"]
+    div16 = [n for n in fn.arg_names if n.startswith("s_") and n != "s_mb"] + list(div16_extra)
     return launched(label, fn, types, consts, cfg, unit=_UNIT_STRIDES, div16=div16)
 
 
@@ -400,7 +403,8 @@ def _builds() -> list[KernelBuild]:
                      **{n: "i32" for n in names if n.startswith("s_")}}
             consts = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm, DROPOUT=drop, UPCAST=False, PRECISION=prec,
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-            builds.append(_specialized(f"masked_attention_{kernel}[{tag}]", fn, types, consts, cfg))
+            unused = () if drop else ("drop_thresh",)        # launched as 0 without dropout: 16-divisible
+            builds.append(_specialized(f"masked_attention_{kernel}[{tag}]", fn, types, consts, cfg, unused))
     fn = _masked_attn_bwd_delta_kernel
     for dt in _DTYPES:
         for d in HEAD_DIMS:
