@@ -193,12 +193,13 @@ def test_eager_cpu_path_and_custom_op_agree(backend):
 
 @pytest.mark.parametrize("backend", ["reference"], indirect=True)
 def test_opcheck_with_dropout(backend, device):
-    """The (seed, offset) tensor argument through schema, fake, autograd and AOT dispatch (the Triton path is
-    the same op: test_torch_compile_fullgraph_with_dropout runs it under AOT)."""
+    """The (seed, offset) tensor argument through schema, fake and autograd registration (AOT dispatch:
+    test_torch_compile_fullgraph_with_dropout, for both backends, and test_opcheck without dropout)."""
     q, k, v = (torch.randn(1, 2, 14, 32, device=device, requires_grad=True) for _ in range(3))
     tm = padded(1, 6, [3]).to(device)
     torch.library.opcheck(attn_ops._qformer_attention_op,
-                          (q, k, v, tm, 8, attn_ops.MODES["multimodal_causal"], 0.2, 0.3, rng_pair(11, 2, device)))
+                          (q, k, v, tm, 8, attn_ops.MODES["multimodal_causal"], 0.2, 0.3, rng_pair(11, 2, device)),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @BOTH
