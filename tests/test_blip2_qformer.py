@@ -263,23 +263,43 @@ def test_dense_4d_mask_takes_eager_path_and_agrees():
     torch.testing.assert_close(hf(**{**x, "attention_mask": m4}).last_hidden_state, out4)
 
 
-def test_train_mode_uses_the_same_dropouts():
-    """Training with dropout: same modules in the same order, so one seed gives transformers' result."""
-    cfg = make_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2)
-    hf = hf_model(cfg).train()
-    ours = Blip2QFormerModel.from_transformers(hf)
-    assert ours.training
+def test_train_mode_runs_attention_dropout_in_the_kernels(monkeypatch):
+    """Training with attention-probability dropout: every attention runs a kernel with p (the eager fallback
+    never), reproducibly for one seed; eval passes p = 0."""
+    from vlmkern.nn import qformer as nn_qformer
+
+    ours = Blip2QFormerModel.from_transformers(hf_model(make_config(hidden_dropout_prob=0.2,
+                                                                    attention_probs_dropout_prob=0.2)))
+    calls = []
+    monkeypatch.setattr(nn_qformer, "eager_attention", lambda *a, **k: pytest.fail("eager attention ran"))
+    for name in ("qformer_attention", "cross_attention"):
+        def counted(*args, _fn=getattr(nn_qformer.ops, name), _name=name, **kw):
+            calls.append((_name, kw["dropout_p"]))
+            return _fn(*args, **kw)
+        monkeypatch.setattr(nn_qformer.ops, name, counted)
     x = _cast(itm_inputs(), torch.float32)
+    ours.train()
     torch.manual_seed(123)
-    a = hf(**x).last_hidden_state
+    a = ours(**x).last_hidden_state
+    n_cross = sum(layer.has_cross_attention for layer in ours.encoder.layer)
+    assert sorted(calls) == sorted([("qformer_attention", 0.2)] * len(ours.encoder.layer)
+                                   + [("cross_attention", 0.2)] * n_cross)
     torch.manual_seed(123)
-    b = ours(**x).last_hidden_state
-    torch.testing.assert_close(b, a)
-    assert not torch.allclose(b, ours.eval()(**x).last_hidden_state)
-    # without attention-probability dropout the kernels run in training mode as well
+    torch.testing.assert_close(ours(**x).last_hidden_state, a)
+    a.sum().backward()
+    calls.clear()
+    assert not torch.allclose(a, ours.eval()(**x).last_hidden_state)
+    assert {p for _, p in calls} == {0.0}
+
+
+def test_train_mode_hidden_dropout_matches_transformers():
+    """Hidden dropout only (attention p = 0): same modules in the same order, so one seed gives transformers'
+    result in training mode. (With attention p > 0 the kernels draw their own keep mask.)"""
     cfg0 = make_config(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0)
     hf0 = hf_model(cfg0).train()
     ours0 = Blip2QFormerModel.from_transformers(hf0)
+    assert ours0.training
+    x = _cast(itm_inputs(), torch.float32)
     torch.manual_seed(7)
     a = hf0(**x).last_hidden_state
     torch.manual_seed(7)
@@ -295,6 +315,23 @@ def test_gradient_checkpointing_matches():
     out = ours(**x).last_hidden_state
     g1 = torch.autograd.grad(out.sum(), list(ours.parameters()))
     ours.gradient_checkpointing_enable()
+    out_ck = ours(**x).last_hidden_state
+    g2 = torch.autograd.grad(out_ck.sum(), list(ours.parameters()))
+    torch.testing.assert_close(out_ck, out)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks():
+    """Checkpointed layers redraw (seed, offset) from the restored RNG state: same output and gradients."""
+    ours = Blip2QFormerModel.from_transformers(hf_model(make_config(hidden_dropout_prob=0.1,
+                                                                    attention_probs_dropout_prob=0.3))).train()
+    x = _cast(itm_inputs(), torch.float32)
+    torch.manual_seed(5)
+    out = ours(**x).last_hidden_state
+    g1 = torch.autograd.grad(out.sum(), list(ours.parameters()))
+    ours.gradient_checkpointing_enable()
+    torch.manual_seed(5)
     out_ck = ours(**x).last_hidden_state
     g2 = torch.autograd.grad(out_ck.sum(), list(ours.parameters()))
     torch.testing.assert_close(out_ck, out)

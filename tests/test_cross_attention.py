@@ -165,8 +165,8 @@ def test_reference_backend_gradients(backend):
 def test_opcheck(backend, device):
     q, k, v = (t.requires_grad_() for t in make_inputs(2, 2, 16, 40, 32, device))
     kpm = (torch.arange(40)[None, :] < torch.tensor([[40], [13]])).to(device)
-    torch.library.opcheck(attn_ops._cross_attention_op, (q, k, v, kpm, 0.125))
-    torch.library.opcheck(attn_ops._cross_attention_op, (q, k, v, None, 0.125))
+    torch.library.opcheck(attn_ops._cross_attention_op, (q, k, v, kpm, 0.125, 0.0, None))
+    torch.library.opcheck(attn_ops._cross_attention_op, (q, k, v, None, 0.125, 0.0, None))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)

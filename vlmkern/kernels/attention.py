@@ -13,6 +13,13 @@ covers the keys ``j >= NQ`` (LAVIS ``blip2_qformer.py``)::
 Cross-attention is ``MODE_FULL`` with ``NQ = 0`` (the padding mask covers every key). Key blocks that no
 row of a block can see are never visited (unimodal query rows skip the text keys, causal rows stop at the
 diagonal). A row that sees no key returns zeros and ``lse = +inf``, which makes its gradients zero.
+
+Attention-probability dropout (``DROPOUT``): ``O = (P * Z / (1 - p)) V`` with the keep mask ``Z`` drawn by
+Philox from the ``(seed, offset)`` int64 pair at ``rng_ptr`` (a tensor, so CUDA graphs replay fresh draws)
+and regenerated tile by tile in the backward, never stored; its bit layout is
+``vlmkern.reference.attention.dropout_keep_mask``. ``lse`` stays that of the undropped ``P``, and the softmax
+backward's row term ``rowsum(P * dP)`` with ``dP = (dO V^T) * Z / (1 - p)`` equals ``rowsum(dO * O)`` with
+the dropped ``O``, so ``delta`` is unchanged (FlashAttention's derivation).
 """
 from __future__ import annotations
 
@@ -45,6 +52,38 @@ def _visible(rows, cols, b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE: tl.const
 
 
 @triton.jit
+def _dropout_keep(seed, offset, bh, rows, cols, Lk, thresh):
+    """Dropout keep mask of q rows ``rows`` x keys ``cols`` (broadcastable 2-D int32) of program ``bh``
+    (= b * H + h): Philox4x32-10 of counter ``(n >> 2, bh, offset lo, offset hi)``, ``n = row * Lk + col``,
+    word ``n & 3``, kept when its top 31 bits are ``>= thresh``."""
+    n = rows * Lk + cols
+    zero = (n * 0).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, (n >> 2).to(tl.uint32), zero + bh.to(tl.uint32), zero + offset.to(tl.uint32),
+                               zero + (offset >> 32).to(tl.uint32))
+    word = n & 3
+    r = tl.where(word < 2, tl.where(word == 0, r0, r1), tl.where(word == 2, r2, r3))
+    return (r >> 1).to(tl.int32, bitcast=True) >= thresh
+
+
+@triton.jit
+def _dropout_mask_kernel(rng_ptr, keep_ptr, Lq, Lk, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep mask ``(B*H, Lq, Lk)`` uint8 as the attention kernels draw it, for tests against the
+    reference generator. Compiled and interpreted ``tl.philox`` are assumed to be the same Philox4x32-10 (the
+    interpreter runs Triton's own source of it on NumPy): the interpreted one is checked on every test run,
+    the compiled one by the ``cuda`` tests of tests/test_attention_dropout.py."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = tl.load(rng_ptr)
+    offset = tl.load(rng_ptr + 1)
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, offset, bh, rows[:, None], cols[None, :], Lk, thresh)
+        tl.store(keep_ptr + bh.to(tl.int64) * Lq * Lk + rows[:, None] * Lk + cols[None, :], keep.to(tl.uint8),
+                 mask=(rows[:, None] < Lq) & (cols[None, :] < Lk))
+
+
+@triton.jit
 def _key_range(row_lo, row_hi, Lk, NQ, MODE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys ``[lo, hi)`` that rows at positions ``[row_lo, row_hi)`` may see; ``lo`` is block-aligned."""
     lo = row_lo * 0
@@ -74,12 +113,12 @@ def _row_range(col_lo, col_hi, row_off, Lq, NQ, MODE: tl.constexpr):
 
 @triton.jit
 def _masked_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr,
-    H, Lq, Lk, NQ, row_off, qk_scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kpm_ptr, rng_ptr,
+    H, Lq, Lk, NQ, row_off, qk_scale, drop_thresh, drop_scale,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od, s_mb, s_mt,
-    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """o = softmax(scale * q k^T, masked) v for one (batch*head, block of BLOCK_M rows); lse in natural log.
 
@@ -99,6 +138,9 @@ def _masked_attn_fwd_kernel(
     q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=row_ok[:, None], other=0.0)
     rows = offs_m + row_off
     row_end = Lq + row_off
+    if DROPOUT:
+        seed = tl.load(rng_ptr)
+        offset = tl.load(rng_ptr + 1)
 
     lo, hi = _key_range(pid_m * BLOCK_M + row_off, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) + row_off,
                         Lk, NQ, MODE, BLOCK_N)
@@ -117,13 +159,17 @@ def _masked_attn_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)        # the normalizer sums the undropped probabilities
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], Lk, drop_thresh), p, 0.0)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * drop_scale
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
     o_base = o_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
     tl.store(o_base + offs_m[:, None] * s_om + offs_d[None, :] * s_od, out.to(o_ptr.dtype.element_ty),
@@ -154,17 +200,18 @@ def _masked_attn_bwd_delta_kernel(
 
 @triton.jit
 def _masked_attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr,
-    H, Lq, Lk, NQ, row_off, qk_scale, sm_scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kpm_ptr, rng_ptr,
+    H, Lq, Lk, NQ, row_off, qk_scale, sm_scale, drop_thresh, drop_scale,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_gb, s_gh, s_gm, s_gd, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, s_mb, s_mt,
-    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one (batch*head, block of BLOCK_N keys), looping over the query rows that see it.
 
     Works transposed (keys x rows) so that no probability tile needs a transpose:
-    ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``, ``dK = scale * dS^T Q``.
+    ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``, ``dK = scale * dS^T Q``; with dropout ``P^T`` in
+    ``dV`` and ``V dO^T`` are both multiplied by ``Z^T / (1 - p)``.
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -181,6 +228,9 @@ def _masked_attn_bwd_dkdv_kernel(
     q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
     do_base = do_ptr + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh
     row_end = Lq + row_off
+    if DROPOUT:
+        seed = tl.load(rng_ptr)
+        offset = tl.load(rng_ptr + 1)
 
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
@@ -196,8 +246,13 @@ def _masked_attn_bwd_dkdv_kernel(
         keep_t = _visible((offs_m + row_off)[None, :], cols[:, None], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt,
                           MODE, HAS_KPM)
         p_t = tl.where(keep_t, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv += dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
-        dp_t = dot(v, tl.trans(do), UPCAST, PRECISION)
+        if DROPOUT:
+            z_t = _dropout_keep(seed, offset, bh, offs_m[None, :], cols[:, None], Lk, drop_thresh)
+            dv += dot(tl.where(z_t, p_t * drop_scale, 0.0).to(do.dtype), do, UPCAST, PRECISION)
+            dp_t = tl.where(z_t, dot(v, tl.trans(do), UPCAST, PRECISION) * drop_scale, 0.0)
+        else:
+            dv += dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
+            dp_t = dot(v, tl.trans(do), UPCAST, PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
 
@@ -212,12 +267,12 @@ def _masked_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _masked_attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr,
-    H, Lq, Lk, NQ, row_off, qk_scale, sm_scale,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kpm_ptr, rng_ptr,
+    H, Lq, Lk, NQ, row_off, qk_scale, sm_scale, drop_thresh, drop_scale,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
     s_gb, s_gh, s_gm, s_gd, s_dqb, s_dqh, s_dqm, s_dqd, s_mb, s_mt,
-    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, MODE: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ = scale * dS K for one (batch*head, block of BLOCK_M rows), over the same keys as the forward."""
     pid_m = tl.program_id(0)
@@ -238,6 +293,9 @@ def _masked_attn_bwd_dq_kernel(
     v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     rows = offs_m + row_off
     row_end = Lq + row_off
+    if DROPOUT:
+        seed = tl.load(rng_ptr)
+        offset = tl.load(rng_ptr + 1)
 
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     lo, hi = _key_range(pid_m * BLOCK_M + row_off, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq) + row_off,
@@ -251,6 +309,9 @@ def _masked_attn_bwd_dq_kernel(
         keep = _visible(rows[:, None], cols[None, :], b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE, HAS_KPM)
         p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = dot(do, tl.trans(v), UPCAST, PRECISION)
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, offset, bh, offs_m[:, None], cols[None, :], Lk, drop_thresh),
+                          dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += dot(ds.to(k.dtype), k, UPCAST, PRECISION)
 
@@ -286,11 +347,21 @@ def config_family(elem_bytes: int, precision: str) -> str:
     return "half" if elem_bytes == 2 else precision
 
 
-def attention_config(kernel: str, family: str, head_dim: int) -> dict:
+# With dropout, where the Philox state of a tile does not fit beside the attention tiles: the fp32 (tf32) dq
+# tiles of _CONFIGS spill with it (gpu_build_check, d = 64 and 128 on sm_90, (32, 32, 8, 2) at d = 64 on
+# sm_80), these do not.
+_DROPOUT_CONFIGS = {
+    ("dq", "tf32"): ((16, 32, 4, 2), (16, 32, 8, 1)),
+}
+DROPOUT_MASK_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+
+
+def attention_config(kernel: str, family: str, head_dim: int, dropout: bool = False) -> dict:
     """Launch config of ``kernel`` in ("fwd", "dkdv", "dq") for a config family and head dim."""
     if (kernel, family) not in _CONFIGS:
         raise ValueError(f"no attention config for kernel {kernel!r}, family {family!r}")
-    m, n, w, st = _CONFIGS[kernel, family][head_dim > 64]
+    table = _DROPOUT_CONFIGS if dropout and (kernel, family) in _DROPOUT_CONFIGS else _CONFIGS
+    m, n, w, st = table[kernel, family][head_dim > 64]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
 
 
@@ -299,37 +370,41 @@ _UNIT_STRIDES = ("s_qd", "s_kd", "s_vd", "s_od", "s_gd", "s_dqd", "s_dkd", "s_dv
 
 
 def _tensor_args(names: Sequence[str], dtype: str) -> dict[str, str]:
-    return {n: ("*fp32" if n in ("lse_ptr", "delta_ptr") else "*u8" if n == "kpm_ptr" else "*" + dtype)
-            for n in names}
+    special = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "rng_ptr": "*i64", "keep_ptr": "*u8"}
+    return {n: special.get(n, "*" + dtype) for n in names}
 
 
-def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict) -> KernelBuild:
+def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict, div16_extra=()) -> KernelBuild:
     """The common runtime case: contiguous head dim (stride 1) and 16-divisible pointers and outer strides
     (any (B, H, L, d) tensor or fused-QKV view with d in 32/64/128)."""
-    div16 = [n for n in fn.arg_names if n.startswith("s_") and n != "s_mb"]
+    div16 = [n for n in fn.arg_names if n.startswith("s_") and n != "s_mb"] + list(div16_extra)
     return launched(label, fn, types, consts, cfg, unit=_UNIT_STRIDES, div16=div16)
 
 
 def _builds() -> list[KernelBuild]:
-    """Every dtype x head dim x kernel with the heaviest mask (causal + key padding); the other mask modes
-    share tile shapes, so they are compiled once each (bf16, d = 64) to prove they build."""
+    """Every dtype x head dim x kernel with the heaviest mask (causal + key padding), without and with
+    dropout; the other mask modes share tile shapes, so they are compiled once each (bf16, d = 64) to prove
+    they build, and with dropout once more for cross-attention (full mask, no padding)."""
     builds = []
-    ints = {n: "i32" for n in ("H", "Lq", "Lk", "NQ", "row_off")}
-    floats = {"qk_scale": "fp32", "sm_scale": "fp32"}
-    variants = [(dt, d, MODE_CAUSAL, True, "ieee" if dt == "fp32" else "tf32") for dt in _DTYPES for d in HEAD_DIMS]
-    variants += [("fp32", d, MODE_CAUSAL, True, "tf32") for d in HEAD_DIMS]
-    variants += [("bf16", 64, m, kpm, "tf32") for m in (MODE_FULL, MODE_UNIMODAL) for kpm in (False, True)]
-    for dt, d, mode, kpm, prec in variants:
-        tag = f"{dt},d{d},mode{mode},{'kpm' if kpm else 'nokpm'},{prec}"
+    ints = {n: "i32" for n in ("H", "Lq", "Lk", "NQ", "row_off", "drop_thresh")}
+    floats = {"qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32"}
+    heaviest = [(dt, d, MODE_CAUSAL, True, "ieee" if dt == "fp32" else "tf32") for dt in _DTYPES for d in HEAD_DIMS]
+    heaviest += [("fp32", d, MODE_CAUSAL, True, "tf32") for d in HEAD_DIMS]
+    variants = [(*v, False) for v in heaviest] + [(*v, True) for v in heaviest]
+    variants += [("bf16", 64, m, kpm, "tf32", False) for m in (MODE_FULL, MODE_UNIMODAL) for kpm in (False, True)]
+    variants += [("bf16", 64, MODE_FULL, False, "tf32", True)]
+    for dt, d, mode, kpm, prec, drop in variants:
+        tag = f"{dt},d{d},mode{mode},{'kpm' if kpm else 'nokpm'},{prec}" + (",dropout" if drop else "")
         for kernel, fn in (("fwd", _masked_attn_fwd_kernel), ("dkdv", _masked_attn_bwd_dkdv_kernel),
                            ("dq", _masked_attn_bwd_dq_kernel)):
-            cfg = attention_config(kernel, config_family(_DTYPES[dt], prec), d)
+            cfg = attention_config(kernel, config_family(_DTYPES[dt], prec), d, drop)
             names = fn.arg_names
             types = {**_tensor_args([n for n in names if n.endswith("_ptr")], dt), **ints, **floats,
                      **{n: "i32" for n in names if n.startswith("s_")}}
-            consts = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm, UPCAST=False, PRECISION=prec,
+            consts = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm, DROPOUT=drop, UPCAST=False, PRECISION=prec,
                           BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-            builds.append(_specialized(f"masked_attention_{kernel}[{tag}]", fn, types, consts, cfg))
+            unused = () if drop else ("drop_thresh",)        # launched as 0 without dropout: 16-divisible
+            builds.append(_specialized(f"masked_attention_{kernel}[{tag}]", fn, types, consts, cfg, unused))
     fn = _masked_attn_bwd_delta_kernel
     for dt in _DTYPES:
         for d in HEAD_DIMS:
@@ -337,6 +412,10 @@ def _builds() -> list[KernelBuild]:
                      **{n: "i32" for n in fn.arg_names if n.startswith("s_")}}
             builds.append(_specialized(f"masked_attention_bwd_delta[{dt},d{d}]", fn, types,
                                        dict(HEAD_DIM=d, BLOCK_M=DELTA_CONFIG["BLOCK_M"]), DELTA_CONFIG))
+    fn, cfg = _dropout_mask_kernel, DROPOUT_MASK_CONFIG
+    types = {**_tensor_args(["rng_ptr", "keep_ptr"], "u8"), "Lq": "i32", "Lk": "i32", "thresh": "i32"}
+    builds.append(launched("attention_dropout_mask", fn, types, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
+                           cfg))
     return builds
 
 

@@ -15,8 +15,10 @@ Differences from transformers, all documented where they occur:
   ``[pos, neg image, neg text]`` of LAVIS ``blip2_qformer.py`` repeats every positive image), so the cross-attention K/V
   projection runs once per image. ``encoder_attention_mask`` is then per distinct image ``(N, Lk)``. Eager CPU
   calls whose images need no gradient find repeated images themselves (:func:`repeated_images`).
-* ``output_attentions=True``, 3-D/4-D masks and attention-probability dropout in training mode run the
-  original's dense attention (:func:`vlmkern.nn.qformer.eager_attention`) instead of the kernels.
+* ``output_attentions=True`` and 3-D/4-D masks run the original's dense attention
+  (:func:`vlmkern.nn.qformer.eager_attention`) instead of the kernels. Attention-probability dropout in
+  training mode runs in the kernels, with their own keep mask: a seed gives the same distribution as
+  transformers, not the same mask.
 * A batch row whose attention mask is all zeros returns zeros on the kernel path (transformers averages the
   values). ``head_mask`` and
   ``past_key_values`` are not supported (transformers v5 dropped them as well).

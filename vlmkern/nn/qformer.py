@@ -13,12 +13,13 @@ Module and parameter names are those of ``transformers``' ``Blip2QFormer*`` / ``
   image's K/V can be computed once (``encoder_batch_index``);
 * FFN: ``vlmkern::linear_gelu`` (bias + exact GELU in the GEMM epilogue) for ``intermediate*``; queries use
   ``intermediate_query``/``output_query``, text rows ``intermediate``/``output``;
-* post-LN residual blocks and dropouts: the same ``nn.LayerNorm`` / ``nn.Dropout`` modules as the original.
+* post-LN residual blocks and dropouts: the same ``nn.LayerNorm`` / ``nn.Dropout`` modules as the original;
+  attention-probability dropout (``attention_probs_dropout_prob``, 0.1 in BLIP-2 and InstructBLIP) runs inside
+  the attention kernels in training mode, with their own counter-based keep mask (so a seed does not give
+  transformers' mask, only the same distribution).
 
 The original's attention (``eager_attention``: dense additive mask, softmax, probability dropout) runs instead
-when the kernels cannot reproduce the call: attention weights requested, a 3-D/4-D attention mask, or
-attention-probability dropout in training mode (``attention_probs_dropout_prob > 0``; BLIP-2's default is 0.1,
-so set it to 0 to train on the kernels).
+when the kernels cannot reproduce the call: attention weights requested or a 3-D/4-D attention mask.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale:
     """The originals' attention (transformers' ``eager_attention_forward``): ``softmax(q kᵀ·scale + M)``,
     probability dropout, ``@ v``. ``q (B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)`` -> ``(out, probs)``.
 
-    Only for what the kernels do not do (attention weights, dense masks, probability dropout); masked keys get
+    Only for what the kernels do not do (attention weights, dense masks); masked keys get
     ``finfo.min`` as in transformers, so a row whose keys are all masked averages every value like the original.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -149,13 +150,13 @@ class QFormerMultiHeadAttention(nn.Module):
         self.value = nn.Linear(kv_in, self.all_head_size)
 
     def _uses_eager(self, mask: AttentionMask, need_weights: bool) -> bool:
-        return need_weights or mask.dense is not None or (self.training and self.attention_dropout > 0)
+        return need_weights or mask.dense is not None
 
     def _attend(self, q, k, v, mask: AttentionMask, need_weights: bool, kernel) -> tuple[Tensor, Optional[Tensor]]:
         if self._uses_eager(mask, need_weights):
             out, probs = eager_attention(q, k, v, mask, self.scaling, self.attention_dropout, self.training)
             return _merge_heads(out), probs if need_weights else None
-        return _merge_heads(kernel(q, k, v)), None
+        return _merge_heads(kernel(q, k, v, self.attention_dropout if self.training else 0.0)), None
 
     def forward(self, hidden_states: Tensor, mask: AttentionMask = AttentionMask(),
                 encoder_hidden_states: Optional[Tensor] = None, encoder_batch_index: Optional[Tensor] = None,
@@ -170,8 +171,9 @@ class QFormerMultiHeadAttention(nn.Module):
         q = _split_heads(self.query(hidden_states), H)
         if encoder_hidden_states is None:
             k, v = _split_heads(self.key(hidden_states), H), _split_heads(self.value(hidden_states), H)
-            return self._attend(q, k, v, mask, need_weights, lambda q, k, v: ops.qformer_attention(
-                q, k, v, num_query=0, mode="bidirectional", text_mask=mask.key_padding, scale=self.scaling))
+            return self._attend(q, k, v, mask, need_weights, lambda q, k, v, p: ops.qformer_attention(
+                q, k, v, num_query=0, mode="bidirectional", text_mask=mask.key_padding, scale=self.scaling,
+                dropout_p=p))
 
         B = hidden_states.shape[0]
         k, v = self.key(encoder_hidden_states), self.value(encoder_hidden_states)   # once per distinct image
@@ -182,8 +184,8 @@ class QFormerMultiHeadAttention(nn.Module):
             k, v = k.expand(B, *k.shape[1:]), v.expand(B, *v.shape[1:])
         mask = mask.expand_batch(B)
         k, v = _split_heads(k, H), _split_heads(v, H)
-        return self._attend(q, k, v, mask, need_weights, lambda q, k, v: ops.cross_attention(
-            q, k, v, key_padding_mask=mask.key_padding, scale=self.scaling))
+        return self._attend(q, k, v, mask, need_weights, lambda q, k, v, p: ops.cross_attention(
+            q, k, v, key_padding_mask=mask.key_padding, scale=self.scaling, dropout_p=p))
 
 
 class QFormerSelfOutput(nn.Module):

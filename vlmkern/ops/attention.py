@@ -3,6 +3,11 @@
 Shapes: ``q`` ``(B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)``, result ``(B, H, Lq, d)`` in the input dtype.
 Both ops share one forward kernel family (``vlmkern.kernels.attention``) and one backward op; no
 ``(B, 1, Lq, Lk)`` mask tensor exists on the Triton path.
+
+Attention-probability dropout (``dropout_p > 0``): the keep mask is a function of ``(seed, offset)``, an int64
+``(2,)`` tensor drawn from torch's default generator of the inputs' device unless given
+(``vlmkern.reference.attention.dropout_keep_mask``); the kernels regenerate it in the backward and never store
+it, and the reference paths build the same mask, so both backends drop the same probabilities.
 """
 from __future__ import annotations
 
@@ -66,6 +71,57 @@ def _as_bool(mask: Tensor | None) -> Tensor | None:
     return mask if mask is None or mask.dtype == torch.bool else mask != 0
 
 
+# -------------------------------------------------------------------------------------------- dropout
+def _dropout_args(q: Tensor, k: Tensor, dropout_p, dropout_rng: Optional[Tensor]) -> tuple[float, Optional[Tensor]]:
+    """Checked ``(dropout_p, rng)``: ``(0.0, None)`` without dropout (no random draw), else the given
+    ``(seed, offset)`` or a fresh one from torch's generator of ``q``'s device. ``torch.randint`` on that device
+    keeps it reproducible under ``torch.manual_seed`` and, on CUDA, valid under graph capture: the draw is a
+    kernel of the graph, so every replay gets a new pair."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if dropout_rng is not None:
+        check_tensor(dropout_rng, "dropout_rng", ndim=1, dtypes=(torch.int64,), shape_doc="(2,) = (seed, offset)")
+        if dropout_rng.shape != (2,):
+            raise ValueError(f"dropout_rng must have shape (2,) = (seed, offset), got {tuple(dropout_rng.shape)}")
+        check_same_device(q=q, dropout_rng=dropout_rng)
+    if dropout_p == 0.0:
+        return 0.0, None
+    if q.shape[2] * k.shape[2] > ref_attention.DROPOUT_MAX_SCORES:
+        raise ValueError(f"dropout needs Lq * Lk <= {ref_attention.DROPOUT_MAX_SCORES} (scores per batch and head), "
+                         f"got {q.shape[2]} * {k.shape[2]}")
+    if dropout_rng is None:
+        dropout_rng = torch.randint(2 ** 63 - 1, (2,), dtype=torch.int64, device=q.device)
+    return float(dropout_p), dropout_rng
+
+
+def _dropout_launch(dropout_p: float, rng: Optional[Tensor], ref: Tensor) -> tuple[Tensor, int, float]:
+    """(rng pointer, threshold, scale) kernel arguments; a never-read int64 placeholder without dropout."""
+    if dropout_p == 0.0:
+        return torch.empty(0, dtype=torch.int64, device=ref.device), 0, 1.0
+    return rng, ref_attention.dropout_threshold(dropout_p), ref_attention.dropout_scale(dropout_p)
+
+
+def _dropout_multiplier(q: Tensor, k: Tensor, dropout_p: float, rng: Optional[Tensor], dtype) -> Optional[Tensor]:
+    if dropout_p == 0.0:
+        return None
+    return ref_attention.dropout_multiplier(rng, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p, dtype)
+
+
+def dropout_keep_mask_triton(dropout_rng: Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> Tensor:
+    """The keep mask ``(B, H, Lq, Lk)`` bool as the Triton kernels draw it (compiled, or interpreted on CPU
+    tensors), for checking them against ``vlmkern.reference.attention.dropout_keep_mask``."""
+    import triton
+    from vlmkern.kernels.attention import DROPOUT_MASK_CONFIG, _dropout_mask_kernel
+
+    B, H, Lq, Lk = shape
+    keep = torch.empty((B * H, Lq, Lk), dtype=torch.uint8, device=dropout_rng.device)
+    if keep.numel():
+        cfg = DROPOUT_MASK_CONFIG
+        _dropout_mask_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
+            dropout_rng, keep, Lq, Lk, ref_attention.dropout_threshold(dropout_p), **cfg)
+    return keep.view(B, H, Lq, Lk).bool()
+
+
 # ------------------------------------------------------------------------------------------- dispatch
 def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     why = _dispatch.triton_env_reasons(q.device)
@@ -124,7 +180,7 @@ def _row_offset(q: Tensor, k: Tensor, num_query: int) -> int:
     return k.shape[2] - q.shape[2] if num_query else 0
 
 
-def _triton_forward(q, k, v, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor]:
+def _triton_forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng) -> tuple[Tensor, Tensor]:
     import triton
     from vlmkern.kernels.attention import LOG2E, _masked_attn_fwd_kernel, attention_config
 
@@ -135,17 +191,20 @@ def _triton_forward(q, k, v, kpm, num_query, mode, scale) -> tuple[Tensor, Tenso
     if out.numel() == 0:
         return out, lse
     mask, s_mb, s_mt = _kpm_args(kpm, q)
+    rng, thresh, drop_scale = _dropout_launch(dropout_p, rng, q)
     upcast, precision, family = _launch_params(q.dtype)
-    cfg = attention_config("fwd", family, d)
+    cfg = attention_config("fwd", family, d, dropout_p > 0)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
     _masked_attn_fwd_kernel[grid](
-        q, k, v, out, lse, mask, H, Lq, Lk, num_query, _row_offset(q, k, num_query), scale * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_mb, s_mt,
-        HEAD_DIM=d, MODE=mode, HAS_KPM=kpm is not None, UPCAST=upcast, PRECISION=precision, **cfg)
+        q, k, v, out, lse, mask, rng, H, Lq, Lk, num_query, _row_offset(q, k, num_query), scale * LOG2E,
+        thresh, drop_scale, *q.stride(), *k.stride(), *v.stride(), *out.stride(), s_mb, s_mt,
+        HEAD_DIM=d, MODE=mode, HAS_KPM=kpm is not None, DROPOUT=dropout_p > 0, UPCAST=upcast,
+        PRECISION=precision, **cfg)
     return out, lse
 
 
-def _triton_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor, Tensor]:
+def _triton_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale, dropout_p,
+                     rng) -> tuple[Tensor, Tensor, Tensor]:
     import triton
     from vlmkern.kernels.attention import (DELTA_CONFIG, LOG2E, _masked_attn_bwd_delta_kernel,
                                            _masked_attn_bwd_dkdv_kernel, _masked_attn_bwd_dq_kernel,
@@ -163,21 +222,24 @@ def _triton_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) -> tu
         return dq, dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     mask, s_mb, s_mt = _kpm_args(kpm, q)
+    rng, thresh, drop_scale = _dropout_launch(dropout_p, rng, q)
     upcast, precision, family = _launch_params(q.dtype)
-    meta = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm is not None, UPCAST=upcast, PRECISION=precision)
+    meta = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm is not None, DROPOUT=dropout_p > 0, UPCAST=upcast,
+                PRECISION=precision)
 
     _masked_attn_bwd_delta_kernel[(triton.cdiv(Lq, DELTA_CONFIG["BLOCK_M"]), B * H)](
         out, grad, delta, H, Lq, *out.stride(), *grad.stride(), HEAD_DIM=d, **DELTA_CONFIG)
     if Lk > 0:
-        cfg = attention_config("dkdv", family, d)
+        cfg = attention_config("dkdv", family, d, dropout_p > 0)
         _masked_attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg["BLOCK_N"]), B * H)](
-            q, k, v, grad, lse, delta, dk, dv, mask, H, Lq, Lk, num_query, row_off, scale * LOG2E, scale,
-            *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dk.stride(), *dv.stride(), s_mb, s_mt,
-            **meta, **cfg)
-    cfg = attention_config("dq", family, d)
+            q, k, v, grad, lse, delta, dk, dv, mask, rng, H, Lq, Lk, num_query, row_off, scale * LOG2E, scale,
+            thresh, drop_scale, *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dk.stride(), *dv.stride(),
+            s_mb, s_mt, **meta, **cfg)
+    cfg = attention_config("dq", family, d, dropout_p > 0)
     _masked_attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)](
-        q, k, v, grad, lse, delta, dq, mask, H, Lq, Lk, num_query, row_off, scale * LOG2E, scale,
-        *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dq.stride(), s_mb, s_mt, **meta, **cfg)
+        q, k, v, grad, lse, delta, dq, mask, rng, H, Lq, Lk, num_query, row_off, scale * LOG2E, scale,
+        thresh, drop_scale, *q.stride(), *k.stride(), *v.stride(), *grad.stride(), *dq.stride(), s_mb, s_mt,
+        **meta, **cfg)
     return dq, dk, dv
 
 
@@ -224,25 +286,28 @@ def _eager_cpu_attention(q: Tensor, k: Tensor, v: Tensor, num_query: int, mode: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_additive(mask, q.dtype), scale=scale)
 
 
-def _reference_forward(q, k, v, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor]:
+def _reference_forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng) -> tuple[Tensor, Tensor]:
     mask = _reference_mask(q, k, kpm, num_query, mode)
     empty = ~mask.any(-1)                                      # rows with no key: zeros and lse = +inf
-    if _cpu_flash(q, k):
+    if _cpu_flash(q, k) and dropout_p == 0.0:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=_additive(mask, q.dtype), scale=scale)
         return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("inf"))
-    out = ref_attention.masked_attention(q, k, v, mask, scale)
+    out = ref_attention.masked_attention(q, k, v, mask, scale, _dropout_multiplier(q, k, dropout_p, rng, q.dtype))
     scores = torch.matmul(q, k.transpose(-1, -2)).to(_compute_dtype(q.dtype)) * scale
     lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
     lse = lse.masked_fill(empty, float("inf")).to(torch.float32)
     return out, lse
 
 
-def _reference_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) -> tuple[Tensor, Tensor, Tensor]:
+def _reference_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale, dropout_p,
+                        rng) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax-attention gradients in fp32 (fp64 for fp64), recomputing the probabilities (or torch's fused
-    CPU flash backward, from the forward's ``out`` and natural-log ``lse``; +inf rows get zero gradients)."""
+    CPU flash backward, from the forward's ``out`` and natural-log ``lse``; +inf rows get zero gradients).
+    Dropout multiplies ``P`` in ``dV`` and ``dO V^T`` by the regenerated ``keep / (1 - p)``; the row term
+    ``rowsum(P * dP)`` then is that of the dropped output."""
     mask = _reference_mask(q, k, kpm, num_query, mode)
-    if _cpu_flash(q, k):
+    if _cpu_flash(q, k) and dropout_p == 0.0:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=_additive(mask, q.dtype), scale=scale)
         return dq, dk, dv
@@ -251,8 +316,11 @@ def _reference_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) ->
     has_key = mask.any(-1, keepdim=True)
     scores = torch.where(has_key, (qc @ kc.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), 0.0)
     p = torch.where(mask, torch.softmax(scores, dim=-1), 0.0)
-    dv = p.transpose(-1, -2) @ g
+    drop = _dropout_multiplier(q, k, dropout_p, rng, ct)
+    dv = (p if drop is None else p * drop).transpose(-1, -2) @ g
     dp = g @ vc.transpose(-1, -2)
+    if drop is not None:
+        dp = dp * drop
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     dq = ds @ kc * scale
     dk = ds.transpose(-1, -2) @ qc * scale
@@ -260,10 +328,10 @@ def _reference_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale) ->
 
 
 # ------------------------------------------------------------------------------------ custom ops
-def _forward(dispatch, q, k, v, kpm, num_query, mode, scale):
+def _forward(dispatch, q, k, v, kpm, num_query, mode, scale, dropout_p, rng):
     if dispatch.select(q, k, v, kpm) == "triton":
-        return _triton_forward(q, k, v, kpm, num_query, mode, scale)
-    return _reference_forward(q, k, v, kpm, num_query, mode, scale)
+        return _triton_forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng)
+    return _reference_forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng)
 
 
 def _fake_forward(q):
@@ -273,62 +341,66 @@ def _fake_forward(q):
 
 @torch.library.custom_op("vlmkern::qformer_attention", mutates_args=())
 def _qformer_attention_op(q: Tensor, k: Tensor, v: Tensor, text_mask: Optional[Tensor], num_query: int,
-                          mode: int, scale: float) -> tuple[Tensor, Tensor]:
-    return _forward(QFORMER_ATTENTION, q, k, v, text_mask, num_query, mode, scale)
+                          mode: int, scale: float, dropout_p: float,
+                          dropout_rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _forward(QFORMER_ATTENTION, q, k, v, text_mask, num_query, mode, scale, dropout_p, dropout_rng)
 
 
 @_qformer_attention_op.register_fake
-def _(q, k, v, text_mask, num_query, mode, scale):
+def _(q, k, v, text_mask, num_query, mode, scale, dropout_p, dropout_rng):
     return _fake_forward(q)
 
 
 @torch.library.custom_op("vlmkern::cross_attention", mutates_args=())
-def _cross_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                        scale: float) -> tuple[Tensor, Tensor]:
-    return _forward(CROSS_ATTENTION, q, k, v, key_padding_mask, 0, MODES["bidirectional"], scale)
+def _cross_attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], scale: float,
+                        dropout_p: float, dropout_rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return _forward(CROSS_ATTENTION, q, k, v, key_padding_mask, 0, MODES["bidirectional"], scale, dropout_p,
+                    dropout_rng)
 
 
 @_cross_attention_op.register_fake
-def _(q, k, v, key_padding_mask, scale):
+def _(q, k, v, key_padding_mask, scale, dropout_p, dropout_rng):
     return _fake_forward(q)
 
 
 @torch.library.custom_op("vlmkern::masked_attention_backward", mutates_args=())
 def _masked_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                   key_mask: Optional[Tensor], num_query: int, mode: int, scale: float,
-                                  op_name: str) -> tuple[Tensor, Tensor, Tensor]:
+                                  op_name: str, dropout_p: float,
+                                  dropout_rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    args = (grad, q, k, v, out, lse, key_mask, num_query, mode, scale, dropout_p, dropout_rng)
     if _dispatch.REGISTRY[op_name].select(q, k, v, key_mask) == "triton":
-        return _triton_backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale)
-    return _reference_backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale)
+        return _triton_backward(*args)
+    return _reference_backward(*args)
 
 
 @_masked_attention_backward_op.register_fake
-def _(grad, q, k, v, out, lse, key_mask, num_query, mode, scale, op_name):
+def _(grad, q, k, v, out, lse, key_mask, num_query, mode, scale, op_name, dropout_p, dropout_rng):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _backward(ctx, grad, _grad_lse):
-    q, k, v, out, lse, key_mask = ctx.saved_tensors
-    num_query, mode, scale, op_name = ctx.args
+    q, k, v, out, lse, key_mask, dropout_rng = ctx.saved_tensors
+    num_query, mode, scale, op_name, dropout_p = ctx.args
     dq, dk, dv = _masked_attention_backward_op(grad, q, k, v, out, lse, key_mask, num_query, mode, scale,
-                                               op_name)
+                                               op_name, dropout_p, dropout_rng)
     return dq, dk, dv, *([None] * ctx.n_nondiff)
 
 
 def _setup_qformer(ctx, inputs, output):
-    q, k, v, text_mask, num_query, mode, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, text_mask)
+    q, k, v, text_mask, num_query, mode, scale, dropout_p, dropout_rng = inputs
+    ctx.save_for_backward(q, k, v, *output, text_mask, dropout_rng)   # the keep mask is regenerated, not kept
     ctx.mark_non_differentiable(output[1])
-    ctx.args = (num_query, mode, scale, QFORMER_ATTENTION.name)
-    ctx.n_nondiff = 4
+    ctx.args = (num_query, mode, scale, QFORMER_ATTENTION.name, dropout_p)
+    ctx.n_nondiff = 6
 
 
 def _setup_cross(ctx, inputs, output):
-    q, k, v, key_padding_mask, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, key_padding_mask)
+    q, k, v, key_padding_mask, scale, dropout_p, dropout_rng = inputs
+    ctx.save_for_backward(q, k, v, *output, key_padding_mask, dropout_rng)
     ctx.mark_non_differentiable(output[1])
-    ctx.args = (0, MODES["bidirectional"], scale, CROSS_ATTENTION.name)
-    ctx.n_nondiff = 2
+    ctx.args = (0, MODES["bidirectional"], scale, CROSS_ATTENTION.name, dropout_p)
+    ctx.n_nondiff = 4
 
 
 _qformer_attention_op.register_autograd(_backward, setup_context=_setup_qformer)
@@ -343,7 +415,8 @@ def _empty_head_dim(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str,
-                      text_mask: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+                      text_mask: Optional[Tensor] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
+                      dropout_rng: Optional[Tensor] = None) -> Tensor:
     """Q-Former self-attention over ``[num_query learned queries ; T text tokens]`` with the mask of ``mode``.
 
     Args:
@@ -360,6 +433,12 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
         text_mask: ``(B, T)`` bool or integer, nonzero = real token. Applies to keys only: padded rows are
             still computed.
         scale: score scale, default ``1/sqrt(d)``.
+        dropout_p: attention-probability dropout, applied whenever ``> 0`` (pass ``p if training else 0``,
+            as to ``F.scaled_dot_product_attention``): kept probabilities are scaled by ``1 / (1 - p)``;
+            ``p = 1`` gives zeros.
+        dropout_rng: int64 ``(2,)`` ``(seed, offset)`` of the keep mask, on ``q``'s device; default: drawn
+            from torch's generator (reproducible under ``torch.manual_seed``). The same pair gives the same
+            mask on every backend.
 
     Returns:
         ``(B, H, Lq, d)`` in the input dtype, contiguous; differentiable in ``q``, ``k``, ``v``.
@@ -389,22 +468,25 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
                          f"got Lq = {Lq}")
     _check_key_mask(text_mask, "text_mask", B, T, q)
     _check_scale(scale)
+    dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[-1] == 0:
         return _empty_head_dim(q, k, v)
     # With Lq == T the rows are the text positions num_query.. ; with Lq == L == T (num_query 0) both agree.
     if _dispatch.eager_cpu_reference(QFORMER_ATTENTION, q, k):
-        out = _eager_cpu_attention(q, k, v, num_query, mode, text_mask, _scale(q, scale))
+        out = None if dropout_p else _eager_cpu_attention(q, k, v, num_query, mode, text_mask, _scale(q, scale))
         if out is not None:
             return out
         return ref_attention.qformer_attention(q, k, v, num_query=num_query, mode=mode, text_mask=text_mask,
-                                               scale=_scale(q, scale))
-    out, _ = _qformer_attention_op(q, k, v, _as_bool(text_mask), num_query, MODES[mode], _scale(q, scale))
+                                               scale=_scale(q, scale), dropout_p=dropout_p, dropout_rng=rng)
+    out, _ = _qformer_attention_op(q, k, v, _as_bool(text_mask), num_query, MODES[mode], _scale(q, scale),
+                                   dropout_p, rng)
     return out
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
-                    scale: Optional[float] = None) -> Tensor:
+                    scale: Optional[float] = None, dropout_p: float = 0.0,
+                    dropout_rng: Optional[Tensor] = None) -> Tensor:
     """Queries attending to image tokens (Q-Former cross-attention), with optional key padding.
 
     Args:
@@ -413,6 +495,7 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Option
         key_padding_mask: ``(B, Lk)`` bool or integer, nonzero = real key, 0 = padding (the HF
             ``encoder_attention_mask`` convention, *not* ``nn.MultiheadAttention``'s True = ignore).
         scale: score scale, default ``1/sqrt(d)``.
+        dropout_p, dropout_rng: attention-probability dropout, as in :func:`qformer_attention`.
 
     Returns:
         ``(B, H, Lq, d)`` in the input dtype. A batch whose keys are all padding returns zeros.
@@ -422,13 +505,16 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Option
     _check_qkv(q, k, v)
     _check_key_mask(key_padding_mask, "key_padding_mask", q.shape[0], k.shape[2], q)
     _check_scale(scale)
+    dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
     q, k, v = autocast_inputs(q, k, v)
     if q.shape[-1] == 0:
         return _empty_head_dim(q, k, v)
     if _dispatch.eager_cpu_reference(CROSS_ATTENTION, q, k):
-        out = _eager_cpu_attention(q, k, v, 0, "bidirectional", key_padding_mask, _scale(q, scale))
+        out = None if dropout_p else _eager_cpu_attention(q, k, v, 0, "bidirectional", key_padding_mask,
+                                                          _scale(q, scale))
         if out is not None:
             return out
-        return ref_attention.cross_attention(q, k, v, key_padding_mask=key_padding_mask, scale=_scale(q, scale))
-    out, _ = _cross_attention_op(q, k, v, _as_bool(key_padding_mask), _scale(q, scale))
+        return ref_attention.cross_attention(q, k, v, key_padding_mask=key_padding_mask, scale=_scale(q, scale),
+                                             dropout_p=dropout_p, dropout_rng=rng)
+    out, _ = _cross_attention_op(q, k, v, _as_bool(key_padding_mask), _scale(q, scale), dropout_p, rng)
     return out
