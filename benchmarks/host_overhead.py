@@ -18,25 +18,22 @@ own eager path costs on this machine. The figures depend on the CPU and on its l
 """
 from __future__ import annotations
 
+import argparse
+import cProfile
+import io
+import json
 import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
 
-os.environ["TRITON_INTERPRET"] = "1"        # before triton is imported: kernels become InterpretedFunction
-os.environ["VLMKERN_BACKEND"] = "triton"
-
-import argparse  # noqa: E402
-import cProfile  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import pstats  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable, Optional  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 FWD_TARGET_US = 40.0
 FWD_BWD_TARGET_US = 120.0
@@ -44,14 +41,24 @@ FWD_BWD_TARGET_US = 120.0
 
 @contextmanager
 def stubbed_launches():
-    """Every ``kernel[grid](...)`` of an interpreted Triton kernel becomes a no-op for the duration."""
+    """The Triton path forced (``VLMKERN_BACKEND=triton``) and every ``kernel[grid](...)`` of an interpreted
+    Triton kernel a no-op, for the duration; both restored afterwards. Needs ``TRITON_INTERPRET=1`` from
+    before the kernel modules were imported (``main`` sets it; the tests' conftest does)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("host_overhead needs TRITON_INTERPRET=1 set before triton is imported "
+                           "(run it as python -m benchmarks.host_overhead)")
     from triton.runtime.interpreter import InterpretedFunction
-    saved = InterpretedFunction.__getitem__
+    saved, backend = InterpretedFunction.__getitem__, os.environ.get("VLMKERN_BACKEND")
     InterpretedFunction.__getitem__ = lambda self, grid: _noop
+    os.environ["VLMKERN_BACKEND"] = "triton"
     try:
         yield
     finally:
         InterpretedFunction.__getitem__ = saved
+        if backend is None:
+            os.environ.pop("VLMKERN_BACKEND", None)
+        else:
+            os.environ["VLMKERN_BACKEND"] = backend
 
 
 def _noop(*args, **kwargs) -> None:
@@ -207,13 +214,13 @@ def profile(name: str, train: bool, calls: int = 300, top: int = 25) -> str:
         for _ in range(calls):
             step()
         prof.disable()
-    import io
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
     return buf.getvalue()
 
 
 def main(argv=None) -> int:
+    os.environ["TRITON_INTERPRET"] = "1"     # before any kernel module is imported: kernels are interpreted
     ap = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=200, help="back-to-back calls per round")
     ap.add_argument("--rounds", type=int, default=15, help="rounds; the median round is reported")

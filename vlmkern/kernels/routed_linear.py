@@ -226,6 +226,8 @@ def _routed_tn_kernel(
 DOWN_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3)
 UP_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# TN: 128 x 128 output tiles, 64-token reduction steps; two stages (two shared-memory buffers) because Triton
+# 3.6 spills the expert dW build on sm_80 with three.
 TN_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2)
 # fp32 (tf32 / ieee dots) operands take twice the registers and shared memory: smaller tiles (sized so
 # that no shipped build spills on sm_80 / sm_90 with Triton 3.6 or 3.9, see ``python -m
