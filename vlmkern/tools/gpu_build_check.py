@@ -13,6 +13,10 @@
   paths added) when nvcc is on PATH or in /usr/local/cuda/bin; skipped with a note otherwise. Shared memory
   there is static ``__shared__`` only; dynamic shared memory is set at launch and cannot be seen here.
 
+Each clean Triton compile also stores a static reading of its PTX/SASS (``vlmkern.tools._asm``: main-loop
+loads asynchronous?, dots on wgmma?, SASS opcode counts) in ``BuildResult.analysis`` and in the cache, which
+``python -m vlmkern.tools.perf_report`` shows and checks.
+
 ``--unaligned`` also compiles each Triton entry without its 16-divisibility hints, labelled
 ``...{unaligned}``: the specialization Triton builds when a width or row stride is not a multiple of 16 (odd
 widths in tests, unusual user shapes). A compile error there fails the run like any other; spills there are
