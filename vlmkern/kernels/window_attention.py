@@ -168,10 +168,10 @@ def _window_attn_bwd_kernel(
 
 
 # Channel loops use ``tl.range(..., num_stages=3)``: loads that feed no dot are pipelined (cp.async) only
-# when a loop asks for it. Tiles of about 2048 fp32 values (8 warps: 8 per thread, no spills at M = 8):
-# BLOCK_MC = next power of two of M (window side), BLOCK_C fills the rest.
+# when a loop asks for it. Tiles of at most 2048 fp32 values (8 warps: 8 per thread, no spills at M = 8;
+# BLOCK_C <= 256 keeps the M = 2 backward spill-free): BLOCK_MC = next power of two of M, BLOCK_C fills the rest.
 TILE = 2048
-MAX_BLOCK_C = 512
+MAX_BLOCK_C = 256
 
 
 def window_config(m: int, channels: int) -> dict:

@@ -62,7 +62,6 @@ KNOWN_GAPS = {
                        "weight rows of K=2700 bf16 (5400 B: 8-byte aligned, mask without 16-constancy) load "
                        "as 2-byte scalars; fix: patchify to bf16 patches with K padded to 16, then a plain GEMM "
                        "(an ops change)",
-    "patch_embed_bwd_weight": "same gather as patch_embed_fwd (patches re-gathered from uint8 pixels)",
 }
 
 
