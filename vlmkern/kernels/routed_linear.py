@@ -10,8 +10,8 @@ Routing is read per row tile inside the kernels (no host sync, no gather, no dyn
 * Visual expert (SPEC §5.1): ``_expert_gemm_kernel`` computes ``y[t] = W[e(t)] x[t]``; a row tile runs one
   K loop per expert present in it (one for the homogeneous tiles inside a text or image run).
 * ``_routed_tn_kernel``: ``out[g] = Σ_{t: sel[t] = g + base} p[t]ᵀ q[t]`` for weight gradients (dA, dB of
-  the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); tiles with no selected
-  row are skipped.
+  the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); each group reduces over
+  the span from its first to its last selected row only (a prologue scan), with pipelined masked loads.
 
 ``UPCAST`` computes dots in fp32 (set under the Triton interpreter, whose bf16 dot is wrong).
 """
