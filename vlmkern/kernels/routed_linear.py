@@ -14,8 +14,8 @@ Routing is read per row tile inside the kernels (no host sync, no gather, no dyn
 Row isolation: a non-finite value in one expert's or the adapter's weights reaches only the rows routed to
 it (rows a GEMM loads as 0 meet that weight as ``0 · inf = NaN`` and are never stored or are reset to 0).
 * ``_routed_tn_kernel``: ``out[g] = Σ_{t: sel[t] = g + base} p[t]ᵀ q[t]`` for weight gradients (dA, dB of
-  the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); tiles with no selected
-  row are skipped.
+  the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); each group reduces over
+  the span from its first to its last selected row only (a prologue scan), with pipelined masked loads.
 
 ``UPCAST`` computes dots in fp32 (set under the Triton interpreter, whose bf16 dot is wrong).
 """
@@ -173,6 +173,9 @@ def _expert_gemm_kernel(
                  mask=(invalid & (rm < M))[:, None] & (rn < N)[None, :])
 
 
+_TN_SCAN = tl.constexpr(1024)   # sel entries per step of the routed TN prologue scan
+
+
 @triton.jit
 def _routed_tn_kernel(
     p_ptr, q_ptr, sel_ptr, keep_ptr, out_ptr,
@@ -183,29 +186,42 @@ def _routed_tn_kernel(
 ):
     """out[g, n, k] = scale * Σ_{m: sel[m] = g + sel_base} p[m, n] drop(q)[m, k]; grid axis 2 is g.
 
-    Row tiles without a selected row are skipped after reading only their ``sel`` entries.
+    A vectorised prologue scan of ``sel`` finds the first and last selected row; the reduction runs over that
+    span only, so a contiguous run of selected rows (an image block, one expert's tokens) costs its own
+    GEMM, and a group with no row writes zeros. Inside the span the loads are unconditional, masked by the
+    step's ``sel`` entries (read once per step): the compiler pipelines them (cp.async; unselected rows cause
+    no memory traffic) and keeps the dot on the tensor cores every step. Interleaved groups pay the whole
+    span in tensor-core time, never in memory traffic.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     g = tl.program_id(2)
     key = g + sel_base
+    lo = M
+    hi = 0
+    for s0 in range(0, M, _TN_SCAN):
+        rs = s0 + tl.arange(0, _TN_SCAN)
+        hit = tl.load(sel_ptr + rs, mask=rs < M, other=-1).to(tl.int32) == key
+        lo = tl.minimum(lo, tl.min(tl.where(hit, rs, M), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(hit, rs + 1, 0), axis=0))
+    first = (lo // BLOCK_M) * BLOCK_M
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rm = tl.arange(0, BLOCK_M)
+    rm = first + tl.arange(0, BLOCK_M)
     p_ptrs = p_ptr + rm[None, :].to(tl.int64) * s_pm + rn[:, None] * s_pn
     q_ptrs = q_ptr + rm[:, None].to(tl.int64) * s_qm + rk[None, :] * s_qk
     k_ptrs = keep_ptr + rm[:, None].to(tl.int64) * s_km + rk[None, :] * s_kk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        mine = tl.load(sel_ptr + m0 + rm, mask=rm < M - m0, other=-1).to(tl.int32) == key
-        if tl.max(mine.to(tl.int32), axis=0) > 0:
-            pt = tl.load(p_ptrs, mask=mine[None, :] & (rn < N)[:, None], other=0.0)
-            q_mask = mine[:, None] & (rk < K)[None, :]
-            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-            if HAS_KEEP:
-                kp = tl.load(k_ptrs, mask=q_mask, other=0)
-                q = (q.to(tl.float32) * (kp.to(tl.float32) * keep_scale)).to(q.dtype)
-            acc = acc + dot(pt.to(q.dtype), q, UPCAST, INPUT_PRECISION)
+    for m0 in range(first, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mine = tl.load(sel_ptr + rows, mask=rows < hi, other=-1).to(tl.int32) == key
+        pt = tl.load(p_ptrs, mask=mine[None, :] & (rn < N)[:, None], other=0.0)
+        q_mask = mine[:, None] & (rk < K)[None, :]
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        if HAS_KEEP:
+            kp = tl.load(k_ptrs, mask=q_mask, other=0)
+            q = (q.to(tl.float32) * (kp.to(tl.float32) * keep_scale)).to(q.dtype)
+        acc = acc + dot(pt.to(q.dtype), q, UPCAST, INPUT_PRECISION)
         p_ptrs += BLOCK_M * s_pm
         q_ptrs += BLOCK_M * s_qm
         k_ptrs += BLOCK_M * s_km
@@ -218,7 +234,9 @@ def _routed_tn_kernel(
 DOWN_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3)
 UP_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-TN_CONFIG = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+# TN: 128 x 128 output tiles, 64-token reduction steps; two stages (two shared-memory buffers) because Triton
+# 3.6 spills the expert dW build on sm_80 with three.
+TN_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2)
 # fp32 (tf32 / ieee dots) operands take twice the registers and shared memory: smaller tiles (sized so
 # that no shipped build spills on sm_80 / sm_90 with Triton 3.6 or 3.9, see ``python -m
 # vlmkern.tools.gpu_build_check``; TN's 32-token reduction step and the two-stage fp32 down pipeline

@@ -26,8 +26,10 @@ _FMAX = tl.constexpr(3.4028234663852886e38)
 def _window_offsets(n, PN, M, s_hh, s_hw, BLOCK_MC: tl.constexpr):
     """Offsets (within one batch element, channel 0) of token ``n``'s window positions, their validity mask and
     their index ``r*M + c`` in the saved ``(B, N, M²)`` rows. The tile is ``BLOCK_MC x BLOCK_MC`` positions
-    flattened with the column fastest: with a power-of-two ``BLOCK_MC`` the compiler sees runs of ``BLOCK_MC``
-    consecutive columns, i.e. contiguous addresses in an NCHW map, and vectorises and coalesces those loads."""
+    flattened with the column fastest. ``M`` is a launch-time constant (one build per window side), so with a
+    power-of-two ``BLOCK_MC == M`` the compiler knows each run of ``M`` columns starts at a multiple of ``M``:
+    with a unit column stride and 16-divisible row/channel strides (what Triton sees for an NCHW map whose
+    width is a multiple of 16) the loads become 16-byte vectors."""
     i = n // PN
     j = n - i * PN
     w = tl.arange(0, BLOCK_MC * BLOCK_MC)
@@ -42,7 +44,7 @@ def _window_offsets(n, PN, M, s_hh, s_hw, BLOCK_MC: tl.constexpr):
 @triton.jit
 def _window_attn_fwd_kernel(
     u_ptr, h_ptr, s_ptr, mean_ptr, rstd_ptr, p_ptr, logit_ptr,
-    N, PN, C, M, eps,
+    N, PN, C, M: tl.constexpr, eps,
     s_ub, s_un, s_uc, s_hb, s_hc, s_hh, s_hw, s_sb, s_sn, s_sc,
     BLOCK_MC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -57,7 +59,7 @@ def _window_attn_fwd_kernel(
     s2 = tl.zeros((BLOCK_MC * BLOCK_MC,), dtype=tl.float32)
     dot = tl.zeros((BLOCK_MC * BLOCK_MC,), dtype=tl.float32)
     usum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         m2 = wmask[:, None] & cmask[None, :]
@@ -89,7 +91,7 @@ def _window_attn_fwd_kernel(
 
     wgt = p * rstd
     s_row = s_ptr + b.to(tl.int64) * s_sb + n.to(tl.int64) * s_sn
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         m2 = wmask[:, None] & cmask[None, :]
@@ -101,7 +103,7 @@ def _window_attn_fwd_kernel(
 @triton.jit
 def _window_attn_bwd_kernel(
     ds_ptr, u_ptr, h_ptr, mean_ptr, rstd_ptr, p_ptr, logit_ptr, du_ptr, dh_ptr,
-    N, PN, C, M,
+    N, PN, C, M: tl.constexpr,
     s_gb, s_gn, s_gc, s_ub, s_un, s_uc, s_hb, s_hc, s_hh, s_hw,
     s_dub, s_dun, s_duc, s_db, s_dc, s_dh, s_dw,
     BLOCK_MC: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -129,7 +131,7 @@ def _window_attn_bwd_kernel(
     dsx = tl.zeros((BLOCK_MC * BLOCK_MC,), dtype=tl.float32)
     gsum = tl.zeros((BLOCK_C,), dtype=tl.float32)
     usum = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         m2 = wmask[:, None] & cmask[None, :]
@@ -151,7 +153,7 @@ def _window_attn_bwd_kernel(
     mean_gx = (p * da + dl * lg) / C
 
     du_row = du_ptr + b.to(tl.int64) * s_dub + n.to(tl.int64) * s_dun
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
         cc = c0 + tl.arange(0, BLOCK_C)
         cmask = cc < C
         m2 = wmask[:, None] & cmask[None, :]
@@ -165,10 +167,11 @@ def _window_attn_bwd_kernel(
         tl.store(du_row + cc * s_duc, tl.sum(dl[:, None] * xhat, axis=0), mask=cmask)
 
 
-# Tiles of about 2048 fp32 values (8 warps: 8 per thread, no spills at M = 8): BLOCK_MC = next power of two of
-# M (window side), BLOCK_C fills the rest.
+# Channel loops use ``tl.range(..., num_stages=3)``: loads that feed no dot are pipelined (cp.async) only
+# when a loop asks for it. Tiles of at most 2048 fp32 values (8 warps: 8 per thread, no spills at M = 8;
+# BLOCK_C <= 256 keeps the M = 2 backward spill-free): BLOCK_MC = next power of two of M, BLOCK_C fills the rest.
 TILE = 2048
-MAX_BLOCK_C = 512
+MAX_BLOCK_C = 256
 
 
 def window_config(m: int, channels: int) -> dict:
@@ -176,7 +179,7 @@ def window_config(m: int, channels: int) -> dict:
     block_mc = triton.next_power_of_2(m)
     block_w = max(block_mc * block_mc, 2)
     block_c = min(MAX_BLOCK_C, max(16, TILE // block_w), max(16, triton.next_power_of_2(channels)))
-    return dict(BLOCK_MC=block_mc, BLOCK_C=block_c, num_warps=8, num_stages=1)
+    return dict(BLOCK_MC=block_mc, BLOCK_C=block_c, num_warps=8, num_stages=3)
 
 
 SHIPPED_WINDOWS = (2, 4, 8)     # M = 8: normal 768 px setting; 4 and 2 for smaller aux maps
@@ -186,24 +189,25 @@ SHIPPED_CHANNELS = 2880         # ConvNeXt-L (the tile shape is the same for eve
 def _builds() -> list[KernelBuild]:
     """Every HR dtype x shipped window size; u, s, du and the saved rows are fp32, unit channel stride for u/s."""
     out = []
-    ints = ("N", "PN", "C", "M")
+    ints = ("N", "PN", "C")
     for dt in ("fp16", "bf16", "fp32"):
         for m in SHIPPED_WINDOWS:
             cfg = window_config(m, SHIPPED_CHANNELS)
-            consts = dict(BLOCK_MC=cfg["BLOCK_MC"], BLOCK_C=cfg["BLOCK_C"])
+            consts = dict(M=m, BLOCK_MC=cfg["BLOCK_MC"], BLOCK_C=cfg["BLOCK_C"])
             fn = _window_attn_fwd_kernel
             types = {**{p: "*fp32" for p in fn.arg_names if p.endswith("_ptr")}, "h_ptr": f"*{dt}",
                      **{i: "i32" for i in ints}, "eps": "fp32",
                      **{s: "i32" for s in fn.arg_names if s.startswith("s_") and not s.endswith("_ptr")}}
             out.append(launched(f"window_attention_fwd[{dt},M{m}]", fn, types, consts, cfg,
-                                unit=("s_uc", "s_sc", "s_hw"), div16=("s_ub", "s_un", "s_sb", "s_sn")))
+                                unit=("s_uc", "s_sc", "s_hw"), div16=("s_ub", "s_un", "s_sb", "s_sn", "s_hb", "s_hc", "s_hh")))
             fn = _window_attn_bwd_kernel
             types = {**{p: "*fp32" for p in fn.arg_names if p.endswith("_ptr")}, "h_ptr": f"*{dt}",
                      "dh_ptr": f"*{dt}", **{i: "i32" for i in ints},
                      **{s: "i32" for s in fn.arg_names if s.startswith("s_") and not s.endswith("_ptr")}}
             out.append(launched(f"window_attention_bwd[{dt},M{m}]", fn, types, consts, cfg,
                                 unit=("s_gc", "s_uc", "s_duc", "s_hw", "s_dw"),
-                                div16=("s_gb", "s_gn", "s_ub", "s_un", "s_dub", "s_dun")))
+                                div16=("s_gb", "s_gn", "s_ub", "s_un", "s_dub", "s_dun", "s_hb", "s_hc", "s_hh",
+                                       "s_db", "s_dc", "s_dh")))
     return out
 
 

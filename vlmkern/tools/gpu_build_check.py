@@ -13,6 +13,10 @@
   paths added) when nvcc is on PATH or in /usr/local/cuda/bin; skipped with a note otherwise. Shared memory
   there is static ``__shared__`` only; dynamic shared memory is set at launch and cannot be seen here.
 
+Each clean Triton compile also stores a static reading of its PTX/SASS (``vlmkern.tools._asm``: main-loop
+loads asynchronous?, dots on wgmma?, SASS opcode counts) in ``BuildResult.analysis`` and in the cache, which
+``python -m vlmkern.tools.perf_report`` shows and checks.
+
 ``--unaligned`` also compiles each Triton entry without its 16-divisibility hints, labelled
 ``...{unaligned}``: the specialization Triton builds when a width or row stride is not a multiple of 16 (odd
 widths in tests, unusual user shapes). A compile error there fails the run like any other; spills there are
@@ -86,6 +90,7 @@ class BuildResult:
     tool: str = ""                    # the ptxas / nvcc that compiled it
     seconds: float = 0.0
     cached: bool = False              # statistics reused from an identical earlier compile
+    analysis: dict | None = None      # static reading of PTX/SASS (``vlmkern.tools._asm``), Triton only
 
     @property
     def spills(self) -> int:
@@ -304,7 +309,8 @@ def _result_key(src: Any, target: Any, options: dict[str, Any]) -> str:
         env = sorted(get_cache_invalidating_env_vars().items())
     except ImportError:
         env = []
-    parts = [_CACHE_SCHEMA, triton.__version__, src.hash(), backend.hash(),
+    analysis = hashlib.sha256(Path(__file__).with_name("_asm.py").read_bytes()).hexdigest()
+    parts = [_CACHE_SCHEMA, analysis, triton.__version__, src.hash(), backend.hash(),
              backend.parse_options(dict(options)).hash(), env]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
 
@@ -353,6 +359,13 @@ def _compile_triton(job: dict[str, Any]) -> dict[str, Any]:
                    shared=int(ck.metadata.shared) + int(props.get("smem", 0)))
         if "registers" not in props:
             res["error"] = "compiled, but no ptxas -v statistics found for " + ck.metadata.name
+        from vlmkern.tools import _asm
+        res["analysis"] = dict(_asm.analyse_ptx(ck.asm["ptx"]),
+                               sass=_asm.sass_counts(ck.asm["cubin"], _asm.cuobjdump_path()))
+        if job.get("asm_dir"):
+            stem = Path(job["asm_dir"]) / f"{re.sub(r'[^A-Za-z0-9_.=,+-]+', '_', job['label'])}.sm_{job['arch']}"
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            stem.with_suffix(stem.suffix + ".ptx").write_text(ck.asm["ptx"])
     except BaseException as exc:  # any compiler failure, incl. PTXASError and MLIR pass failures
         cache_file = None  # errors are cheap to reproduce and may depend on the environment: never cached
         sys.stdout.flush()
@@ -506,11 +519,12 @@ def _compile_cuda(nvcc: str, source: Path, arch: int, includes: Sequence[str]) -
 
 def check(archs: Sequence[int] = DEFAULT_ARCHS, label_filter: str | None = None, jobs: int | None = None,
           builds: Sequence[Any] | None = None, cuda_sources: Sequence[Path] | None = None,
-          cache_dir: Path | str | None = None, unaligned: bool = False) -> Report:
+          cache_dir: Path | str | None = None, unaligned: bool = False, asm_dir: Path | str | None = None) -> Report:
     """Compile ``builds`` (default: every shipped Triton config) and ``cuda_sources`` (default: csrc/**/*.cu)
     for each arch; ``label_filter`` keeps Triton labels / .cu paths containing it. With ``cache_dir``,
     Triton statistics of a compile identical in every input (see ``_result_key``) are reused from there.
-    ``unaligned`` adds each build's :func:`unaligned_variants` entry."""
+    ``unaligned`` adds each build's :func:`unaligned_variants` entry; ``asm_dir`` receives each fresh
+    compile's PTX (cache hits write nothing)."""
     t0 = time.time()
     report = Report()
     for arch in archs:
@@ -549,7 +563,8 @@ def check(archs: Sequence[int] = DEFAULT_ARCHS, label_filter: str | None = None,
         includes = _nvcc_includes()
         tasks += [("cuda", (s, a, includes)) for s in sources for a in archs]  # slowest first
     cache = str(cache_dir) if cache_dir is not None else None
-    tasks += [("triton", dict(_triton_job(b, a), cache_dir=cache)) for b in builds for a in archs]
+    asm = str(asm_dir) if asm_dir is not None else None
+    tasks += [("triton", dict(_triton_job(b, a), cache_dir=cache, asm_dir=asm)) for b in builds for a in archs]
 
     jobs = max(1, min(jobs or min(2, os.cpu_count() or 1), len(tasks) or 1))
     todo: queue.Queue = queue.Queue()

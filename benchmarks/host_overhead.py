@@ -1,0 +1,246 @@
+"""Host (Python) overhead per call of every public op, with the Triton kernel launches stubbed out.
+
+    python -m benchmarks.host_overhead [--calls N] [--rounds R] [--only NAME] [--json PATH] [--profile NAME]
+
+What it measures: the CPU time of one forward (inputs without grad) and of one forward + backward (inputs
+with grad, ``torch.autograd.backward`` with a preallocated gradient) through the ``vlmkern::`` custom op on
+its Triton path, on tiny CPU tensors, with every ``kernel[grid](...)`` replaced by a no-op: argument checks,
+dispatch, torch.library and autograd plumbing, output allocation and launch-parameter computation, no GPU
+and no kernel work. It runs the Triton path on CPU tensors the way the tests do (``TRITON_INTERPRET=1``,
+``VLMKERN_BACKEND=triton``) with the interpreter's launch replaced, so the kernels never run. Outputs are
+the kernels' uninitialised buffers; nothing is checked for values.
+
+Reported: the median over ``R`` rounds of the mean CPU time (of the calling thread; the wall clock of a
+shared machine mostly measures waiting for a core) of ``N`` back-to-back calls, in microseconds, next
+to the targets (<= 40 us per forward, <= 120 us per forward + backward; issue 15), and the same for
+``F.scaled_dot_product_attention`` and ``nn.Linear`` on equally tiny tensors as a yardstick of what torch's
+own eager path costs on this machine. The figures depend on the CPU and on its load; say which.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+FWD_TARGET_US = 40.0
+FWD_BWD_TARGET_US = 120.0
+
+
+@contextmanager
+def stubbed_launches():
+    """The Triton path forced (``VLMKERN_BACKEND=triton``) and every ``kernel[grid](...)`` of an interpreted
+    Triton kernel a no-op, for the duration; both restored afterwards. Needs ``TRITON_INTERPRET=1`` from
+    before the kernel modules were imported (``main`` sets it; the tests' conftest does)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("host_overhead needs TRITON_INTERPRET=1 set before triton is imported "
+                           "(run it as python -m benchmarks.host_overhead)")
+    from triton.runtime.interpreter import InterpretedFunction
+    saved, backend = InterpretedFunction.__getitem__, os.environ.get("VLMKERN_BACKEND")
+    InterpretedFunction.__getitem__ = lambda self, grid: _noop
+    os.environ["VLMKERN_BACKEND"] = "triton"
+    try:
+        yield
+    finally:
+        InterpretedFunction.__getitem__ = saved
+        if backend is None:
+            os.environ.pop("VLMKERN_BACKEND", None)
+        else:
+            os.environ["VLMKERN_BACKEND"] = backend
+
+
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
+def _t(*shape, dtype=torch.float32, grad=False, gen=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
+
+
+# Each case: name -> builder(grad) returning (call, tensors that receive gradients). Tiny shapes: the host
+# path does not depend on them, and torch work inside the ops layer (if any) stays negligible.
+def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]]:
+    from vlmkern import ops
+    g = torch.Generator().manual_seed(0)
+    t = lambda *s, grad=False: _t(*s, grad=grad, gen=g)  # noqa: E731
+
+    def qformer(grad):
+        q, k, v = (t(2, 2, 16, 32, grad=grad) for _ in range(3))
+        return lambda: ops.qformer_attention(q, k, v, num_query=8, mode="bidirectional"), [q, k, v]
+
+    def cross(grad):
+        q, k, v = t(2, 2, 8, 32, grad=grad), t(2, 2, 16, 32, grad=grad), t(2, 2, 16, 32, grad=grad)
+        return lambda: ops.cross_attention(q, k, v), [q, k, v]
+
+    def gather(gelu):
+        def build(grad):
+            x, w, b = t(16, 8, grad=grad), t(16, 32, grad=grad), t(16, grad=grad)
+            idx = torch.randint(0, 16, (6, 4), generator=g)
+            fn = ops.gather_linear_gelu if gelu else ops.gather_linear
+            return lambda: fn(x, idx, w, b), [x, w, b]
+        return build
+
+    def patch_embed(grad):
+        pix = torch.randint(0, 256, (1, 3, 60, 60), generator=g, dtype=torch.uint8)
+        w, b = t(16, 2700, grad=grad), t(16, grad=grad)
+        return lambda: ops.patch_embed(pix, w, b), [w, b]
+
+    def patchify(grad):
+        pix = torch.randint(0, 256, (1, 3, 60, 60), generator=g, dtype=torch.uint8)
+        return lambda: ops.patchify(pix), []
+
+    def linear_gelu(grad):
+        x, w, b = t(8, 32, grad=grad), t(64, 32, grad=grad), t(64, grad=grad)
+        return lambda: ops.linear_gelu(x, w, b), [x, w, b]
+
+    def plora(grad):
+        x, w, b = t(16, 32, grad=grad), t(32, 32, grad=grad), t(32, grad=grad)
+        a, lb = t(4, 32, grad=grad), t(32, 4, grad=grad)
+        mask = torch.arange(16) < 8
+        return lambda: ops.partial_lora_linear(x, w, b, a, lb, mask, 2.0), [x, w, b, a, lb]
+
+    def expert(grad):
+        x, w0, w1 = t(16, 32, grad=grad), t(32, 32, grad=grad), t(32, 32, grad=grad)
+        ids = (torch.arange(16) < 8).to(torch.int32)
+        return lambda: ops.expert_linear(x, [w0, w1], ids), [x, w0, w1]
+
+    def window(grad):
+        u, h = t(1, 4, 16, grad=grad), t(1, 16, 4, 4, grad=grad)
+        return lambda: ops.window_attention(u, h)[0], [u, h]
+
+    def expert_ids(grad):
+        types = torch.randint(0, 2, (2, 16), generator=g)
+        return lambda: ops.cogvlm_expert_ids(types), []
+
+    def sdpa(grad):  # yardstick: torch's own fused op doing real work on tiny tensors
+        q, k, v = (t(2, 2, 16, 32, grad=grad) for _ in range(3))
+        return lambda: F.scaled_dot_product_attention(q, k, v), [q, k, v]
+
+    def linear(grad):
+        x, w, b = t(8, 32, grad=grad), t(64, 32, grad=grad), t(64, grad=grad)
+        return lambda: F.linear(x, w, b), [x, w, b]
+
+    return {"qformer_attention": qformer, "cross_attention": cross, "gather_linear": gather(False),
+            "gather_linear_gelu": gather(True), "patch_embed": patch_embed, "patchify": patchify,
+            "linear_gelu": linear_gelu, "partial_lora_linear": plora, "expert_linear": expert,
+            "window_attention": window, "cogvlm_expert_ids": expert_ids,
+            "torch sdpa (real work)": sdpa, "torch F.linear (real work)": linear}
+
+
+YARDSTICKS = ("torch sdpa (real work)", "torch F.linear (real work)")
+
+
+def _timed(step: Callable[[], None], calls: int, rounds: int) -> float:
+    """Median over rounds of the mean per-call CPU time of this thread over ``calls`` back-to-back calls, in
+    microseconds. Thread CPU time, not wall time: on a shared machine the wall clock mostly measures the wait
+    for a core, and the host overhead is the CPU work the call itself does."""
+    for _ in range(max(3, calls // 10)):
+        step()
+    per_round = []
+    for _ in range(rounds):
+        t0 = time.thread_time_ns()
+        for _ in range(calls):
+            step()
+        per_round.append((time.thread_time_ns() - t0) / calls / 1e3)
+    return statistics.median(per_round)
+
+
+def _steps(build, train: bool) -> Optional[Callable[[], None]]:
+    call, leaves = build(train)
+    if not train:
+        def fwd() -> None:
+            with torch.no_grad():
+                call()
+        return fwd
+    if not leaves:
+        return None
+    grad = torch.ones_like(call())
+
+    def fwd_bwd() -> None:
+        torch.autograd.backward(call(), grad)
+    return fwd_bwd
+
+
+def measure(calls: int = 200, rounds: int = 15, only: Optional[str] = None) -> list[dict]:
+    rows = []
+    torch.set_num_threads(1)   # tiny tensors: intra-op worker wake-ups would dominate on a shared machine
+    with stubbed_launches():
+        for name, build in _cases().items():
+            if only and only not in name:
+                continue
+            row = dict(op=name, fwd_us=None, fwd_bwd_us=None, yardstick=name in YARDSTICKS)
+            for key, train in (("fwd_us", False), ("fwd_bwd_us", True)):
+                step = _steps(build, train)
+                row[key] = None if step is None else round(_timed(step, calls, rounds), 1)
+            rows.append(row)
+    return rows
+
+
+def _meets(row: dict) -> bool:
+    return (row["fwd_us"] is None or row["fwd_us"] <= FWD_TARGET_US) and \
+        (row["fwd_bwd_us"] is None or row["fwd_bwd_us"] <= FWD_BWD_TARGET_US)
+
+
+def format_rows(rows: list[dict]) -> str:
+    out = [f"{'op':28s} {'fwd us':>8s} {'fwd+bwd us':>11s}  target (<= {FWD_TARGET_US:.0f} / <= {FWD_BWD_TARGET_US:.0f})"]
+    for r in rows:
+        f = "-" if r["fwd_us"] is None else f"{r['fwd_us']:.1f}"
+        fb = "-" if r["fwd_bwd_us"] is None else f"{r['fwd_bwd_us']:.1f}"
+        verdict = "yardstick" if r["yardstick"] else ("met" if _meets(r) else "MISSED")
+        out.append(f"{r['op']:28s} {f:>8s} {fb:>11s}  {verdict}")
+    return "\n".join(out)
+
+
+def profile(name: str, train: bool, calls: int = 300, top: int = 25) -> str:
+    """cProfile of ``calls`` stubbed calls of op ``name``: the functions with the most own time."""
+    torch.set_num_threads(1)
+    with stubbed_launches():
+        step = _steps(_cases()[name], train)
+        step()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            step()
+        prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
+def main(argv=None) -> int:
+    os.environ["TRITON_INTERPRET"] = "1"     # before any kernel module is imported: kernels are interpreted
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
+    ap.add_argument("--calls", type=int, default=200, help="back-to-back calls per round")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds; the median round is reported")
+    ap.add_argument("--only", default=None, help="only ops whose name contains this")
+    ap.add_argument("--json", default=None, metavar="PATH")
+    ap.add_argument("--profile", default=None, metavar="OP", help="print a cProfile of OP's fwd+bwd instead")
+    args = ap.parse_args(argv)
+    if args.profile:
+        print(profile(args.profile, True))
+        return 0
+    rows = measure(args.calls, args.rounds, args.only)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    print(f"Host overhead per call, kernel launches stubbed ({machine}; torch {torch.__version__}):")
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=machine, torch=torch.__version__, rows=rows,
+                                                   targets=dict(fwd_us=FWD_TARGET_US,
+                                                                fwd_bwd_us=FWD_BWD_TARGET_US)), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
