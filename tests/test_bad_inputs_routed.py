@@ -207,7 +207,7 @@ case(T, "zero-size", lambda: cogvlm_expert_ids(torch.zeros(0, 4, dtype=torch.lon
 case(T, "zero-size", lambda: cogvlm_expert_ids(torch.zeros(2, 0, dtype=torch.long)), shape_is(2, 0, device="cpu"))
 case(T, "meta", lambda: cogvlm_expert_ids(m(2, 5, dtype=torch.long)), shape_is(2, 5))
 case(T, "out-of-range ids", lambda: cogvlm_expert_ids(torch.tensor([[7, 1, 1, -3]])),
-     close_to(lambda: torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)))  # only type 1 is vision (SPEC §5.1)
+     close_to(lambda: torch.tensor([[0, 1, 0, 0]], dtype=torch.int32)))  # only type 1 is vision (CogVLM)
 case(T, "strided", lambda: cogvlm_expert_ids(torch.ones(2, 8, dtype=torch.long)[:, ::2]),
      close_to(lambda: torch.tensor([[1, 1, 1, 0]] * 2, dtype=torch.int32)))
 case(T, "type", lambda: cogvlm_expert_ids([[0, 1]]), Raises(TypeError, "token_type_ids must be a torch.Tensor"))

@@ -2,7 +2,7 @@
 ``.half()``, ``torch.autocast("cpu", bfloat16)``, ``copy.deepcopy`` and state_dict round trips, and hold no
 weight cache (an in-place weight change shows in the next call).
 
-Originals: ``OriginalPLoRA`` (SPEC §3.1 port), the CogVLM ports of tests/test_cogvlm_experts.py, LLaVA's
+Originals: ``OriginalPLoRA`` (port of the IXC2 PLoRA forward), the CogVLM ports of tests/test_cogvlm_experts.py, LLaVA's
 ``nn.Sequential(Linear, GELU, Linear)``, and the models' plain-PyTorch ``unfused_project_and_pack`` (the
 original layout code). Low precision follows the tolerance rule against the float64 original, with the
 original in that precision as the baseline.

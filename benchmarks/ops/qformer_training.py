@@ -1,4 +1,4 @@
-"""BLIP-2 Q-Former stage-1 training step with dropout (SPEC §1): forward + backward in training mode.
+"""BLIP-2 Q-Former stage-1 training step with dropout (LAVIS stage 1): forward + backward in training mode.
 
 One group, ``qformer train step``: the BLIP-2 Q-Former (12 layers, 768 hidden, 32 queries, 257 x 1408 image
 tokens, ``hidden_dropout_prob = attention_probs_dropout_prob = 0.1`` as in LAVIS's stage 1), an ITM-style joint
