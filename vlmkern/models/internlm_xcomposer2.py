@@ -16,8 +16,33 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkern.nn.plora import PLoRA
+from vlmkern.ops._checks import check_tensor
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+# The original's decoder passes ``padding_mask`` on (deprecated and unused there): accepted, anything else is a typo.
+_PASSED_THROUGH = frozenset({"padding_mask"})
+
+
+def _check_call(hidden_size: int, hidden_states, attention_mask, position_ids, kwargs: dict) -> None:
+    """Argument checks of the attention and the decoder layer, before any computation."""
+    unknown = sorted(set(kwargs) - _PASSED_THROUGH)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; accepted besides the named ones: "
+                        f"{sorted(_PASSED_THROUGH)}")
+    check_tensor(hidden_states, "hidden_states", ndim=3, shape_doc="(batch, seq, hidden_size)")
+    B, L, D = hidden_states.shape
+    if D != hidden_size:
+        raise ValueError(f"hidden_states must have hidden_size={hidden_size} features, got shape {(B, L, D)}")
+    if attention_mask is not None:
+        check_tensor(attention_mask, "attention_mask")
+        if tuple(attention_mask.shape) != (B, 1, L, L):
+            raise ValueError(f"attention_mask must have shape (batch, 1, seq, seq) = {(B, 1, L, L)}, "
+                             f"got {tuple(attention_mask.shape)}")
+    if position_ids is not None:
+        check_tensor(position_ids, "position_ids")
+        if position_ids.dim() != 2 or position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
+            raise ValueError(f"position_ids must have shape (batch or 1, seq) with batch={B}, seq={L}, "
+                             f"got {tuple(position_ids.shape)}")
 
 
 def _plora_kwargs(lora_r: int, lora_alpha: float, lora_dropout: float, lora_len: int) -> dict:
@@ -99,6 +124,7 @@ class InternLM2Attention(nn.Module):
 
         Returns ``(attn_output, attn_weights or None, (k, v) if use_cache else None)``.
         """
+        _check_call(self.hidden_size, hidden_states, attention_mask, position_ids, kwargs)
         if past_key_value is not None:
             raise NotImplementedError("InternLM2Attention implements the training / prefill path: "
                                       "past_key_value must be None")
@@ -172,6 +198,7 @@ class InternLM2DecoderLayer(nn.Module):
                 position_ids: Optional[Tensor] = None, past_key_value=None, output_attentions: bool = False,
                 use_cache: bool = False, im_mask: Optional[Tensor] = None, **kwargs):
         """Returns ``(hidden_states,)`` + ``(attn_weights,)`` if output_attentions + ``(present,)`` if use_cache."""
+        _check_call(self.hidden_size, hidden_states, attention_mask, position_ids, kwargs)
         residual = hidden_states
         h, weights, present = self.attention(self.attention_norm(hidden_states), attention_mask, position_ids,
                                              past_key_value, output_attentions, use_cache, im_mask=im_mask)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlmkern.models.llava_next import projector_parameters
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops._checks import autocasting, check_tensor
+from vlmkern.ops._checks import autocasting, check_same_device, check_tensor
 from vlmkern.ops.packing import _gather_linear
 
 TILE = 336
@@ -167,6 +167,9 @@ def _batch_index(grids: tuple[tuple[int, int], ...], side: int, device: str) -> 
 
 def _grids(grids, n_images: int | None = None) -> tuple[tuple[int, int], ...]:
     if isinstance(grids, Tensor):
+        if grids.is_meta:  # the grids choose the layout: meta features are fine, meta grids are not
+            raise ValueError("grids is on meta: its values choose the layout; pass (h, w) pairs or a tensor "
+                             "holding values")
         grids = grids.tolist()
     if (isinstance(grids, (tuple, list)) and len(grids) == 2 and all(isinstance(v, int) for v in grids)):
         grids = [grids]
@@ -244,6 +247,7 @@ def project_and_pack(features, grids, glb_GN: Tensor, sub_GN: Tensor,
     if x.dtype != W1.dtype and not autocasting(x):  # under autocast both run in its dtype, as the original
         raise TypeError(f"features dtype {x.dtype} must match the projector's dtype {W1.dtype}")
     extra = _separators(glb_GN, sub_GN, C, x.dtype)
+    check_same_device(features=x, projector=W1, glb_GN=glb_GN, sub_GN=sub_GN)
     side = math.isqrt(x.shape[1])
     index = _batch_index(grids, side, str(x.device))
     h = _gather_linear(x, index, W1, b1, extra=extra, gelu=True, validate_values=False)

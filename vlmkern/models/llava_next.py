@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops._checks import autocasting, check_tensor
+from vlmkern.ops._checks import autocasting, check_same_device, check_tensor
 from vlmkern.ops.packing import _gather_linear
 
 # llava-hf/llava-v1.6-* config: image_grid_pinpoints, vision_config.image_size, vision_config.patch_size.
@@ -331,8 +331,13 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
     _positive(patch_size, "patch_size")
     if isinstance(image_sizes, Tensor):
         check_tensor(image_sizes, "image_sizes", ndim=2, shape_doc="(num_images, 2)")
+        if image_sizes.is_meta:  # the sizes choose the layout: meta features are fine, meta sizes are not
+            raise ValueError("image_sizes is on meta: its values choose the layout; pass them as a list of "
+                             "(height, width) pairs or a tensor holding values")
         image_sizes = image_sizes.tolist()
     sizes = [_size_pair(s, f"image_sizes[{i}]") for i, s in enumerate(image_sizes)]
+    if not sizes:
+        raise ValueError("image_sizes must name at least one image's (height, width)")
     G, T, C = x.shape
     if counts is None:
         counts = [num_tiles(s, pins, tile_size) for s in sizes]
@@ -351,6 +356,7 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
         if image_newline.shape[0] != D:
             raise ValueError(f"image_newline must have the projector's output width D={D}, "
                              f"got {image_newline.shape[0]}")
+    check_same_device(features=x, projector=W1, image_newline=image_newline)
     keys = tuple(_plan_key(s, n, T, pins, tile_size, patch_size, image_newline is not None, f"features[{i}]")
                  for i, (s, n) in enumerate(zip(sizes, counts)))
     kept, source = _batch_index(keys, str(x.device))
