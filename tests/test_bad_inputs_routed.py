@@ -7,6 +7,8 @@ isolation of non-finite values). Each case runs on the default backend and with 
 (under the interpreter without a GPU); float64 there raises ``BackendNotSupported`` naming float64, as every
 forced backend does for an input it cannot take.
 
+The image packers (LLaVA-NeXT, 4KHD) and the InternLM2 parts with PLoRA (IXC2) are in the matrix too.
+
 ``python3 tests/test_bad_inputs_routed.py`` prints the number of cases and classes per op and module.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import torch
 
 from vlmkern import ops
-from vlmkern.models import cogvlm
+from vlmkern.models import cogvlm, internlm_xcomposer2 as ixc, internlm_xcomposer2_hd as ixc_hd, llava_next
 from vlmkern.nn import MLPProjector, PLoRA
 from vlmkern.ops._dispatch import BackendNotSupported
 from vlmkern.ops.packing import gather_linear, gather_linear_gelu
@@ -416,6 +418,198 @@ def _inf_vision(mod):
     return mod
 
 
+# --------------------------------------------------------------------------- image packers (LLaVA-NeXT, 4KHD)
+PIN = ((28, 56), (56, 28), (56, 56))   # 28-px tiles of 14-px patches: 2x2 tokens per tile
+SIZES = [(28, 28)]                     # selects the 1x2 grid: base + 2 tiles
+
+
+def _packed(result):
+    return torch.cat(result[0])
+
+
+def _llava(vision=6, dtype=torch.float32, device=None, **kw):
+    torch.manual_seed(8)
+    return llava_next.LlavaNextImagePacker(vision, 5, PIN, 28, 14, device=device, **kw).to(dtype)
+
+
+def _llava_feats(c=6):
+    return torch.randn(3, 4, c, generator=torch.Generator().manual_seed(9))
+
+
+def _ll(feats=None, sizes=SIZES, mod=None, **kw):
+    return lambda: _packed((mod or _llava)()(_llava_feats() if feats is None else feats, sizes, **kw))
+
+
+def _ll_unfused(mod_fn, feats):
+    def expected():
+        p = mod_fn()
+        return torch.cat(llava_next.unfused_project_and_pack(feats, SIZES, p.multi_modal_projector, p.image_newline,
+                                                             image_grid_pinpoints=PIN, tile_size=28, patch_size=14)[0])
+    return close_to(expected)
+
+
+def _inf_newline():
+    p = _llava()
+    with torch.no_grad():
+        p.image_newline.fill_(INF)
+    return p
+
+
+NAN_BASE = _llava_feats().index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(NAN))
+T = "models.llava_next.LlavaNextImagePacker"
+case(T, "dtype", _ll(_llava_feats().half()), Raises(TypeError, "features dtype torch.float16"))
+case(T, "dtype", _ll(_llava_feats().long()), Raises(TypeError, "features dtype torch.int64"))
+case(T, "dtype", _ll(sizes=torch.tensor([[28.0, 28.0]])), Raises(ValueError, "image_sizes[0] must be a (height, width) pair"))
+case(T, "float64", _ll(_llava_feats().double(), mod=lambda: _llava(dtype=torch.float64)),
+     _ll_unfused(lambda: _llava(dtype=torch.float64), _llava_feats().double()), float64=True)
+case(T, "rank", _ll(_llava_feats()[0]), Raises(ValueError, "features must be 3-D"))
+case(T, "rank", _ll(sizes=torch.tensor([28, 28])), Raises(ValueError, "image_sizes must be 2-D"))
+case(T, "shape", _ll(_llava_feats(5)), Raises(ValueError, "features have width C=5 but the projector's first Linear takes 6"))
+case(T, "shape", _ll(_llava_feats()[:, :3]), Raises(ValueError, "features[0] has 3 tokens per tile"))
+case(T, "shape", _ll(_llava_feats()[:2]), Raises(ValueError, "features has 2 tiles but image_sizes"))
+case(T, "shape", _ll([_llava_feats()] * 2), Raises(ValueError, "features has 2 images but image_sizes has 1"))
+case(T, "zero-size", _ll(_llava_feats()[:0]), Raises(ValueError, "features has 0 tiles"))
+case(T, "zero-size", _ll(_llava_feats()[:0], []), Raises(ValueError, "image_sizes must name at least one image"))
+case(T, "zero-size", _ll(sizes=[(0, 28)]), Raises(ValueError, "image_sizes[0] must be a (height, width) pair of positive"))
+case(T, "zero-size", _ll(_llava_feats(0), mod=lambda: _llava(0)),
+     _ll_unfused(lambda: _llava(0), _llava_feats(0)))            # C=0: the projector of nothing, as nn.Linear
+case(T, "device", _ll(_llava_feats().to(META)), Raises(ValueError, "features is on meta"))
+case(T, "meta", lambda: _packed(_llava().to(META)(m(3, 4, 6), SIZES)), shape_is(10, 5))
+case(T, "meta", _ll(sizes=torch.tensor(SIZES, device=META)), Raises(ValueError, "image_sizes is on meta"))
+case(T, "non-finite tensor", _ll(NAN_BASE), finite_rows(rows=range(1, 10), nan_rows=(0,)))
+case(T, "non-finite tensor", _ll(mod=_inf_newline), _ll_unfused(_inf_newline, _llava_feats()))
+case(T, "non-finite scalar", _ll(sizes=[(INF, 28)]), Raises(ValueError, "image_sizes[0] must be a (height, width) pair"))
+case(T, "out-of-range size", _ll(sizes=[(-28, 28)]), Raises(ValueError, "image_sizes[0] must be a (height, width) pair"))
+case(T, "int32 overflow", lambda: _packed(_llava(2**28, device=META)(m(3, 4, 2**28), SIZES)), shape_is(10, 5))
+case(T, "keyword", lambda: _llava()(_llava_feats(), image_size=SIZES), Raises(TypeError, "image_size"))
+case(T, "type", _ll(_llava_feats().numpy()), Raises(TypeError, "features must be a non-empty list"))
+case(T, "config", lambda: llava_next.LlavaNextImagePacker(6, 5, PIN, 0, 14), Raises(ValueError, "tile_size must be a positive int"))
+case(T, "config", _ll(mod=lambda: llava_next.LlavaNextImagePacker(6, 5, PIN, 28, 13)),
+     Raises(ValueError, "tile_size=28 must be a multiple of patch_size=13"))
+
+GRIDS = [(1, 2)]   # a global view + 1x2 tiles of 2x2 tokens
+
+
+def _hd(vit=2, dtype=torch.float32, device=None):
+    torch.manual_seed(10)
+    p = ixc_hd.InternLMXComposer2HDImagePacker(vit, 5, device=device)
+    if device != META:
+        with torch.no_grad():
+            p.plora_glb_GN.normal_()
+            p.plora_sub_GN.normal_()
+    return p.to(dtype)
+
+
+def _hd_feats(c=2):
+    return torch.randn(3, 4, c, generator=torch.Generator().manual_seed(11))
+
+
+def _hdc(feats=None, grids=GRIDS, mod=None, **kw):
+    return lambda: _packed((mod or _hd)()(_hd_feats() if feats is None else feats, grids, **kw))
+
+
+def _hd_unfused(mod_fn, feats):
+    def expected():
+        p = mod_fn()
+        return torch.cat(ixc_hd.unfused_project_and_pack(feats, GRIDS, p.plora_glb_GN, p.plora_sub_GN, p.vision_proj)[0])
+    return close_to(expected)
+
+
+def _inf_sub_gn():
+    p = _hd()
+    with torch.no_grad():
+        p.plora_sub_GN.fill_(INF)
+    return p
+
+
+T = "models.internlm_xcomposer2_hd.InternLMXComposer2HDImagePacker"
+case(T, "dtype", _hdc(_hd_feats().half()), Raises(TypeError, "features dtype torch.float16"))
+case(T, "dtype", _hdc(_hd_feats().long()), Raises(TypeError, "features dtype torch.int64"))
+case(T, "float64", _hdc(_hd_feats().double(), mod=lambda: _hd(dtype=torch.float64)),
+     _hd_unfused(lambda: _hd(dtype=torch.float64), _hd_feats().double()), float64=True)
+case(T, "rank", _hdc(_hd_feats()[0]), Raises(ValueError, "features must be 3-D"))
+case(T, "shape", _hdc(_hd_feats(1)), Raises(ValueError, "projector's first Linear takes 8 features"))
+case(T, "shape", _hdc(_hd_feats()[:, :3]), Raises(ValueError, "even square number of tokens per tile"))
+case(T, "shape", _hdc(_hd_feats()[:2]), Raises(ValueError, "features has 2 tiles but grids"))
+case(T, "shape", _hdc([_hd_feats()[:2]]), Raises(ValueError, "features[0] has 2 tiles but its grid 1x2"))
+case(T, "zero-size", _hdc(_hd_feats()[:0]), Raises(ValueError, "features has 0 tiles"))
+case(T, "zero-size", _hdc(grids=[]), Raises(ValueError, "grids must name at least one image"))
+case(T, "zero-size", _hdc(grids=[(0, 2)]), Raises(ValueError, "grids[0] must be an (h, w) pair of positive"))
+case(T, "zero-size", _hdc(_hd_feats(0), mod=lambda: _hd(0)),
+     close_to(lambda: _hd(0).vision_proj(torch.zeros(6, 0))))     # C=0: every token is the projector of nothing
+case(T, "device", _hdc(_hd_feats().to(META)), Raises(ValueError, "features is on meta"))
+case(T, "meta", lambda: _packed(_hd().to(META)(m(3, 4, 2), GRIDS)), shape_is(6, 5))
+case(T, "meta", _hdc(grids=torch.tensor(GRIDS, device=META)), Raises(ValueError, "grids is on meta"))
+case(T, "non-finite tensor", _hdc(_hd_feats().index_put((torch.tensor([2]),), torch.tensor(NAN))),
+     _hd_unfused(_hd, _hd_feats().index_put((torch.tensor([2]),), torch.tensor(NAN))))
+case(T, "non-finite tensor", _hdc(mod=_inf_sub_gn), _hd_unfused(_inf_sub_gn, _hd_feats()))
+case(T, "non-finite scalar", _hdc(grids=[(INF, 2)]), Raises(ValueError, "grids[0] must be an (h, w) pair"))
+case(T, "out-of-range size", _hdc(grids=[(-1, 2)]), Raises(ValueError, "grids[0] must be an (h, w) pair"))
+case(T, "int32 overflow", lambda: _packed(_hd(2**28, device=META)(m(3, 4, 2**28), GRIDS)), shape_is(6, 5))
+case(T, "keyword", lambda: _hd()(_hd_feats(), grid=GRIDS), Raises(TypeError, "grid"))
+case(T, "type", _hdc(_hd_feats().numpy()), Raises(TypeError, "features must be a torch.Tensor"))
+
+# ------------------------------------------------------------------------ InternLM2 parts with PLoRA (IXC2)
+LM_CFG = SimpleNamespace(hidden_size=8, intermediate_size=12, num_attention_heads=2, num_key_value_heads=1,
+                         hidden_act="silu")
+LM_H = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(12))
+LM_MASK = torch.tensor([[True, False, True], [False, False, False]])
+NAN_TOKEN0 = LM_H.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(NAN))
+
+
+def _lm(cls, dtype=torch.float32, alpha=4.0):
+    torch.manual_seed(13)
+    return cls(LM_CFG, lora_r=2, lora_alpha=alpha, lora_dropout=0.0).to(dtype)
+
+
+def _first(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+for T, cls in (("models.internlm_xcomposer2.InternLM2MLP", ixc.InternLM2MLP),
+               ("models.internlm_xcomposer2.InternLM2Attention", ixc.InternLM2Attention),
+               ("models.internlm_xcomposer2.InternLM2DecoderLayer", ixc.InternLM2DecoderLayer)):
+    mlp = cls is ixc.InternLM2MLP
+
+    def call(h=LM_H, mask=LM_MASK, mod=None, cls=cls, **kw):
+        return lambda: _first((mod or (lambda: _lm(cls)))()(h, im_mask=mask, **kw))
+
+    if cls is ixc.InternLM2DecoderLayer:   # the fp32 RMSNorm weight promotes, as the original's layer does
+        case(T, "dtype", call(LM_H.half()), Gives(lambda y: (y.dtype == torch.float32 and torch.isfinite(y).all())
+                                                  or pytest.fail(f"{y.dtype}")))
+    else:
+        case(T, "dtype", call(LM_H.half()), Raises(TypeError, "weight dtype float32 must match x dtype float16"))
+    case(T, "dtype", call(mask=LM_MASK.long()), Raises(TypeError, "im_mask must have dtype bool"))
+    case(T, "float64", call(LM_H.double(), mod=lambda cls=cls: _lm(cls, torch.float64)),
+         Gives(lambda y: (y.dtype == torch.float64 and torch.isfinite(y).all()) or pytest.fail(f"{y.dtype}")),
+         float64=True)
+    if mlp:   # a per-token MLP: any leading dims, as nn.Linear
+        case(T, "rank", call(LM_H[0], LM_MASK[0]), shape_is(3, 8, device="cpu"))
+        case(T, "shape", call(LM_H[..., :7]), Raises(ValueError, "in_features=8"))
+        case(T, "type", call(LM_H.tolist()), Raises(TypeError, "x must be a torch.Tensor"))
+        case(T, "out-of-range mask", call(mask=torch.ones(7, dtype=torch.bool)), Raises(ValueError, "im_mask must have shape"))
+        case(T, "non-finite tensor", call(NAN_TOKEN0), finite_rows(rows=range(1, 6), nan_rows=(0,)))
+    else:
+        case(T, "rank", call(LM_H[0], LM_MASK[0]), Raises(ValueError, "hidden_states must be 3-D"))
+        case(T, "shape", call(LM_H[..., :7]), Raises(ValueError, "hidden_states must have hidden_size=8"))
+        case(T, "shape", call(attention_mask=torch.zeros(2, 1, 3, 4)), Raises(ValueError, "attention_mask must have shape"))
+        case(T, "type", call(LM_H.tolist()), Raises(TypeError, "hidden_states must be a torch.Tensor"))
+        case(T, "out-of-range ids", call(position_ids=torch.arange(3).expand(3, 3)),
+             Raises(ValueError, "position_ids must have shape"))
+        case(T, "non-finite tensor", call(NAN_TOKEN0), finite_rows(rows=(3, 4, 5), nan_rows=(0, 1, 2)))  # one sequence
+    case(T, "shape", call(mask=LM_MASK[:, :2]), Raises(ValueError, "im_mask must have shape"))
+    case(T, "shape", call(mask=LM_MASK.reshape(-1)), close_to(call()))   # documented: the IXC2.5 flattened mask
+    case(T, "zero-size", call(LM_H[:0], LM_MASK[:0]), shape_is(0, 3, 8, device="cpu"))
+    case(T, "zero-size", call(LM_H[:, :0], LM_MASK[:, :0]), shape_is(2, 0, 8, device="cpu"))
+    case(T, "device", call(mask=LM_MASK.to(META)), Raises(ValueError, "im_mask is on meta"))
+    case(T, "meta", call(m(2, 3, 8), LM_MASK.to(META), mod=lambda cls=cls: _lm(cls).to(META)), shape_is(2, 3, 8))
+    case(T, "non-finite scalar", call(mod=lambda cls=cls: _lm(cls, alpha=INF)), Raises(ValueError, "scaling must be a finite"))
+    case(T, "int32 overflow", call(m(2**16, 2**16, 8), m(2**16, 2**16, dtype=torch.bool),
+                                   mod=lambda cls=cls: _lm(cls).to(META)), shape_is(2**16, 2**16, 8))
+    case(T, "keyword", call(mask_im=LM_MASK), Raises(TypeError, "mask_im"))
+    case(T, "type", call(mask=LM_MASK.tolist()), Raises(TypeError, "im_mask must be a bool torch.Tensor"))
+
+
 # -------------------------------------------------------------------------------------------------- runner
 def counts() -> dict[str, tuple[int, int]]:
     """``{target: (cases, classes)}`` of the matrix."""
@@ -474,5 +668,5 @@ def test_meta_backward_gives_gradient_shapes(backend, op):
 
 if __name__ == "__main__":
     for target, (n, k) in counts().items():
-        print(f"{target:40s} {n:3d} cases {k:3d} classes")
-    print(f"{'total':40s} {len(CASES):3d} cases")
+        print(f"{target:64s} {n:3d} cases {k:3d} classes")
+    print(f"{'total':64s} {len(CASES):3d} cases")
