@@ -427,17 +427,26 @@ def _packed(result):
     return torch.cat(result[0])
 
 
+def _tiles(c, seed):
+    """``(3, 4, c)`` features: a base (global) tile and two tiles of 2x2 tokens."""
+    return torch.randn(3, 4, c, generator=torch.Generator().manual_seed(seed))
+
+
+def _pack_call(make, feats, layout, kw):
+    return lambda: _packed(make()(feats, layout, **kw))
+
+
 def _llava(vision=6, dtype=torch.float32, device=None, **kw):
     torch.manual_seed(8)
     return llava_next.LlavaNextImagePacker(vision, 5, PIN, 28, 14, device=device, **kw).to(dtype)
 
 
 def _llava_feats(c=6):
-    return torch.randn(3, 4, c, generator=torch.Generator().manual_seed(9))
+    return _tiles(c, 9)
 
 
 def _ll(feats=None, sizes=SIZES, mod=None, **kw):
-    return lambda: _packed((mod or _llava)()(_llava_feats() if feats is None else feats, sizes, **kw))
+    return _pack_call(mod or _llava, _llava_feats() if feats is None else feats, sizes, kw)
 
 
 def _ll_unfused(mod_fn, feats):
@@ -501,11 +510,11 @@ def _hd(vit=2, dtype=torch.float32, device=None):
 
 
 def _hd_feats(c=2):
-    return torch.randn(3, 4, c, generator=torch.Generator().manual_seed(11))
+    return _tiles(c, 11)
 
 
 def _hdc(feats=None, grids=GRIDS, mod=None, **kw):
-    return lambda: _packed((mod or _hd)()(_hd_feats() if feats is None else feats, grids, **kw))
+    return _pack_call(mod or _hd, _hd_feats() if feats is None else feats, grids, kw)
 
 
 def _hd_unfused(mod_fn, feats):
