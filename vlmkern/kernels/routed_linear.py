@@ -233,7 +233,8 @@ def _routed_tn_kernel(
 # Tests may swap entries of CONFIGS for small tiles to exercise multi-tile routing under the interpreter.
 DOWN_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3)
 UP_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# Experts: 128 x 64 tiles because the per-expert accumulators (row isolation) spill on sm_80 with Triton 3.6 at 128 x 128.
+EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 # TN: 128 x 128 output tiles, 64-token reduction steps; two stages (two shared-memory buffers) because Triton
 # 3.6 spills the expert dW build on sm_80 with three.
 TN_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2)
@@ -243,7 +244,8 @@ TN_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2
 # are what Triton 3.6 needs to stay spill-free; the fp32 expert GEMM, which stores per expert for row isolation,
 # is single-stage: two stages spilled 4-16 B on sm_80 with Triton 3.9).
 DOWN_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=2)
-UP_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+# fp32 up: 16-wide K steps, because the low-rank-first loop spilled 8-12 B with Triton 3.6 at 32.
+UP_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
 EXPERT_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
 TN_FP32_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
 CONFIGS = {"down": DOWN_CONFIG, "up": UP_CONFIG, "expert": EXPERT_CONFIG, "tn": TN_CONFIG,
