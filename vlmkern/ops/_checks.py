@@ -113,3 +113,9 @@ def check_finite_scalar(value, name: str, *, minimum: float | None = None) -> fl
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return float(value)
+
+
+def check_dropout_p(dropout_p) -> None:
+    """A dropout probability: a real number in [0, 1] (bools refused), else ValueError."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")

@@ -21,7 +21,7 @@ from torch import Tensor
 from vlmkern.reference import attention as ref_attention
 from vlmkern.reference.attention import additive_mask as _additive
 from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import (INT32_MAX, autocast_inputs, check_same_device, check_tensor,
+from vlmkern.ops._checks import (check_dropout_p, INT32_MAX, autocast_inputs, check_same_device, check_tensor,
                                  int32_span_reasons)
 from vlmkern.ops._dispatch import OpDispatch, register
 
@@ -77,8 +77,7 @@ def _dropout_args(q: Tensor, k: Tensor, dropout_p, dropout_rng: Optional[Tensor]
     ``(seed, offset)`` or a fresh one from torch's generator of ``q``'s device. ``torch.randint`` on that device
     keeps it reproducible under ``torch.manual_seed`` and, on CUDA, valid under graph capture: the draw is a
     kernel of the graph, so every replay gets a new pair."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    check_dropout_p(dropout_p)
     if dropout_rng is not None:
         check_tensor(dropout_rng, "dropout_rng", ndim=1, dtypes=(torch.int64,), shape_doc="(2,) = (seed, offset)")
         if dropout_rng.shape != (2,):

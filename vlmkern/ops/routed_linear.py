@@ -19,7 +19,7 @@ from torch import Tensor
 from vlmkern.reference import routed_linear as ref
 from vlmkern.ops import _dispatch
 from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops._checks import (autocast_inputs, check_same_device, check_tensor, float64_reason,
+from vlmkern.ops._checks import (check_dropout_p, autocast_inputs, check_same_device, check_tensor, float64_reason,
                                  int32_offset_reasons, INT32_MAX, is_meta, rows_2d)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
@@ -69,8 +69,7 @@ def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropo
                              f"got {tuple(im_mask.shape)}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise ValueError(f"scaling must be a finite float (lora_alpha / lora_r), got {scaling!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    check_dropout_p(dropout_p)
     check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, im_mask=im_mask)
 
 
