@@ -243,7 +243,7 @@ def pytest_terminal_summary(terminalreporter, config):
     notes = [f"poison={os.environ.get('VLMKERN_POISON', '0')} twice={os.environ.get('VLMKERN_TWICE', '0')} "
              f"device={'cuda' if torch.cuda.is_available() else 'cpu (Triton interpreter)'}"]
     if not torch.cuda.is_available():
-        from vlmkern.ops._dispatch import interpreter_version_reason
+        from vlmkern.ops.dispatch import interpreter_version_reason
         why = interpreter_version_reason()
         if why:
             notes.append(f"Triton kernel tests skipped on the CPU: {why}")

@@ -79,7 +79,7 @@ def backend(monkeypatch, request):
     """Force a backend for the duration of a test: use with ``@pytest.mark.parametrize('backend', [...], indirect=True)``."""
     name = getattr(request, "param", "triton")
     if name == "triton" and not HAS_CUDA:
-        from vlmkern.ops._dispatch import interpreter_version_reason
+        from vlmkern.ops.dispatch import interpreter_version_reason
         too_old = interpreter_version_reason()
         if too_old:
             pytest.skip(too_old)

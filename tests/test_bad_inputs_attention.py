@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vlmkern import ops
-from vlmkern.ops._dispatch import BackendNotSupported
+from vlmkern.ops.dispatch import BackendNotSupported
 from vlmkern.ops.window_attention import patch_info_mining
 
 # vlmkern.ops re-exports the functions under the modules' names: take the modules themselves

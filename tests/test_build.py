@@ -145,7 +145,7 @@ def test_import_without_extensions_falls_back_to_reference():
 def test_forced_cpp_without_extension_says_it_is_not_built():
     res = _run_python("""
         import torch
-        from vlmkern.ops._dispatch import BackendNotSupported
+        from vlmkern.ops.dispatch import BackendNotSupported
         from vlmkern.ops.patchify import patchify
         try:
             patchify(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 4)

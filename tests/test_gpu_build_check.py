@@ -7,7 +7,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._build import KernelBuild
+from vlmkern.ops.launch import KernelBuild
 from vlmkern.tools import gpu_build_check as gbc
 
 pytest.importorskip("triton.backends.nvidia.compiler")

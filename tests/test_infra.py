@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from vlmkern.ops import _dispatch
-from vlmkern.ops._dispatch import BackendNotSupported, OpDispatch
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.dispatch import BackendNotSupported, OpDispatch
 from vlmkern.testing import assert_close, bound
 
 

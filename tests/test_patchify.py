@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vlmkern import _ext, ops, reference
-from vlmkern.ops._dispatch import BackendNotSupported
+from vlmkern.ops.dispatch import BackendNotSupported
 from vlmkern.ops.patchify import PATCHIFY, patchify
 from vlmkern.testing import assert_close
 

@@ -25,7 +25,7 @@ def _versions() -> dict[str, str]:
 def info() -> int:
     import torch
 
-    from vlmkern.ops import _dispatch
+    from vlmkern.ops import dispatch as _dispatch
 
     print("vlmkern environment")
     for k, v in _versions().items():

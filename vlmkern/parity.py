@@ -313,7 +313,7 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(only: Optional[str] = None) -> int:
-    from vlmkern.ops import _dispatch
+    from vlmkern.ops import dispatch as _dispatch
     dev = "cpu"
     print(f"vlmkern parity on {dev}, backend {_dispatch.forced_backend() or 'auto'}, random weights\n")
     rows = run_parity(only)

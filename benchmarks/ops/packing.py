@@ -24,7 +24,7 @@ def _no_grad(fn):
 
 
 def _backend(x) -> str:
-    from vlmkern.ops import _dispatch
+    from vlmkern.ops import dispatch as _dispatch
     return _dispatch.REGISTRY["gather_linear"].select(x.reshape(-1, x.shape[-1]))
 
 

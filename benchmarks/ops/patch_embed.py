@@ -74,7 +74,7 @@ def _vlmkern_patchify() -> tuple[Optional[Callable], str]:
 def _backend(op: str, *args) -> str:
     """Which backend vlmkern's dispatch picks for these inputs (what was actually timed)."""
     try:
-        from vlmkern.ops import _dispatch
+        from vlmkern.ops import dispatch as _dispatch
         return _dispatch.REGISTRY[op].select(*args)
     except Exception as exc:
         return f"? ({type(exc).__name__})"

@@ -33,7 +33,7 @@ def _case(device: str, batch: int, dtype: torch.dtype, train: bool, dims=(VISION
     nbytes = wb * (m * c_in + c_in * hidden + hidden * c_out + m * c_out) * (2 if train else 1)
 
     def setup(case: Case) -> None:
-        from vlmkern.ops import _dispatch
+        from vlmkern.ops import dispatch as _dispatch
         ours, ref = _modules(dtype, device, c_in, hidden, c_out)
         x = torch.randn(batch, TOKENS, c_in, device=device, dtype=dtype, requires_grad=train)
         g = torch.randn(batch, TOKENS, c_out, device=device, dtype=dtype)

@@ -87,7 +87,7 @@ def _xformers() -> tuple[Optional[Any], str]:
 
 def _backend(op: str, *args) -> str:
     try:
-        from vlmkern.ops import _dispatch
+        from vlmkern.ops import dispatch as _dispatch
         return _dispatch.REGISTRY[op].select(*args)
     except Exception as exc:
         return f"? ({type(exc).__name__})"

@@ -82,7 +82,7 @@ def _plora_case(device, tokens, shape, frac, dtype, train, compile_ref=False) ->
     def setup(case: Case) -> None:
         from vlmkern import reference
         from vlmkern.nn import PLoRA
-        from vlmkern.ops import _dispatch
+        from vlmkern.ops import dispatch as _dispatch
         torch.manual_seed(0)
         orig = OriginalPLoRA(k, n, RANK, device=device, dtype=dtype).eval()
         ours = PLoRA(k, n, bias=False, lora_r=RANK, lora_alpha=RANK, device=device, dtype=dtype).eval()
@@ -127,7 +127,7 @@ def _expert_case(device, tokens, shape, dtype, train, compile_ref=False) -> Case
 
     def setup(case: Case) -> None:
         from vlmkern import reference
-        from vlmkern.ops import _dispatch, cogvlm_expert_ids, expert_linear
+        from vlmkern.ops import cogvlm_expert_ids, dispatch as _dispatch, expert_linear
         torch.manual_seed(0)
         lang = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         vis = nn.Linear(k, n, bias=False, device=device, dtype=dtype)

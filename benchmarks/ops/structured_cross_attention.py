@@ -44,7 +44,7 @@ def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16, compile_r
 
     def setup(case: Case) -> None:
         from vlmkern.models.qwen_vl import Resampler
-        from vlmkern.ops import _dispatch
+        from vlmkern.ops import dispatch as _dispatch
         torch.manual_seed(0)
         m = Resampler(grid, D, H, kv_dim, partial(nn.LayerNorm, eps=1e-6)).to(device, dtype)
         x = torch.randn(B, L, kv_dim, device=device, dtype=dtype, requires_grad=train)
@@ -75,7 +75,7 @@ def _mining_case(device, dtype, train, B, pn, M, C, C_aux, compile_ref=False) ->
 
     def setup(case: Case) -> None:
         from vlmkern.models.mini_gemini import PatchInfoMining
-        from vlmkern.ops import _dispatch
+        from vlmkern.ops import dispatch as _dispatch
         from vlmkern.reference.window_attention import patch_info_mining as original
         torch.manual_seed(0)
         m = PatchInfoMining(C, C_aux).to(device, dtype)
@@ -118,7 +118,7 @@ def _cogagent_case(device, dtype, train, B, Lq, Lk, hidden, H, d) -> Case:
 
     def setup(case: Case) -> None:
         from vlmkern.models.cogagent import CrossAttention
-        from vlmkern.ops import _dispatch
+        from vlmkern.ops import dispatch as _dispatch
         torch.manual_seed(0)
         cfg = SimpleNamespace(hidden_size=hidden, cross_hidden_size=Cc, cross_compute_hidden_size=Cc,
                               num_attention_heads=H)

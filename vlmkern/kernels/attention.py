@@ -28,7 +28,7 @@ from typing import Sequence
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._build import KernelBuild, launched, register_builds
+from vlmkern.ops.launch import KernelBuild, launched, register_builds
 from vlmkern.kernels._common import dot
 
 MODE_FULL, MODE_UNIMODAL, MODE_CAUSAL = 0, 1, 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._build import KernelBuild, launched, register_builds
+from vlmkern.ops.launch import KernelBuild, launched, register_builds
 from vlmkern.kernels._common import dot, grouped_tile
 
 # tl.constexpr: a plain module float is a NameError inside @jit on a GPU (the interpreter accepts it).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._build import KernelBuild, launched, register_builds
+from vlmkern.ops.launch import KernelBuild, launched, register_builds
 
 _FMAX = tl.constexpr(3.4028234663852886e38)
 

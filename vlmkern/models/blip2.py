@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
-from vlmkern.ops._checks import check_tensor
+from vlmkern.ops.checks import check_tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)

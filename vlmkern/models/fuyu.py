@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vlmkern import reference
 from vlmkern.nn.patch_embed import PatchEmbedLinear
-from vlmkern.ops._checks import check_same_device, check_tensor
+from vlmkern.ops.checks import check_same_device, check_tensor
 
 try:  # the C++/CUDA data-loader patchify; the reference computes the same values
     from vlmkern.ops.patchify import patchify as _patchify_op

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vlmkern.models.blip2 import QFormerModelBase, check_ids
 from vlmkern.nn.qformer import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
-from vlmkern.ops._checks import check_tensor
+from vlmkern.ops.checks import check_tensor
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ID_DTYPES = (torch.int64, torch.int32)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkern.nn.plora import PLoRA
-from vlmkern.ops._checks import check_tensor
+from vlmkern.ops.checks import check_tensor
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
 # The original's decoder passes ``padding_mask`` on (deprecated and unused there): accepted, anything else is a typo.

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlmkern.models.llava_next import projector_parameters
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops._checks import autocasting, check_same_device, check_tensor
+from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
 from vlmkern.ops.packing import _gather_linear
 
 TILE = 336

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops._checks import autocasting, check_same_device, check_tensor
+from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
 from vlmkern.ops.packing import _gather_linear
 
 # llava-hf/llava-v1.6-* config: image_grid_pinpoints, vision_config.image_size, vision_config.patch_size.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vlmkern.ops._checks import check_tensor
+from vlmkern.ops.checks import check_tensor
 from vlmkern.ops.window_attention import patch_info_mining, window_grid
 
 

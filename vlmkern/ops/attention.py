@@ -20,10 +20,10 @@ from torch import Tensor
 
 from vlmkern.reference import attention as ref_attention
 from vlmkern.reference.attention import additive_mask as _additive
-from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import (check_dropout_p, INT32_MAX, autocast_inputs, check_same_device, check_tensor,
-                                 int32_span_reasons)
-from vlmkern.ops._dispatch import OpDispatch, register
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.checks import (check_dropout_p, INT32_MAX, autocast_inputs, check_same_device, check_tensor,
+                                 int32_offset_reasons)
+from vlmkern.ops.dispatch import OpDispatch, register
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -133,7 +133,7 @@ def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     rows = max(q.shape[2], k.shape[2]) * q.shape[3]
     if rows > INT32_MAX:      # the contiguous out/dq/dk/dv slices, whatever q/k/v's strides
         why.append(f"a (batch, head) slice of the result or gradients holds {rows} elements (offset in int32)")
-    return why + int32_span_reasons((2, 3), q=q, k=k, v=v) + int32_span_reasons((1,), key_mask=key_mask)
+    return why + int32_offset_reasons((2, 3), q=q, k=k, v=v) + int32_offset_reasons((1,), key_mask=key_mask)
 
 
 QFORMER_ATTENTION = register(OpDispatch("qformer_attention", {

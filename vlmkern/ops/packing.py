@@ -20,10 +20,10 @@ import torch
 from torch import Tensor
 
 from vlmkern.reference import packing as _reference
-from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import (autocast_inputs, check_same_device, check_tensor, float64_reason,
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.checks import (MAX_BLOCK, autocast_inputs, check_same_device, check_tensor, float64_reason,
                                  int32_offset_reasons, is_meta, rows_2d)
-from vlmkern.ops._dispatch import OpDispatch, register
+from vlmkern.ops.dispatch import OpDispatch, register
 from vlmkern.ops.projector import _gelu_backward_op
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
@@ -78,7 +78,7 @@ def _triton_reasons(x, index=None, weight=None, extra=None, *_, **__) -> list[st
     reasons = _dispatch.triton_env_reasons(x.device) + float64_reason(x)
     if x.dim() >= 2:  # x's rows and tokens are offset in 64-bit, its channels in 32-bit
         x_rows = torch.empty_strided(x.shape[-2:], x.stride()[-2:], device="meta")
-        reasons += int32_offset_reasons(x=x_rows, index=index, weight=weight, extra=extra)
+        reasons += int32_offset_reasons(margin=MAX_BLOCK, x=x_rows, index=index, weight=weight, extra=extra)
     return reasons
 
 

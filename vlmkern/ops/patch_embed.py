@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from vlmkern import reference
-from vlmkern.ops import _dispatch
-from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops._checks import autocast_inputs, check_finite_scalar, check_same_device, check_tensor, int32_span_reasons, INT32_MAX
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.dispatch import OpDispatch, register
+from vlmkern.ops.checks import autocast_inputs, check_finite_scalar, check_same_device, check_tensor, int32_offset_reasons, INT32_MAX
 
 _FLOAT_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_WEIGHTS = (torch.float16, torch.bfloat16, torch.float32)
@@ -89,7 +89,7 @@ def _triton_reasons(pixels, weight, *_, **__) -> list[str]:
     B, C, H, W = pixels.shape
     if C * H * W > INT32_MAX:
         why.append(f"one image holds {C * H * W} elements (the pixel gradient is offset in int32 per image)")
-    return why + int32_span_reasons((1, 2, 3), pixels=pixels) + int32_span_reasons((1,), weight=weight)
+    return why + int32_offset_reasons((1, 2, 3), pixels=pixels) + int32_offset_reasons((1,), weight=weight)
 
 
 PATCH_EMBED = register(OpDispatch("patch_embed", {

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from vlmkern import _ext, reference
-from vlmkern.ops import _dispatch
-from vlmkern.ops._dispatch import OpDispatch, register
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.dispatch import OpDispatch, register
 from vlmkern.ops.patch_embed import _norm_list, check_pixels, check_scalars
 
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

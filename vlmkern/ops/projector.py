@@ -12,10 +12,10 @@ import torch
 from torch import Tensor
 
 
-from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import (autocast_inputs, check_same_device, check_tensor, float64_reason,
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.checks import (MAX_BLOCK, autocast_inputs, check_same_device, check_tensor, float64_reason,
                                  int32_offset_reasons, rows_2d)
-from vlmkern.ops._dispatch import OpDispatch, register
+from vlmkern.ops.dispatch import OpDispatch, register
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
 
@@ -39,7 +39,7 @@ def _check_linear(x, weight, bias, name_x="x") -> None:
 def _triton_reasons(x, weight=None, *_, **__) -> list[str]:
     x2 = rows_2d(x) if x.dim() else x
     return (_dispatch.triton_env_reasons(x.device) + float64_reason(x)
-            + int32_offset_reasons(x=x2, weight=weight))
+            + int32_offset_reasons(margin=MAX_BLOCK, x=x2, weight=weight))
 
 
 LINEAR_GELU = register(OpDispatch("linear_gelu", {

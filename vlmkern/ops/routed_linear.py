@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from vlmkern.reference import routed_linear as ref
-from vlmkern.ops import _dispatch
-from vlmkern.ops._dispatch import OpDispatch, register
-from vlmkern.ops._checks import (check_dropout_p, autocast_inputs, check_same_device, check_tensor, float64_reason,
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.dispatch import OpDispatch, register
+from vlmkern.ops.checks import (MAX_BLOCK, check_dropout_p, autocast_inputs, check_same_device, check_tensor, float64_reason,
                                  int32_offset_reasons, INT32_MAX, is_meta, rows_2d)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
@@ -119,7 +119,7 @@ def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
 # ------------------------------------------------------------------------------------------- dispatch
 def _triton_reasons(x, *_, **operands) -> list[str]:
     """``operands``: every tensor the launch reads, by name (their 32-bit offsets are checked)."""
-    return _dispatch.triton_env_reasons(x.device) + float64_reason(x) + int32_offset_reasons(x=x, **operands)
+    return _dispatch.triton_env_reasons(x.device) + float64_reason(x) + int32_offset_reasons(margin=MAX_BLOCK, x=x, **operands)
 
 
 def _expert_reasons(x, *_, **operands) -> list[str]:

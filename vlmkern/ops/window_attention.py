@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmkern.ops import _dispatch
-from vlmkern.ops._checks import autocasting, check_finite_scalar, check_same_device, check_tensor, int32_span_reasons, INT32_MAX
-from vlmkern.ops._dispatch import OpDispatch, register
+from vlmkern.ops import dispatch as _dispatch
+from vlmkern.ops.checks import autocasting, check_finite_scalar, check_same_device, check_tensor, int32_offset_reasons, INT32_MAX
+from vlmkern.ops.dispatch import OpDispatch, register
 from vlmkern.reference.window_attention import window_patches
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,7 +75,7 @@ def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
     per_batch = math.prod(images_aux.shape[1:])
     if per_batch > INT32_MAX:
         why.append(f"one images_aux batch element holds {per_batch} elements (its gradient is offset in int32)")
-    return why + int32_span_reasons((1, 2, 3), images_aux=images_aux) + int32_span_reasons((2,), u=u)
+    return why + int32_offset_reasons((1, 2, 3), images_aux=images_aux) + int32_offset_reasons((2,), u=u)
 
 
 WINDOW_ATTENTION = register(OpDispatch("window_attention", {

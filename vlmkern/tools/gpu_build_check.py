@@ -3,8 +3,8 @@
     python -m vlmkern.tools.gpu_build_check [--arch 80 90] [--filter SUBSTRING] [--jobs N] [--json PATH]
                                             [--no-cache] [--unaligned]
 
-* Triton: imports every module under ``vlmkern.kernels`` so their ``register_builds(...)`` fill
-  ``vlmkern.kernels._build.SHIPPED``, then compiles each entry with ``triton.compile`` for each ``--arch``
+* Triton: imports every Triton backend ``vlmkern.ops.<family>._triton`` so their ``register_builds(...)`` fill
+  ``vlmkern.ops.launch.SHIPPED``, then compiles each entry with ``triton.compile`` for each ``--arch``
   down to a cubin. Registers and spills come from the ptxas log (``TRITON_DUMP_PTXAS_LOG``), shared memory
   from the compiled metadata (``shared``, dynamic) plus any static ``smem`` ptxas reports.
   ``CompiledKernel.n_regs``/``n_spills`` are not usable: Triton fills them only when it loads the cubin
@@ -209,16 +209,21 @@ def _demangle(names: Iterable[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------- Triton discovery
 
 def discover_builds() -> tuple[list[Any], list[str]]:
-    """Import every ``vlmkern.kernels`` module; return (SHIPPED builds, import-error notes)."""
-    import vlmkern.kernels as pkg
-    from vlmkern.kernels import _build
+    """Import every Triton backend (``vlmkern.ops.<family>._triton``, which registers its launches' builds) and
+    every ``vlmkern.kernels`` module; return (SHIPPED builds, import-error notes)."""
+    import vlmkern.kernels
+    import vlmkern.ops
+    from vlmkern.ops import launch as _build
 
     errors = []
-    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+    names = [i.name for i in pkgutil.walk_packages(vlmkern.kernels.__path__, "vlmkern.kernels.")]
+    names += [i.name for i in pkgutil.walk_packages(vlmkern.ops.__path__, "vlmkern.ops.")
+              if i.name.endswith("._triton")]
+    for name in names:
         try:
-            importlib.import_module(info.name)
+            importlib.import_module(name)
         except Exception as exc:  # a broken kernels module is a build failure, reported as such
-            errors.append(f"{info.name}: {type(exc).__name__}: {exc}")
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
     return list(_build.SHIPPED), errors
 
 

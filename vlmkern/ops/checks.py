@@ -1,4 +1,5 @@
-"""Argument checks shared by every op: each error names the argument and what was expected."""
+"""Argument checks shared by every op, and by the modules and models above them: each error names the argument
+and what was expected, before any launch."""
 from __future__ import annotations
 
 import math
@@ -29,30 +30,37 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {dev} but {first_name} is on {first}: all inputs must share one device")
 
 
-# --------------------------------------------------------------------- shared by the routed / projector ops
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)   # float64: the reference backend only
+INDEX_DTYPES = (torch.int32, torch.int64)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
 INT32_MAX = 2**31 - 1
 # The largest tile edge any shipped config uses: an index runs up to size + block before its mask applies.
 MAX_BLOCK = 128
 
 
-def int32_offset_reasons(**tensors) -> list[str]:
+def int32_offset_reasons(dims: Iterable[int] | None = None, *, margin: int = 0, **tensors) -> list[str]:
     """Why a Triton launch reading ``tensors`` could overflow a 32-bit offset (empty list: it cannot).
 
-    The kernels offset along each operand's first dim (rows) in 64-bit and along every other dim in 32-bit
-    (``index * stride``, and ``block * stride`` pointer steps along both). Reads shapes and strides only,
-    so meta tensors answer too. None entries are skipped.
+    The kernels offset dims ``dims`` of each tensor in 32-bit (``index * stride`` summed) and the others in
+    64-bit (batch / head / row bases). ``margin`` is how far a tile index runs past a dim's size before its mask
+    applies (:data:`MAX_BLOCK` for the tiled GEMMs). ``dims=None`` is the GEMM layout: every dim but the first
+    (rows) in 32-bit, and rows stepped by ``margin * stride`` in 32-bit pointer increments. Shapes and strides
+    only, so meta tensors answer too; None and empty tensors are skipped.
     """
-    reasons = []
+    why = []
     for name, t in tensors.items():
-        if t is None or t.dim() == 0:
+        if t is None or t.dim() == 0 or t.numel() == 0:
             continue
         size, stride = t.shape, t.stride()
-        terms = [size[0] + MAX_BLOCK, MAX_BLOCK * abs(stride[0])]
-        terms += [(size[i] + MAX_BLOCK) * abs(stride[i]) for i in range(1, t.dim())]
-        if max(terms) > INT32_MAX:
-            reasons.append(f"{name} of shape {tuple(size)} and strides {tuple(stride)} needs offsets beyond "
-                           f"2**31-1, which the Triton kernels compute in 32-bit")
-    return reasons
+        ds = range(1, t.dim()) if dims is None else [i for i in dims if i < t.dim()]
+        reach = sum((size[i] - 1 + margin) * abs(stride[i]) for i in ds)
+        if dims is None:
+            reach = max(reach, size[0] + margin, margin * abs(stride[0]))
+        if reach > INT32_MAX:
+            why.append(f"{name} of shape {tuple(size)} and strides {tuple(stride)} needs offsets up to {reach} "
+                       f"beyond 2**31-1 (the Triton kernels compute them in int32)")
+    return why
 
 
 def float64_reason(x) -> list[str]:
@@ -89,25 +97,8 @@ def autocasting(x) -> bool:
     return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
 
 
-# ----------------------------------------------------------- shared by the attention / patch ops
-def int32_span_reasons(dims: Iterable[int], **tensors) -> list[str]:
-    """Why a kernel that indexes dims ``dims`` of each tensor with 32-bit offsets (batch/head bases are 64-bit)
-    could overflow: the largest such offset, ``Σ (n-1)·|stride|``, exceeds ``2**31 - 1``. Shapes and strides only
-    (meta tensors work), so the decision is testable without allocating."""
-    dims = tuple(dims)
-    why = []
-    for name, t in tensors.items():
-        if t is None or t.numel() == 0:
-            continue
-        span = sum((t.shape[i] - 1) * abs(t.stride(i)) for i in dims if i < t.dim())
-        if span > INT32_MAX:
-            why.append(f"{name} spans {span + 1} elements in dims {dims} (the kernel offsets them in int32)")
-    return why
-
-
 def check_finite_scalar(value, name: str, *, minimum: float | None = None) -> float:
     """``value`` as a float: a real, finite number (TypeError otherwise, as for a wrong type), ``>= minimum`` when given (ValueError)."""
-    import math
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
     if minimum is not None and value < minimum:

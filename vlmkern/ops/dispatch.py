@@ -1,7 +1,16 @@
-"""Backend selection that explains itself.
+"""Backend selection that explains itself, and per-device registration of each op's backends.
 
 Every op family registers an :class:`OpDispatch` naming its backends in order of preference, each with a
-``not_supported_reasons(*args, **kwargs) -> list[str]`` (empty list = can run). ``VLMKERN_BACKEND`` in
+``not_supported_reasons(*args, **kwargs) -> list[str]`` (empty list = can run), derived from the backend's
+:class:`Capabilities` (data: dtypes, head dims, alignment) plus the environment (Triton importable, extension
+built, device). :func:`implement` registers a custom op's kernel per device type (``torch.library``'s
+``register_kernel``): on each device the op runs the first backend of that device that can take the inputs.
+
+The backends: ``triton`` (``ops/<family>/_triton.py``: launchers beside their build signatures; CUDA tensors,
+or CPU tensors under ``TRITON_INTERPRET=1`` when forced), ``cuda`` / ``cpp`` (the compiled extension), and
+``reference``: the op family's pure-PyTorch backend (``ops/<family>/_torch.py``), which runs on any device
+and never refuses. It computes what the oracle in ``vlmkern.reference`` specifies, written for speed, and
+never imports it: the oracle checks it. ``VLMKERN_BACKEND`` in
 the environment forces one backend for every op: an op that lacks that backend, or whose forced backend
 cannot take an input, raises :class:`BackendNotSupported` saying why instead of silently running another.
 
@@ -20,6 +29,8 @@ import torch
 from vlmkern import _ext
 
 BACKENDS = ("cuda", "triton", "cpp", "reference")
+# Device types each backend's launches take ("*": any).
+BACKEND_DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpp": ("cpu",), "reference": ("*",)}
 ENV_VAR = "VLMKERN_BACKEND"
 
 ReasonsFn = Callable[..., list[str]]
@@ -107,6 +118,33 @@ def cpu_ext_reasons(device: torch.device) -> list[str]:
     return reasons
 
 
+_DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+               torch.float64: "float64"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend's kernels take, as data; :meth:`reasons` derives the not-supported reasons from it.
+
+    ``dtypes``: floating dtypes the kernels are built for; ``head_dims``: the head dims built (None: any);
+    ``alignment``: elements the innermost width must be a multiple of (1: any)."""
+
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+    head_dims: tuple[int, ...] | None = None
+    alignment: int = 1
+
+    def reasons(self, dtype: torch.dtype, *, head_dim: int | None = None, width: int | None = None) -> list[str]:
+        why = []
+        if dtype not in self.dtypes:
+            names = ", ".join(_DTYPE_NAME.get(d, str(d)) for d in self.dtypes)
+            why.append(f"dtype {_DTYPE_NAME.get(dtype, dtype)} is not supported by the kernels (built for {names})")
+        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
+            why.append(f"head_dim {head_dim} (the kernels are built for {self.head_dims})")
+        if width is not None and width % self.alignment:
+            why.append(f"width {width} is not a multiple of {self.alignment}")
+        return why
+
+
 @dataclass
 class OpDispatch:
     """Backends of one op, in preference order; ``reference`` must always be able to run."""
@@ -120,6 +158,10 @@ class OpDispatch:
         return self.backends[backend](*args, **kwargs)
 
     def select(self, *args, **kwargs) -> str:
+        return self.select_among(self.backends, *args, **kwargs)
+
+    def select_among(self, names, *args, **kwargs) -> str:
+        """:meth:`select` restricted to the backends ``names`` (those registered for one device type)."""
         forced = forced_backend()
         if forced is not None:
             if forced not in self.backends:
@@ -136,7 +178,7 @@ class OpDispatch:
             return forced
         debug = log.isEnabledFor(logging.DEBUG)  # off: no reason strings joined (host overhead per call)
         skipped = []
-        for backend in self.backends:
+        for backend in names:
             why = self.reasons(backend, *args, **kwargs)
             if not why:
                 if debug:
@@ -146,6 +188,24 @@ class OpDispatch:
             if debug:
                 skipped.append((backend, why))
         raise BackendNotSupported(f"no backend can run vlmkern::{self.name}")  # reference never refuses
+
+
+def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Callable[..., tuple]) -> None:
+    """Register ``op``'s kernel per device type from ``impls`` (backend name -> function of the op's arguments).
+
+    Each device type gets a kernel that runs the first of its backends (in ``dispatch`` order) that can take
+    the inputs (:meth:`OpDispatch.select_among` on ``probe(*op_args)``); ``reference`` serves every device type
+    without a kernel of its own. The op's own body should be the reference implementation."""
+    order = [b for b in dispatch.backends if b in impls]
+    devices = {d for b in order for d in BACKEND_DEVICES[b] if d != "*"}
+    for device in sorted(devices):
+        names = tuple(b for b in order if device in BACKEND_DEVICES[b] or "*" in BACKEND_DEVICES[b])
+        if names == ("reference",):
+            continue
+
+        def kernel(*args, _names=names):
+            return impls[dispatch.select_among(_names, *probe(*args))](*args)
+        op.register_kernel(device)(kernel)
 
 
 def eager_cpu_reference(dispatch: OpDispatch, x: torch.Tensor, *args) -> bool:
