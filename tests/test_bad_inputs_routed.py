@@ -27,7 +27,7 @@ from vlmkern import ops
 from vlmkern.models import cogvlm, internlm_xcomposer2 as ixc, internlm_xcomposer2_hd as ixc_hd, llava_next
 from vlmkern.nn import MLPProjector, PLoRA
 from vlmkern.ops.dispatch import BackendNotSupported
-from vlmkern.ops.packing import gather_linear, gather_linear_gelu
+from vlmkern.ops.projector import gather_linear, gather_linear_gelu
 from vlmkern.ops.routed_linear import EXPERT_LINEAR, PARTIAL_LORA, cogvlm_expert_ids, expert_linear, partial_lora_linear
 from vlmkern.reference import packing as ref_packing, projector as ref_projector, routed_linear as ref
 

@@ -3,7 +3,7 @@ bad input."""
 import pytest
 import torch
 
-from vlmkern.ops.packing import gather_linear, gather_linear_gelu
+from vlmkern.ops.projector import gather_linear, gather_linear_gelu
 from vlmkern.reference import packing as reference
 from vlmkern.testing import assert_close
 
@@ -95,7 +95,7 @@ def test_no_bias(backend, device):
 
 
 def test_reference_backend_is_default_on_cpu_without_interpreter(monkeypatch):
-    from vlmkern.ops.packing import GATHER_LINEAR
+    from vlmkern.ops.projector import GATHER_LINEAR
     monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
     x, index, w, *_ = _case("cpu", torch.float32, G=1, T=4, C=8, R=3, P=1, N=8)
     assert GATHER_LINEAR.select(x, index, w) == "reference"

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import examples
 from vlmkern import ops
-from vlmkern.ops.packing import gather_linear, gather_linear_gelu
+from vlmkern.ops.projector import gather_linear, gather_linear_gelu
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear, partial_lora_linear
 from vlmkern.reference import packing as ref_packing, projector as ref_projector, routed_linear as ref
 from vlmkern.testing import assert_close

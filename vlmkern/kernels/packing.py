@@ -10,11 +10,9 @@ GEMM but set to the ``fill`` vector (LLaVA-NeXT's ``image_newline``, which lives
 """
 from __future__ import annotations
 
-
 import triton
 import triton.language as tl
 
-from vlmkern.ops.launch import KernelBuild, launched, register_builds
 from vlmkern.kernels._common import dot, grouped_tile
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -77,42 +75,3 @@ def _gather_linear_fwd_kernel(
         f = tl.load(fill_ptr + rn, mask=n_ok, other=0.0).to(out_ptr.dtype.element_ty)
         y = tl.where((first < 0)[:, None], f[None, :], y)
     tl.store(out_ptr + offs, y, mask=mask)
-
-
-# Per element type, checked spill-free on sm_80 and sm_90 by the build check. fp32 runs on FMA units (ieee) unless
-# TF32 is allowed, and needs a small tile to stay in registers.
-GATHER_LINEAR_CONFIGS = {
-    "fp16": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "bf16": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-}
-
-# (GELU, HAS_EXTRA, HAS_FILL, SAVE_PRE) combinations the models launch: the first projector GEMM (with or
-# without separator rows, with or without a saved pre-activation) and LLaVA-NeXT's second GEMM with the newline.
-SHIPPED_FLAGS = [(True, False, False, False), (True, False, False, True), (True, True, False, False),
-                 (True, True, False, True), (False, False, True, False)]
-
-
-def _builds() -> list[KernelBuild]:
-    out = []
-    names = ("R", "N", "C", "P", "T", "M", "ME", "s_xg", "s_xt", "s_xc", "s_em", "s_ec", "s_ir", "s_ip",
-             "s_wn", "s_wk", "s_om", "s_on")
-    # What the models pass: unit strides along channels / pieces (specialised to 1 by Triton at launch, and the
-    # LLaVA-NeXT (R, 1) index has unit row stride too), 16-aligned pointers, widths and row strides.
-    aligned = ("C", "N", "s_xg", "s_xt", "s_em", "s_wn", "s_om")
-    for t in ("*fp16", "*bf16", "*fp32"):
-        cfg = GATHER_LINEAR_CONFIGS[t[1:]]
-        for it in ("*i32", "*i64"):
-            for gelu, extra, fill, save in SHIPPED_FLAGS:
-                ones = ("s_xc", "s_ec", "s_wk", "s_on", "s_ip") + (() if extra else ("s_ir",))
-                types = {"x_ptr": t, "e_ptr": t, "idx_ptr": it, "w_ptr": t, "b_ptr": t, "fill_ptr": t,
-                         "out_ptr": t, "pre_ptr": t, **{n: "i32" for n in names}}
-                consts = {"HAS_BIAS": True, "HAS_EXTRA": extra, "HAS_FILL": fill, "GELU": gelu, "SAVE_PRE": save,
-                          "UPCAST": False, "INPUT_PRECISION": "ieee" if t == "*fp32" else "tf32", **cfg}
-                out.append(launched(
-                    f"gather_linear_fwd[{t[1:]},{it[1:]},gelu={gelu},extra={extra},fill={fill},save_pre={save}]",
-                    _gather_linear_fwd_kernel, types, consts, cfg, unit=ones, div16=aligned))
-    return out
-
-
-register_builds(*_builds())

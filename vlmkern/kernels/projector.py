@@ -4,11 +4,9 @@ elementwise step.
 ``out = gelu(x Wᵀ + b)`` with ``gelu(z) = z/2 · (1 + erf(z/√2))`` (``nn.GELU()``, LLaVA's ``mlp2x_gelu``).
 """
 from __future__ import annotations
-
 import triton
 import triton.language as tl
 
-from vlmkern.ops.launch import KernelBuild, launched, register_builds
 from vlmkern.kernels._common import dot, grouped_tile
 
 # tl.constexpr: a plain module float is a NameError inside @jit on a GPU (the interpreter accepts it).
@@ -57,29 +55,3 @@ def _gelu_bwd_kernel(grad_ptr, pre_ptr, dpre_ptr, numel, BLOCK: tl.constexpr):
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     d = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
     tl.store(dpre_ptr + offs, (g * d).to(dpre_ptr.dtype.element_ty), mask=mask)
-
-
-LINEAR_GELU_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-                      4: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
-GELU_BWD_CONFIG = dict(BLOCK=1024, num_warps=4, num_stages=1)
-
-
-def _builds() -> list[KernelBuild]:
-    """Contiguous row-major x and weight (unit innermost strides), 16-divisible widths."""
-    out = []
-    for t, size in (("*fp16", 2), ("*bf16", 2), ("*fp32", 4)):
-        cfg = LINEAR_GELU_CONFIG[size]
-        types = {"x_ptr": t, "w_ptr": t, "b_ptr": t, "out_ptr": t, "pre_ptr": t,
-                 **{n: "i32" for n in ("M", "N", "K", "s_xm", "s_wn", "s_om")}}
-        for save in (False, True):
-            consts = {"HAS_BIAS": True, "SAVE_PRE": save, "UPCAST": False,
-                      "INPUT_PRECISION": "ieee" if size == 4 else "tf32", **cfg}
-            out.append(launched(f"linear_gelu_fwd[{t[1:]},save_pre={save}]", _linear_gelu_fwd_kernel, types, consts,
-                                cfg, unit=("s_xk", "s_wk", "s_on"), div16=("N", "K", "s_xm", "s_wn", "s_om")))
-        out.append(launched(f"gelu_bwd[{t[1:]}]", _gelu_bwd_kernel,
-                            {"grad_ptr": t, "pre_ptr": t, "dpre_ptr": t, "numel": "i32"},
-                            {"BLOCK": GELU_BWD_CONFIG["BLOCK"]}, GELU_BWD_CONFIG))
-    return out
-
-
-register_builds(*_builds())

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from vlmkern.models.llava_next import projector_parameters
 from vlmkern.nn.projector import MLPProjector
 from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
-from vlmkern.ops.packing import _gather_linear
+from vlmkern.ops import gather_linear
 
 TILE = 336
 VIT_SIDE = 24            # CLIP ViT-L/14-336: 24x24 patch tokens per tile (12x12 after the 2x2 merge)
@@ -250,7 +250,7 @@ def project_and_pack(features, grids, glb_GN: Tensor, sub_GN: Tensor,
     check_same_device(features=x, projector=W1, glb_GN=glb_GN, sub_GN=sub_GN)
     side = math.isqrt(x.shape[1])
     index = _batch_index(grids, side, str(x.device))
-    h = _gather_linear(x, index, W1, b1, extra=extra, gelu=True, validate_values=False)
+    h = gather_linear(x, index, W1, b1, extra=extra, gelu=True, validate_values=False)
     out = F.linear(h, W2, b2)
     lens = [tokens_per_image(gh, gw, side) for gh, gw in grids]
     return list(torch.split(out, lens)), lens

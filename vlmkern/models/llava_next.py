@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlmkern.nn.projector import MLPProjector
 from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
-from vlmkern.ops.packing import _gather_linear
+from vlmkern.ops import gather_linear
 
 # llava-hf/llava-v1.6-* config: image_grid_pinpoints, vision_config.image_size, vision_config.patch_size.
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -360,9 +360,9 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
     keys = tuple(_plan_key(s, n, T, pins, tile_size, patch_size, image_newline is not None, f"features[{i}]")
                  for i, (s, n) in enumerate(zip(sizes, counts)))
     kept, source = _batch_index(keys, str(x.device))
-    h = _gather_linear(x, kept, W1, b1, gelu=True, validate_values=False)
+    h = gather_linear(x, kept, W1, b1, gelu=True, validate_values=False)
     fill = None if image_newline is None else image_newline.to(h.dtype)
-    out = _gather_linear(h, source, W2, b2, fill=fill, validate_values=False)
+    out = gather_linear(h, source, W2, b2, fill=fill, validate_values=False)
     lens = [_plan(*k).source.numel() for k in keys]
     return list(torch.split(out, lens)), torch.tensor(lens, dtype=torch.long, device=x.device)
 
