@@ -1,4 +1,5 @@
 """``python -m vlmkern parity`` (table of every drop-in vs its original) and the ``bench`` subcommand."""
+import ast
 import os
 import shutil
 import subprocess
@@ -71,6 +72,27 @@ def test_every_row_runs_from_an_installed_package(tmp_path):
     for component, _, _ in parity.CASES:
         assert component in lines, (component, res.stdout)
         assert lines[component].split()[-1] == "ok", lines[component]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return names | {n.module or "." for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+
+def test_originals_are_plain_pytorch_and_vlmkern_never_reaches_into_tests():
+    """The ports are the oracle: nothing of what they check (ops, nn, models) in them; and no module of the
+    package imports the repository's tests (by name or through a string)."""
+    allowed = {"math", "types", "numpy", "torch", "torch.nn", "torch.nn.functional", "PIL",
+               "torchvision.transforms"}
+    ports = sorted((ROOT / "vlmkern" / "reference" / "originals").glob("*.py"))
+    assert {p.stem for p in ports} >= {"qwen_vl", "internlm_xcomposer2", "cogvlm", "cogagent", "mini_gemini"}
+    for path in ports:
+        assert _imports(path) <= allowed, (path.name, _imports(path) - allowed)
+    for path in (ROOT / "vlmkern").rglob("*.py"):
+        strings = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+                   and isinstance(n.value, str)}
+        assert not any(m == "tests" or m.startswith("tests.") for m in _imports(path) | strings), path
 
 
 def test_bench_without_checkout_explains(monkeypatch, capsys):

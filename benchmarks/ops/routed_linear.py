@@ -109,6 +109,7 @@ def _expert_case(device, tokens, shape, dtype, train, compile_ref=False) -> Case
     def setup(case: Case) -> None:
         from vlmkern import reference
         from vlmkern.ops import cogvlm_expert_ids, dispatch as _dispatch, expert_linear
+        from vlmkern.reference.originals.cogvlm import get_expert_mask
         torch.manual_seed(0)
         lang = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         vis = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
@@ -116,13 +117,13 @@ def _expert_case(device, tokens, shape, dtype, train, compile_ref=False) -> Case
         types = torch.zeros(1, tokens, dtype=torch.long, device=device)
         types[:, 1:1 + tokens // 2] = 1                   # [BOS] + vision run + text
         ids = cogvlm_expert_ids(types)
-        vmask = ids.bool()
+        vmask, lmask = get_expert_mask(types)
         grad = torch.randn(1, tokens, n, device=device, dtype=dtype)
 
         def original():
             out = torch.empty(1, tokens, n, device=device, dtype=dtype)
             out[vmask] = vis(x[vmask])
-            out[~vmask] = lang(x[~vmask])
+            out[lmask] = lang(x[lmask])
             return out
 
         g = grad if train else None
