@@ -30,6 +30,7 @@ from vlmkern.ops.dispatch import BackendNotSupported
 from vlmkern.ops.projector import gather_linear, gather_linear_gelu
 from vlmkern.ops.routed_linear import EXPERT_LINEAR, PARTIAL_LORA, cogvlm_expert_ids, expert_linear, partial_lora_linear
 from vlmkern.reference import packing as ref_packing, projector as ref_projector, routed_linear as ref
+from vlmkern.reference.originals.internlm_xcomposer2 import plora_forward as original_plora
 
 INF, NAN = float("inf"), float("nan")
 META = "meta"
@@ -321,9 +322,9 @@ X, MASK = torch.randn(2, 3, 8), torch.tensor([[True, False, True], [False, False
 case(T, "dtype", lambda: _plora_mod()(X.half(), MASK), Raises(TypeError, "weight dtype float32 must match x dtype"))
 case(T, "dtype", lambda: _plora_mod()(X, MASK.long()), Raises(TypeError, "im_mask must have dtype bool"))
 case(T, "float64", lambda: _plora_mod(torch.float64)(X.double(), MASK),
-     close_to(lambda: ref.original_plora(X.double(), *[p.detach() for p in _plora_mod(torch.float64).parameters()][:2],
-                                         _plora_mod(torch.float64).Plora_A.weight.detach(),
-                                         _plora_mod(torch.float64).Plora_B.weight.detach(), MASK, 2.0)), float64=True)
+     close_to(lambda: original_plora(X.double(), *[p.detach() for p in _plora_mod(torch.float64).parameters()][:2],
+                                     _plora_mod(torch.float64).Plora_A.weight.detach(),
+                                     _plora_mod(torch.float64).Plora_B.weight.detach(), MASK, 2.0)), float64=True)
 case(T, "rank", lambda: _plora_mod()(torch.tensor(1.0), None), Raises(ValueError, "x must have at least 1 dimension"))
 case(T, "shape", lambda: _plora_mod()(torch.randn(2, 3, 7), MASK), Raises(ValueError, "in_features=8"))
 case(T, "shape", lambda: _plora_mod()(X, MASK[:, :2]), Raises(ValueError, "im_mask must have shape"))

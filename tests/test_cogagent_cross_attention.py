@@ -1,77 +1,23 @@
-"""CogAgent high-resolution ``CrossAttention`` drop-in: parity with a port of the original
-(``modeling_cogagent.py``: ``CrossAttention`` + ``attention_fn``), outputs and gradients, cached cross K/V,
-masks, bad input."""
+"""CogAgent high-resolution ``CrossAttention`` drop-in: parity with the port of the original
+(``modeling_cogagent.py``: ``CrossAttention`` + ``attention_fn``; :mod:`vlmkern.reference.originals.cogagent`),
+outputs and gradients, cached cross K/V, masks, bad input."""
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from vlmkern.models.cogagent import CrossAttention
+from vlmkern.reference.originals import cogagent as original
 from vlmkern.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-# ------------------------------------------------------------------------------ port of the original
-def _orig_attention_fn(q, k, v, attention_mask, *, scaling_attention_score=True):
-    mask_bool = attention_mask == 0
-    is_low_triangle = (mask_bool == torch.ones_like(mask_bool, dtype=torch.float).tril()).all()
-    is_full = (mask_bool > 0).all()
-    if scaling_attention_score and (is_full or is_low_triangle):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=not is_full)
-    if scaling_attention_score:
-        q = q / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) + attention_mask
-    scores = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(scores, v)
-
-
-class OriginalCrossAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.hidden_size = config.hidden_size
-        self.cross_hidden_size = config.cross_hidden_size
-        self.cross_compute_hidden_size = config.cross_compute_hidden_size
-        self.num_heads = config.num_attention_heads
-        self.cross_head_dim = self.cross_compute_hidden_size // self.num_heads
-        self.query = nn.Linear(self.hidden_size, self.cross_compute_hidden_size, bias=False)
-        self.key_value = nn.Linear(self.cross_hidden_size, self.cross_compute_hidden_size * 2, bias=False)
-        self.dense = nn.Linear(self.cross_compute_hidden_size, self.hidden_size, bias=False)
-
-    def _transpose_for_scores(self, t):
-        return t.view(*t.size()[:-1], self.num_heads, self.cross_head_dim).permute(0, 2, 1, 3)
-
-    def forward(self, hidden_states, encoder_outputs, attention_mask=None, past_key_value=None,
-                output_attentions=False, use_cache=False):
-        bsz, q_len, _ = hidden_states.size()
-        mixed_query_layer = self.query(hidden_states)
-        if past_key_value is None:
-            mixed_x_layer = self.key_value(encoder_outputs)
-            k, v = torch.split(mixed_x_layer, self.cross_compute_hidden_size, dim=-1)
-            key_states, value_states = self._transpose_for_scores(k), self._transpose_for_scores(v)
-        else:
-            key_states, value_states = past_key_value
-        query_states = self._transpose_for_scores(mixed_query_layer)
-        past_key_value = (key_states, value_states) if use_cache else None
-        ctx = _orig_attention_fn(query_states, key_states, value_states, attention_mask)
-        ctx = ctx.transpose(1, 2).contiguous().reshape(bsz, q_len, self.cross_hidden_size)
-        return self.dense(ctx), None, past_key_value
-
-
-def _config(hidden=64, heads=2, head_dim=32):
-    # the original reshapes its context to cross_hidden_size: it only runs with cross == compute (as released)
-    return SimpleNamespace(hidden_size=hidden, cross_hidden_size=heads * head_dim,
-                           cross_compute_hidden_size=heads * head_dim,
-                           num_attention_heads=heads, max_position_embeddings=2048)
-
-
 def _pair(cfg, device, dtype):
-    orig = OriginalCrossAttention(cfg)
+    orig = original.CrossAttention(cfg)
     with torch.no_grad():
         for p in orig.parameters():
             p.copy_(torch.randn_like(p) * 2 / math.sqrt(p.shape[1]))
@@ -92,9 +38,9 @@ def _run(module, h, e, g, mask):
 
 
 def _check(device, dtype, B, Lq, Lk, cfg=None, mask="zeros"):
-    cfg = cfg or _config()
+    cfg = cfg or original.make_config()
     orig, ours = _pair(cfg, device, dtype)
-    exact = OriginalCrossAttention(cfg).to(device, torch.float64)
+    exact = original.CrossAttention(cfg).to(device, torch.float64)
     exact.load_state_dict(orig.state_dict())
     h = torch.randn(B, Lq, cfg.hidden_size, device=device)
     e = torch.randn(B, Lk, cfg.cross_hidden_size, device=device)
@@ -113,7 +59,7 @@ def _check(device, dtype, B, Lq, Lk, cfg=None, mask="zeros"):
 
 # ---------------------------------------------------------------------------------------------- tests
 def test_state_dict_names_and_head_dim():
-    m = CrossAttention(_config(hidden=4096, heads=32, head_dim=32))
+    m = CrossAttention(original.make_config(hidden=4096, heads=32, head_dim=32))
     assert set(m.state_dict()) == {"query.weight", "key_value.weight", "dense.weight"}
     assert m.cross_head_dim == 32
     assert m.key_value.weight.shape == (2048, 1024) and m.query.weight.shape == (1024, 4096)
@@ -134,7 +80,7 @@ def test_mask_none_equals_default_zeros(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_original_6400_image_tokens(dtype):
     """The real key count (80 x 80) through the reference attention."""
-    _check("cpu", dtype, 1, 7, 6400, cfg=_config(hidden=48, heads=2))
+    _check("cpu", dtype, 1, 7, 6400, cfg=original.make_config(hidden=48, heads=2))
 
 
 def test_non_trivial_masks_follow_the_original():
@@ -150,7 +96,7 @@ def test_non_trivial_masks_follow_the_original():
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_cached_cross_kv_reused_in_decode(backend, device):
     """use_cache returns the (B, H, Lk, d) cross K/V; a decode step reuses them without calling key_value."""
-    orig, ours = _pair(_config(), device, torch.float32)
+    orig, ours = _pair(original.make_config(), device, torch.float32)
     h = torch.randn(2, 6, 64, device=device)
     e = torch.randn(2, 33, 64, device=device)
     mask = torch.zeros(2, 1, 1, 1, device=device)
@@ -176,11 +122,11 @@ def test_cached_cross_kv_reused_in_decode(backend, device):
 @given(B=st.integers(1, 2), Lq=st.integers(1, 20), Lk=st.integers(1, 300), heads=st.sampled_from([1, 2, 4]),
        head_dim=st.sampled_from([8, 32]))
 def test_hypothesis_shapes(B, Lq, Lk, heads, head_dim):
-    _check("cpu", torch.float32, B, Lq, Lk, cfg=_config(hidden=32, heads=heads, head_dim=head_dim))
+    _check("cpu", torch.float32, B, Lq, Lk, cfg=original.make_config(hidden=32, heads=heads, head_dim=head_dim))
 
 
 def test_bad_input():
-    m = CrossAttention(_config())
+    m = CrossAttention(original.make_config())
     with pytest.raises(ValueError, match="hidden_size is 64"):
         m(torch.zeros(1, 2, 63), torch.zeros(1, 5, 64))
     with pytest.raises(ValueError, match="cross_hidden_size is 64"):
@@ -201,4 +147,4 @@ def test_bad_input():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_original_real_shape_gpu(dtype):
-    _check("cuda", dtype, 1, 257, 6400, cfg=_config(hidden=4096, heads=32, head_dim=32))
+    _check("cuda", dtype, 1, 257, 6400, cfg=original.make_config(hidden=4096, heads=32, head_dim=32))

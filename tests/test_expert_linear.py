@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from vlmkern.kernels import routed_linear as kern
 from vlmkern.ops.routed_linear import EXPERT_LINEAR, cogvlm_expert_ids, expert_linear
 from vlmkern.reference import routed_linear as ref
+from vlmkern.reference.originals.cogvlm import get_expert_mask as _original_get_expert_mask
 from vlmkern.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -21,13 +22,6 @@ def small_tiles(monkeypatch):
     for name, cfg in SMALL.items():
         monkeypatch.setitem(kern.CONFIGS, name, cfg)
         monkeypatch.setitem(kern.CONFIGS, name + "_fp32", cfg)
-
-
-def _original_get_expert_mask(token_type_ids):
-    """HF ``modeling_cogvlm.get_expert_mask``."""
-    vision = torch.zeros_like(token_type_ids, dtype=torch.bool)
-    vision[:, :-1] = (token_type_ids[:, :-1] == 1) & (token_type_ids[:, 1:] == 1)
-    return vision, ~vision
 
 
 def _original_split_linear(x, w_language, w_vision, token_type_ids):

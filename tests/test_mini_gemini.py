@@ -1,7 +1,8 @@
 """Mini-Gemini patch info mining: the ``vlmkern::window_attention`` op and the ``PatchInfoMining`` drop-in.
 
-The oracle is a faithful port of the original (``mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``,
-``mgm_arch.py``), ported from the original: re-arranged HR copy, K and V materialised, softmax in the input dtype.
+The oracle is the faithful port of the original (``mgm_arch.py``: ``initialize_uni_modules`` + ``unified_resampler``;
+:mod:`vlmkern.reference.originals.mini_gemini`): re-arranged HR copy, K and V materialised, softmax in the input
+dtype.
 """
 import math
 
@@ -14,40 +15,11 @@ from torch import nn
 from vlmkern.models.mini_gemini import PatchInfoMining, stack_hd_views
 from vlmkern.ops.window_attention import patch_info_mining as ops_patch_info_mining
 from vlmkern.ops.window_attention import window_attention as ops_window_attention
+from vlmkern.reference.originals import mini_gemini as original
 from vlmkern.reference.window_attention import window_attention as ref_window_attention
 from vlmkern.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-class OriginalMGM(nn.Module):
-    """Port of Mini-Gemini's modules and ``unified_resampler``."""
-
-    def __init__(self, mm_hidden_size, mm_hidden_size_aux):
-        super().__init__()
-        self.vlm_uni_query_projector = nn.Sequential(nn.LayerNorm(mm_hidden_size),
-                                                     nn.Linear(mm_hidden_size, mm_hidden_size))
-        self.vlm_uni_aux_projector = nn.Sequential(nn.LayerNorm(mm_hidden_size_aux),
-                                                   nn.Linear(mm_hidden_size_aux, mm_hidden_size))
-        self.vlm_uni_val_projector = nn.Sequential(nn.LayerNorm(mm_hidden_size_aux),
-                                                   nn.Linear(mm_hidden_size_aux, mm_hidden_size))
-
-    def forward(self, images, images_aux):
-        patch_num = int(images.shape[1] ** 0.5)
-        patch_size = images_aux.shape[-1] // patch_num
-        images_aux = images_aux.permute(0, 2, 3, 1)
-        images_aux = images_aux.reshape(len(images_aux), patch_num, patch_size, patch_num, patch_size,
-                                        images_aux.shape[-1])
-        images_aux = images_aux.permute(0, 1, 3, 2, 4, 5)
-        images_aux = images_aux.reshape(len(images_aux), patch_num ** 2, patch_size ** 2,
-                                        images_aux.shape[-1]).contiguous()
-        embed_query = self.vlm_uni_query_projector(images)
-        embed_aux = self.vlm_uni_aux_projector(images_aux)
-        embed_value = self.vlm_uni_val_projector(images_aux)
-        embed_att = embed_query[:, :, None] @ (embed_aux.transpose(-1, -2) / (embed_aux.shape[-1] ** 0.5))
-        embed_att = embed_att.nan_to_num()
-        embed_feat = (embed_att.softmax(-1) @ embed_value).mean(2)
-        return images, embed_feat
 
 
 def _randomize(module: nn.Module, gen_scale: float = 0.5) -> None:
@@ -64,7 +36,7 @@ def _randomize(module: nn.Module, gen_scale: float = 0.5) -> None:
 
 
 def _pair(C, C_aux, device, dtype):
-    orig = OriginalMGM(C, C_aux)
+    orig = original.UniModules(C, C_aux)
     _randomize(orig)
     ours = PatchInfoMining(C, C_aux)
     ours.load_state_dict(orig.state_dict(), strict=True)
@@ -92,7 +64,7 @@ def _inputs(B, pn, M, C, C_aux, device, dtype):
 
 def _check_module(device, dtype, B, pn, M, C, C_aux, *, aux_transform=None):
     orig, ours = _pair(C, C_aux, device, dtype)
-    exact = OriginalMGM(C, C_aux).to(device, torch.float64)
+    exact = original.UniModules(C, C_aux).to(device, torch.float64)
     exact.load_state_dict(orig.state_dict())
     images, images_aux, grad = _inputs(B, pn, M, C, C_aux, device, dtype)
     aux_ours = aux_transform(images_aux) if aux_transform else images_aux

@@ -3,9 +3,9 @@
 
 Pairs (ours, original): the BLIP-2 and InstructBLIP Q-Formers vs transformers', Qwen-VL ``Resampler`` vs its
 ``forward_original``, Mini-Gemini ``PatchInfoMining`` and CogAgent ``CrossAttention`` vs the ports in
-``tests/test_mini_gemini.py`` / ``tests/test_cogagent_cross_attention.py``, ``PatchEmbedLinear.forward_images``
-vs the processor's patches through ``nn.Linear``. Low-precision results follow the tolerance rule of
-``vlmkern.testing`` against the original in float64.
+``vlmkern.reference.originals`` (paired as in tests/test_mini_gemini.py / test_cogagent_cross_attention.py),
+``PatchEmbedLinear.forward_images`` vs the processor's patches through ``nn.Linear``. Low-precision results
+follow the tolerance rule of ``vlmkern.testing`` against the original in float64.
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def _mini_gemini_pair() -> Pair:
 
 def _cogagent_pair() -> Pair:
     import test_cogagent_cross_attention as tc
-    orig, ours = tc._pair(tc._config(), "cpu", torch.float32)
+    from vlmkern.reference.originals.cogagent import make_config
+    orig, ours = tc._pair(make_config(), "cpu", torch.float32)
     h, e = torch.randn(2, 5, 64, dtype=torch.float64), torch.randn(2, 7, 64, dtype=torch.float64)
 
     def run(m, a):

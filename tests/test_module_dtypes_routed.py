@@ -2,7 +2,7 @@
 ``.half()``, ``torch.autocast("cpu", bfloat16)``, ``copy.deepcopy`` and state_dict round trips, and hold no
 weight cache (an in-place weight change shows in the next call).
 
-Originals: ``OriginalPLoRA`` (port of the IXC2 PLoRA forward), the CogVLM ports of tests/test_cogvlm_experts.py, LLaVA's
+Originals: the ports in ``vlmkern.reference.originals`` (IXC2 ``PLoRA`` and decoder layer, CogVLM experts), LLaVA's
 ``nn.Sequential(Linear, GELU, Linear)``, and the models' plain-PyTorch ``unfused_project_and_pack`` (the
 original layout code). Low precision follows the tolerance rule against the float64 original, with the
 original in that precision as the baseline.
@@ -15,14 +15,15 @@ import pytest
 import torch
 from torch import nn
 
-from test_cogvlm_experts import CONFIG as COG, OrigVisionExpertAttention, OrigVisionExpertMLP, _build_position_ids
-from test_plora_module import LAYER_CONFIG, LORA, OriginalPLoRA, OrigInternLM2Layer
+from test_plora_module import LAYER_CONFIG, LORA
 from vlmkern.models import internlm_xcomposer2_hd as ixc, llava_next as ln
 from vlmkern.models.cogvlm import VisionExpertAttention, VisionExpertMLP
 from vlmkern.models.internlm_xcomposer2 import InternLM2DecoderLayer
 from vlmkern.nn import MLPProjector, PLoRA
+from vlmkern.reference.originals import cogvlm as cogvlm_original, internlm_xcomposer2 as ixc_original
 from vlmkern.testing import assert_close
 
+COG = cogvlm_original.tiny_config()
 BACKENDS = pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
 
 
@@ -64,7 +65,7 @@ def _cog_inputs(dtype):
 def _attn_call(m, h, types):
     L = h.shape[1]
     mask = torch.full((L, L), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)[None, None].expand(h.shape[0], 1, L, L)
-    return m(h, types, _build_position_ids(types), mask)[0]
+    return m(h, types, cogvlm_original.build_position_ids(types), mask)[0]
 
 
 def _layer_ours():
@@ -97,17 +98,19 @@ class _HFProjector(nn.Module):
 
 
 PAIRS = {
-    "PLoRA": Pair(_seeded(_plora_ours), lambda: OriginalPLoRA(12, 10, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+    "PLoRA": Pair(_seeded(_plora_ours), lambda: ixc_original.PLoRA(12, 10, lora_r=4, lora_alpha=8, lora_dropout=0.0),
                   _plora_inputs, lambda m, x, mask: m(x, mask)),
     "MLPProjector": Pair(_seeded(lambda: MLPProjector(6, 9, 7)), _HFProjector,
                          lambda dt: (torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(3)).to(dt),),
                          lambda m, x: m(x)),
-    "VisionExpertMLP": Pair(_seeded(lambda: VisionExpertMLP(COG)), lambda: OrigVisionExpertMLP(COG), _cog_inputs,
-                            lambda m, h, t: m(h, t)),
-    "VisionExpertAttention": Pair(_seeded(lambda: VisionExpertAttention(COG)), lambda: OrigVisionExpertAttention(COG),
+    "VisionExpertMLP": Pair(_seeded(lambda: VisionExpertMLP(COG)), lambda: cogvlm_original.VisionExpertMLP(COG),
+                            _cog_inputs, lambda m, h, t: m(h, t)),
+    "VisionExpertAttention": Pair(_seeded(lambda: VisionExpertAttention(COG)),
+                                  lambda: cogvlm_original.VisionExpertAttention(COG),
                                   _cog_inputs, _attn_call),
 }
-PAIRS["InternLM2DecoderLayer"] = Pair(_seeded(_layer_ours), lambda: OrigInternLM2Layer(LAYER_CONFIG).eval(),
+PAIRS["InternLM2DecoderLayer"] = Pair(_seeded(_layer_ours),
+                                     lambda: ixc_original.InternLM2DecoderLayer(LAYER_CONFIG, **LORA).eval(),
                                      _layer_inputs, lambda m, x, causal, pos, im: m(x, causal, pos, im_mask=im)[0],
                                      double_tol=1e-6)   # both take RoPE's cos / sin in float32, computed differently
 NAMES = list(PAIRS)

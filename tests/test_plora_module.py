@@ -1,5 +1,5 @@
-"""vlmkern.nn.PLoRA and the IXC2 InternLM2 decoder layer vs faithful ports of the originals."""
-import math
+"""vlmkern.nn.PLoRA and the IXC2 InternLM2 decoder layer vs faithful ports of the originals
+(:mod:`vlmkern.reference.originals.internlm_xcomposer2`)."""
 from types import SimpleNamespace
 
 import pytest
@@ -10,39 +10,8 @@ from torch import nn
 from vlmkern.models.internlm_xcomposer2 import InternLM2DecoderLayer
 from vlmkern.nn.plora import PLoRA
 from vlmkern.reference import routed_linear as ref
+from vlmkern.reference.originals.internlm_xcomposer2 import InternLM2DecoderLayer as OrigInternLM2Layer, PLoRA as OriginalPLoRA
 from vlmkern.testing import assert_close
-
-
-class OriginalPLoRA(nn.Linear):
-    """The original, line for line (IXC2-7B / VL / 4KHD ``build_mlp.py``)."""
-
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None,
-                 lora_r=8, lora_alpha=16, lora_dropout=0.05, lora_len=0, **kwargs):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.lora_r = lora_r
-        self.lora_alpha = lora_alpha
-        self.lora_len = lora_len
-        self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else (lambda x: x)
-        self.lora_scaling = self.lora_alpha / self.lora_r
-        self.Plora_A = nn.Linear(in_features, self.lora_r, bias=False, device=device, dtype=dtype)
-        self.Plora_B = nn.Linear(self.lora_r, out_features, bias=False, device=device, dtype=dtype)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        if hasattr(self, "lora_A"):  # never true: the original's init is a no-op
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
-
-    def forward(self, x, im_mask=None):
-        res = super().forward(x)
-        if im_mask is not None:
-            if torch.sum(im_mask) > 0:
-                part_x = x[im_mask]
-                res[im_mask] += self.Plora_B(self.Plora_A(self.lora_dropout(part_x))) * self.lora_scaling
-            else:
-                part_x = x[:, :1]
-                res[:, :1] += self.Plora_B(self.Plora_A(self.lora_dropout(part_x))) * 0
-        return res
 
 
 KEYS = {"weight", "bias", "Plora_A.weight", "Plora_B.weight"}
@@ -196,70 +165,6 @@ LAYER_CONFIG = SimpleNamespace(hidden_size=64, intermediate_size=96, num_attenti
 LORA = dict(lora_r=16, lora_alpha=16, lora_len=1225)
 
 
-class _OrigRMSNorm(nn.Module):
-    def __init__(self, hidden_size, eps):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
-def _rotate_half(x):
-    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
-
-
-class OrigInternLM2Layer(nn.Module):
-    """``modeling_internlm2.py`` decoder layer, eager attention, PLoRA linears (IXC2)."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.c = c
-        H, KV, d = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-        self.attention = nn.Module()
-        self.attention.wqkv = OriginalPLoRA(c.hidden_size, (H + 2 * KV) * d, bias=c.bias, **LORA)
-        self.attention.wo = OriginalPLoRA(H * d, c.hidden_size, bias=c.bias, **LORA)
-        self.feed_forward = nn.Module()
-        self.feed_forward.w1 = OriginalPLoRA(c.hidden_size, c.intermediate_size, bias=False, **LORA)
-        self.feed_forward.w3 = OriginalPLoRA(c.hidden_size, c.intermediate_size, bias=False, **LORA)
-        self.feed_forward.w2 = OriginalPLoRA(c.intermediate_size, c.hidden_size, bias=False, **LORA)
-        self.attention_norm = _OrigRMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.ffn_norm = _OrigRMSNorm(c.hidden_size, c.rms_norm_eps)
-
-    def _attention(self, x, mask, position_ids, im_mask):
-        c = self.c
-        B, L, _ = x.shape
-        H, KV, d = c.num_attention_heads, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
-        G = H // KV
-        qkv = self.attention.wqkv(x, im_mask).view(B, L, KV, 2 + G, d)  # 'b q (h gs d) -> b q h gs d'
-        q = qkv[..., :G, :].reshape(B, L, H, d).transpose(1, 2)
-        k, v = qkv[..., -2, :].transpose(1, 2), qkv[..., -1, :].transpose(1, 2)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2).float().to(x.device) / d))
-        freqs = torch.outer(torch.arange(L, device=x.device, dtype=inv_freq.dtype), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[position_ids].unsqueeze(1), emb.sin().to(x.dtype)[position_ids].unsqueeze(1)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        k = k[:, :, None].expand(B, KV, G, L, d).reshape(B, H, L, d)
-        v = v[:, :, None].expand(B, KV, G, L, d).reshape(B, H, L, d)
-        w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d)
-        if mask is not None:
-            w = w + mask
-        w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(w, v).transpose(1, 2).contiguous().reshape(B, L, c.hidden_size)
-        return self.attention.wo(out, im_mask)
-
-    def forward(self, h, attention_mask=None, position_ids=None, im_mask=None):
-        h = h + self._attention(self.attention_norm(h), attention_mask, position_ids, im_mask)
-        ff = self.feed_forward
-        x = self.ffn_norm(h)
-        return (h + ff.w2(F.silu(ff.w1(x, im_mask)) * ff.w3(x, im_mask), im_mask),)
-
-
 def _layer_inputs(device, dtype, B=2, L=21):
     mask = torch.zeros(B, L, dtype=torch.bool, device=device)
     mask[0, 3:15] = True   # text, image run, text
@@ -270,7 +175,7 @@ def _layer_inputs(device, dtype, B=2, L=21):
 
 
 def test_decoder_layer_state_dict_matches_original_names():
-    ours, orig = InternLM2DecoderLayer(LAYER_CONFIG, **LORA), OrigInternLM2Layer(LAYER_CONFIG)
+    ours, orig = InternLM2DecoderLayer(LAYER_CONFIG, **LORA), OrigInternLM2Layer(LAYER_CONFIG, **LORA)
     assert set(ours.state_dict()) == set(orig.state_dict())
     assert {"attention.wqkv.Plora_A.weight", "feed_forward.w2.Plora_B.weight", "attention_norm.weight",
             "ffn_norm.weight"} <= set(ours.state_dict())
@@ -289,9 +194,9 @@ def test_decoder_layer_end_to_end_matches_original(backend, device, dtype, kind)
         for name, p in ours.named_parameters():
             if "Plora_B" in name or "norm" in name:
                 p.normal_(1.0 if "norm" in name else 0.0, 0.2)
-    orig = OrigInternLM2Layer(LAYER_CONFIG).to(device)
+    orig = OrigInternLM2Layer(LAYER_CONFIG, **LORA).to(device)
     orig.load_state_dict(ours.state_dict(), strict=True)
-    exact = OrigInternLM2Layer(LAYER_CONFIG).to(device).double()
+    exact = OrigInternLM2Layer(LAYER_CONFIG, **LORA).to(device).double()
     exact.load_state_dict(ours.state_dict(), strict=True)
     ours, orig = ours.to(dtype), orig.to(dtype)
     for m in (ours, orig, exact):

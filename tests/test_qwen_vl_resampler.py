@@ -1,6 +1,6 @@
-"""Qwen-VL ``Resampler`` drop-in: parity with a faithful port of ``visual.Resampler`` (which itself calls
-``nn.MultiheadAttention``) and with its explicit math, outputs and gradients, the cached key-side position
-term, and bad input."""
+"""Qwen-VL ``Resampler`` drop-in: parity with the faithful port of ``visual.Resampler`` (which itself calls
+``nn.MultiheadAttention``; :mod:`vlmkern.reference.originals.qwen_vl`) and with its explicit math, outputs and
+gradients, the cached key-side position term, and bad input."""
 import math
 from functools import partial
 
@@ -14,63 +14,11 @@ from torch import nn
 
 from vlmkern.models.qwen_vl import (Resampler, VisionTransformerTail, VisualAdapter, get_2d_sincos_pos_embed,
                                     get_abs_pos)
+from vlmkern.reference.originals import qwen_vl as original
 from vlmkern.testing import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LN6 = partial(nn.LayerNorm, eps=1e-6)
-
-
-# ------------------------------------------------------------------------------ port of the original
-def _np_1d(embed_dim, pos):
-    omega = np.arange(embed_dim // 2, dtype=np.float32)
-    omega /= embed_dim / 2.0
-    omega = 1.0 / 10000 ** omega
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-def _np_2d(embed_dim, grid_size):
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
-    return np.concatenate([_np_1d(embed_dim // 2, grid[0]), _np_1d(embed_dim // 2, grid[1])], axis=1)
-
-
-def _orig_get_abs_pos(abs_pos, tgt_size):
-    src_size = int(math.sqrt(abs_pos.size(0)))
-    tgt_size = int(math.sqrt(tgt_size))
-    dtype = abs_pos.dtype
-    if src_size != tgt_size:
-        return F.interpolate(abs_pos.float().reshape(1, src_size, src_size, -1).permute(0, 3, 1, 2),
-                             size=(tgt_size, tgt_size), mode="bicubic",
-                             align_corners=False).permute(0, 2, 3, 1).flatten(0, 2).to(dtype=dtype)
-    return abs_pos
-
-
-class OriginalResampler(nn.Module):
-    def __init__(self, grid_size, embed_dim, num_heads, kv_dim=None, norm_layer=nn.LayerNorm):
-        super().__init__()
-        self.num_queries = grid_size ** 2
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.pos_embed = nn.Parameter(torch.from_numpy(_np_2d(embed_dim, grid_size)).float()).requires_grad_(False)
-        self.query = nn.Parameter(torch.zeros(self.num_queries, embed_dim))
-        nn.init.trunc_normal_(self.query, std=0.02)
-        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False) if kv_dim is not None and kv_dim != embed_dim \
-            else nn.Identity()
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads)
-        self.ln_q = norm_layer(embed_dim)
-        self.ln_kv = norm_layer(embed_dim)
-
-    def forward(self, x, attn_mask=None):
-        pos_embed = _orig_get_abs_pos(self.pos_embed, x.size(1))
-        x = self.kv_proj(x)
-        x = self.ln_kv(x).permute(1, 0, 2)
-        N = x.shape[1]
-        q = self.ln_q(self.query)
-        out = self.attn(q.unsqueeze(1).repeat(1, N, 1) + self.pos_embed.unsqueeze(1), x + pos_embed.unsqueeze(1),
-                        x, attn_mask=attn_mask)[0]
-        return out.permute(1, 0, 2)
 
 
 def _spec_math(m, x):
@@ -80,7 +28,7 @@ def _spec_math(m, x):
     Xp = m.ln_kv(m.kv_proj(x))
     W, b = m.attn.in_proj_weight, m.attn.in_proj_bias
     q = F.linear(m.ln_q(m.query) + m.pos_embed, W[:D], b[:D])
-    k = F.linear(Xp + _orig_get_abs_pos(m.pos_embed, x.shape[1]), W[D:2 * D], b[D:2 * D])
+    k = F.linear(Xp + original.get_abs_pos(m.pos_embed, x.shape[1]), W[D:2 * D], b[D:2 * D])
     v = F.linear(Xp, W[2 * D:], b[2 * D:])
     qh = q.view(-1, H, d).transpose(0, 1)
     kh = k.view(x.shape[0], -1, H, d).transpose(1, 2)
@@ -106,7 +54,7 @@ def _randomize(m):
 
 
 def _pair(grid, D, H, kv_dim, device, dtype, norm_layer=LN6):
-    orig = OriginalResampler(grid, D, H, kv_dim, norm_layer)
+    orig = original.Resampler(grid, D, H, kv_dim, norm_layer)
     _randomize(orig)
     ours = Resampler(grid, D, H, kv_dim, norm_layer)
     ours.load_state_dict(orig.state_dict(), strict=True)
@@ -126,7 +74,7 @@ def _run(module, x, grad, train_pos=False):
 
 def _check(device, dtype, grid, D, H, kv_dim, L, B=2, train_pos=False):
     orig, ours = _pair(grid, D, H, kv_dim, device, dtype)
-    exact = OriginalResampler(grid, D, H, kv_dim, LN6).to(device, torch.float64)
+    exact = original.Resampler(grid, D, H, kv_dim, LN6).to(device, torch.float64)
     exact.load_state_dict(orig.state_dict())
     x = torch.randn(B, L, kv_dim or D, device=device)
     g = torch.randn(B, grid * grid, D, device=device)
@@ -143,12 +91,13 @@ def _check(device, dtype, grid, D, H, kv_dim, L, B=2, train_pos=False):
 # ---------------------------------------------------------------------------------------------- tests
 def test_sincos_table_matches_mae_numpy():
     for D, G in ((64, 4), (4096, 16)):
-        np.testing.assert_allclose(get_2d_sincos_pos_embed(D, G).numpy(), _np_2d(D, G), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(get_2d_sincos_pos_embed(D, G).numpy(), original.get_2d_sincos_pos_embed(D, G),
+                                   atol=2e-6, rtol=0)
 
 
 def test_state_dict_names():
     m = Resampler(4, 64, 2, 48, LN6)
-    assert set(m.state_dict()) == set(OriginalResampler(4, 64, 2, 48, LN6).state_dict()) == {
+    assert set(m.state_dict()) == set(original.Resampler(4, 64, 2, 48, LN6).state_dict()) == {
         "query", "pos_embed", "kv_proj.weight", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
         "attn.out_proj.bias", "ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias"}
     assert not m.pos_embed.requires_grad
@@ -268,7 +217,7 @@ def test_bad_input(shape, match):
 def test_get_abs_pos_matches_original():
     table = torch.randn(256, 32)
     for L in (256, 1024, 100, 1600):
-        torch.testing.assert_close(get_abs_pos(table, L), _orig_get_abs_pos(table, L))
+        torch.testing.assert_close(get_abs_pos(table, L), original.get_abs_pos(table, L))
 
 
 @pytest.mark.cuda

@@ -1,6 +1,6 @@
-"""InternLM-XComposer2-4KHD: HD_transform and the fused layout + projector against a port of the original code."""
+"""InternLM-XComposer2-4KHD: HD_transform and the fused layout + projector against the port of the original code
+(:mod:`vlmkern.reference.originals.internlm_xcomposer2_hd`)."""
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -8,98 +8,15 @@ import torch
 from torch import nn
 
 from vlmkern.models import internlm_xcomposer2_hd as ixc
+from vlmkern.reference.originals import internlm_xcomposer2_hd as original
 from vlmkern.testing import assert_close
 
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 
-# ----------------------------------------------------- port of the original code (``HD_transform``, ``build_mlp.py``)
-try:  # the original calls torchvision on PIL images; without it, the same PIL operations written out
-    from torchvision.transforms import functional as _tvf
-
-    def _tv_resize(img, size):
-        return _tvf.resize(img, size)
-
-    def _tv_pad(img, padding, fill):
-        return _tvf.pad(img, padding, fill=fill)
-except ImportError:
-    def _tv_resize(img, size):
-        return img.resize((size[1], size[0]), Image.BILINEAR)
-
-    def _tv_pad(img, padding, fill):
-        left, top, right, bottom = padding
-        out = Image.new(img.mode, (img.size[0] + left + right, img.size[1] + top + bottom), tuple(fill))
-        out.paste(img, (left, top))
-        return out
-
-
-def _padding_336(b):
-    width, height = b.size
-    tar = int(np.ceil(height / 336) * 336)
-    top_padding = int((tar - height) / 2)
-    bottom_padding = tar - height - top_padding
-    return _tv_pad(b, [0, top_padding, 0, bottom_padding], fill=[255, 255, 255])
-
-
-def _original_hd_transform(img, hd_num=16):
-    width, height = img.size
-    trans = False
-    if width < height:
-        img = img.transpose(Image.TRANSPOSE)
-        trans = True
-        width, height = img.size
-    ratio = width / height
-    scale = 1
-    while scale * np.ceil(scale / ratio) <= hd_num:
-        scale += 1
-    scale -= 1
-    new_w = int(scale * 336)
-    new_h = int(new_w / ratio)
-    img = _tv_resize(img, [new_h, new_w])
-    img = _padding_336(img)
-    if trans:
-        img = img.transpose(Image.TRANSPOSE)
-    return img
-
-
-def _original_tower_images(img):
-    """CLIPVisionTower.forward before the ViT, one image ``(1, 3, H, W)``."""
-    _, C, H, W = img.shape
-    sub_img = img.reshape(1, 3, H // 336, 336, W // 336, 336).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3, 336, 336)
-    glb_img = torch.nn.functional.interpolate(img.float(), size=(336, 336), mode="bicubic").to(sub_img.dtype)
-    return torch.cat([glb_img, sub_img], dim=0)
-
-
-def _original_layout(image_features, shapes, glb_GN, sub_GN):
-    """CLIPVisionTower.forward after the ViT (the 24/12 constants written as H and H // 2)."""
-    _, N, C = image_features.shape
-    H = int(math.sqrt(N))
-    s = H // 2
-    output_imgs, output_len = [], []
-    for h, w in shapes:
-        B_ = h * w
-        glb_img = image_features[:1]
-        glb_img = glb_img.reshape(1, H, H, C).reshape(1, s, 2, s, 2, C).contiguous() \
-            .permute(0, 1, 3, 2, 4, 5).reshape(1, s, s, 4 * C).contiguous()
-        temp_glb_GN = sub_GN.repeat(1, s, 1, 1)
-        glb_img = torch.cat([glb_img, temp_glb_GN], dim=2).reshape(1, -1, 4 * C)
-        sub_img = image_features[1:1 + B_]
-        sub_img = sub_img.reshape(B_, H, H, C).reshape(B_, s, 2, s, 2, C).contiguous() \
-            .permute(0, 1, 3, 2, 4, 5).reshape(B_, -1, 4 * C).contiguous()
-        sub_img = sub_img.reshape(1, h, w, s, s, -1).permute(0, 1, 3, 2, 4, 5).reshape(1, h * s, w * s, 4 * C)
-        temp_sub_GN = sub_GN.repeat(1, h * s, 1, 1)
-        sub_img = torch.cat([sub_img, temp_sub_GN], dim=2).reshape(1, -1, 4 * C)
-        output_imgs.append(torch.cat([glb_img, glb_GN, sub_img], dim=1))
-        temp_len = int((h * w + 1) * s * s + 1 + (h + 1) * s)
-        assert temp_len == output_imgs[-1].shape[1]
-        output_len.append(temp_len)
-        image_features = image_features[1 + h * w:]
-    return torch.cat(output_imgs, dim=1), output_len
-
-
 def _original(features, grids, glb, sub, vision_proj):
-    seq, lens = _original_layout(features, grids, glb, sub)
+    seq, lens = original.tower_layout(features, grids, glb, sub)
     return list(torch.split(vision_proj(seq)[0], lens)), lens
 
 
@@ -130,7 +47,7 @@ def test_hd_transform_matches_original(wh, hd_num):
     rng = np.random.default_rng(sum(wh))
     img = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
     ours = ixc.HD_transform(img, hd_num)
-    theirs = _original_hd_transform(img, hd_num)
+    theirs = original.hd_transform(img, hd_num)
     assert ours.size == theirs.size
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     geo = ixc.hd_geometry(*wh, hd_num)
@@ -152,8 +69,8 @@ def test_spec_grids_and_token_counts():
 
 def test_tower_inputs_match_original():
     img = torch.randn(1, 3, 336, 672)
-    torch.testing.assert_close(ixc.tower_inputs(img), _original_tower_images(img), rtol=0, atol=0)
-    torch.testing.assert_close(ixc.tower_inputs(img[0]), _original_tower_images(img), rtol=0, atol=0)
+    torch.testing.assert_close(ixc.tower_inputs(img), original.tower_images(img), rtol=0, atol=0)
+    torch.testing.assert_close(ixc.tower_inputs(img[0]), original.tower_images(img), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------- layout + projector
@@ -162,7 +79,7 @@ def test_layout_at_real_size_matches_original(grids):
     # 24x24 ViT tokens -> 12x12 merged, the (dy, dx, c) channel order; tiny C keeps it cheap.
     feats, glb, sub, _ = _inputs(grids=grids, side=24, width=2)
     ours = ixc.layout_tokens(feats, grids, glb, sub)
-    theirs, lens = _original_layout(feats, grids, glb, sub)
+    theirs, lens = original.tower_layout(feats, grids, glb, sub)
     assert lens == [ixc.tokens_per_image(h, w) for h, w in grids]
     torch.testing.assert_close(ours, theirs[0], rtol=0, atol=0)
 

@@ -1,11 +1,11 @@
 """``python -m vlmkern parity``: every drop-in against its original, on random weights, as a table of errors.
 
-The original is the transformers class where transformers has it, else a faithful port: the ones in this
-package (``Resampler.forward_original``, IXC2's PLoRA forward ``original_plora``) and, from a repository checkout,
-the ports in ``tests/`` (CogVLM, CogAgent, Mini-Gemini). Each row runs the original in float64 (the oracle)
-and in the working dtype (the baseline), and vlmkern in the working dtype, and applies the library's one
-tolerance rule (:mod:`vlmkern.testing`): ``err(vlmkern) <= 2 * err(original) + floor``. Rows ``apply:*`` run a
-tiny transformers model before and after :func:`vlmkern.integrations.hf.apply` (logits).
+The original is the transformers class where transformers has it, else the faithful port in
+:mod:`vlmkern.reference.originals` (Qwen-VL, InternLM-XComposer2, CogVLM, CogAgent, Mini-Gemini), so every row
+runs from an installed package. Each row runs the original in float64 (the oracle) and in the working dtype
+(the baseline), and vlmkern in the working dtype, and applies the library's one tolerance rule
+(:mod:`vlmkern.testing`): ``err(vlmkern) <= 2 * err(original) + floor``. Rows ``apply:*`` run a tiny
+transformers model before and after :func:`vlmkern.integrations.hf.apply` (logits).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from vlmkern.reference.routed_linear import original_plora
+from vlmkern.reference.originals import cogagent, cogvlm, internlm_xcomposer2 as ixc2, mini_gemini, qwen_vl
 from vlmkern.testing import FLOOR, bound, max_error
 
 
@@ -170,78 +170,53 @@ def case_llava_next_pack():
 
 def case_qwen_resampler():
     from vlmkern.models.qwen_vl import Resampler
-    torch.manual_seed(0)
-    orig = _randomize_(Resampler(grid_size=4, embed_dim=64, num_heads=4, kv_dim=48))
     x = torch.randn(2, 7 * 7, 48)   # 49 tokens: the key-side table is interpolated from the 4x4 grid
-
-    def run(m, dt):
-        return m.forward_original(x.to(dt)) if getattr(m, "_original", False) else m(x.to(dt))
-    orig._original = True
-    ours = Resampler(grid_size=4, embed_dim=64, num_heads=4, kv_dim=48)
-    ours.load_state_dict(orig.state_dict(), strict=True)
-    exact = copy.deepcopy(orig).double()
-    with torch.no_grad():
-        return run(ours.eval(), torch.float32), run(orig.eval(), torch.float32), run(exact.eval(), torch.float64)
+    return _trio(_randomize_(qwen_vl.Resampler(4, 64, 4, 48)), Resampler(4, 64, 4, 48), lambda m, dt: m(x.to(dt)))
 
 
 def case_plora():
     from vlmkern.nn import PLoRA
-    ours = _randomize_(PLoRA(64, 96, lora_r=16, lora_alpha=16, lora_dropout=0.05)).eval()
     x = torch.randn(2, 257, 64)
     m = torch.zeros(2, 257, dtype=torch.bool)
     m[0, 1:200] = True
     m[1, 5:9] = True
-
-    def orig(dt):
-        p = {k: v.to(dt) for k, v in ours.state_dict().items()}
-        return original_plora(x.to(dt), p["weight"], p["bias"], p["Plora_A.weight"], p["Plora_B.weight"], m,
-                               ours.lora_scaling)
-    with torch.no_grad():
-        return ours(x, m), orig(torch.float32), orig(torch.float64)
-
-
-def _test_port(module: str):
-    try:
-        return importlib.import_module(module)
-    except Exception as exc:
-        raise Unavailable(f"faithful port {module} needs a repository checkout ({type(exc).__name__})") from None
+    kw = dict(lora_r=16, lora_alpha=16, lora_dropout=0.05)
+    return _trio(_randomize_(ixc2.PLoRA(64, 96, **kw)), PLoRA(64, 96, **kw), lambda mod, dt: mod(x.to(dt), m))
 
 
 def case_cogvlm_mlp():
-    t = _test_port("tests.test_cogvlm_experts")
     from vlmkern.models.cogvlm import VisionExpertMLP
-    types, _, _ = t._inputs("cpu")
-    x = torch.randn(*types.shape, t.CONFIG.hidden_size)
-    return _trio(_randomize_(t.OrigVisionExpertMLP(t.CONFIG)), VisionExpertMLP(t.CONFIG),
-                 lambda m, dt: m(x.to(dt), types))
+    cfg = cogvlm.tiny_config()
+    types, _, _ = cogvlm.example_inputs("cpu")
+    x = torch.randn(*types.shape, cfg.hidden_size)
+    return _trio(_randomize_(cogvlm.VisionExpertMLP(cfg)), VisionExpertMLP(cfg), lambda m, dt: m(x.to(dt), types))
 
 
 def case_cogvlm_attention():
-    t = _test_port("tests.test_cogvlm_experts")
     from vlmkern.models.cogvlm import VisionExpertAttention
-    types, pos, mask = t._inputs("cpu")
-    x = torch.randn(*types.shape, t.CONFIG.hidden_size)
+    cfg = cogvlm.tiny_config()
+    types, pos, mask = cogvlm.example_inputs("cpu")
+    x = torch.randn(*types.shape, cfg.hidden_size)
 
     def run(m, dt):
         return m(x.to(dt), types, pos, attention_mask=mask.to(dt))[0]
-    return _trio(_randomize_(t.OrigVisionExpertAttention(t.CONFIG)), VisionExpertAttention(t.CONFIG), run)
+    return _trio(_randomize_(cogvlm.VisionExpertAttention(cfg)), VisionExpertAttention(cfg), run)
 
 
 def case_cogagent_cross():
-    t = _test_port("tests.test_cogagent_cross_attention")
     from vlmkern.models.cogagent import CrossAttention
-    cfg = t._config()
+    cfg = cogagent.make_config()
     h, e = torch.randn(2, 9, cfg.hidden_size), torch.randn(2, 65, cfg.cross_hidden_size)
     mask = torch.zeros(2, 1, 1, 1)   # the original needs a tensor; zeros = attend to every image token
-    return _trio(_randomize_(t.OriginalCrossAttention(cfg)), CrossAttention(cfg),
+    return _trio(_randomize_(cogagent.CrossAttention(cfg)), CrossAttention(cfg),
                  lambda m, dt: m(h.to(dt), e.to(dt), attention_mask=mask.to(dt))[0])
 
 
 def case_mini_gemini():
-    t = _test_port("tests.test_mini_gemini")
     from vlmkern.models.mini_gemini import PatchInfoMining
     lr, hr = torch.randn(2, 16, 32), torch.randn(2, 24, 16, 16)
-    return _trio(_randomize_(t.OriginalMGM(32, 24)), PatchInfoMining(32, 24), lambda m, dt: m(lr.to(dt), hr.to(dt))[1])
+    return _trio(_randomize_(mini_gemini.UniModules(32, 24)), PatchInfoMining(32, 24),
+                 lambda m, dt: m(lr.to(dt), hr.to(dt))[1])
 
 
 def _apply_case(family: str):
@@ -265,12 +240,12 @@ CASES: list[tuple[str, str, Callable]] = [
     ("models.instructblip.InstructBlipQFormerModel", "transformers InstructBlipQFormerModel",
      case_instructblip_qformer),
     ("models.llava_next.project_and_pack", "transformers projector + pack_image_features", case_llava_next_pack),
-    ("models.qwen_vl.Resampler", "Resampler.forward_original (port)", case_qwen_resampler),
+    ("models.qwen_vl.Resampler", "Qwen-VL visual.Resampler (port)", case_qwen_resampler),
     ("nn.PLoRA", "IXC2 build_mlp.PLoRA (port)", case_plora),
-    ("models.cogvlm.VisionExpertMLP", "CogVLM VisionExpertMLP (tests port)", case_cogvlm_mlp),
-    ("models.cogvlm.VisionExpertAttention", "CogVLM VisionExpertAttention (tests port)", case_cogvlm_attention),
-    ("models.cogagent.CrossAttention", "CogAgent CrossAttention (tests port)", case_cogagent_cross),
-    ("models.mini_gemini.PatchInfoMining", "Mini-Gemini unified_resampler (tests port)", case_mini_gemini),
+    ("models.cogvlm.VisionExpertMLP", "CogVLM VisionExpertMLP (port)", case_cogvlm_mlp),
+    ("models.cogvlm.VisionExpertAttention", "CogVLM VisionExpertAttention (port)", case_cogvlm_attention),
+    ("models.cogagent.CrossAttention", "CogAgent CrossAttention (port)", case_cogagent_cross),
+    ("models.mini_gemini.PatchInfoMining", "Mini-Gemini unified_resampler (port)", case_mini_gemini),
 ] + [(f"apply:{f}", f"transformers tiny {f} (logits)", _apply_case(f))
      for f in ("blip2", "instructblip", "fuyu", "llava", "llava_next")]
 

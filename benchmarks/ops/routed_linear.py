@@ -3,8 +3,8 @@ linears (CogVLM), against what a user would run instead.
 
 PLoRA groups ``plora fwd`` / ``plora fwd+bwd``: T tokens with 0 / 25 / 50 / 100 % image rows in one contiguous
 run, r = 256, scaling 1 (IXC2's settings), eval mode. Alternatives: the original ``build_mlp.PLoRA`` (boolean
-gather/scatter, a host sync per call; ported from IXC2's ``build_mlp.py``), all-tokens-then-mask (adapter on every row,
-multiplied by the mask), and plain ``nn.Linear`` (the lower bound). GPU targets (bf16): <= 1.12x plain Linear at
+gather/scatter, a host sync per call; the port in ``vlmkern.reference.originals.internlm_xcomposer2``),
+all-tokens-then-mask (adapter on every row, multiplied by the mask), and plain ``nn.Linear`` (the lower bound). GPU targets (bf16): <= 1.12x plain Linear at
 50 % image rows, >= 2x the original.
 Expert groups ``experts fwd`` / ``experts fwd+bwd``: CogVLM's two experts, half the tokens vision-routed.
 Alternatives: the original boolean split (``out[mask] = vision(x[mask])``..., a host sync per call), the
@@ -23,27 +23,6 @@ from benchmarks.harness import Case, compiled_baselines, runner
 
 IXC2_SHAPES = [(4096, 6144), (4096, 4096), (4096, 14336), (14336, 4096)]   # wqkv, wo, w1/w3, w2
 RANK = 256
-
-
-class OriginalPLoRA(nn.Linear):
-    """InternLM-XComposer2 ``build_mlp.PLoRA.forward`` as published, eval mode."""
-
-    def __init__(self, in_features, out_features, lora_r, device=None, dtype=None):
-        super().__init__(in_features, out_features, False, device, dtype)
-        self.lora_scaling = 1.0
-        self.Plora_A = nn.Linear(in_features, lora_r, bias=False, device=device, dtype=dtype)
-        self.Plora_B = nn.Linear(lora_r, out_features, bias=False, device=device, dtype=dtype)
-
-    def forward(self, x, im_mask=None):
-        res = super().forward(x)
-        if im_mask is not None:
-            if torch.sum(im_mask) > 0:
-                part_x = x[im_mask]
-                res[im_mask] += self.Plora_B(self.Plora_A(part_x)) * self.lora_scaling
-            else:
-                part_x = x[:, :1]
-                res[:, :1] += self.Plora_B(self.Plora_A(part_x)) * 0
-        return res
 
 
 def _image_mask(tokens: int, frac: float, device) -> torch.Tensor:
@@ -83,10 +62,12 @@ def _plora_case(device, tokens, shape, frac, dtype, train, compile_ref=False) ->
         from vlmkern import reference
         from vlmkern.nn import PLoRA
         from vlmkern.ops import dispatch as _dispatch
+        from vlmkern.reference.originals.internlm_xcomposer2 import PLoRA as OriginalPLoRA
         torch.manual_seed(0)
-        orig = OriginalPLoRA(k, n, RANK, device=device, dtype=dtype).eval()
-        ours = PLoRA(k, n, bias=False, lora_r=RANK, lora_alpha=RANK, device=device, dtype=dtype).eval()
-        ours.load_state_dict(orig.state_dict(), strict=True)
+        kw = dict(bias=False, lora_r=RANK, lora_alpha=RANK, lora_dropout=0.0, device=device, dtype=dtype)
+        ours = PLoRA(k, n, **kw).eval()
+        orig = OriginalPLoRA(k, n, **kw).eval()     # its init leaves the weights empty: ours' are loaded
+        orig.load_state_dict(ours.state_dict(), strict=True)
         plain = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         plain.weight.data.copy_(orig.weight.data)
         x = torch.randn(1, tokens, k, device=device, dtype=dtype, requires_grad=train)
@@ -128,6 +109,7 @@ def _expert_case(device, tokens, shape, dtype, train, compile_ref=False) -> Case
     def setup(case: Case) -> None:
         from vlmkern import reference
         from vlmkern.ops import cogvlm_expert_ids, dispatch as _dispatch, expert_linear
+        from vlmkern.reference.originals.cogvlm import get_expert_mask
         torch.manual_seed(0)
         lang = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
         vis = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
@@ -135,13 +117,13 @@ def _expert_case(device, tokens, shape, dtype, train, compile_ref=False) -> Case
         types = torch.zeros(1, tokens, dtype=torch.long, device=device)
         types[:, 1:1 + tokens // 2] = 1                   # [BOS] + vision run + text
         ids = cogvlm_expert_ids(types)
-        vmask = ids.bool()
+        vmask, lmask = get_expert_mask(types)
         grad = torch.randn(1, tokens, n, device=device, dtype=dtype)
 
         def original():
             out = torch.empty(1, tokens, n, device=device, dtype=dtype)
             out[vmask] = vis(x[vmask])
-            out[~vmask] = lang(x[~vmask])
+            out[lmask] = lang(x[lmask])
             return out
 
         g = grad if train else None

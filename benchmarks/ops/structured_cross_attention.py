@@ -2,11 +2,11 @@
 mining and CogAgent high-resolution cross-attention, each against what the original runs.
 
 * ``resampler``: ``vlmkern.models.qwen_vl.Resampler`` (cached key position term, query side once per call,
-  flash-style cross-attention, no attention weights) vs the original computation (``Resampler.forward_original``:
+  flash-style cross-attention, no attention weights) vs the original (the port ``vlmkern.reference.originals.qwen_vl``:
   per-call bicubic resize, ``x + pos`` copy, repeated queries, ``nn.MultiheadAttention`` with weights), Qwen-VL
   shapes ``B=64, L=1024, kv_dim=1664, D=4096, 32 heads``.
 * ``patch_info_mining``: ``vlmkern.models.mini_gemini.PatchInfoMining`` vs the original ``unified_resampler``
-  (``vlmkern.reference.window_attention.patch_info_mining``: re-arranged HR copy, K and V), ``B=8``, 576 LR tokens,
+  (the port ``vlmkern.reference.originals.mini_gemini``: re-arranged HR copy, K and V), ``B=8``, 576 LR tokens,
   ``M=8`` (192x192 HR map), ``C_aux=2880 -> 1024``. FLOP counted for the restructured math (the original does
   ~64x more in its K/V projections), so its TFLOP/s is low by construction.
 * ``cogagent``: ``vlmkern.models.cogagent.CrossAttention`` (query GEMM, cross K/V GEMM, kernel, dense) vs the same
@@ -45,8 +45,11 @@ def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16, compile_r
     def setup(case: Case) -> None:
         from vlmkern.models.qwen_vl import Resampler
         from vlmkern.ops import dispatch as _dispatch
+        from vlmkern.reference.originals import qwen_vl
         torch.manual_seed(0)
         m = Resampler(grid, D, H, kv_dim, partial(nn.LayerNorm, eps=1e-6)).to(device, dtype)
+        orig = qwen_vl.Resampler(grid, D, H, kv_dim, partial(nn.LayerNorm, eps=1e-6)).to(device, dtype)
+        orig.load_state_dict(m.state_dict(), strict=True)
         x = torch.randn(B, L, kv_dim, device=device, dtype=dtype, requires_grad=train)
         g = torch.randn(B, Q, D, device=device, dtype=dtype)
         d = D // H
@@ -55,11 +58,12 @@ def _resampler_case(device, dtype, train, B, L, kv_dim, D, H, grid=16, compile_r
         leaves = [x, *m.parameters()]
         case.impls["vlmkern"] = _runner(train, lambda: m(x), g, leaves)
         case.backends["original"] = "nn.MultiheadAttention (need_weights=True)"
-        case.impls["original"] = _runner(train, lambda: m.forward_original(x), g, leaves)
+        orig_leaves = [x, *orig.parameters()]
+        case.impls["original"] = _runner(train, lambda: orig(x), g, orig_leaves)
         if compile_ref:
-            original = torch.compile(m.forward_original, dynamic=False)
+            original = torch.compile(orig, dynamic=False)
             case.backends["torch.compile original"] = "inductor"
-            case.impls["torch.compile original"] = _runner(train, lambda: original(x), g, leaves)
+            case.impls["torch.compile original"] = _runner(train, lambda: original(x), g, orig_leaves)
 
     mode = "fwd+bwd" if train else "fwd"
     return Case(name=f"resampler {mode} B={B}", group=f"resampler {mode}", flops=flops, bytes=nbytes, setup=setup,
@@ -76,19 +80,17 @@ def _mining_case(device, dtype, train, B, pn, M, C, C_aux, compile_ref=False) ->
     def setup(case: Case) -> None:
         from vlmkern.models.mini_gemini import PatchInfoMining
         from vlmkern.ops import dispatch as _dispatch
-        from vlmkern.reference.window_attention import patch_info_mining as original
+        from vlmkern.reference.originals.mini_gemini import unified_resampler as original
         torch.manual_seed(0)
         m = PatchInfoMining(C, C_aux).to(device, dtype)
         x = torch.randn(B, pn * pn, C, device=device, dtype=dtype, requires_grad=train)
         h = torch.randn(B, C_aux, pn * M, pn * M, device=device, dtype=dtype, requires_grad=train)
         g = torch.randn(B, pn * pn, C, device=device, dtype=dtype)
 
-        def params(seq):
-            return (seq[0].weight, seq[0].bias, seq[1].weight, seq[1].bias)
+        projectors = (m.vlm_uni_query_projector, m.vlm_uni_aux_projector, m.vlm_uni_val_projector)
 
         def run_original():
-            return original(x, h, params(m.vlm_uni_query_projector), params(m.vlm_uni_aux_projector),
-                            params(m.vlm_uni_val_projector))
+            return original(x, h, *projectors)
 
         leaves = [x, h, *m.parameters()]
         case.backends["vlmkern"] = _dispatch.REGISTRY["window_attention"].select(x, h)
@@ -98,9 +100,7 @@ def _mining_case(device, dtype, train, B, pn, M, C, C_aux, compile_ref=False) ->
         if compile_ref:
             compiled = torch.compile(original, dynamic=False)
             case.backends["torch.compile original"] = "inductor"
-            case.impls["torch.compile original"] = _runner(train, lambda: compiled(
-                x, h, params(m.vlm_uni_query_projector), params(m.vlm_uni_aux_projector),
-                params(m.vlm_uni_val_projector)), g, leaves)
+            case.impls["torch.compile original"] = _runner(train, lambda: compiled(x, h, *projectors), g, leaves)
 
     mode = "fwd+bwd" if train else "fwd"
     return Case(name=f"mining {mode} B={B}", group=f"patch_info_mining {mode}", flops=flops, bytes=nbytes,

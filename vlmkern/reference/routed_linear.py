@@ -30,19 +30,6 @@ def dropout_keep_mask(x: Tensor, dropout_p: float, training: bool) -> tuple[Tens
     return keep, (0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p))
 
 
-def original_plora(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                   im_mask: Tensor, scaling: float) -> Tensor:
-    """The original ``PLoRA.forward`` (IXC2), eval mode: base GEMM on all tokens, adapter on the gathered
-    image tokens, and its ``× 0`` branch when there is none (an adapter overflow there becomes NaN).
-    ``x (B, L, in)``, ``im_mask (B, L)`` bool -> ``(B, L, out)``. A port for parity checks, not a vlmkern path."""
-    res = F.linear(x, weight, bias)
-    if im_mask.sum() > 0:
-        res[im_mask] += F.linear(F.linear(x[im_mask], lora_a), lora_b) * scaling
-    else:
-        res[:, :1] += F.linear(F.linear(x[:, :1], lora_a), lora_b) * 0
-    return res
-
-
 def partial_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                         im_mask: Tensor | None, scaling: float, dropout_p: float = 0.0, training: bool = False,
                         *, keep: Tensor | None = None, keep_scale: float | None = None) -> Tensor:

@@ -1,13 +1,15 @@
 """Mini-Gemini patch info mining (``mgm_arch.py: unified_resampler``) in plain PyTorch.
 
-``patch_info_mining`` is the original ``unified_resampler`` (re-arranged HR copy, K and V materialised,
-softmax in the input dtype). ``window_attention`` is the window-local core of ``vlmkern.ops`` (the same
-signature), written with the same copy so that it is an independent oracle.
+``patch_info_mining`` is the original ``unified_resampler`` (the port in
+:mod:`vlmkern.reference.originals.mini_gemini`) on the op's arguments. ``window_attention`` is the window-local
+core of ``vlmkern.ops`` (the same signature), written with the same copy so that it is an independent oracle.
 """
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
+
+from vlmkern.reference.originals.mini_gemini import unified_resampler
 
 
 def window_patches(images_aux: Tensor, patch_num: int) -> Tensor:
@@ -30,9 +32,9 @@ def window_attention(u: Tensor, images_aux: Tensor, eps: float = 1e-5) -> tuple[
     return (probs.unsqueeze(-2) @ hhat).squeeze(-2), probs
 
 
-def _ln_linear(x: Tensor, params, eps: float) -> Tensor:
+def _ln_linear(params, eps: float):
     ln_w, ln_b, w, b = params
-    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w, b)
+    return lambda x: F.linear(F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps), w, b)
 
 
 def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_params, value_params,
@@ -40,11 +42,5 @@ def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_para
     """The original ``unified_resampler``'s ``embed_feat`` ``(B, N, C)``: ``images (B, N, C)`` LR tokens,
     ``images_aux (B, C_aux, Hh, Wh)``; each ``*_params`` = ``(ln_weight, ln_bias, weight, bias)`` of a
     ``Sequential(LayerNorm, Linear)``; ``eps`` of the query, key and value LayerNorms."""
-    patch_num = int(images.shape[1] ** 0.5)
-    aux = window_patches(images_aux, patch_num).contiguous()
-    embed_query = _ln_linear(images, query_params, eps[0])
-    embed_aux = _ln_linear(aux, key_params, eps[1])
-    embed_value = _ln_linear(aux, value_params, eps[2])
-    embed_att = embed_query[:, :, None] @ (embed_aux.transpose(-1, -2) / (embed_aux.shape[-1] ** 0.5))
-    embed_att = embed_att.nan_to_num()
-    return (embed_att.softmax(-1) @ embed_value).mean(2)
+    return unified_resampler(images, images_aux, _ln_linear(query_params, eps[0]), _ln_linear(key_params, eps[1]),
+                             _ln_linear(value_params, eps[2]))
