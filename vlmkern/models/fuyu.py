@@ -21,16 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmkern import reference
+from vlmkern import ops
 from vlmkern.nn.patch_embed import PatchEmbedLinear
 from vlmkern.ops.checks import check_same_device, check_tensor
-
-try:  # the C++/CUDA data-loader patchify; the reference computes the same values
-    from vlmkern.ops.patchify import patchify as _patchify_op
-except ModuleNotFoundError as _exc:
-    if _exc.name != "vlmkern.ops.patchify":
-        raise
-    _patchify_op = None
 
 PATCH_SIZE = 30
 MAX_SIZE = (1080, 1920)            # (height, width) FuyuImageProcessor.size
@@ -152,11 +145,7 @@ def patchify(pixels: Tensor, patch_size: int = PATCH_SIZE, *, pad_value: float =
     """
     x = _check_images(pixels, "pixels")
     _check_positive_int(patch_size, "patch_size")
-    if _patchify_op is not None:
-        out = _patchify_op(x, patch_size, pad_value=pad_value, rescale=rescale, mean=mean, std=std)
-    else:
-        out = reference.patchify(x, patch_size, pad_value=pad_value, rescale=rescale, mean=mean, std=std,
-                                 out_dtype=torch.float32)
+    out = ops.patchify(x, patch_size, pad_value=pad_value, rescale=rescale, mean=mean, std=std)
     return out if pixels.dim() == 4 else out.squeeze(0)
 
 

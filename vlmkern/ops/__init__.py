@@ -2,8 +2,7 @@
 triton / cuda / cpp / reference (``VLMKERN_BACKEND`` forces one)."""
 from vlmkern.ops.attention import cross_attention, qformer_attention
 from vlmkern.ops.packing import gather_linear, gather_linear_gelu
-from vlmkern.ops.patch_embed import patch_embed
-from vlmkern.ops.patchify import patchify
+from vlmkern.ops.patch_embed import patch_embed, patchify
 from vlmkern.ops.projector import linear_gelu
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear, partial_lora_linear
 from vlmkern.ops.window_attention import patch_info_mining, window_attention
