@@ -32,7 +32,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, autocasting, check_finite_scalar, check_same_device, check_tensor,
-                                int32_offset_reasons)
+                                INT32_MAX, int32_offset_reasons)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.window_attention import _torch
 
@@ -70,12 +70,13 @@ def _check_window_inputs(u: Tensor, images_aux: Tensor, eps) -> None:
 
 # ------------------------------------------------------------------------------------------- dispatch
 def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
+    why = dispatch.triton_env_reasons(u.device) + TRITON.reasons(images_aux.dtype)
     # Batch and token bases are 64-bit; offsets inside one batch element of the map (and of its dense
     # gradient) and along a channel row are 32-bit.
-    aux_grad = torch.empty(images_aux.shape, device="meta")
-    return (dispatch.triton_env_reasons(u.device) + TRITON.reasons(images_aux.dtype)
-            + int32_offset_reasons((1, 2, 3), images_aux=images_aux, images_aux_grad=aux_grad)
-            + int32_offset_reasons((2,), u=u))
+    per_batch = math.prod(images_aux.shape[1:])
+    if per_batch > INT32_MAX:
+        why.append(f"one images_aux batch element holds {per_batch} elements (its gradient is offset in int32)")
+    return why + int32_offset_reasons((1, 2, 3), images_aux=images_aux) + int32_offset_reasons((2,), u=u)
 
 
 WINDOW_ATTENTION = register(OpDispatch("window_attention", {
