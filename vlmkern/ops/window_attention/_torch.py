@@ -16,7 +16,7 @@ def compute_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def grid(u: Tensor, h: Tensor) -> tuple[int, int]:
+def window_sides(u: Tensor, h: Tensor) -> tuple[int, int]:
     """``(PN, M)`` of validated inputs: ``u (B, PN², C)``, ``h (B, C, PN·M, PN·M)``."""
     pn = math.isqrt(u.shape[1])
     return pn, h.shape[-1] // pn
@@ -31,7 +31,7 @@ def _windows(h: Tensor, pn: int, m: int) -> Tensor:
 
 def forward(u: Tensor, h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``s (B, N, C)`` and the rows the backward needs, ``mean, rstd, p, logit`` ``(B, N, M²)``."""
-    pn, m = grid(u, h)
+    pn, m = window_sides(u, h)
     hw = _windows(h, pn, m)
     mean = hw.mean(-1)
     rstd = torch.rsqrt(hw.var(-1, unbiased=False) + eps)
@@ -44,7 +44,7 @@ def forward(u: Tensor, h: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, T
 def backward(ds: Tensor, u: Tensor, h: Tensor, mean: Tensor, rstd: Tensor, p: Tensor, logit: Tensor
              ) -> tuple[Tensor, Tensor]:
     """``(du (B, N, C)`` in the compute dtype, ``dh`` like ``h``, dense``)`` for ``ds (B, N, C)``."""
-    pn, m = grid(u, h)
+    pn, m = window_sides(u, h)
     hhat = (_windows(h, pn, m) - mean[..., None]) * rstd[..., None]
     ds, uc = ds.to(hhat.dtype), u.to(hhat.dtype)
     da = (hhat @ ds.unsqueeze(-1)).squeeze(-1)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from vlmkern.kernels.window_attention import _window_attn_bwd_kernel, _window_attn_fwd_kernel
 from vlmkern.ops.launch import KernelBuild, build_from_args, launch, register_builds, triton_type
-from vlmkern.ops.window_attention._torch import grid
+from vlmkern.ops.window_attention._torch import window_sides
 
 # Channel loops use ``tl.range(..., num_stages=3)``: loads that feed no dot are pipelined (cp.async) only
 # when a loop asks for it. Tiles of at most 2048 fp32 values (8 warps: 8 per thread, no spills at M = 8;
@@ -37,21 +37,21 @@ def _strides(names: str, t: Tensor) -> dict:
 def _fwd_args(u, h, s, mean, rstd, p, logit, eps) -> dict:
     """fp32 ``u, s (B, N, C)`` and saved rows ``(B, N, M²)``; ``h (B, C, PN·M, PN·M)`` any float dtype."""
     return dict(u_ptr=u, h_ptr=h, s_ptr=s, mean_ptr=mean, rstd_ptr=rstd, p_ptr=p, logit_ptr=logit,
-                N=u.shape[1], PN=grid(u, h)[0], C=u.shape[2], eps=float(eps), **_strides("s_ub s_un s_uc", u),
-                **_strides("s_hb s_hc s_hh s_hw", h), **_strides("s_sb s_sn s_sc", s))
+                N=u.shape[1], PN=window_sides(u, h)[0], C=u.shape[2], eps=float(eps),
+                **_strides("s_ub s_un s_uc", u), **_strides("s_hb s_hc s_hh s_hw", h), **_strides("s_sb s_sn s_sc", s))
 
 
 def _bwd_args(ds, u, h, mean, rstd, p, logit, du, dh) -> dict:
     """fp32 ``ds, u, du (B, N, C)`` and saved rows; ``dh`` like ``h``."""
     return dict(ds_ptr=ds, u_ptr=u, h_ptr=h, mean_ptr=mean, rstd_ptr=rstd, p_ptr=p, logit_ptr=logit, du_ptr=du,
-                dh_ptr=dh, N=u.shape[1], PN=grid(u, h)[0], C=u.shape[2], **_strides("s_gb s_gn s_gc", ds),
-                **_strides("s_ub s_un s_uc", u), **_strides("s_hb s_hc s_hh s_hw", h),
+                dh_ptr=dh, N=u.shape[1], PN=window_sides(u, h)[0], C=u.shape[2],
+                **_strides("s_gb s_gn s_gc", ds), **_strides("s_ub s_un s_uc", u), **_strides("s_hb s_hc s_hh s_hw", h),
                 **_strides("s_dub s_dun s_duc", du), **_strides("s_db s_dc s_dh s_dw", dh))
 
 
 def _constexprs(u: Tensor, h: Tensor) -> dict:
     """The window side ``M`` (one build per side) and its config."""
-    m = grid(u, h)[1]
+    m = window_sides(u, h)[1]
     return dict(M=m, **window_config(m, u.shape[2]))
 
 
@@ -59,7 +59,7 @@ def _constexprs(u: Tensor, h: Tensor) -> dict:
 def forward(u, h, eps) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``s (B, N, C)`` and the saved rows ``mean, rstd, p, logit (B, N, M²)``, all fp32."""
     B, N, C = u.shape
-    m = grid(u, h)[1]
+    m = window_sides(u, h)[1]
     u = u.float()
     s = torch.empty((B, N, C), device=u.device, dtype=torch.float32)
     rows = [torch.empty((B, N, m * m), device=u.device, dtype=torch.float32) for _ in range(4)]
