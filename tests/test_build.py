@@ -130,7 +130,7 @@ def test_import_without_extensions_falls_back_to_reference():
     res = _run_python("""
         import torch, vlmkern
         from vlmkern import _ext, reference
-        from vlmkern.ops.patchify import PATCHIFY, patchify
+        from vlmkern.ops.patch_embed import PATCHIFY, patchify
         assert _ext.cpu_ext() is None and "simulated: vlmkern._C missing" in _ext.cpu_ext_error()
         x = torch.randint(0, 256, (1, 3, 31, 29), dtype=torch.uint8)
         why = PATCHIFY.reasons("cpp", x, 30, torch.float32)
@@ -146,7 +146,7 @@ def test_forced_cpp_without_extension_says_it_is_not_built():
     res = _run_python("""
         import torch
         from vlmkern.ops.dispatch import BackendNotSupported
-        from vlmkern.ops.patchify import patchify
+        from vlmkern.ops.patch_embed import patchify
         try:
             patchify(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), 4)
         except BackendNotSupported as exc:

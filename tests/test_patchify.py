@@ -8,7 +8,7 @@ import torch
 
 from vlmkern import _ext, ops, reference
 from vlmkern.ops.dispatch import BackendNotSupported
-from vlmkern.ops.patchify import PATCHIFY, patchify
+from vlmkern.ops.patch_embed import PATCHIFY, patchify
 from vlmkern.testing import assert_close
 
 needs_cpp = pytest.mark.skipif(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlmkern.ops.launch import KernelBuild, launched, register_builds
 from vlmkern.kernels._common import dot, grouped_tile
 
 
@@ -138,49 +137,3 @@ def _patch_embed_bwd_pixels_kernel(
     tl.store(dpix_ptr + row_base[:, None] + col_off[None, :], (acc * scale[None, :]).to(dpix_ptr.dtype.element_ty),
              mask=inside)
 
-
-# Shipped launch configurations, keyed by the weight's element size (the ops layer launches exactly these;
-# the build check compiles them). fp32 ("ieee") dots compile to FMAs and need smaller tiles not to spill.
-FWD_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-              4: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
-BWD_WEIGHT_CONFIG = {2: dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-                     4: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)}
-BWD_PIXELS_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-                     4: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)}
-
-_PIX_TYPES = ("*u8", "*fp16", "*bf16", "*fp32")
-_W_TYPES = {"*fp16": 2, "*bf16": 2, "*fp32": 4}
-_INTS = ("M", "N", "K", "H", "W", "nW", "nP")
-
-
-def _builds() -> list[KernelBuild]:
-    """Contiguous NCHW pixels and weights (unit innermost strides); N = 4096-like output rows."""
-    builds = []
-    for wt, size in _W_TYPES.items():
-        common = dict(C=3, P=30, UPCAST=False, INPUT_PRECISION="ieee" if size == 4 else "tf32")
-        for pt in _PIX_TYPES:
-            types = {"pix_ptr": pt, "w_ptr": wt, "b_ptr": wt, "out_ptr": wt, "scale_ptr": "*fp32",
-                     "shift_ptr": "*fp32", "pad_value": "fp32", **{n: "i32" for n in _INTS},
-                     **{n: "i32" for n in ("s_pb", "s_pc", "s_ph", "s_wn", "s_om")}}
-            builds.append(launched(
-                f"patch_embed_fwd[{pt[1:]}->{wt[1:]}]", _patch_embed_fwd_kernel, types,
-                {**common, "HAS_BIAS": True, **FWD_CONFIG[size]}, FWD_CONFIG[size],
-                unit=("s_pw", "s_wk", "s_on"), div16=("N", "s_om")))
-            types = {"pix_ptr": pt, "g_ptr": wt, "dw_ptr": wt, "scale_ptr": "*fp32", "shift_ptr": "*fp32",
-                     "pad_value": "fp32", **{n: "i32" for n in _INTS},
-                     **{n: "i32" for n in ("s_pb", "s_pc", "s_ph", "s_gm", "s_dn")}}
-            builds.append(launched(
-                f"patch_embed_bwd_weight[{pt[1:]}->{wt[1:]}]", _patch_embed_bwd_weight_kernel, types,
-                {**common, **BWD_WEIGHT_CONFIG[size]}, BWD_WEIGHT_CONFIG[size],
-                unit=("s_pw", "s_gn", "s_dk"), div16=("N", "s_gm")))
-        for pt in _PIX_TYPES[1:]:
-            types = {"g_ptr": wt, "w_ptr": wt, "dpix_ptr": pt, "scale_ptr": "*fp32", **{n: "i32" for n in _INTS},
-                     **{n: "i32" for n in ("s_gm", "s_wn", "s_db", "s_dc", "s_dh")}}
-            builds.append(launched(
-                f"patch_embed_bwd_pixels[{wt[1:]}->{pt[1:]}]", _patch_embed_bwd_pixels_kernel, types,
-                {**common, **BWD_PIXELS_CONFIG[size]}, BWD_PIXELS_CONFIG[size],
-                unit=("s_gn", "s_wk", "s_dw"), div16=("N", "s_gm")))
-    return builds
-
-
-register_builds(*_builds())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlmkern.ops.launch import KernelBuild, launched, register_builds
 
 _FMAX = tl.constexpr(3.4028234663852886e38)
 
@@ -166,49 +165,3 @@ def _window_attn_bwd_kernel(
         tl.store(dh_ptr + doff[:, None] + cc[None, :] * s_dc, dh.to(dh_ptr.dtype.element_ty), mask=m2)
         tl.store(du_row + cc * s_duc, tl.sum(dl[:, None] * xhat, axis=0), mask=cmask)
 
-
-# Channel loops use ``tl.range(..., num_stages=3)``: loads that feed no dot are pipelined (cp.async) only
-# when a loop asks for it. Tiles of at most 2048 fp32 values (8 warps: 8 per thread, no spills at M = 8;
-# BLOCK_C <= 256 keeps the M = 2 backward spill-free): BLOCK_MC = next power of two of M, BLOCK_C fills the rest.
-TILE = 2048
-MAX_BLOCK_C = 256
-
-
-def window_config(m: int, channels: int) -> dict:
-    """Launch config for window side ``m`` and ``channels`` HR channels."""
-    block_mc = triton.next_power_of_2(m)
-    block_w = max(block_mc * block_mc, 2)
-    block_c = min(MAX_BLOCK_C, max(16, TILE // block_w), max(16, triton.next_power_of_2(channels)))
-    return dict(BLOCK_MC=block_mc, BLOCK_C=block_c, num_warps=8, num_stages=3)
-
-
-SHIPPED_WINDOWS = (2, 4, 8)     # M = 8: normal 768 px setting; 4 and 2 for smaller aux maps
-SHIPPED_CHANNELS = 2880         # ConvNeXt-L (the tile shape is the same for every C >= 512)
-
-
-def _builds() -> list[KernelBuild]:
-    """Every HR dtype x shipped window size; u, s, du and the saved rows are fp32, unit channel stride for u/s."""
-    out = []
-    ints = ("N", "PN", "C")
-    for dt in ("fp16", "bf16", "fp32"):
-        for m in SHIPPED_WINDOWS:
-            cfg = window_config(m, SHIPPED_CHANNELS)
-            consts = dict(M=m, BLOCK_MC=cfg["BLOCK_MC"], BLOCK_C=cfg["BLOCK_C"])
-            fn = _window_attn_fwd_kernel
-            types = {**{p: "*fp32" for p in fn.arg_names if p.endswith("_ptr")}, "h_ptr": f"*{dt}",
-                     **{i: "i32" for i in ints}, "eps": "fp32",
-                     **{s: "i32" for s in fn.arg_names if s.startswith("s_") and not s.endswith("_ptr")}}
-            out.append(launched(f"window_attention_fwd[{dt},M{m}]", fn, types, consts, cfg,
-                                unit=("s_uc", "s_sc", "s_hw"), div16=("s_ub", "s_un", "s_sb", "s_sn", "s_hb", "s_hc", "s_hh")))
-            fn = _window_attn_bwd_kernel
-            types = {**{p: "*fp32" for p in fn.arg_names if p.endswith("_ptr")}, "h_ptr": f"*{dt}",
-                     "dh_ptr": f"*{dt}", **{i: "i32" for i in ints},
-                     **{s: "i32" for s in fn.arg_names if s.startswith("s_") and not s.endswith("_ptr")}}
-            out.append(launched(f"window_attention_bwd[{dt},M{m}]", fn, types, consts, cfg,
-                                unit=("s_gc", "s_uc", "s_duc", "s_hw", "s_dw"),
-                                div16=("s_gb", "s_gn", "s_ub", "s_un", "s_dub", "s_dun", "s_hb", "s_hc", "s_hh",
-                                       "s_db", "s_dc", "s_dh")))
-    return out
-
-
-register_builds(*_builds())

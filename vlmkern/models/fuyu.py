@@ -21,16 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmkern import reference
+from vlmkern import ops
 from vlmkern.nn.patch_embed import PatchEmbedLinear
 from vlmkern.ops.checks import check_same_device, check_tensor
-
-try:  # the C++/CUDA data-loader patchify; the reference computes the same values
-    from vlmkern.ops.patchify import patchify as _patchify_op
-except ModuleNotFoundError as _exc:
-    if _exc.name != "vlmkern.ops.patchify":
-        raise
-    _patchify_op = None
+from vlmkern.ops.patch_embed import PIXEL_DTYPES
 
 PATCH_SIZE = 30
 MAX_SIZE = (1080, 1920)            # (height, width) FuyuImageProcessor.size
@@ -41,13 +35,12 @@ STD = 0.5
 IMAGE_TOKEN_ID = 71011             # |SPEAKER| in adept/fuyu-8b, FuyuConfig.image_token_id
 PAD_TOKEN_ID = 0
 
-_PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 
 
 def _check_images(pixels, name: str) -> Tensor:
     """``(C, H, W)`` or ``(B, C, H, W)`` non-empty pixels -> 4-D view."""
-    check_tensor(pixels, name, dtypes=_PIXEL_DTYPES)
+    check_tensor(pixels, name, dtypes=PIXEL_DTYPES)
     if pixels.dim() not in (3, 4):
         raise ValueError(f"{name} must be (C, H, W) or (B, C, H, W), got shape {tuple(pixels.shape)}")
     x = pixels if pixels.dim() == 4 else pixels.unsqueeze(0)
@@ -152,11 +145,7 @@ def patchify(pixels: Tensor, patch_size: int = PATCH_SIZE, *, pad_value: float =
     """
     x = _check_images(pixels, "pixels")
     _check_positive_int(patch_size, "patch_size")
-    if _patchify_op is not None:
-        out = _patchify_op(x, patch_size, pad_value=pad_value, rescale=rescale, mean=mean, std=std)
-    else:
-        out = reference.patchify(x, patch_size, pad_value=pad_value, rescale=rescale, mean=mean, std=std,
-                                 out_dtype=torch.float32)
+    out = ops.patchify(x, patch_size, pad_value=pad_value, rescale=rescale, mean=mean, std=std)
     return out if pixels.dim() == 4 else out.squeeze(0)
 
 

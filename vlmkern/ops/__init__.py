@@ -1,8 +1,8 @@
-"""Functional ops with autograd, each a ``vlmkern::`` torch.library custom op dispatched to
-triton / cuda / cpp / reference (``VLMKERN_BACKEND`` forces one)."""
+"""Functional ops with autograd, each a ``vlmkern::`` torch.library custom op whose backends (triton / cuda /
+cpp / reference) are registered per device (``VLMKERN_BACKEND`` forces one). One package per op family:
+``<family>/__init__.py`` is its contract, ``_triton.py`` / ``_torch.py`` / ``_cpp.py`` its backends."""
 from vlmkern.ops.attention import cross_attention, qformer_attention
-from vlmkern.ops.patch_embed import patch_embed
-from vlmkern.ops.patchify import patchify
+from vlmkern.ops.patch_embed import patch_embed, patchify
 from vlmkern.ops.projector import gather_linear, gather_linear_gelu, linear_gelu
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear, partial_lora_linear
 from vlmkern.ops.window_attention import patch_info_mining, window_attention

@@ -17,9 +17,12 @@ feature (``M²`` = 64 times fewer FLOP at 768 px), and neither K, V nor the re-a
 Logits are computed in fp32 (the original: in the model dtype, where they can overflow to ±inf before its
 ``nan_to_num``); a logit that is not finite even in fp32 (non-finite inputs) may come out as NaN -> 0 here
 where the original clamps ±inf to ±max.
+
+Backends: ``triton`` (``_triton.py``) and ``reference`` (``_torch.py``, pure PyTorch).
 """
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Sequence
 
@@ -27,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmkern.ops import dispatch as _dispatch
-from vlmkern.ops.checks import autocasting, check_finite_scalar, check_same_device, check_tensor, int32_offset_reasons, INT32_MAX
-from vlmkern.ops.dispatch import OpDispatch, register
-from vlmkern.reference.window_attention import window_patches
+from vlmkern.ops import dispatch
+from vlmkern.ops.checks import (FLOATS, autocasting, check_finite_scalar, check_same_device, check_tensor,
+                                INT32_MAX, int32_offset_reasons)
+from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
+from vlmkern.ops.window_attention import _torch
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What the Triton kernels take: the HR map's dtype (u is read as fp32 whatever its dtype).
+TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -51,8 +55,8 @@ def window_grid(num_tokens: int, aux_shape: Sequence[int], *, name: str = "image
 
 
 def _check_window_inputs(u: Tensor, images_aux: Tensor, eps) -> None:
-    check_tensor(u, "u", ndim=3, dtypes=_FLOATS, shape_doc="(batch, tokens, channels)")
-    check_tensor(images_aux, "images_aux", ndim=4, dtypes=_FLOATS, shape_doc="(batch, channels, Hh, Wh)")
+    check_tensor(u, "u", ndim=3, dtypes=FLOATS, shape_doc="(batch, tokens, channels)")
+    check_tensor(images_aux, "images_aux", ndim=4, dtypes=FLOATS, shape_doc="(batch, channels, Hh, Wh)")
     check_same_device(u=u, images_aux=images_aux)
     if images_aux.shape[0] != u.shape[0]:
         raise ValueError(f"images_aux has batch {images_aux.shape[0]} but u has batch {u.shape[0]}")
@@ -66,11 +70,8 @@ def _check_window_inputs(u: Tensor, images_aux: Tensor, eps) -> None:
 
 # ------------------------------------------------------------------------------------------- dispatch
 def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
-    why = _dispatch.triton_env_reasons(u.device)
-    if images_aux.dtype not in _TRITON_DTYPES:
-        why.append(f"images_aux dtype {images_aux.dtype} (the kernels take float16, bfloat16, float32; "
-                   f"float64 is not supported by the kernels)")
-    # Batch and token bases are 64-bit; offsets inside one batch element of the map (and of its contiguous
+    why = dispatch.triton_env_reasons(u.device) + TRITON.reasons(images_aux.dtype)
+    # Batch and token bases are 64-bit; offsets inside one batch element of the map (and of its dense
     # gradient) and along a channel row are 32-bit.
     per_batch = math.prod(images_aux.shape[1:])
     if per_batch > INT32_MAX:
@@ -84,89 +85,26 @@ WINDOW_ATTENTION = register(OpDispatch("window_attention", {
 }))
 
 
-def _ct(h: Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
-# ------------------------------------------------------------------------------------ triton launches
-def _triton_forward(u, h, eps):
-    from vlmkern.kernels.window_attention import _window_attn_fwd_kernel, window_config
-
-    B, N, C = u.shape
-    pn, m = window_grid(N, h.shape)
-    u = u.float()
-    s = torch.empty((B, N, C), device=u.device, dtype=torch.float32)
-    rows = [torch.empty((B, N, m * m), device=u.device, dtype=torch.float32) for _ in range(4)]
-    if B * N:
-        cfg = window_config(m, C)
-        _window_attn_fwd_kernel[(N, B)](u, h, s, *rows, N, pn, C, m, float(eps),
-                                        *u.stride(), *h.stride(), *s.stride(), **cfg)
-    return (s, *rows)
-
-
-def _triton_backward(ds, u, h, mean, rstd, p, logit):
-    from vlmkern.kernels.window_attention import _window_attn_bwd_kernel, window_config
-
-    B, N, C = u.shape
-    pn, m = window_grid(N, h.shape)
-    ds = ds.float()
-    u = u.float()
-    du = torch.empty((B, N, C), device=u.device, dtype=torch.float32)
-    dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
-    if B * N:
-        cfg = window_config(m, C)
-        _window_attn_bwd_kernel[(N, B)](ds, u, h, mean, rstd, p, logit, du, dh, N, pn, C, m,
-                                        *ds.stride(), *u.stride(), *h.stride(), *du.stride(), *dh.stride(), **cfg)
-    return du, dh
-
-
-# ------------------------------------------------------------------------------------ reference paths
-def _reference_forward(u, h, eps):
-    ct = _ct(h)
-    B, N, C = u.shape
-    pn, _ = window_grid(N, h.shape)
-    hw = window_patches(h.to(ct), pn)
-    mean = hw.mean(-1)
-    rstd = torch.rsqrt(hw.var(-1, unbiased=False) + eps)
-    hhat = (hw - mean[..., None]) * rstd[..., None]
-    logit = (hhat @ u.to(ct).unsqueeze(-1)).squeeze(-1)
-    p = logit.nan_to_num().softmax(-1)
-    s = (p.unsqueeze(-2) @ hhat).squeeze(-2)
-    return s, mean, rstd, p, logit
-
-
-def _reference_backward(ds, u, h, mean, rstd, p, logit):
-    ct = _ct(h)
-    B, N, C = u.shape
-    pn, m = window_grid(N, h.shape)
-    hw = window_patches(h.to(ct), pn)
-    hhat = (hw - mean[..., None]) * rstd[..., None]
-    ds, uc = ds.to(ct), u.to(ct)
-    da = (hhat @ ds.unsqueeze(-1)).squeeze(-1)
-    dl = p * (da - (p * da).sum(-1, keepdim=True))
-    dl = torch.where(torch.isfinite(logit), dl, 0.0)
-    du = (dl.unsqueeze(-2) @ hhat).squeeze(-2)
-    dhat = p[..., None] * ds[:, :, None, :] + dl[..., None] * uc[:, :, None, :]
-    dhw = rstd[..., None] * (dhat - dhat.mean(-1, keepdim=True) - hhat * (dhat * hhat).mean(-1, keepdim=True))
-    # (B, PN², M², C) -> (B, C, Hh, Wh): inverse of the window re-arrangement
-    dh = dhw.reshape(B, pn, pn, m, m, C).permute(0, 5, 1, 3, 2, 4).reshape(h.shape)
-    return du.to(ct), dh.to(h.dtype)
+def _on_triton(name: str):
+    """The Triton backend's launcher ``name``; the backend (and triton) is imported on the first call."""
+    def run(*args):
+        return getattr(importlib.import_module(f"{__name__}._triton"), name)(*args)
+    return run
 
 
 # ------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("vlmkern::window_attention", mutates_args=())
 def _window_attention_op(u: Tensor, images_aux: Tensor, eps: float
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if WINDOW_ATTENTION.select(u, images_aux) == "triton":
-        return _triton_forward(u, images_aux, eps)
-    return _reference_forward(u, images_aux, eps)
+    """``s (B, N, C)`` and the rows the backward reads, ``mean, rstd, p, logit (B, N, M²)``."""
+    return _torch.forward(u, images_aux, eps)
 
 
 @_window_attention_op.register_fake
 def _(u, images_aux, eps):
     B, N, C = u.shape
     _, m = window_grid(N, images_aux.shape)
-    ct = _ct(images_aux)
+    ct = _torch.compute_dtype(images_aux)
     rows = [u.new_empty((B, N, m * m), dtype=ct) for _ in range(4)]
     return (u.new_empty((B, N, C), dtype=ct), *rows)
 
@@ -174,14 +112,13 @@ def _(u, images_aux, eps):
 @torch.library.custom_op("vlmkern::window_attention_backward", mutates_args=())
 def _window_attention_backward_op(ds: Tensor, u: Tensor, images_aux: Tensor, mean: Tensor, rstd: Tensor,
                                   p: Tensor, logit: Tensor) -> tuple[Tensor, Tensor]:
-    if WINDOW_ATTENTION.select(u, images_aux) == "triton":
-        return _triton_backward(ds, u, images_aux, mean, rstd, p, logit)
-    return _reference_backward(ds, u, images_aux, mean, rstd, p, logit)
+    """``(du (B, N, C), d images_aux)`` for ``ds (B, N, C)``."""
+    return _torch.backward(ds, u, images_aux, mean, rstd, p, logit)
 
 
 @_window_attention_backward_op.register_fake
 def _(ds, u, images_aux, mean, rstd, p, logit):
-    return u.new_empty(u.shape, dtype=_ct(images_aux)), torch.empty_like(
+    return u.new_empty(u.shape, dtype=_torch.compute_dtype(images_aux)), torch.empty_like(
         images_aux, memory_format=torch.contiguous_format)
 
 
@@ -199,6 +136,13 @@ def _backward(ctx, ds, *_):
 
 
 _window_attention_op.register_autograd(_backward, setup_context=_setup)
+
+dispatch.implement(_window_attention_op, WINDOW_ATTENTION,
+                   {"triton": _on_triton("forward"), "reference": _torch.forward},
+                   probe=lambda u, images_aux, *_: (u, images_aux))
+dispatch.implement(_window_attention_backward_op, WINDOW_ATTENTION,
+                   {"triton": _on_triton("backward"), "reference": _torch.backward},
+                   probe=lambda ds, u, images_aux, *_: (u, images_aux))
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -225,7 +169,7 @@ def _check_params(params, name: str, in_dim: int, out_dim: int | None, dtype: to
     if not isinstance(params, (tuple, list)) or len(params) != 4:
         raise TypeError(f"{name} must be (ln_weight, ln_bias, weight, bias), got {type(params).__name__}")
     for part, t in zip(("ln_weight", "ln_bias", "weight", "bias"), params):
-        check_tensor(t, f"{name} {part}", dtypes=_FLOATS)
+        check_tensor(t, f"{name} {part}", dtypes=FLOATS)
     ln_w, ln_b, w, b = params
     for pname, t, shape in ((f"{name} ln_weight", ln_w, (in_dim,)), (f"{name} ln_bias", ln_b, (in_dim,)),
                             (f"{name} weight", w, (out_dim if out_dim is not None else w.shape[0], in_dim)),
@@ -249,8 +193,8 @@ def _check_eps(eps) -> tuple[float, float, float]:
 
 
 def _check_patch_info_mining(images, images_aux, query_params, key_params, value_params, eps):
-    check_tensor(images, "images", ndim=3, dtypes=_FLOATS, shape_doc="(batch, tokens, channels)")
-    check_tensor(images_aux, "images_aux", ndim=4, dtypes=_FLOATS, shape_doc="(batch, channels, Hh, Wh)")
+    check_tensor(images, "images", ndim=3, dtypes=FLOATS, shape_doc="(batch, tokens, channels)")
+    check_tensor(images_aux, "images_aux", ndim=4, dtypes=FLOATS, shape_doc="(batch, channels, Hh, Wh)")
     check_same_device(images=images, images_aux=images_aux)
     # Under autocast the originals' LayerNorms run in fp32 and Linears in the autocast dtype whatever the
     # parameters' dtypes: mixed dtypes are what autocast is for.
@@ -296,7 +240,7 @@ def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_para
     ln_qw, ln_qb, wq, bq = query_params
     q = F.linear(F.layer_norm(images, (C,), ln_qw, ln_qb, eps_q), wq, bq)          # (B, N, C')
     ln_kw, ln_kb, wk, bk = key_params
-    ct = _ct(images_aux)
+    ct = _torch.compute_dtype(images_aux)
     q_aux = q @ wk                                                                # Wkᵀ q   (B, N, C_aux)
     u = q_aux.to(ct) * (ln_kw.to(ct) / math.sqrt(C_out))
     # βk and bk shift every logit of a row by the same amount (the softmax ignores it) unless it is not finite.

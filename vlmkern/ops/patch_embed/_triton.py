@@ -1,0 +1,166 @@
+"""The Triton backend of ``vlmkern::patch_embed``: launchers of ``vlmkern.kernels.patch_embed``, the shipped
+configs, and the build signatures the offline build check compiles.
+
+Each launch's runtime arguments are written once, by an argument builder (``_fwd_args``, ...) that the launcher
+and :func:`_builds` (with meta tensors) both call. The contract checks every input before these run.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlmkern.kernels.patch_embed import (_patch_embed_bwd_pixels_kernel, _patch_embed_bwd_weight_kernel,
+                                         _patch_embed_fwd_kernel)
+from vlmkern.ops import dispatch
+from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, register_builds, triton_type
+
+# Shipped launch configurations, keyed by the weight's element size (the launchers use exactly these; the build
+# check compiles them). fp32 ("ieee") dots compile to FMAs and need smaller tiles not to spill.
+FWD_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+              4: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
+BWD_WEIGHT_CONFIG = {2: dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                     4: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)}
+BWD_PIXELS_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+                     4: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=2)}
+
+
+# ------------------------------------------------------------------------------------ argument builders
+def _sizes(pixels: Tensor, p: int, M: int, N: int, K: int) -> dict:
+    """GEMM sizes (``M = B*nP`` patch rows, ``N`` features, ``K = C*p*p``) and the image / patch grid."""
+    H, W = pixels.shape[2:]
+    nW = cdiv(W, p)
+    return dict(M=M, N=N, K=K, H=H, W=W, nW=nW, nP=cdiv(H, p) * nW)
+
+
+def _strides(names: str, t: Tensor) -> dict:
+    return dict(zip(names.split(), t.stride()))
+
+
+def _fwd_args(pixels, weight, bias, out, scale, shift, p, pad_value) -> dict:
+    """``out (M, N)``; ``bias`` dense or None (the kernel then reads nothing from ``b_ptr``)."""
+    return dict(pix_ptr=pixels, w_ptr=weight, b_ptr=weight if bias is None else bias, out_ptr=out,
+                scale_ptr=scale, shift_ptr=shift, **_sizes(pixels, p, *out.shape, weight.shape[1]),
+                pad_value=float(pad_value), **_strides("s_pb s_pc s_ph s_pw", pixels),
+                **_strides("s_wn s_wk", weight), **_strides("s_om s_on", out))
+
+
+def _bwd_weight_args(pixels, g, dw, scale, shift, p, pad_value) -> dict:
+    """``g (M, N)`` the output gradient's rows, ``dw (N, K)``."""
+    return dict(pix_ptr=pixels, g_ptr=g, dw_ptr=dw, scale_ptr=scale, shift_ptr=shift,
+                **_sizes(pixels, p, *g.shape, dw.shape[1]), pad_value=float(pad_value),
+                **_strides("s_pb s_pc s_ph s_pw", pixels), **_strides("s_gm s_gn", g), **_strides("s_dn s_dk", dw))
+
+
+def _bwd_pixels_args(g, weight, dpix, scale, p) -> dict:
+    """``g (M, N)``, ``dpix (B, C, H, W)``."""
+    return dict(g_ptr=g, w_ptr=weight, dpix_ptr=dpix, scale_ptr=scale, **_sizes(dpix, p, *g.shape, weight.shape[1]),
+                **_strides("s_gm s_gn", g), **_strides("s_wn s_wk", weight),
+                **_strides("s_db s_dc s_dh s_dw", dpix))
+
+
+def _constexprs(C: int, p: int, cfg: dict, *, upcast: bool, precision: str, **flags) -> dict:
+    return dict(C=C, P=p, UPCAST=upcast, INPUT_PRECISION=precision, **flags, **cfg)
+
+
+def _runtime_constexprs(C: int, p: int, cfg: dict, weight: Tensor, **flags) -> dict:
+    # The interpreter's low-precision dot is not trustworthy (bf16): upcast there.
+    return _constexprs(C, p, cfg, upcast=dispatch.triton_interpreting(),
+                       precision=dispatch.dot_precision(weight.dtype), **flags)
+
+
+def _scale_shift(rescale: float, mean: list[float], std: list[float], device) -> tuple[Tensor, Tensor]:
+    """Per channel ``norm(x) = x * scale + shift``: ``scale = rescale/std``, ``shift = -mean/std`` (fp32)."""
+    scale = torch.tensor([rescale / s for s in std], dtype=torch.float32)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+    return scale.to(device, non_blocking=True), shift.to(device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> Tensor:
+    B, C, H, W = pixels.shape
+    nP, N = cdiv(H, patch_size) * cdiv(W, patch_size), weight.shape[0]
+    out = torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
+    if out.numel() == 0:                                   # no out_features: nothing to launch
+        return out
+    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
+    cfg = FWD_CONFIG[weight.element_size()]
+    args = _fwd_args(pixels, weight, None if bias is None else bias.contiguous(), out.view(B * nP, N), scale, shift,
+                     patch_size, pad_value)
+    grid = (cdiv(args["M"], cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
+    launch(_patch_embed_fwd_kernel, grid, args,
+           _runtime_constexprs(C, patch_size, cfg, weight, HAS_BIAS=bias is not None))
+    return out
+
+
+def grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std) -> Tensor:
+    N, K = weight.shape
+    dw = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
+    if N == 0:
+        return dw
+    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
+    cfg = BWD_WEIGHT_CONFIG[weight.element_size()]
+    args = _bwd_weight_args(pixels, grad.reshape(-1, N), dw, scale, shift, patch_size, pad_value)
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]))
+    launch(_patch_embed_bwd_weight_kernel, grid, args, _runtime_constexprs(pixels.shape[1], patch_size, cfg, weight))
+    return dw
+
+
+def grad_pixels(grad, pixels, weight, patch_size, rescale, std) -> Tensor:
+    B, C, H, W = pixels.shape
+    N, K = weight.shape
+    dpix = torch.empty((B, C, H, W), device=pixels.device, dtype=pixels.dtype)
+    if N == 0:                                             # no out_features: no gradient reaches the pixels
+        return dpix.zero_()
+    scale, _ = _scale_shift(rescale, [0.0] * C, std, pixels.device)
+    cfg = BWD_PIXELS_CONFIG[weight.element_size()]
+    args = _bwd_pixels_args(grad.reshape(-1, N), weight, dpix, scale, patch_size)
+    grid = (cdiv(args["M"], cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]))
+    launch(_patch_embed_bwd_pixels_kernel, grid, args, _runtime_constexprs(C, patch_size, cfg, weight))
+    return dpix
+
+
+# ----------------------------------------------------------------------------------------- build check
+_PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _builds() -> list[KernelBuild]:
+    """Fuyu-8B: contiguous NCHW 3-channel images (unit innermost strides), patch 30, 4096 features, with bias."""
+    B, C, H, W, p, N = 1, 3, 1080, 1920, 30, 4096
+    M = B * cdiv(H, p) * cdiv(W, p)
+
+    def meta(*shape, dtype):
+        return torch.empty(shape, device="meta", dtype=dtype)
+
+    builds = []
+    for wdt in _WEIGHT_DTYPES:
+        size = wdt.itemsize
+        w, bias, rows = meta(N, C * p * p, dtype=wdt), meta(N, dtype=wdt), meta(M, N, dtype=wdt)
+        scale = meta(C, dtype=torch.float32)
+        dots = dict(upcast=False, precision="ieee" if size == 4 else "tf32")   # as on a GPU, TF32 off
+        for pdt in _PIXEL_DTYPES:
+            pix = meta(B, C, H, W, dtype=pdt)
+            pair = f"{triton_type(pix)[1:]}->{triton_type(w)[1:]}"
+            cfg = FWD_CONFIG[size]
+            builds.append(build_from_args(
+                f"patch_embed_fwd[{pair}]", _patch_embed_fwd_kernel,
+                _fwd_args(pix, w, bias, rows, scale, scale, p, 1.0), _constexprs(C, p, cfg, **dots, HAS_BIAS=True),
+                cfg,
+                unit=("s_pw", "s_wk", "s_on"), div16=("N", "s_om")))
+            cfg = BWD_WEIGHT_CONFIG[size]
+            builds.append(build_from_args(
+                f"patch_embed_bwd_weight[{pair}]", _patch_embed_bwd_weight_kernel,
+                _bwd_weight_args(pix, rows, w, scale, scale, p, 1.0), _constexprs(C, p, cfg, **dots), cfg,
+                unit=("s_pw", "s_gn", "s_dk"), div16=("N", "s_gm")))
+        for pdt in _PIXEL_DTYPES[1:]:
+            dpix = meta(B, C, H, W, dtype=pdt)
+            cfg = BWD_PIXELS_CONFIG[size]
+            builds.append(build_from_args(
+                f"patch_embed_bwd_pixels[{triton_type(w)[1:]}->{triton_type(dpix)[1:]}]",
+                _patch_embed_bwd_pixels_kernel, _bwd_pixels_args(rows, w, dpix, scale, p),
+                _constexprs(C, p, cfg, **dots), cfg,
+                unit=("s_gn", "s_wk", "s_dw"), div16=("N", "s_gm")))
+    return builds
+
+
+register_builds(*_builds())
