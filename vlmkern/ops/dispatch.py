@@ -19,6 +19,7 @@ preferred one could not run (``logging.getLogger("vlmkern").setLevel(logging.DEB
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -188,6 +189,19 @@ class OpDispatch:
             if debug:
                 skipped.append((backend, why))
         raise BackendNotSupported(f"no backend can run vlmkern::{self.name}")  # reference never refuses
+
+
+def lazy(module: str, name: str) -> Callable:
+    """The backend room function ``module.name``, imported on its first call and kept: a Triton room imports
+    triton, which only a call that selected Triton should pay for."""
+    fn = None
+
+    def run(*args):
+        nonlocal fn
+        if fn is None:
+            fn = getattr(importlib.import_module(module), name)
+        return fn(*args)
+    return run
 
 
 def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Callable[..., tuple]) -> None:

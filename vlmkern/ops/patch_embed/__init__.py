@@ -12,7 +12,6 @@ compiled extensions, ``_cpp.py``) or ``reference``. The reference backends are `
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional, Sequence
 
@@ -161,13 +160,6 @@ PATCHIFY = register(OpDispatch("patchify", {
 }))
 
 
-def _on_triton(name: str):
-    """The Triton backend's launcher ``name``; the backend (and triton) is imported on the first call."""
-    def run(*args):
-        return getattr(importlib.import_module(f"{__name__}._triton"), name)(*args)
-    return run
-
-
 # ------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("vlmkern::patchify", mutates_args=())
 def _patchify_op(pixels: Tensor, patch_size: int, pad_value: float, rescale: float, mean: list[float],
@@ -245,6 +237,10 @@ def _backward(ctx, grad):
 
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _on_triton(name: str):
+    return dispatch.lazy(f"{__name__}._triton", name)
 
 dispatch.implement(_patchify_op, PATCHIFY,
                    {"cuda": _cpp.patchify_cuda, "cpp": _cpp.patchify_cpu, "reference": _torch.patchify},

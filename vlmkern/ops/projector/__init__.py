@@ -33,11 +33,8 @@ from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
 
 TRITON = Capabilities()
-
-
-def _triton_backend():
-    from vlmkern.ops.projector import _triton as backend  # imports triton: only once Triton is selected
-    return backend
+_triton_gelu_backward = dispatch.lazy(f"{__name__}._triton", "gelu_backward")
+_triton_gather_linear = dispatch.lazy(f"{__name__}._triton", "gather_linear")
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -141,7 +138,7 @@ def _linear_gelu_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], save_pre:
 
 
 dispatch.implement(_linear_gelu_op, LINEAR_GELU, {
-    "triton": _linear_gelu_impl(lambda *a: _triton_backend().linear_gelu(*a)),
+    "triton": _linear_gelu_impl(dispatch.lazy(f"{__name__}._triton", "linear_gelu")),
     "reference": _linear_gelu_impl(_torch.linear_gelu),
 }, probe=lambda x, weight, bias, save_pre: (x, weight))
 
@@ -158,7 +155,7 @@ def _gelu_backward_op(grad: Tensor, pre: Tensor) -> Tensor:
 
 
 dispatch.implement(_gelu_backward_op, LINEAR_GELU, {
-    "triton": lambda grad, pre: _triton_backend().gelu_backward(grad.contiguous(), pre.contiguous()),
+    "triton": lambda grad, pre: _triton_gelu_backward(grad.contiguous(), pre.contiguous()),
     "reference": lambda grad, pre: _torch.gelu_backward(grad.contiguous(), pre.contiguous()),
 }, probe=lambda grad, pre: (pre, None))
 
@@ -200,7 +197,7 @@ def _gather_linear_op(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[T
 
 
 dispatch.implement(_gather_linear_op, GATHER_LINEAR, {
-    "triton": lambda x, index, weight, bias, extra, fill, gelu, save_pre: _triton_backend().gather_linear(
+    "triton": lambda x, index, weight, bias, extra, fill, gelu, save_pre: _triton_gather_linear(
         _as_groups(x), index, weight, bias, extra, fill, gelu, save_pre and gelu),
     "reference": lambda x, index, weight, bias, extra, fill, gelu, save_pre: _torch.gather_linear(
         x, index, weight, bias, extra, fill, gelu, save_pre and gelu),

@@ -22,7 +22,6 @@ Backends: ``triton`` (``_triton.py``) and ``reference`` (``_torch.py``, pure PyT
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Sequence
 
@@ -85,13 +84,6 @@ WINDOW_ATTENTION = register(OpDispatch("window_attention", {
 }))
 
 
-def _on_triton(name: str):
-    """The Triton backend's launcher ``name``; the backend (and triton) is imported on the first call."""
-    def run(*args):
-        return getattr(importlib.import_module(f"{__name__}._triton"), name)(*args)
-    return run
-
-
 # ------------------------------------------------------------------------------------ custom ops
 @torch.library.custom_op("vlmkern::window_attention", mutates_args=())
 def _window_attention_op(u: Tensor, images_aux: Tensor, eps: float
@@ -136,6 +128,10 @@ def _backward(ctx, ds, *_):
 
 
 _window_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _on_triton(name: str):
+    return dispatch.lazy(f"{__name__}._triton", name)
 
 dispatch.implement(_window_attention_op, WINDOW_ATTENTION,
                    {"triton": _on_triton("forward"), "reference": _torch.forward},
