@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from vlmkern.masks import QFormerMode
 from vlmkern.ops import attention as attn_ops
 from vlmkern.ops.attention import cross_attention, qformer_attention
 from vlmkern.reference import attention as ref_attention
@@ -187,7 +188,7 @@ def test_eager_cpu_path_and_custom_op_agree(backend):
     tm = padded(2, 16, [16, 9])
     rng = rng_pair(5, 9)
     eager = qformer_attention(q, k, v, num_query=8, mode="unimodal", text_mask=tm, dropout_p=0.4, dropout_rng=rng)
-    op, _ = attn_ops._qformer_attention_op(q, k, v, tm, 8, attn_ops.MODES["unimodal"], 32 ** -0.5, 0.4, rng)
+    op, _ = attn_ops._qformer_attention_op(q, k, v, tm, 8, int(QFormerMode.UNIMODAL), 32 ** -0.5, 0.4, rng)
     torch.testing.assert_close(op, eager)
 
 
@@ -198,7 +199,7 @@ def test_opcheck_with_dropout(backend, device):
     q, k, v = (torch.randn(1, 2, 14, 32, device=device, requires_grad=True) for _ in range(3))
     tm = padded(1, 6, [3]).to(device)
     torch.library.opcheck(attn_ops._qformer_attention_op,
-                          (q, k, v, tm, 8, attn_ops.MODES["multimodal_causal"], 0.2, 0.3, rng_pair(11, 2, device)),
+                          (q, k, v, tm, 8, int(QFormerMode.MULTIMODAL_CAUSAL), 0.2, 0.3, rng_pair(11, 2, device)),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

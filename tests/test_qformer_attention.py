@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vlmkern.masks import QFormerMode
 from vlmkern.ops import attention as attn_ops
 from vlmkern.ops.attention import qformer_attention
 from vlmkern.reference import attention as ref_attention
@@ -327,10 +328,10 @@ def _op_args(device, dtype=torch.float32, requires_grad=True):
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
 def test_opcheck(backend, device):
     q, k, v, tm = _op_args(device)
-    torch.library.opcheck(attn_ops._qformer_attention_op, (q, k, v, tm, 8, attn_ops.MODES["unimodal"], 0.2, 0.0,
+    torch.library.opcheck(attn_ops._qformer_attention_op, (q, k, v, tm, 8, int(QFormerMode.UNIMODAL), 0.2, 0.0,
                                                            None))
     torch.library.opcheck(attn_ops._qformer_attention_op, (q[:, :, 8:], k, v, None, 8,
-                                                           attn_ops.MODES["multimodal_causal"], 0.2, 0.0, None))
+                                                           int(QFormerMode.MULTIMODAL_CAUSAL), 0.2, 0.0, None))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
