@@ -232,6 +232,24 @@ def _empty_head_dim(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return q + (k.sum() + v.sum()).to(q.dtype)
 
 
+def _attend(op: OpDispatch, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_query: int,
+            mode: QFormerMode, scale, dropout_p, dropout_rng) -> Tensor:
+    """Both public functions after their shape checks: the scalar checks, then the eager CPU path or ``op``'s
+    custom op (cross-attention is the bidirectional mask without queries)."""
+    _check_scale(scale)
+    dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
+    q, k, v = autocast_inputs(q, k, v)
+    if q.shape[-1] == 0:
+        return _empty_head_dim(q, k, v)
+    scale = _scale(q, scale)
+    if dispatch.eager_cpu_reference(op, q, k):
+        return _torch.eager_cpu_attention(q, k, v, key_mask, num_query, mode, scale, dropout_p, rng)
+    key_mask = _as_bool(key_mask)
+    if op is CROSS_ATTENTION:
+        return _cross_attention_op(q, k, v, key_mask, scale, dropout_p, rng)[0]
+    return _qformer_attention_op(q, k, v, key_mask, num_query, int(mode), scale, dropout_p, rng)[0]
+
+
 def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str | QFormerMode,
                       text_mask: Optional[Tensor] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
                       dropout_rng: Optional[Tensor] = None) -> Tensor:
@@ -284,17 +302,8 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
         raise ValueError(f"q must hold every row (Lq = num_query + T = {L}) or only the text rows (Lq = T = {T}), "
                          f"got Lq = {Lq}")
     _check_key_mask(text_mask, "text_mask", B, T, q)
-    _check_scale(scale)
-    dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
-    q, k, v = autocast_inputs(q, k, v)
-    if q.shape[-1] == 0:
-        return _empty_head_dim(q, k, v)
     # With Lq == T the rows are the text positions num_query.. ; with Lq == L == T (num_query 0) both agree.
-    if dispatch.eager_cpu_reference(QFORMER_ATTENTION, q, k):
-        return _torch.eager_cpu_attention(q, k, v, text_mask, num_query, mode, _scale(q, scale), dropout_p, rng)
-    out, _ = _qformer_attention_op(q, k, v, _as_bool(text_mask), num_query, int(mode), _scale(q, scale),
-                                   dropout_p, rng)
-    return out
+    return _attend(QFORMER_ATTENTION, q, k, v, text_mask, num_query, mode, scale, dropout_p, dropout_rng)
 
 
 def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Optional[Tensor] = None,
@@ -317,13 +326,5 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Option
     """
     _check_qkv(q, k, v)
     _check_key_mask(key_padding_mask, "key_padding_mask", q.shape[0], k.shape[2], q)
-    _check_scale(scale)
-    dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
-    q, k, v = autocast_inputs(q, k, v)
-    if q.shape[-1] == 0:
-        return _empty_head_dim(q, k, v)
-    if dispatch.eager_cpu_reference(CROSS_ATTENTION, q, k):
-        return _torch.eager_cpu_attention(q, k, v, key_padding_mask, 0, QFormerMode.BIDIRECTIONAL, _scale(q, scale),
-                                          dropout_p, rng)
-    out, _ = _cross_attention_op(q, k, v, _as_bool(key_padding_mask), _scale(q, scale), dropout_p, rng)
-    return out
+    return _attend(CROSS_ATTENTION, q, k, v, key_padding_mask, 0, QFormerMode.BIDIRECTIONAL, scale, dropout_p,
+                   dropout_rng)
