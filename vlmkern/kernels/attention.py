@@ -7,9 +7,9 @@ from query row ``r`` is :func:`vlmkern.masks.qformer_visible` of ``MODE`` (``int
 ``p = r + row_off`` and ``j``, and-ed with the key padding mask ``kpm[b, j - NQ]`` (1 = real token) that
 covers the keys ``j >= NQ`` (LAVIS ``blip2_qformer.py``)::
 
-    BIDIRECTIONAL      (ITM / cross)   every non-pad key
+    BIDIRECTIONAL      (ITM / cross)      every non-pad key
     UNIMODAL           (ITC as one pass)  (p < NQ) == (j < NQ), and non-pad
-    MULTIMODAL_CAUSAL  (ITG)           j < NQ  or  (j <= p and non-pad)
+    MULTIMODAL_CAUSAL  (ITG)              j < NQ  or  (j <= p and non-pad)
 
 Cross-attention is ``BIDIRECTIONAL`` with ``NQ = 0`` (the padding mask covers every key). Key blocks that no
 row of a block can see are never visited (unimodal query rows skip the text keys, causal rows stop at the
@@ -33,6 +33,7 @@ import triton.language as tl
 from vlmkern.kernels._common import dot
 from vlmkern.masks import QFormerMode
 
+# The MODE values the kernels branch on (BIDIRECTIONAL adds no condition): the enum's, as constexprs.
 UNIMODAL = tl.constexpr(int(QFormerMode.UNIMODAL))
 MULTIMODAL_CAUSAL = tl.constexpr(int(QFormerMode.MULTIMODAL_CAUSAL))
 

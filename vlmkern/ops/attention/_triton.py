@@ -6,8 +6,6 @@ runtime arguments are written once, by a ``_*_args`` builder used by the launche
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
