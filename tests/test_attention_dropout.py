@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
+from vlmkern.masks import QFormerMode
 from vlmkern.ops import attention as attn_ops
+from vlmkern.ops.attention import _dropout as attn_dropout
 from vlmkern.ops.attention import cross_attention, qformer_attention
 from vlmkern.reference import attention as ref_attention
 from vlmkern.testing import assert_close
@@ -38,6 +40,18 @@ def test_kernel_mask_is_the_reference_mask(backend, device, seed, offset):
     ours = attn_ops.dropout_keep_mask_triton(rng, shape, 0.3)
     ref = ref_attention.dropout_keep_mask(rng.cpu(), shape, 0.3)
     assert torch.equal(ours.cpu(), ref)
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (12345, 7), (-5, (1 << 40) + 3), (2 ** 62 + 17, -(2 ** 40))])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 37), (1, 2, 3, 3), (1, 1, 0, 4), (3, 12, 64, 257)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_production_mask_is_the_reference_mask(seed, offset, shape, p):
+    """The PyTorch backend's own Philox (vlmkern.ops.attention._dropout) is the oracle's generator bit for bit:
+    odd and empty score counts, 64-bit seeds and offsets, the threshold's ends."""
+    rng = rng_pair(seed, offset)
+    assert torch.equal(attn_dropout.keep_mask(rng, shape, p), ref_attention.dropout_keep_mask(rng, shape, p))
+    assert attn_dropout.threshold(p) == ref_attention.dropout_threshold(p)
+    assert attn_dropout.scale(p) == ref_attention.dropout_scale(p)
 
 
 def _sigma(n: int, keep: float) -> float:
@@ -187,7 +201,7 @@ def test_eager_cpu_path_and_custom_op_agree(backend):
     tm = padded(2, 16, [16, 9])
     rng = rng_pair(5, 9)
     eager = qformer_attention(q, k, v, num_query=8, mode="unimodal", text_mask=tm, dropout_p=0.4, dropout_rng=rng)
-    op, _ = attn_ops._qformer_attention_op(q, k, v, tm, 8, attn_ops.MODES["unimodal"], 32 ** -0.5, 0.4, rng)
+    op, _ = attn_ops._qformer_attention_op(q, k, v, tm, 8, int(QFormerMode.UNIMODAL), 32 ** -0.5, 0.4, rng)
     torch.testing.assert_close(op, eager)
 
 
@@ -198,7 +212,7 @@ def test_opcheck_with_dropout(backend, device):
     q, k, v = (torch.randn(1, 2, 14, 32, device=device, requires_grad=True) for _ in range(3))
     tm = padded(1, 6, [3]).to(device)
     torch.library.opcheck(attn_ops._qformer_attention_op,
-                          (q, k, v, tm, 8, attn_ops.MODES["multimodal_causal"], 0.2, 0.3, rng_pair(11, 2, device)),
+                          (q, k, v, tm, 8, int(QFormerMode.MULTIMODAL_CAUSAL), 0.2, 0.3, rng_pair(11, 2, device)),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

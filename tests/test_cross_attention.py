@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlmkern.ops import attention as attn_ops
+from vlmkern.ops.attention import _torch as attn_torch
 from vlmkern.ops.attention import cross_attention
 from vlmkern.reference import attention as ref_attention
 from vlmkern.testing import assert_close
@@ -219,7 +220,7 @@ def test_eager_cpu_paths(case, sdpa_calls):
     projections, the explicit math for small contiguous inputs and for a batch whose keys are all padding (which
     returns zeros): every path agrees with the fp64 reference, forward and gradients."""
     torch.manual_seed(0)
-    lq, lk = (256, attn_ops._CPU_FLASH_MIN_SCORES // 256 + 3) if case.startswith("long") else (8, 37)
+    lq, lk = (256, attn_torch._CPU_FLASH_MIN_SCORES // 256 + 3) if case.startswith("long") else (8, 37)
     q, k, v = (torch.randn(2, 2, n, 16) for n in (lq, lk, lk))
     if case in ("strided", "empty row"):           # (B, L, H*d) projections viewed as heads: not contiguous
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))

@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vlmkern.masks import QFormerMode, qformer_visible
 from vlmkern.ops import attention as attn_ops
 from vlmkern.ops.attention import qformer_attention
 from vlmkern.reference import attention as ref_attention
@@ -115,6 +116,28 @@ def test_masks_match_spec_head_dim_64(backend, device, mode):
     m = spec_mask(mode, nq, text_mask)
     check_against(lambda q, k, v: qformer_attention(q, k, v, num_query=nq, mode=mode, text_mask=text_mask.to(device)),
                   lambda q, k, v: plain_attention(q, k, v, m.to(q.device)), q, k, v, dtype=torch.bfloat16)
+
+
+@TRITON
+@pytest.mark.parametrize("mode", list(QFormerMode), ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("nq,T,d", [(3, 6, 32), (40, 30, 128)])
+@pytest.mark.parametrize("text_rows_only", [False, True])
+def test_kernel_visibility_is_qformer_visible(backend, device, mode, nq, T, d, text_rows_only):
+    """The kernel's ``_visible`` (with its block skipping) is ``vlmkern.masks.qformer_visible`` and the key
+    padding: zero queries give uniform probabilities over the visible keys and one-hot values read them out,
+    so ``out[b, h, r, j] > 0`` exactly where row ``r`` sees key ``j`` (sample 1's text is all padding)."""
+    B, L = 2, nq + T
+    text_mask = torch.ones(B, T, dtype=torch.bool)
+    text_mask[0, 1::3] = False
+    text_mask[1] = False
+    rows = range(L - T, L) if text_rows_only else range(L)
+    q = torch.zeros(B, 1, len(rows), d, device=device)
+    k = torch.randn(B, 1, L, d, device=device)
+    v = torch.eye(L, d, device=device).expand(B, 1, L, d)
+    out = qformer_attention(q, k, v, num_query=nq, mode=mode, text_mask=text_mask.to(device))
+    expected = torch.tensor([[[qformer_visible(mode, nq, r, j) and (j < nq or bool(text_mask[b, j - nq]))
+                               for j in range(L)] for r in rows] for b in range(B)])
+    assert torch.equal(out[:, 0, :, :L].cpu() > 0, expected)
 
 
 @TRITON
@@ -327,10 +350,10 @@ def _op_args(device, dtype=torch.float32, requires_grad=True):
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
 def test_opcheck(backend, device):
     q, k, v, tm = _op_args(device)
-    torch.library.opcheck(attn_ops._qformer_attention_op, (q, k, v, tm, 8, attn_ops.MODES["unimodal"], 0.2, 0.0,
+    torch.library.opcheck(attn_ops._qformer_attention_op, (q, k, v, tm, 8, int(QFormerMode.UNIMODAL), 0.2, 0.0,
                                                            None))
     torch.library.opcheck(attn_ops._qformer_attention_op, (q[:, :, 8:], k, v, None, 8,
-                                                           attn_ops.MODES["multimodal_causal"], 0.2, 0.0, None))
+                                                           int(QFormerMode.MULTIMODAL_CAUSAL), 0.2, 0.0, None))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)

@@ -150,6 +150,7 @@ def _self_attn_case(device: str, batch: int, mode: str, train: bool, with_flex: 
 
     def setup(case: Case) -> None:
         from vlmkern import ops
+        from vlmkern.masks import qformer_visible
         from vlmkern.reference.attention import qformer_attention_mask
 
         q, k, v = _leaves(device, dtype, *[(batch, H, L, D)] * 3)
@@ -176,15 +177,9 @@ def _self_attn_case(device: str, batch: int, mode: str, train: bool, with_flex: 
                  lambda: _fwd_bwd(lambda: sdpa(q, k, v, attn_mask=keep), leaves, grad))
 
         real = torch.cat([torch.ones(batch, NQ, dtype=torch.bool, device=device), pad], 1)
-        if mode == "bidirectional":
-            def mask_mod(b, h, qi, ki):
-                return real[b, ki]
-        elif mode == "unimodal":
-            def mask_mod(b, h, qi, ki):
-                return ((qi < NQ) == (ki < NQ)) & real[b, ki]
-        else:
-            def mask_mod(b, h, qi, ki):
-                return (ki < NQ) | ((ki <= qi) & real[b, ki])
+
+        def mask_mod(b, h, qi, ki):
+            return qformer_visible(mode, NQ, qi, ki) & real[b, ki]
         if with_flex:
             _add_flex(case, q, k, v, leaves, grad, mask_mod, batch, L, L, device)
 

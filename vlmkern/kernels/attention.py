@@ -2,51 +2,55 @@
 
 Flash-attention style (online softmax, fp32 accumulation), forward and FA2 backward. Tensors are
 ``(B, H, L, d)`` with explicit strides (views of a fused QKV projection work). The visibility of key ``j``
-from query row ``r`` is a predicate of the row's absolute position ``p = r + row_off``, ``j``, ``NQ``
-(number of learned queries), ``MODE`` and the key padding mask ``kpm[b, j - NQ]`` (1 = real token) that
+from query row ``r`` is :func:`vlmkern.masks.qformer_visible` of ``MODE`` (``int`` of a
+:class:`vlmkern.masks.QFormerMode`), ``NQ`` (number of learned queries), the row's absolute position
+``p = r + row_off`` and ``j``, and-ed with the key padding mask ``kpm[b, j - NQ]`` (1 = real token) that
 covers the keys ``j >= NQ`` (LAVIS ``blip2_qformer.py``)::
 
-    MODE_FULL      (bidirectional / cross)  every non-pad key
-    MODE_UNIMODAL  (ITC as one pass)        (p < NQ) == (j < NQ), and non-pad
-    MODE_CAUSAL    (ITG)                    j < NQ  or  (j <= p and non-pad)
+    BIDIRECTIONAL      (ITM / cross)      every non-pad key
+    UNIMODAL           (ITC as one pass)  (p < NQ) == (j < NQ), and non-pad
+    MULTIMODAL_CAUSAL  (ITG)              j < NQ  or  (j <= p and non-pad)
 
-Cross-attention is ``MODE_FULL`` with ``NQ = 0`` (the padding mask covers every key). Key blocks that no
+Cross-attention is ``BIDIRECTIONAL`` with ``NQ = 0`` (the padding mask covers every key). Key blocks that no
 row of a block can see are never visited (unimodal query rows skip the text keys, causal rows stop at the
 diagonal). A row that sees no key returns zeros and ``lse = +inf``, which makes its gradients zero.
 
 Attention-probability dropout (``DROPOUT``): ``O = (P * Z / (1 - p)) V`` with the keep mask ``Z`` drawn by
 Philox from the ``(seed, offset)`` int64 pair at ``rng_ptr`` (a tensor, so CUDA graphs replay fresh draws)
-and regenerated tile by tile in the backward, never stored; its bit layout is
-``vlmkern.reference.attention.dropout_keep_mask``. ``lse`` stays that of the undropped ``P``, and the softmax
-backward's row term ``rowsum(P * dP)`` with ``dP = (dO V^T) * Z / (1 - p)`` equals ``rowsum(dO * O)`` with
-the dropped ``O``, so ``delta`` is unchanged (FlashAttention's derivation).
+and regenerated tile by tile in the backward, never stored; its bit layout is that of
+``vlmkern.ops.attention._dropout`` (oracle: ``vlmkern.reference.attention.dropout_keep_mask``). ``lse`` stays
+that of the undropped ``P``, and the softmax backward's row term ``rowsum(P * dP)`` with
+``dP = (dO V^T) * Z / (1 - p)`` equals ``rowsum(dO * O)`` with the dropped ``O``, so ``delta`` is unchanged
+(FlashAttention's derivation).
+
+Launch configs, argument builders and the shipped builds: ``vlmkern.ops.attention._triton``.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import triton
 import triton.language as tl
 
-from vlmkern.ops.launch import KernelBuild, launched, register_builds
 from vlmkern.kernels._common import dot
+from vlmkern.masks import QFormerMode
 
-MODE_FULL, MODE_UNIMODAL, MODE_CAUSAL = 0, 1, 2
-LOG2E = 1.4426950408889634
+# The MODE values the kernels branch on (BIDIRECTIONAL adds no condition): the enum's, as constexprs.
+UNIMODAL = tl.constexpr(int(QFormerMode.UNIMODAL))
+MULTIMODAL_CAUSAL = tl.constexpr(int(QFormerMode.MULTIMODAL_CAUSAL))
 
 
 @triton.jit
 def _visible(rows, cols, b, row_end, Lk, NQ, kpm_ptr, s_mb, s_mt, MODE: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Which (row position, key) pairs attend; ``rows``/``cols`` are broadcastable 2-D index tensors."""
+    """Which (row position, key) pairs attend: :func:`vlmkern.masks.qformer_visible` of ``MODE`` and the key
+    padding, within the rows and keys that exist; ``rows``/``cols`` are broadcastable 2-D index tensors."""
     keep = (cols < Lk) & (rows < row_end)
     if HAS_KPM:
         is_text = (cols >= NQ) & (cols < Lk)
         t = tl.where(is_text, cols - NQ, 0)
         real = tl.load(kpm_ptr + b.to(tl.int64) * s_mb + t * s_mt, mask=is_text, other=1)
         keep = keep & (real != 0)
-    if MODE == 1:
+    if MODE == UNIMODAL:
         keep = keep & ((rows < NQ) == (cols < NQ))
-    elif MODE == 2:
+    elif MODE == MULTIMODAL_CAUSAL:
         keep = keep & ((cols < NQ) | (cols <= rows))
     return keep
 
@@ -88,10 +92,10 @@ def _key_range(row_lo, row_hi, Lk, NQ, MODE: tl.constexpr, BLOCK_N: tl.constexpr
     """Keys ``[lo, hi)`` that rows at positions ``[row_lo, row_hi)`` may see; ``lo`` is block-aligned."""
     lo = row_lo * 0
     hi = lo + Lk
-    if MODE == 1:
+    if MODE == UNIMODAL:
         hi = tl.where(row_hi <= NQ, lo + NQ, hi)
         lo = tl.where(row_lo >= NQ, (NQ // BLOCK_N) * BLOCK_N, lo)
-    elif MODE == 2:
+    elif MODE == MULTIMODAL_CAUSAL:
         hi = tl.minimum(hi, tl.maximum(lo + NQ, row_hi))
     return lo, hi
 
@@ -101,10 +105,10 @@ def _row_range(col_lo, col_hi, row_off, Lq, NQ, MODE: tl.constexpr):
     """Query rows (indices into q, not positions) ``[lo, hi)`` that may see keys ``[col_lo, col_hi)``."""
     pos_lo = col_lo * 0
     pos_hi = pos_lo + row_off + Lq
-    if MODE == 1:
+    if MODE == UNIMODAL:
         pos_hi = tl.where(col_hi <= NQ, pos_lo + NQ, pos_hi)
         pos_lo = tl.where(col_lo >= NQ, pos_lo + NQ, pos_lo)
-    elif MODE == 2:
+    elif MODE == MULTIMODAL_CAUSAL:
         pos_lo = tl.where(col_lo >= NQ, col_lo, pos_lo)
     lo = tl.maximum(pos_lo - row_off, 0)
     hi = tl.minimum(pos_hi - row_off, Lq)
@@ -318,105 +322,3 @@ def _masked_attn_bwd_dq_kernel(
     dq = dq * sm_scale
     tl.store(dq_ptr + b.to(tl.int64) * s_dqb + h.to(tl.int64) * s_dqh + offs_m[:, None] * s_dqm
              + offs_d[None, :] * s_dqd, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-# ------------------------------------------------------------------------------- shipped configurations
-HEAD_DIMS = (32, 64, 128)
-DELTA_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1)
-
-
-# (kernel, family) -> (small: d <= 64, big: d = 128) as (BLOCK_M, BLOCK_N, num_warps, num_stages).
-# family: "half" (fp16/bf16 on tensor cores), "tf32" and "ieee" (fp32; ieee runs on FMA units, whose dot
-# operands live in registers, hence the smaller tiles). Chosen with gpu_build_check: no spills on sm_80 and
-# sm_90, shared memory within sm_80's 164 KB.
-_CONFIGS = {
-    ("fwd", "half"): ((64, 64, 4, 3), (64, 64, 8, 2)),
-    ("dkdv", "half"): ((32, 64, 4, 2), (32, 64, 8, 2)),
-    ("dq", "half"): ((64, 32, 4, 2), (64, 32, 8, 2)),
-    ("fwd", "tf32"): ((64, 32, 4, 2), (64, 32, 8, 2)),
-    ("dkdv", "tf32"): ((32, 32, 4, 1), (32, 32, 8, 1)),
-    ("dq", "tf32"): ((32, 32, 4, 2), (32, 32, 8, 1)),
-    ("fwd", "ieee"): ((64, 32, 8, 2), (32, 16, 8, 2)),
-    ("dkdv", "ieee"): ((32, 32, 8, 2), (16, 32, 8, 1)),
-    ("dq", "ieee"): ((32, 32, 4, 2), (32, 32, 8, 1)),
-}
-
-
-def config_family(elem_bytes: int, precision: str) -> str:
-    """"half" for 2-byte inputs, else the fp32 dot precision ("tf32" or "ieee")."""
-    return "half" if elem_bytes == 2 else precision
-
-
-# With dropout, where the Philox state of a tile does not fit beside the attention tiles: the fp32 (tf32) dq
-# tiles of _CONFIGS spill with it (gpu_build_check, d = 64 and 128 on sm_90, (32, 32, 8, 2) at d = 64 on
-# sm_80; (16, 32, 8, 1) at d = 128 on sm_90 with Triton 3.6), these do not.
-_DROPOUT_CONFIGS = {
-    ("dq", "tf32"): ((16, 32, 4, 2), (16, 16, 8, 1)),
-}
-DROPOUT_MASK_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-
-
-def attention_config(kernel: str, family: str, head_dim: int, dropout: bool = False) -> dict:
-    """Launch config of ``kernel`` in ("fwd", "dkdv", "dq") for a config family and head dim."""
-    if (kernel, family) not in _CONFIGS:
-        raise ValueError(f"no attention config for kernel {kernel!r}, family {family!r}")
-    table = _DROPOUT_CONFIGS if dropout and (kernel, family) in _DROPOUT_CONFIGS else _CONFIGS
-    m, n, w, st = table[kernel, family][head_dim > 64]
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
-
-
-_DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
-_UNIT_STRIDES = ("s_qd", "s_kd", "s_vd", "s_od", "s_gd", "s_dqd", "s_dkd", "s_dvd", "s_mt")
-
-
-def _tensor_args(names: Sequence[str], dtype: str) -> dict[str, str]:
-    special = {"lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "rng_ptr": "*i64", "keep_ptr": "*u8"}
-    return {n: special.get(n, "*" + dtype) for n in names}
-
-
-def _specialized(label: str, fn, types: dict[str, str], consts: dict, cfg: dict, div16_extra=()) -> KernelBuild:
-    """The common runtime case: contiguous head dim (stride 1) and 16-divisible pointers and outer strides
-    (any (B, H, L, d) tensor or fused-QKV view with d in 32/64/128)."""
-    div16 = [n for n in fn.arg_names if n.startswith("s_") and n != "s_mb"] + list(div16_extra)
-    return launched(label, fn, types, consts, cfg, unit=_UNIT_STRIDES, div16=div16)
-
-
-def _builds() -> list[KernelBuild]:
-    """Every dtype x head dim x kernel with the heaviest mask (causal + key padding), without and with
-    dropout; the other mask modes share tile shapes, so they are compiled once each (bf16, d = 64) to prove
-    they build, and with dropout once more for cross-attention (full mask, no padding)."""
-    builds = []
-    ints = {n: "i32" for n in ("H", "Lq", "Lk", "NQ", "row_off", "drop_thresh")}
-    floats = {"qk_scale": "fp32", "sm_scale": "fp32", "drop_scale": "fp32"}
-    heaviest = [(dt, d, MODE_CAUSAL, True, "ieee" if dt == "fp32" else "tf32") for dt in _DTYPES for d in HEAD_DIMS]
-    heaviest += [("fp32", d, MODE_CAUSAL, True, "tf32") for d in HEAD_DIMS]
-    variants = [(*v, False) for v in heaviest] + [(*v, True) for v in heaviest]
-    variants += [("bf16", 64, m, kpm, "tf32", False) for m in (MODE_FULL, MODE_UNIMODAL) for kpm in (False, True)]
-    variants += [("bf16", 64, MODE_FULL, False, "tf32", True)]
-    for dt, d, mode, kpm, prec, drop in variants:
-        tag = f"{dt},d{d},mode{mode},{'kpm' if kpm else 'nokpm'},{prec}" + (",dropout" if drop else "")
-        for kernel, fn in (("fwd", _masked_attn_fwd_kernel), ("dkdv", _masked_attn_bwd_dkdv_kernel),
-                           ("dq", _masked_attn_bwd_dq_kernel)):
-            cfg = attention_config(kernel, config_family(_DTYPES[dt], prec), d, drop)
-            names = fn.arg_names
-            types = {**_tensor_args([n for n in names if n.endswith("_ptr")], dt), **ints, **floats,
-                     **{n: "i32" for n in names if n.startswith("s_")}}
-            consts = dict(HEAD_DIM=d, MODE=mode, HAS_KPM=kpm, DROPOUT=drop, UPCAST=False, PRECISION=prec,
-                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-            unused = () if drop else ("drop_thresh",)        # launched as 0 without dropout: 16-divisible
-            builds.append(_specialized(f"masked_attention_{kernel}[{tag}]", fn, types, consts, cfg, unused))
-    fn = _masked_attn_bwd_delta_kernel
-    for dt in _DTYPES:
-        for d in HEAD_DIMS:
-            types = {**_tensor_args(["o_ptr", "do_ptr", "delta_ptr"], dt), "H": "i32", "Lq": "i32",
-                     **{n: "i32" for n in fn.arg_names if n.startswith("s_")}}
-            builds.append(_specialized(f"masked_attention_bwd_delta[{dt},d{d}]", fn, types,
-                                       dict(HEAD_DIM=d, BLOCK_M=DELTA_CONFIG["BLOCK_M"]), DELTA_CONFIG))
-    fn, cfg = _dropout_mask_kernel, DROPOUT_MASK_CONFIG
-    types = {**_tensor_args(["rng_ptr", "keep_ptr"], "u8"), "Lq": "i32", "Lk": "i32", "thresh": "i32"}
-    builds.append(launched("attention_dropout_mask", fn, types, dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]),
-                           cfg))
-    return builds
-
-
-register_builds(*_builds())

@@ -18,27 +18,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MODES = ("bidirectional", "unimodal", "multimodal_causal")
+from vlmkern.masks import QFormerMode, qformer_visible
 
 
-def qformer_mask_broadcast(num_query: int, mode: str, text_mask: Tensor | None, *, q_len: int, k_len: int,
-                           device=None) -> Tensor:
+def qformer_mask_broadcast(num_query: int, mode: str | QFormerMode, text_mask: Tensor | None, *, q_len: int,
+                           k_len: int, device=None) -> Tensor:
     """The Q-Former mask in its smallest broadcastable shape: ``(1|B, 1, 1|q_len, k_len)`` bool, True = attend.
 
-    Bidirectional depends on the keys only (``(B, 1, 1, k_len)``, or ``(1, 1, 1, k_len)`` all True without a
-    ``text_mask``); the other modes add a row structure ``(1, 1, q_len, k_len)``.
+    :func:`vlmkern.masks.qformer_visible` of the row positions (the last ``q_len`` of the sequence) and keys,
+    and the text keys' padding. Bidirectional depends on the keys only (``(B, 1, 1, k_len)``, or
+    ``(1, 1, 1, k_len)`` all True without a ``text_mask``); the other modes add a row structure
+    ``(1, 1, q_len, k_len)``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = QFormerMode.parse(mode)
     device = text_mask.device if text_mask is not None else device
     nq = num_query
-    if mode == "bidirectional":
-        m = torch.ones(1, k_len, dtype=torch.bool, device=device)
-    else:
-        pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]       # absolute row positions
-        key = torch.arange(k_len, device=device)[None, :]
-        m = ((pos < nq) == (key < nq)) if mode == "unimodal" else ((key < nq) | (key <= pos))
-    m = m[None, None]
+    pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]       # absolute row positions
+    key = torch.arange(k_len, device=device)[None, :]
+    m = qformer_visible(mode, nq, pos, key)[None, None]
     if text_mask is not None:
         real = torch.cat([torch.ones(text_mask.shape[0], nq, dtype=torch.bool, device=device),
                           text_mask != 0], dim=1)
@@ -46,8 +43,8 @@ def qformer_mask_broadcast(num_query: int, mode: str, text_mask: Tensor | None, 
     return m
 
 
-def qformer_attention_mask(num_query: int, mode: str, text_mask: Tensor | None, *, q_len: int, k_len: int,
-                           batch: int = 1, device=None) -> Tensor:
+def qformer_attention_mask(num_query: int, mode: str | QFormerMode, text_mask: Tensor | None, *, q_len: int,
+                           k_len: int, batch: int = 1, device=None) -> Tensor:
     """Boolean ``(B, 1, q_len, k_len)`` mask, True = attend, for keys ``[num_query queries ; T text]``.
 
     The ``q_len`` rows are the last ``q_len`` positions of the sequence: all of it (``q_len = k_len``) or only
@@ -61,7 +58,7 @@ def qformer_attention_mask(num_query: int, mode: str, text_mask: Tensor | None, 
 def cross_attention_mask(key_padding_mask: Tensor | None, *, q_len: int, k_len: int, batch: int = 1,
                          device=None) -> Tensor:
     """Boolean ``(B, 1, q_len, k_len)``; ``key_padding_mask`` ``(B, k_len)`` nonzero = real key."""
-    return qformer_attention_mask(0, "bidirectional", key_padding_mask, q_len=q_len, k_len=k_len,
+    return qformer_attention_mask(0, QFormerMode.BIDIRECTIONAL, key_padding_mask, q_len=q_len, k_len=k_len,
                                   batch=batch, device=device)
 
 
@@ -107,7 +104,7 @@ def _dropout(q: Tensor, k: Tensor, dropout_p: float, dropout_rng: Tensor | None)
     return dropout_multiplier(dropout_rng, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dropout_p, q.dtype)
 
 
-def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str,
+def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str | QFormerMode,
                       text_mask: Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
                       dropout_rng: Tensor | None = None) -> Tensor:
     """Q-Former self-attention over ``[num_query queries ; T text]`` with the mask of ``mode`` (as LAVIS).
@@ -125,7 +122,7 @@ def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor
                     scale: float | None = None, dropout_p: float = 0.0, dropout_rng: Tensor | None = None) -> Tensor:
     """Queries ``(B, H, Lq, d)`` attending to keys/values ``(B, H, Lk, d)``; ``key_padding_mask`` ``(B, Lk)``
     nonzero = real key; dropout as in :func:`qformer_attention`."""
-    mask = qformer_mask_broadcast(0, "bidirectional", key_padding_mask, q_len=q.shape[-2], k_len=k.shape[-2],
+    mask = qformer_mask_broadcast(0, QFormerMode.BIDIRECTIONAL, key_padding_mask, q_len=q.shape[-2], k_len=k.shape[-2],
                                   device=q.device)
     return masked_attention(q, k, v, mask, scale, _dropout(q, k, dropout_p, dropout_rng))
 
