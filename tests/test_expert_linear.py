@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vlmkern.kernels import routed_linear as kern
+from vlmkern.ops.routed_linear import _triton as kern
 from vlmkern.ops.routed_linear import EXPERT_LINEAR, cogvlm_expert_ids, expert_linear
 from vlmkern.reference import routed_linear as ref
 from vlmkern.testing import assert_close

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vlmkern.kernels import routed_linear as kern
+from vlmkern.ops.routed_linear import _triton as kern
 from vlmkern.ops.routed_linear import PARTIAL_LORA, partial_lora_linear
 from vlmkern.reference import routed_linear as ref
 from vlmkern.testing import assert_close
@@ -349,7 +349,7 @@ def test_cuda_ixc_wqkv_shape_bf16(backend, kind):
 def test_cpu_row_runs_and_scattered_rows_agree(runs):
     """The CPU path computes contiguous runs of image rows on row views and many runs through an index: both
     give the masked full-size math, forward and every gradient."""
-    from vlmkern.ops import routed_linear as ops_rl
+    from vlmkern.ops.routed_linear import _torch as ops_rl
     torch.manual_seed(0)
     M, K, N, R = 4 * runs + 5, 24, 20, 4
     mask = torch.zeros(M, dtype=torch.bool)
