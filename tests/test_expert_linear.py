@@ -190,6 +190,18 @@ def test_cogvlm_expert_ids_match_original(device):
     assert torch.equal(cogvlm_expert_ids(rand).bool(), _original_get_expert_mask(rand)[0])
 
 
+def test_cogvlm_expert_ids_match_the_oracle(device):
+    """The op computes its own routing: equal to the oracle's, edge shapes and other type values included."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 50), (2, 1), (1, 2), (0, 4), (2, 0)):
+        for dtype in (torch.int64, torch.int32, torch.uint8):
+            types = torch.randint(0, 3, shape, generator=g).to(device=device, dtype=dtype)
+            got, expected = cogvlm_expert_ids(types), ref.cogvlm_expert_ids(types)
+            assert got.dtype == expected.dtype == torch.int32 and torch.equal(got, expected)
+    strided = torch.randint(0, 2, (4, 30), generator=g).to(device)[:, ::3]
+    assert torch.equal(cogvlm_expert_ids(strided), ref.cogvlm_expert_ids(strided))
+
+
 def test_out_of_range_ids_without_validation_give_nan_rows(device):
     x = torch.randn(6, 8, device=device)
     w = _weights(device, 2, 4, 8, torch.float32)

@@ -144,6 +144,25 @@ def test_training_dropout_reproduces_reference(backend, device, small_tiles, dty
     torch.testing.assert_close(ours[0][~mask], eval_y[~mask])  # ... and never touches text rows
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_dropout_keep_mask_is_the_oracles(device, p):
+    """The op draws its own dropout mask: the same bits and scale as the oracle's from the same generator state
+    (strided inputs included: the mask has x's shape, not its layout), and none in eval mode or at p = 0."""
+    from vlmkern.ops.routed_linear import dropout_keep_mask
+    x = torch.randn(4, 6, 10, device=device).transpose(0, 2)
+    for training in (True, False):
+        torch.manual_seed(3)
+        keep, scale = dropout_keep_mask(x, p, training)
+        torch.manual_seed(3)
+        ref_keep, ref_scale = ref.dropout_keep_mask(x, p, training)
+        assert scale == ref_scale
+        if ref_keep is None:
+            assert keep is None
+        else:
+            assert keep.dtype == torch.bool and keep.shape == x.shape and torch.equal(keep, ref_keep)
+    assert dropout_keep_mask(x, p, False) == (None, 1.0)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
 def test_dropout_mask_is_drawn_for_all_rows(backend, device):
     # The random stream must not depend on the mask: the generator advances by the same amount.
