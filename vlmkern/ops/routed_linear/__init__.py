@@ -7,6 +7,11 @@ opt-in value check of ``expert_ids`` on CUDA (``validate_ids=True``).
 Shapes: ``x (..., in)``; Partial LoRA ``weight (out, in)``, ``bias (out,)``, ``lora_a (r, in)``,
 ``lora_b (out, r)``, ``im_mask`` bool ``x.shape[:-1]``; expert ``weights (E, out, in)``, ``expert_ids``
 integer ``x.shape[:-1]`` (weights may also be E separate ``(out, in)`` matrices). Results ``(..., out)`` in ``x.dtype``.
+
+This module is the contract: the public functions and their argument checks, the ``vlmkern::`` custom ops
+(whose bodies are the 'reference' backend), their autograd and the backend choice (:data:`PARTIAL_LORA`,
+:data:`EXPERT_LINEAR`), registered per device. The backends: ``_triton`` (launchers, configs, shipped
+builds; imported on the first Triton call) and ``_torch`` (pure PyTorch, any device).
 """
 from __future__ import annotations
 
@@ -29,11 +34,11 @@ VISION_TOKEN_TYPE = 1                   # CogVLM's token_type_ids value of an im
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _check_same_dtype(ref_name: str, ref: Tensor, **tensors) -> None:
+def _check_same_dtype(first_name: str, first: Tensor, **tensors) -> None:
     for name, t in tensors.items():
-        if t is not None and t.dtype != ref.dtype:
-            raise TypeError(f"{name} dtype {str(t.dtype).replace('torch.', '')} must match {ref_name} dtype "
-                            f"{str(ref.dtype).replace('torch.', '')}")
+        if t is not None and t.dtype != first.dtype:
+            raise TypeError(f"{name} dtype {str(t.dtype).replace('torch.', '')} must match {first_name} dtype "
+                            f"{str(first.dtype).replace('torch.', '')}")
 
 
 def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p) -> None:
@@ -252,7 +257,8 @@ _implement(_partial_lora_op, PARTIAL_LORA, "partial_lora",
 _implement(_lora_down_op, PARTIAL_LORA, "lora_down", lambda a, b, mask, keep, *_: (a, dict(b=b, keep=keep)))
 _implement(_lora_up_op, PARTIAL_LORA, "lora_up",
            lambda a, w, u, v, mask, keep, *_: (a, dict(w=w, u=u, v=v, keep=keep)))
-_implement(_routed_tn_op, PARTIAL_LORA, "routed_tn", lambda p, q, sel, groups, base, keep, *_: (p, dict(q=q, keep=keep)))
+_implement(_routed_tn_op, PARTIAL_LORA, "routed_tn",
+           lambda p, q, sel, groups, base, keep, *_: (p, dict(q=q, keep=keep)))
 
 
 # ------------------------------------------------------------------------------- expert linear op
@@ -387,6 +393,6 @@ def dropout_keep_mask(x: Tensor, dropout_p: float, training: bool) -> tuple[Opti
     ``x * keep * keep_scale``. The oracle (``vlmkern.reference.routed_linear``) draws the same mask."""
     if training and dropout_p > 0.0:
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)   # contiguous: x's strides would reorder the draws
-        return keep.bernoulli_(1.0 - dropout_p), keep_scale
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)   # contiguous, whatever x's strides:
+        return keep.bernoulli_(1.0 - dropout_p), keep_scale                # the draws follow the memory order
     return None, 1.0

@@ -4,9 +4,8 @@ On the CPU the routed rows are read from the mask (no device sync there) and eac
 rows only, on row views where the rows form a few contiguous runs (image blocks, CogVLM's vision tokens):
 no gather or scatter copy. On other devices every product runs over all rows and the routed result is
 kept with ``torch.where`` (never ``× 0``: a non-finite value on a row that does not take the branch must
-not reach it), so nothing synchronises with the host. Functions take the custom ops' 2-D operands;
-shapes in :mod:`vlmkern.ops.routed_linear._triton`'s launchers, which compute the same.
-"""
+not reach it), so nothing synchronises with the host. Functions take the custom ops' 2-D operands (shapes
+in their docstrings, ``vlmkern.ops.routed_linear``) and compute what the Triton launchers compute."""
 from __future__ import annotations
 
 from typing import Optional

@@ -20,7 +20,8 @@ from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, regis
 # Tests may swap entries of CONFIGS for small tiles to exercise multi-tile routing under the interpreter.
 DOWN_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3)
 UP_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-# Experts: 128 x 64 tiles because the per-expert accumulators (row isolation) spill on sm_80 with Triton 3.6 at 128 x 128.
+# Experts: 128 x 64 tiles because the per-expert accumulators (row isolation) spill on sm_80 with Triton 3.6
+# at 128 x 128.
 EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 # TN: 128 x 128 output tiles, 64-token reduction steps; two stages (two shared-memory buffers) because Triton
 # 3.6 spills the expert dW build on sm_80 with three.
