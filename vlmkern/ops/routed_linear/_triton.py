@@ -181,8 +181,7 @@ def _build(label, kernel, args, flags, cfg) -> KernelBuild:
     never the token count M."""
     unit = [n for n, v in args.items() if n.startswith("s_") and v == 1]
     div16 = [n for n in args if n.startswith("s_") or n in ("N", "K", "R")]
-    consts = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    return build_from_args(label, kernel, args, {**flags, **consts}, cfg, unit=unit, div16=div16)
+    return build_from_args(label, kernel, args, {**flags, **cfg}, cfg, unit=unit, div16=div16)
 
 
 def _builds() -> list[KernelBuild]:
