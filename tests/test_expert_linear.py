@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vlmkern.kernels import routed_linear as kern
+from vlmkern.ops.routed_linear import _triton as kern
 from vlmkern.ops.routed_linear import EXPERT_LINEAR, cogvlm_expert_ids, expert_linear
 from vlmkern.reference import routed_linear as ref
 from vlmkern.reference.originals.cogvlm import get_expert_mask as _original_get_expert_mask
@@ -182,6 +182,18 @@ def test_cogvlm_expert_ids_match_original(device):
     assert cogvlm_expert_ids(torch.ones(3, 1, dtype=torch.long, device=device)).sum() == 0  # decode step
     rand = torch.randint(0, 2, (4, 50), device=device)
     assert torch.equal(cogvlm_expert_ids(rand).bool(), _original_get_expert_mask(rand)[0])
+
+
+def test_cogvlm_expert_ids_match_the_oracle(device):
+    """The op computes its own routing: equal to the oracle's, edge shapes and other type values included."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 50), (2, 1), (1, 2), (0, 4), (2, 0)):
+        for dtype in (torch.int64, torch.int32, torch.uint8):
+            types = torch.randint(0, 3, shape, generator=g).to(device=device, dtype=dtype)
+            got, expected = cogvlm_expert_ids(types), ref.cogvlm_expert_ids(types)
+            assert got.dtype == expected.dtype == torch.int32 and torch.equal(got, expected)
+    strided = torch.randint(0, 2, (4, 30), generator=g).to(device)[:, ::3]
+    assert torch.equal(cogvlm_expert_ids(strided), ref.cogvlm_expert_ids(strided))
 
 
 def test_out_of_range_ids_without_validation_give_nan_rows(device):

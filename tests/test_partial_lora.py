@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from vlmkern.kernels import routed_linear as kern
+from vlmkern.ops.routed_linear import _triton as kern
 from vlmkern.ops.routed_linear import PARTIAL_LORA, partial_lora_linear
 from vlmkern.reference import routed_linear as ref
 from vlmkern.reference.originals.internlm_xcomposer2 import plora_forward as original_plora
@@ -143,6 +143,25 @@ def test_training_dropout_reproduces_reference(backend, device, small_tiles, dty
     eval_y = partial_lora_linear(x, *params, mask, 2.0, dropout_p=0.3, training=False)
     assert not torch.equal(ours[0][mask], eval_y[mask])       # dropout acted on image rows ...
     torch.testing.assert_close(ours[0][~mask], eval_y[~mask])  # ... and never touches text rows
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_dropout_keep_mask_is_the_oracles(device, p):
+    """The op draws its own dropout mask: the same bits and scale as the oracle's from the same generator state
+    (strided inputs included: the mask has x's shape, not its layout), and none in eval mode or at p = 0."""
+    from vlmkern.ops.routed_linear import dropout_keep_mask
+    x = torch.randn(4, 6, 10, device=device).transpose(0, 2)
+    for training in (True, False):
+        torch.manual_seed(3)
+        keep, scale = dropout_keep_mask(x, p, training)
+        torch.manual_seed(3)
+        ref_keep, ref_scale = ref.dropout_keep_mask(x, p, training)
+        assert scale == ref_scale
+        if ref_keep is None:
+            assert keep is None
+        else:
+            assert keep.dtype == torch.bool and keep.shape == x.shape and torch.equal(keep, ref_keep)
+    assert dropout_keep_mask(x, p, False) == (None, 1.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
@@ -350,7 +369,7 @@ def test_cuda_ixc_wqkv_shape_bf16(backend, kind):
 def test_cpu_row_runs_and_scattered_rows_agree(runs):
     """The CPU path computes contiguous runs of image rows on row views and many runs through an index: both
     give the masked full-size math, forward and every gradient."""
-    from vlmkern.ops import routed_linear as ops_rl
+    from vlmkern.ops.routed_linear import _torch as ops_rl
     torch.manual_seed(0)
     M, K, N, R = 4 * runs + 5, 24, 20, 4
     mask = torch.zeros(M, dtype=torch.bool)

@@ -17,15 +17,14 @@ it (rows a GEMM loads as 0 meet that weight as ``0 · inf = NaN`` and are never 
   the adapter with ``sel`` = image mask; dW per expert with ``sel`` = expert id); each group reduces over
   the span from its first to its last selected row only (a prologue scan), with pipelined masked loads.
 
-``UPCAST`` computes dots in fp32 (set under the Triton interpreter, whose bf16 dot is wrong).
+``UPCAST`` computes dots in fp32 (set under the Triton interpreter, whose bf16 dot is wrong). Launch
+configurations, launchers and the shipped builds: ``vlmkern.ops.routed_linear._triton``.
 """
 from __future__ import annotations
-
 
 import triton
 import triton.language as tl
 
-from vlmkern.ops.launch import KernelBuild, launched, register_builds
 from vlmkern.kernels._common import dot, grouped_tile
 
 
@@ -227,104 +226,3 @@ def _routed_tn_kernel(
         k_ptrs += BLOCK_M * s_km
     offs = g.to(tl.int64) * s_og + rn[:, None].to(tl.int64) * s_on + rk[None, :] * s_ok
     tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])
-
-
-# Shipped launch configurations (the ops layer launches exactly these; the build check compiles them).
-# Tests may swap entries of CONFIGS for small tiles to exercise multi-tile routing under the interpreter.
-DOWN_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3)
-UP_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-# Experts: 128 x 64 tiles because the per-expert accumulators (row isolation) spill on sm_80 with Triton 3.6 at 128 x 128.
-EXPERT_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-# TN: 128 x 128 output tiles, 64-token reduction steps; two stages (two shared-memory buffers) because Triton
-# 3.6 spills the expert dW build on sm_80 with three.
-TN_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=2)
-# fp32 (tf32 / ieee dots) operands take twice the registers and shared memory: smaller tiles (sized so
-# that no shipped build spills on sm_80 / sm_90 with Triton 3.6 or 3.9, see ``python -m
-# vlmkern.tools.gpu_build_check``; TN's 32-token reduction step and the two-stage fp32 down pipeline
-# are what Triton 3.6 needs to stay spill-free; the fp32 expert GEMM, which stores per expert for row isolation,
-# is single-stage: two stages spilled 4-16 B on sm_80 with Triton 3.9).
-DOWN_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=2)
-# fp32 up: 16-wide K steps, because the low-rank-first loop spilled 8-12 B with Triton 3.6 at 32.
-UP_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
-EXPERT_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=1)
-TN_FP32_CONFIG = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3)
-CONFIGS = {"down": DOWN_CONFIG, "up": UP_CONFIG, "expert": EXPERT_CONFIG, "tn": TN_CONFIG,
-           "down_fp32": DOWN_FP32_CONFIG, "up_fp32": UP_FP32_CONFIG, "expert_fp32": EXPERT_FP32_CONFIG,
-           "tn_fp32": TN_FP32_CONFIG}
-
-
-def config(name: str, fp32: bool) -> dict:
-    """The shipped launch configuration of kernel family ``name`` (down / up / expert / tn)."""
-    return CONFIGS[name + "_fp32" if fp32 else name]
-
-
-_DTYPES = ("*fp16", "*bf16", "*fp32")
-
-
-def _precision(t: str) -> str:
-    return "ieee" if t == "*fp32" else "tf32"
-
-
-def _constexprs(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-
-
-def _build(label, kernel, sig, flags, cfg, unit=()) -> KernelBuild:
-    """``unit``: the strides that are 1 in this launch (contiguous inner dims, incl. transposed views).
-
-    Divisible by 16: every pointer, every other stride and the model dims N, K, R (hidden sizes, ranks);
-    never the token count M.
-    """
-    div16 = [n for n in sig if n.startswith("s_") or n in ("N", "K", "R")]
-    return launched(label, kernel, sig, {**flags, **_constexprs(cfg)}, cfg, unit=unit, div16=div16)
-
-
-def _builds() -> list[KernelBuild]:
-    builds = []
-    i32, f32 = "i32", "fp32"
-    for t in _DTYPES:
-        base = dict(UPCAST=False, INPUT_PRECISION=_precision(t))
-        fp32 = t == "*fp32"
-        sig = {"a_ptr": t, "b_ptr": t, "mask_ptr": "*u8", "keep_ptr": "*u8", "out_ptr": t,
-               "M": i32, "R": i32, "K": i32, "scale": f32, "keep_scale": f32,
-               **{n: i32 for n in ("s_am", "s_ak", "s_br", "s_bk", "s_km", "s_kk", "s_om", "s_or")}}
-        for keep in (True, False):  # forward U = m·s·(drop(x) Aᵀ)
-            unit = ("s_ak", "s_bk", "s_or") + (("s_kk",) if keep else ())
-            builds.append(_build(f"lora_down[{t[1:]},fwd,keep={keep}]", _lora_down_kernel, sig,
-                                 {**base, "HAS_KEEP": keep}, config("down", fp32), unit))
-        builds.append(_build(f"lora_down[{t[1:]},bwd G=m·s·(dY B)]", _lora_down_kernel, sig,  # b = Bᵀ view
-                             {**base, "HAS_KEEP": False}, config("down", fp32), ("s_ak", "s_br", "s_or")))
-        sig = {"a_ptr": t, "w_ptr": t, "u_ptr": t, "v_ptr": t, "bias_ptr": t, "mask_ptr": "*u8",
-               "keep_ptr": "*u8", "out_ptr": t, "M": i32, "N": i32, "K": i32, "R": i32, "keep_scale": f32,
-               **{n: i32 for n in ("s_am", "s_ak", "s_wn", "s_wk", "s_um", "s_ur", "s_vn", "s_vr",
-                                   "s_km", "s_kn", "s_om", "s_on")}}
-        for bias in (True, False):  # forward x Wᵀ + U Bᵀ + b
-            builds.append(_build(f"lora_up[{t[1:]},fwd,bias={bias}]", _lora_up_kernel, sig,
-                                 {**base, "HAS_BIAS": bias, "HAS_KEEP": False}, config("up", fp32),
-                                 ("s_ak", "s_wk", "s_ur", "s_vr", "s_on")))
-        for keep in (True, False):  # dX = dY W + keep ⊙ (G A): w = Wᵀ and v = Aᵀ views
-            unit = ("s_ak", "s_wn", "s_ur", "s_vn", "s_on") + (("s_kn",) if keep else ())
-            builds.append(_build(f"lora_up[{t[1:]},dx,keep={keep}]", _lora_up_kernel, sig,
-                                 {**base, "HAS_BIAS": False, "HAS_KEEP": keep}, config("up", fp32), unit))
-        sig = {"a_ptr": t, "w_ptr": t, "w1_ptr": t, "ids_ptr": "*i32", "out_ptr": t,
-               "M": i32, "N": i32, "K": i32, "E": i32,
-               **{n: i32 for n in ("s_am", "s_ak", "s_we", "s_wn", "s_wk", "s_om", "s_on")}}
-        for pair in (True, False):  # CogVLM's two nn.Linear weights; a stacked (E, out, in) tensor
-            builds.append(_build(f"expert_gemm[{t[1:]},fwd,pair={pair}]", _expert_gemm_kernel, sig,
-                                 {**base, "PAIR": pair}, config("expert", fp32), ("s_ak", "s_wk", "s_on")))
-            builds.append(_build(f"expert_gemm[{t[1:]},dx,pair={pair}]", _expert_gemm_kernel, sig,
-                                 {**base, "PAIR": pair}, config("expert", fp32),
-                                 ("s_ak", "s_wn", "s_on")))  # weights transposed per expert
-        sig = {"p_ptr": t, "q_ptr": t, "sel_ptr": "*u8", "keep_ptr": "*u8", "out_ptr": t,
-               "M": i32, "N": i32, "K": i32, "sel_base": i32, "scale": f32, "keep_scale": f32,
-               **{n: i32 for n in ("s_pm", "s_pn", "s_qm", "s_qk", "s_km", "s_kk", "s_og", "s_on", "s_ok")}}
-        for keep in (True, False):  # adapter dA = Gᵀ drop(x) (keep) and dB = dYᵀ U
-            unit = ("s_pn", "s_qk", "s_ok") + (("s_kk",) if keep else ())
-            builds.append(_build(f"routed_tn[{t[1:]},lora,keep={keep}]", _routed_tn_kernel, sig,
-                                 {**base, "HAS_KEEP": keep}, config("tn", fp32), unit))
-        builds.append(_build(f"routed_tn[{t[1:]},expert dW]", _routed_tn_kernel, {**sig, "sel_ptr": "*i32"},
-                             {**base, "HAS_KEEP": False}, config("tn", fp32), ("s_pn", "s_qk", "s_ok")))
-    return builds
-
-
-register_builds(*_builds())

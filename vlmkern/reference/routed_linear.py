@@ -1,14 +1,16 @@
 """Token-routed linears in plain PyTorch: Partial LoRA (IXC2) and the CogVLM visual expert.
 
-These are the oracle and the CPU path: every row is computed by every branch and the routed result is
-selected with ``torch.where`` (never ``× 0``, so an overflow on a row that does not take the branch cannot
-become NaN). The routing itself matches the originals, which gather the routed rows instead.
+The oracle (the ops' own pure-PyTorch backend, ``vlmkern.ops.routed_linear._torch``, is checked against it):
+every row is computed by every branch and the routed result is selected with ``torch.where`` (never ``× 0``,
+so an overflow on a row that does not take the branch cannot become NaN). The routing itself matches the
+originals, which gather the routed rows instead.
 
-Dropout convention of the adapter input (shared with ``vlmkern.ops``): when ``training and dropout_p > 0``
-a keep mask of ``x``'s full shape is drawn with ``torch.empty(x.shape, dtype=bool).bernoulli_(1 - p)``
-from the current generator of ``x``'s device — for every row, image or not, so the random stream does not
-depend on the mask — and the adapter sees ``x * keep / (1 - p)``. The original draws ``nn.Dropout`` on the
-gathered image rows only, so its draws differ; its distribution is the same.
+Dropout convention of the adapter input (``vlmkern.ops.routed_linear.dropout_keep_mask`` draws the same mask):
+when ``training and dropout_p > 0`` a keep mask of ``x``'s full shape is drawn with
+``torch.empty(x.shape, dtype=bool).bernoulli_(1 - p)`` from the current generator of ``x``'s device — for every
+row, image or not, so the random stream does not depend on the mask — and the adapter sees
+``x * keep / (1 - p)``. The original draws ``nn.Dropout`` on the gathered image rows only, so its draws differ;
+its distribution is the same.
 """
 from __future__ import annotations
 

@@ -7,40 +7,47 @@ opt-in value check of ``expert_ids`` on CUDA (``validate_ids=True``).
 Shapes: ``x (..., in)``; Partial LoRA ``weight (out, in)``, ``bias (out,)``, ``lora_a (r, in)``,
 ``lora_b (out, r)``, ``im_mask`` bool ``x.shape[:-1]``; expert ``weights (E, out, in)``, ``expert_ids``
 integer ``x.shape[:-1]`` (weights may also be E separate ``(out, in)`` matrices). Results ``(..., out)`` in ``x.dtype``.
+
+This module is the contract: the public functions and their argument checks, the ``vlmkern::`` custom ops
+(whose bodies are the 'reference' backend), their autograd and the backend choice (:data:`PARTIAL_LORA`,
+:data:`EXPERT_LINEAR`), registered per device. The backends: ``_triton`` (launchers, configs, shipped
+builds; imported on the first Triton call) and ``_torch`` (pure PyTorch, any device).
 """
 from __future__ import annotations
 
+import importlib
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from vlmkern.reference import routed_linear as ref
 from vlmkern.ops import dispatch as _dispatch
-from vlmkern.ops.dispatch import OpDispatch, register
-from vlmkern.ops.checks import (MAX_BLOCK, check_dropout_p, autocast_inputs, check_same_device, check_tensor, float64_reason,
-                                 int32_offset_reasons, INT32_MAX, is_meta, rows_2d)
+from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, autocast_inputs, check_dropout_p,
+                                check_same_device, check_tensor, int32_offset_reasons, is_meta, rows_2d)
+from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
+from vlmkern.ops.routed_linear import _torch
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference backend only
-_ID_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_ID_DTYPES = MASK_DTYPES                # expert ids: any integer, or bool (two experts)
+_TYPE_ID_DTYPES = MASK_DTYPES[1:]       # token types: integers
+VISION_TOKEN_TYPE = 1                   # CogVLM's token_type_ids value of an image token
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _check_same_dtype(ref_name: str, ref: Tensor, **tensors) -> None:
+def _check_same_dtype(first_name: str, first: Tensor, **tensors) -> None:
     for name, t in tensors.items():
-        if t is not None and t.dtype != ref.dtype:
-            raise TypeError(f"{name} dtype {str(t.dtype).replace('torch.', '')} must match {ref_name} dtype "
-                            f"{str(ref.dtype).replace('torch.', '')}")
+        if t is not None and t.dtype != first.dtype:
+            raise TypeError(f"{name} dtype {str(t.dtype).replace('torch.', '')} must match {first_name} dtype "
+                            f"{str(first.dtype).replace('torch.', '')}")
 
 
 def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p) -> None:
-    check_tensor(x, "x", dtypes=_FLOATS)
+    check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
-    check_tensor(weight, "weight", ndim=2, dtypes=_FLOATS, shape_doc="(out_features, in_features)")
-    check_tensor(lora_a, "lora_a", ndim=2, dtypes=_FLOATS, shape_doc="(r, in_features)")
-    check_tensor(lora_b, "lora_b", ndim=2, dtypes=_FLOATS, shape_doc="(out_features, r)")
+    check_tensor(weight, "weight", ndim=2, dtypes=FLOATS, shape_doc="(out_features, in_features)")
+    check_tensor(lora_a, "lora_a", ndim=2, dtypes=FLOATS, shape_doc="(r, in_features)")
+    check_tensor(lora_b, "lora_b", ndim=2, dtypes=FLOATS, shape_doc="(out_features, r)")
     out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but weight expects "
@@ -54,7 +61,7 @@ def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropo
         raise ValueError(f"lora_b must have shape (out_features={out_f}, r={r}) to match weight and lora_a, "
                          f"got {tuple(lora_b.shape)}")
     if bias is not None:
-        check_tensor(bias, "bias", ndim=1, dtypes=_FLOATS, shape_doc="(out_features,)")
+        check_tensor(bias, "bias", ndim=1, dtypes=FLOATS, shape_doc="(out_features,)")
         if bias.shape[0] != out_f:
             raise ValueError(f"bias must have out_features={out_f} elements, got {bias.shape[0]}")
     _check_same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
@@ -76,12 +83,12 @@ def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropo
 def _expert_weights(weights) -> list[Tensor]:
     """``(E, out, in)`` tensor or a sequence of E ``(out, in)`` tensors -> list of E ``(out, in)`` tensors."""
     if isinstance(weights, Tensor):
-        check_tensor(weights, "weights", ndim=3, dtypes=_FLOATS, shape_doc="(num_experts, out_features, in_features)")
+        check_tensor(weights, "weights", ndim=3, dtypes=FLOATS, shape_doc="(num_experts, out_features, in_features)")
         ws = list(weights.unbind(0))
     elif isinstance(weights, (list, tuple)):
         ws = list(weights)
         for i, w in enumerate(ws):
-            check_tensor(w, f"weights[{i}]", ndim=2, dtypes=_FLOATS, shape_doc="(out_features, in_features)")
+            check_tensor(w, f"weights[{i}]", ndim=2, dtypes=FLOATS, shape_doc="(out_features, in_features)")
             if w.shape != ws[0].shape:
                 raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} but weights[0] has {tuple(ws[0].shape)}: "
                                  "every expert must have the same (out_features, in_features)")
@@ -94,7 +101,7 @@ def _expert_weights(weights) -> list[Tensor]:
 
 
 def _check_expert_linear(x, ws, expert_ids) -> None:
-    check_tensor(x, "x", dtypes=_FLOATS)
+    check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
     if x.shape[-1] != ws[0].shape[1]:
@@ -117,14 +124,21 @@ def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------- dispatch
-def _triton_reasons(x, *_, **operands) -> list[str]:
-    """``operands``: every tensor the launch reads, by name (their 32-bit offsets are checked)."""
-    return _dispatch.triton_env_reasons(x.device) + float64_reason(x) + int32_offset_reasons(margin=MAX_BLOCK, x=x, **operands)
+TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
-def _expert_reasons(x, *_, **operands) -> list[str]:
-    ws = [t for n, t in operands.items() if n.startswith("weights[")]
-    reasons = _triton_reasons(x, **operands)
+def _triton_reasons(x, operands: Optional[dict] = None, /, **named) -> list[str]:
+    """``operands`` (a dict, as the ops' probes pass it) and ``named``: every other tensor the launch reads,
+    by name (their 32-bit offsets are checked; None entries are skipped)."""
+    tensors = {**(operands or {}), **named}
+    return (_dispatch.triton_env_reasons(x.device) + TRITON.reasons(x.dtype)
+            + int32_offset_reasons(margin=MAX_BLOCK, x=x, **tensors))
+
+
+def _expert_reasons(x, operands: Optional[dict] = None, /, **named) -> list[str]:
+    tensors = {**(operands or {}), **named}
+    ws = [t for n, t in tensors.items() if n.startswith("weights[")]
+    reasons = _triton_reasons(x, tensors)
     if len(ws) > 2 and len(ws) * ws[0].numel() > INT32_MAX:  # stacked (E, N, K), expert offset e·N·K in 32-bit
         reasons.append(f"{len(ws)} experts of shape {tuple(ws[0].shape)} stack to more than 2**31-1 elements")
     return reasons
@@ -140,217 +154,21 @@ EXPERT_LINEAR = register(OpDispatch("expert_linear", {
 }))
 
 
-def _launch_params(dtype: torch.dtype) -> tuple[bool, str]:
-    upcast = _dispatch.triton_interpreting()  # the interpreter's low-precision dot is not trustworthy (bf16)
-    if dtype == torch.float32:
-        return upcast, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return upcast, "tf32"
+def _lazy_triton(name: str) -> Callable:
+    """The Triton backend's ``name``, imported on its first call: ``import vlmkern`` never imports triton."""
+    fn = None
+
+    def run(*args):
+        nonlocal fn
+        if fn is None:
+            fn = getattr(importlib.import_module("vlmkern.ops.routed_linear._triton"), name)
+        return fn(*args)
+    return run
 
 
-def _u8(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.view(torch.uint8)
-
-
-def _flat(t: Tensor) -> Tensor:
-    """A 1-D routing / bias tensor the kernels index as ``ptr + i``: contiguous (a strided view would put the
-    routing on the wrong rows), bool as uint8."""
-    t = t.contiguous()
-    return _u8(t) if t.dtype == torch.bool else t
-
-
-def _config(name: str, dtype: torch.dtype) -> dict:
-    from vlmkern.kernels import routed_linear as kern
-    return kern.config(name, dtype == torch.float32)
-
-
-# ------------------------------------------------------------------------------------- triton launches
-def _triton_lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
-    """``m ⊙ scale·(drop(a) bᵀ)``: a (M, K), b (R, K) any strides, mask (M,) bool, keep (M, K) bool."""
-    import triton
-    from vlmkern.kernels.routed_linear import _lora_down_kernel
-
-    M, K = a.shape
-    R = b.shape[0]
-    out = torch.empty((M, R), device=a.device, dtype=a.dtype)
-    if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
-        return out.zero_()
-    upcast, precision = _launch_params(a.dtype)
-    cfg = _config("down", a.dtype)
-    kp = _u8(keep)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
-    _lora_down_kernel[grid](
-        a, b, _flat(mask), kp if kp is not None else _flat(mask), out, M, R, K, float(scale), float(keep_scale),
-        *a.stride(), *b.stride(), *(kp.stride() if kp is not None else (0, 0)), *out.stride(),
-        HAS_KEEP=kp is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
-    return out
-
-
-def _triton_lora_up(a, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
-    """``a wᵀ + m ⊙ (u vᵀ) ⊙ keep·keep_scale + bias``: a (M, K), w (N, K), u (M, R), v (N, R)."""
-    import triton
-    from vlmkern.kernels.routed_linear import _lora_up_kernel
-
-    M, K = a.shape
-    N, R = w.shape[0], u.shape[1]
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    if out.numel() == 0:
-        return out
-    upcast, precision = _launch_params(a.dtype)
-    cfg = _config("up", a.dtype)
-    kp = _u8(keep)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _lora_up_kernel[grid](
-        a, w, u, v, _flat(bias) if bias is not None else w, _flat(mask), kp if kp is not None else _flat(mask), out,
-        M, N, K, R, float(keep_scale),
-        *a.stride(), *w.stride(), *u.stride(), *v.stride(), *(kp.stride() if kp is not None else (0, 0)),
-        *out.stride(),
-        HAS_BIAS=bias is not None, HAS_KEEP=kp is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
-    return out
-
-
-def _triton_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
-    """``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``: p (M, N), q (M, K) -> (groups, N, K)."""
-    import triton
-    from vlmkern.kernels.routed_linear import _routed_tn_kernel
-
-    M, N = p.shape
-    K = q.shape[1]
-    out = torch.empty((groups, N, K), device=p.device, dtype=p.dtype)
-    if out.numel() == 0 or M == 0:
-        return out.zero_()
-    upcast, precision = _launch_params(p.dtype)
-    cfg = _config("tn", p.dtype)
-    kp = _u8(keep)
-    sel = _flat(sel)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]), groups)
-    _routed_tn_kernel[grid](
-        p, q, sel, kp if kp is not None else sel, out, M, N, K, int(sel_base), float(scale), float(keep_scale),
-        *p.stride(), *q.stride(), *(kp.stride() if kp is not None else (0, 0)), *out.stride(),
-        HAS_KEEP=kp is not None, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
-    return out
-
-
-def _triton_expert_gemm(a, ws, ids) -> Tensor:
-    """``out[m] = ws[ids[m]] a[m]``: a (M, K), ws E matrices (N, K) any strides, ids (M,) int32."""
-    import triton
-    from vlmkern.kernels.routed_linear import _expert_gemm_kernel
-
-    M, K = a.shape
-    E, N = len(ws), ws[0].shape[0]
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    if out.numel() == 0:
-        return out
-    pair = E <= 2
-    if pair:  # the experts' own matrices, no stacking; both read with one set of strides
-        if ws[0].stride() != ws[-1].stride():
-            ws = [w.contiguous() for w in ws]
-        w0, w1, s_we = ws[0], ws[-1], 0
-        s_wn, s_wk = w0.stride()
-    else:
-        w0 = w1 = torch.stack(ws)
-        s_we, s_wn, s_wk = w0.stride()
-    upcast, precision = _launch_params(a.dtype)
-    cfg = _config("expert", a.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _expert_gemm_kernel[grid](
-        a, w0, w1, _flat(ids), out, M, N, K, E, *a.stride(), s_we, s_wn, s_wk, *out.stride(),
-        PAIR=pair, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
-    return out
-
-
-# ------------------------------------------------------------------------------ reference (CPU) math
-def _zero_unrouted(t: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask[:, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
-
-
-def _drop(t: Tensor, keep: Optional[Tensor], keep_scale: float) -> Tensor:
-    return t if keep is None else t * (keep.to(t.dtype) * keep_scale)
-
-
-_MAX_RUNS = 32
-
-
-def _cpu_rows(mask: Tensor) -> Optional[list[slice] | Tensor]:
-    """The routed rows of a CPU ``mask`` ``(M,)``, where reading them costs no device sync: a list of slices
-    when they form at most ``_MAX_RUNS`` contiguous runs (image tokens and CogVLM's vision tokens come in one
-    run per image: the products then run on row views, with no gather or scatter copy), else an index
-    tensor. None on a GPU (the reference path there stays sync-free with masked full-size products)."""
-    if mask.device.type != "cpu":
-        return None
-    m = mask.to(torch.int8)
-    zero = m.new_zeros(1)
-    edges = torch.diff(m, prepend=zero, append=zero).nonzero().squeeze(1)   # run starts and ends, alternating
-    if edges.numel() > 2 * _MAX_RUNS:
-        return mask.nonzero().squeeze(1)
-    bounds = edges.tolist()
-    return [slice(a, b) for a, b in zip(bounds[0::2], bounds[1::2])]
-
-
-def _row_blocks(rows: list[slice] | Tensor) -> list:
-    """Row selectors to loop over: each run, or the whole index tensor at once (empty: nothing)."""
-    if isinstance(rows, Tensor):
-        return [rows] if rows.numel() else []
-    return rows
-
-
-def _ref_lora_down(a, b, mask, rows, keep, scale, keep_scale) -> Tensor:
-    """``rows``: ``_cpu_rows(mask)``, taken by the caller (partial LoRA's forward shares it with the up GEMM)."""
-    if rows is None:
-        return _zero_unrouted(_drop(a, keep, keep_scale).matmul(b.t()) * scale, mask)
-    out = a.new_zeros((a.shape[0], b.shape[0]))
-    for r in _row_blocks(rows):
-        out[r] = _drop(a[r], None if keep is None else keep[r], keep_scale).matmul(b.t()) * scale
-    return out
-
-
-def _ref_lora_up(a, w, u, v, bias, mask, rows, keep, keep_scale) -> Tensor:
-    y = torch.nn.functional.linear(a, w, bias)
-    if rows is None:
-        return y + _zero_unrouted(_drop(u.matmul(v.t()), keep, keep_scale), mask)
-    for r in _row_blocks(rows):
-        if keep is None and isinstance(r, slice):
-            y[r].addmm_(u[r], v.t())                   # in place on the row view
-        else:
-            y[r] += _drop(u[r].matmul(v.t()), None if keep is None else keep[r], keep_scale)
-    return y
-
-
-def _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
-    sel = sel.to(torch.int64)
-    q = _drop(q, keep, keep_scale)
-    outs = []
-    for g in range(groups):
-        routed = sel == g + sel_base
-        rows = _cpu_rows(routed)
-        if rows is None:
-            # both operands zeroed: a non-finite value on an unrouted row must not reach the sum (0 · inf)
-            outs.append(_zero_unrouted(p, routed).t().matmul(_zero_unrouted(q, routed)) * scale)
-            continue
-        acc = p.new_zeros((p.shape[1], q.shape[1]))
-        for r in _row_blocks(rows):
-            acc.addmm_(p[r].t(), q[r])
-        outs.append(acc.mul_(scale) if scale != 1.0 else acc)
-    return torch.stack(outs) if outs else p.new_empty((0, p.shape[1], q.shape[1]))
-
-
-def _ref_expert_linear(x, weights, expert_ids) -> Tensor:
-    if x.device.type != "cpu":
-        return ref.expert_linear(x, weights, expert_ids)
-    out = torch.empty((x.shape[0], weights[0].shape[0]), dtype=x.dtype, device=x.device)
-    routed = 0
-    # Every expert's rows first: small ops right after a large multi-threaded GEMM run measurably slower here.
-    rows = [_row_blocks(_cpu_rows(expert_ids == e)) for e in range(len(weights))]
-    for w, blocks in zip(weights, rows):                # each row computed once, by its expert
-        for r in blocks:
-            if isinstance(r, slice):
-                torch.mm(x[r], w.t(), out=out[r])       # straight into the output's row view
-                routed += r.stop - r.start
-            else:
-                out[r] = torch.nn.functional.linear(x[r], w)
-                routed += r.numel()
-    if routed < x.shape[0]:   # unchecked out-of-range ids (a full-size masked fill costs ~3 % of the call)
-        out[(expert_ids < 0) | (expert_ids >= len(weights))] = float("nan")
-    return out
+def _implement(op, dispatch: OpDispatch, name: str, probe: Callable[..., tuple]) -> None:
+    """Register ``op`` per device: Triton's launcher ``name`` where it can run, else ``_torch.<name>``."""
+    _dispatch.implement(op, dispatch, {"triton": _lazy_triton(name), "reference": getattr(_torch, name)}, probe)
 
 
 # ------------------------------------------------------------------------------- partial LoRA op
@@ -359,12 +177,7 @@ def _partial_lora_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: 
                      im_mask: Tensor, keep: Optional[Tensor], scaling: float,
                      keep_scale: float) -> tuple[Tensor, Tensor]:
     """2-D core: x (M, in), im_mask (M,), keep (M, in) -> (y (M, out), u (M, r)); u is saved for dB."""
-    if PARTIAL_LORA.select(x, weight=weight, lora_a=lora_a, lora_b=lora_b, keep=keep) == "triton":
-        u = _triton_lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
-        return _triton_lora_up(x, weight, u, lora_b, bias, im_mask, None, 1.0), u
-    rows = _cpu_rows(im_mask)   # once, before either GEMM
-    u = _ref_lora_down(x, lora_a, im_mask, rows, keep, scaling, keep_scale)
-    return _ref_lora_up(x, weight, u, lora_b, bias, im_mask, rows, None, 1.0), u
+    return _torch.partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale)
 
 
 @_partial_lora_op.register_fake
@@ -376,9 +189,7 @@ def _(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale):
 def _lora_down_op(a: Tensor, b: Tensor, mask: Tensor, keep: Optional[Tensor], scale: float,
                   keep_scale: float) -> Tensor:
     """``m ⊙ scale·(drop(a) bᵀ)``, (M, R); backward of partial LoRA: ``G = m ⊙ s·(dY B)`` with b = Bᵀ."""
-    if PARTIAL_LORA.select(a, b=b, keep=keep) == "triton":
-        return _triton_lora_down(a, b, mask, keep, scale, keep_scale)
-    return _ref_lora_down(a, b, mask, _cpu_rows(mask), keep, scale, keep_scale)
+    return _torch.lora_down(a, b, mask, keep, scale, keep_scale)
 
 
 @_lora_down_op.register_fake
@@ -390,9 +201,7 @@ def _(a, b, mask, keep, scale, keep_scale):
 def _lora_up_op(a: Tensor, w: Tensor, u: Tensor, v: Tensor, mask: Tensor, keep: Optional[Tensor],
                 keep_scale: float) -> Tensor:
     """``a wᵀ + m ⊙ (u vᵀ) ⊙ drop-mask``; backward of partial LoRA: ``dX = dY W + keep ⊙ (G A)``."""
-    if PARTIAL_LORA.select(a, w=w, u=u, v=v, keep=keep) == "triton":
-        return _triton_lora_up(a, w, u, v, None, mask, keep, keep_scale)
-    return _ref_lora_up(a, w, u, v, None, mask, _cpu_rows(mask), keep, keep_scale)
+    return _torch.lora_up(a, w, u, v, mask, keep, keep_scale)
 
 
 @_lora_up_op.register_fake
@@ -404,9 +213,7 @@ def _(a, w, u, v, mask, keep, keep_scale):
 def _routed_tn_op(p: Tensor, q: Tensor, sel: Tensor, groups: int, sel_base: int, keep: Optional[Tensor],
                   scale: float, keep_scale: float) -> Tensor:
     """Weight gradients of routed rows: ``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``."""
-    if PARTIAL_LORA.select(p, q=q, keep=keep) == "triton":
-        return _triton_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale)
-    return _ref_routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale)
+    return _torch.routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale)
 
 
 @_routed_tn_op.register_fake
@@ -444,15 +251,21 @@ def _plora_backward(ctx, grad, _grad_u):
 
 
 _partial_lora_op.register_autograd(_plora_backward, setup_context=_plora_setup_context)
+_implement(_partial_lora_op, PARTIAL_LORA, "partial_lora",
+           lambda x, weight, bias, lora_a, lora_b, im_mask, keep, *_: (
+               x, dict(weight=weight, lora_a=lora_a, lora_b=lora_b, keep=keep)))
+_implement(_lora_down_op, PARTIAL_LORA, "lora_down", lambda a, b, mask, keep, *_: (a, dict(b=b, keep=keep)))
+_implement(_lora_up_op, PARTIAL_LORA, "lora_up",
+           lambda a, w, u, v, mask, keep, *_: (a, dict(w=w, u=u, v=v, keep=keep)))
+_implement(_routed_tn_op, PARTIAL_LORA, "routed_tn",
+           lambda p, q, sel, groups, base, keep, *_: (p, dict(q=q, keep=keep)))
 
 
 # ------------------------------------------------------------------------------- expert linear op
 @torch.library.custom_op("vlmkern::expert_linear", mutates_args=())
 def _expert_linear_op(x: Tensor, weights: list[Tensor], expert_ids: Tensor) -> Tensor:
     """2-D core: x (M, in), E weights (out, in) any strides, expert_ids (M,) int32 -> (M, out)."""
-    if EXPERT_LINEAR.select(x, **{f"weights[{i}]": w for i, w in enumerate(weights)}) == "triton":
-        return _triton_expert_gemm(x, weights, expert_ids)
-    return _ref_expert_linear(x, weights, expert_ids)
+    return _torch.expert_linear(x, weights, expert_ids)
 
 
 @_expert_linear_op.register_fake
@@ -479,6 +292,8 @@ def _expert_backward(ctx, grad):
 
 
 _expert_linear_op.register_autograd(_expert_backward, setup_context=_expert_setup_context)
+_implement(_expert_linear_op, EXPERT_LINEAR, "expert_linear",
+           lambda x, weights, ids: (x, {f"weights[{i}]": w for i, w in enumerate(weights)}))
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -503,8 +318,8 @@ def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
         im_mask: bool ``x.shape[:-1]``, True on image tokens; None = no adapter (a plain linear).
         scaling: ``lora_alpha / lora_r``.
         dropout_p, training: dropout on the adapter input only, active when ``training and dropout_p > 0``;
-            the keep mask is drawn from the current torch generator for every row (see
-            ``vlmkern.reference.routed_linear``), so the reference reproduces it from the same state.
+            the keep mask is drawn from the current torch generator for every row
+            (:func:`dropout_keep_mask`), so the reference reproduces it from the same state.
 
     The adapter runs on image rows only — exactly the base GEMM when there are none — and nothing
     synchronises with the host. Differentiable in x, weight, bias, lora_a and lora_b.
@@ -513,7 +328,7 @@ def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p)
     if im_mask is None:
         return torch.nn.functional.linear(x, weight, bias)
-    keep, keep_scale = ref.dropout_keep_mask(x, float(dropout_p), bool(training))
+    keep, keep_scale = dropout_keep_mask(x, float(dropout_p), bool(training))
     if keep is None and _text_only_cpu_inference(x, weight, bias, lora_a, lora_b, im_mask):
         # A decode step of text tokens: exactly the base GEMM, without the custom op's per-call overhead
         # (~70 us on the CPU, 160 PLoRA linears per InternLM-XComposer2 token).
@@ -564,5 +379,20 @@ def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
     ``token_type_ids (B, L)`` integer -> int32 ``(B, L)``, computed on device without a sync: the ``eoi``
     token and a vision-type token in the last position use the language expert.
     """
-    check_tensor(token_type_ids, "token_type_ids", ndim=2, dtypes=_ID_DTYPES[1:], shape_doc="(B, L)")
-    return ref.cogvlm_expert_ids(token_type_ids)
+    check_tensor(token_type_ids, "token_type_ids", ndim=2, dtypes=_TYPE_ID_DTYPES, shape_doc="(B, L)")
+    vision = token_type_ids == VISION_TOKEN_TYPE
+    ids = torch.zeros(vision.shape, dtype=torch.int32, device=vision.device)
+    ids[:, :-1] = vision[:, 1:] & vision[:, :-1]      # a vision token followed by one (the eoi token is not)
+    return ids
+
+
+def dropout_keep_mask(x: Tensor, dropout_p: float, training: bool) -> tuple[Optional[Tensor], float]:
+    """The adapter input's dropout: ``(keep, keep_scale)``, keep a bool mask of ``x.shape`` (None without
+    dropout, i.e. unless ``training and dropout_p > 0``), drawn from the current generator of ``x``'s device
+    for every row, image or not, so that the random stream does not depend on the mask; the adapter sees
+    ``x * keep * keep_scale``. The oracle (``vlmkern.reference.routed_linear``) draws the same mask."""
+    if training and dropout_p > 0.0:
+        keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
+        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)   # contiguous, whatever x's strides:
+        return keep.bernoulli_(1.0 - dropout_p), keep_scale                # the draws follow the memory order
+    return None, 1.0
