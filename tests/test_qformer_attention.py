@@ -468,3 +468,10 @@ def test_eager_cpu_strided_inputs_use_flash(mode, text_rows_only, sdpa_calls):
     for got, want in zip(torch.autograd.grad(out, (q, k, v), g),
                          torch.autograd.grad(exact, (q, k, v), g.double())):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+def test_triton_builds_cover_the_declared_capabilities():
+    from vlmkern.ops import attention
+    from vlmkern.ops.attention import _triton
+    assert _triton.HEAD_DIMS == attention.TRITON.head_dims
+    assert {b.constexprs["HEAD_DIM"] for b in _triton._builds() if "HEAD_DIM" in b.constexprs} == set(_triton.HEAD_DIMS)

@@ -33,9 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
-from vlmkern.ops.checks import check_tensor
+from vlmkern.ops.checks import FLOATS, check_tensor
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
@@ -177,7 +176,7 @@ class QFormerModelBase(nn.Module):
         query_length = _check_query_length(query_length, L)
         cross_mask = AttentionMask()
         if encoder_hidden_states is not None:
-            check_tensor(encoder_hidden_states, "encoder_hidden_states", ndim=3, dtypes=_FLOATS,
+            check_tensor(encoder_hidden_states, "encoder_hidden_states", ndim=3, dtypes=FLOATS,
                          shape_doc="(batch, image_tokens, encoder_hidden_size)")
             if encoder_hidden_states.is_meta != embedding_output.is_meta:
                 raise ValueError(f"encoder_hidden_states is on {encoder_hidden_states.device} but the model runs on "
@@ -299,7 +298,7 @@ class Blip2QFormerModel(QFormerModelBase):
             ``BaseModelOutputWithPoolingAndCrossAttentions``: ``last_hidden_state (B, L, D)``, ``pooler_output
             = last_hidden_state[:, 0]``, optional ``hidden_states``/``attentions``/``cross_attentions``.
         """
-        check_tensor(query_embeds, "query_embeds", ndim=3, dtypes=_FLOATS, shape_doc="(batch, length, hidden)")
+        check_tensor(query_embeds, "query_embeds", ndim=3, dtypes=FLOATS, shape_doc="(batch, length, hidden)")
         if query_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(f"query_embeds must have hidden_size={self.config.hidden_size} features, got "
                              f"{query_embeds.shape[-1]}")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vlmkern import ops
 from vlmkern.nn.patch_embed import PatchEmbedLinear
-from vlmkern.ops.checks import check_same_device, check_tensor
+from vlmkern.ops.checks import FLOATS, check_same_device, check_tensor
 from vlmkern.ops.patch_embed import PIXEL_DTYPES
 
 PATCH_SIZE = 30
@@ -243,11 +243,10 @@ def image_patches_indices(input_ids: Tensor, image_token_id: int = IMAGE_TOKEN_I
 
 
 # ------------------------------------------------------------------------------------------------ scatter
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_embeds(inputs_embeds, ids, ids_name: str) -> None:
-    check_tensor(inputs_embeds, "inputs_embeds", ndim=3, dtypes=_FLOATS, shape_doc="(B, L, D)")
+    check_tensor(inputs_embeds, "inputs_embeds", ndim=3, dtypes=FLOATS, shape_doc="(B, L, D)")
     check_tensor(ids, ids_name, ndim=2, dtypes=_ID_DTYPES, shape_doc="(B, L)")
     if ids.shape[0] != inputs_embeds.shape[0]:
         raise ValueError(f"{ids_name} has batch size {ids.shape[0]} but inputs_embeds has {inputs_embeds.shape[0]}")
@@ -271,7 +270,7 @@ def scatter_image_embeddings(inputs_embeds: Tensor, input_ids: Tensor, patch_emb
     if input_ids.shape != inputs_embeds.shape[:2]:
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)} must equal inputs_embeds (B, L) = "
                          f"{tuple(inputs_embeds.shape[:2])}")
-    check_tensor(patch_embeddings, "patch_embeddings", dtypes=_FLOATS)
+    check_tensor(patch_embeddings, "patch_embeddings", dtypes=FLOATS)
     D = inputs_embeds.shape[-1]
     if patch_embeddings.dim() < 1 or patch_embeddings.shape[-1] != D:
         raise ValueError(f"patch_embeddings must be (N, D={D}) or (B, nP, D={D}), got shape "
@@ -307,12 +306,12 @@ def scatter_by_patch_indices(inputs_embeds: Tensor, patch_indices: Tensor,
         raise ValueError(f"patch_indices must have at least L={L} columns, got shape {tuple(patch_indices.shape)}")
     idx = patch_indices[:, :L].to(torch.int64)
     if isinstance(patch_embeddings, Tensor):
-        check_tensor(patch_embeddings, "patch_embeddings", ndim=3, dtypes=_FLOATS, shape_doc="(B, nP, D)")
+        check_tensor(patch_embeddings, "patch_embeddings", ndim=3, dtypes=FLOATS, shape_doc="(B, nP, D)")
         per_image = list(patch_embeddings.unbind(0)) if patch_embeddings.shape[0] == B else None
     else:
         per_image = list(patch_embeddings)
         for i, e in enumerate(per_image):
-            check_tensor(e, f"patch_embeddings[{i}]", ndim=2, dtypes=_FLOATS, shape_doc="(nP, D)")
+            check_tensor(e, f"patch_embeddings[{i}]", ndim=2, dtypes=FLOATS, shape_doc="(nP, D)")
     if per_image is None or len(per_image) != B:
         raise ValueError(f"patch_embeddings must hold one entry per sample (B={B})")
     if any(e.shape[-1] != D for e in per_image):

@@ -16,9 +16,8 @@ from torch import Tensor
 
 from vlmkern.models.blip2 import QFormerModelBase, check_ids
 from vlmkern.nn.qformer import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
-from vlmkern.ops.checks import check_tensor
+from vlmkern.ops.checks import FLOATS, check_tensor
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ID_DTYPES = (torch.int64, torch.int32)
 
 
@@ -68,7 +67,7 @@ class InstructBlipQFormerModel(QFormerModelBase):
             check_ids(position_ids, "position_ids", self.config.max_position_embeddings,
                        "config.max_position_embeddings")
         if query_embeds is not None:
-            check_tensor(query_embeds, "query_embeds", ndim=3, dtypes=_FLOATS, shape_doc="(batch, queries, hidden)")
+            check_tensor(query_embeds, "query_embeds", ndim=3, dtypes=FLOATS, shape_doc="(batch, queries, hidden)")
             if query_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"query_embeds must have hidden_size={self.config.hidden_size} features, got "
                                  f"{query_embeds.shape[-1]}")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from vlmkern.models.llava_next import projector_parameters
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
+from vlmkern.ops.checks import FLOATS, autocasting, check_same_device, check_tensor
 from vlmkern.ops import gather_linear
 
 TILE = 336
@@ -107,7 +107,7 @@ def HD_transform(img, hd_num: int = HD_NUM_FINETUNE):
 def tower_inputs(image: Tensor) -> Tensor:
     """``(1, 3, H, W)`` or ``(3, H, W)`` normalised HD image -> ``(1 + h·w, 3, 336, 336)``: the bicubic 336x336
     global view (computed in float32, cast back) then the row-major tiles, as ``CLIPVisionTower.forward``."""
-    check_tensor(image, "image", dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    check_tensor(image, "image", dtypes=FLOATS)
     img = image if image.dim() == 4 else image[None]
     if img.dim() != 4 or img.shape[0] != 1 or img.shape[2] % TILE or img.shape[3] % TILE or img.shape[2] == 0:
         raise ValueError(f"image must be one (3, H, W) image with H, W multiples of {TILE}, "

@@ -95,7 +95,7 @@ def _dropout_args(q: Tensor, k: Tensor, dropout_p, dropout_rng: Optional[Tensor]
 def dropout_keep_mask_triton(dropout_rng: Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> Tensor:
     """The keep mask ``(B, H, Lq, Lk)`` bool as the Triton kernels draw it (compiled, or interpreted on CPU
     tensors), for checking them against ``vlmkern.reference.attention.dropout_keep_mask``."""
-    return _triton_backend().dropout_keep_mask_triton(dropout_rng, shape, dropout_p)
+    return _triton_keep_mask(dropout_rng, shape, dropout_p)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -117,12 +117,6 @@ CROSS_ATTENTION = register(OpDispatch("cross_attention", {"triton": _triton_reas
 # Shared by both ops' gradients; the same reasons as their forwards, so it picks the forward's backend.
 MASKED_ATTENTION_BACKWARD = OpDispatch("masked_attention_backward", {"triton": _triton_reasons,
                                                                      "reference": _never})
-
-
-def _triton_backend():
-    """The Triton backend module, imported on first use (``import vlmkern`` never imports triton)."""
-    from vlmkern.ops.attention import _triton as backend
-    return backend
 
 
 def _scale(q: Tensor, scale: float | None) -> float:
@@ -182,12 +176,9 @@ def _qkv_mask(q, k, v, mask, *_):
     return q, k, v, mask
 
 
-def _triton_forward(*args):
-    return _triton_backend().forward(*args)
-
-
-def _triton_gradients(*args):
-    return _triton_backend().backward(*args)
+_triton_forward = dispatch.lazy(f"{__name__}._triton", "forward")
+_triton_gradients = dispatch.lazy(f"{__name__}._triton", "backward")
+_triton_keep_mask = dispatch.lazy(f"{__name__}._triton", "dropout_keep_mask_triton")
 
 
 dispatch.implement(_qformer_attention_op, QFORMER_ATTENTION, {"triton": _triton_forward, "reference": _torch.forward},

@@ -15,7 +15,6 @@ builds; imported on the first Triton call) and ``_torch`` (pure PyTorch, any dev
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Callable, Optional, Sequence
 
@@ -154,21 +153,9 @@ EXPERT_LINEAR = register(OpDispatch("expert_linear", {
 }))
 
 
-def _lazy_triton(name: str) -> Callable:
-    """The Triton backend's ``name``, imported on its first call: ``import vlmkern`` never imports triton."""
-    fn = None
-
-    def run(*args):
-        nonlocal fn
-        if fn is None:
-            fn = getattr(importlib.import_module("vlmkern.ops.routed_linear._triton"), name)
-        return fn(*args)
-    return run
-
-
 def _implement(op, dispatch: OpDispatch, name: str, probe: Callable[..., tuple]) -> None:
     """Register ``op`` per device: Triton's launcher ``name`` where it can run, else ``_torch.<name>``."""
-    _dispatch.implement(op, dispatch, {"triton": _lazy_triton(name), "reference": getattr(_torch, name)}, probe)
+    _dispatch.implement(op, dispatch, {"triton": _dispatch.lazy(f"{__name__}._triton", name), "reference": getattr(_torch, name)}, probe)
 
 
 # ------------------------------------------------------------------------------- partial LoRA op
