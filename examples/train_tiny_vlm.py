@@ -9,7 +9,7 @@ pixels --PatchEmbedLinear.forward_images (fused normalise + patchify + GEMM)--> 
 
 The task is synthetic: each caption spells the colour levels (4 per channel) of its image's quadrants as
 tokens; the loss first falls to ln(4) = 1.39 (what the text alone gives) and below it only as image information
-flows through every part. ``TinyVLM`` and ``synthetic_batch`` are also used by ``tests/test_distributed.py``
+flows through every part. ``TinyVLM`` and ``synthetic_batch`` are also used by ``tests/integrations/test_distributed.py``
 (DDP / FSDP2 vs a single process).
 """
 from __future__ import annotations

@@ -232,7 +232,7 @@ if [ -n "$BUILD_PID" ]; then
         say "T3  ext_build                          ok"
         find "$W/ext_build/vlmkern" -maxdepth 1 -name '*.so' -exec cp {} vlmkern/ \;
         step T3 ext_tests "$(( $(left) / 2 ))" "$PY" -m pytest -q -rfE -p no:cacheprovider tests/test_build.py \
-            tests/test_patchify.py tests/test_packing_op.py -k "cuda or build or ext" --junitxml="$W/t3_ext_junit.xml"
+            tests/ops/test_patchify.py tests/ops/test_packing_op.py -k "cuda or build or ext" --junitxml="$W/t3_ext_junit.xml"
         grep -E '(passed|failed|error).* in [0-9.]+s' "$W/logs/T3_ext_tests.log" | tail -n 1 | tee -a "$SUMMARY"
     else
         say "T3  ext_build                          FAILED (logs/T0_ext_build.log)"

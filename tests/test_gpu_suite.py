@@ -139,7 +139,7 @@ def test_kernel_test_selection_and_table(tmp_path):
     assert "1 passed, 2 deselected" in res.stdout
     table = (tmp_path / "t.txt").read_text()
     assert re.search(r"^projector\s+1\s+0\s+0$", table, re.M) and re.search(r"^total\s+1\s+0\s+0$", table, re.M)
-    assert plugin.family_of("tests/test_partial_lora.py::test_x[a]") == "routed_linear"
+    assert plugin.family_of("tests/ops/test_partial_lora.py::test_x[a]") == "routed_linear"
     assert all((REPO / f).is_file() for f in plugin.op_test_files())
 
 

@@ -9,7 +9,7 @@ dropout inside the attention ops) against ``transformers.Blip2QFormerModel`` wit
 ``vlmkern attn p=0`` is vlmkern with attention dropout off (hidden dropout on), the cost of the keep mask.
 
 The implementations draw different dropout masks, so their outputs are not compared (no max-abs-diff column);
-``tests/test_attention_dropout.py`` checks vlmkern's dropout against the reference given the same mask.
+``tests/ops/test_attention_dropout.py`` checks vlmkern's dropout against the reference given the same mask.
 bf16 on the GPU, fp32 on the CPU.
 """
 from __future__ import annotations

@@ -74,7 +74,7 @@ def _dropout_mask_kernel(rng_ptr, keep_ptr, Lq, Lk, thresh, BLOCK_M: tl.constexp
     """The keep mask ``(B*H, Lq, Lk)`` uint8 as the attention kernels draw it, for tests against the
     reference generator. Compiled and interpreted ``tl.philox`` are assumed to be the same Philox4x32-10 (the
     interpreter runs Triton's own source of it on NumPy): the interpreted one is checked on every test run,
-    the compiled one by the ``cuda`` tests of tests/test_attention_dropout.py."""
+    the compiled one by the ``cuda`` tests of tests/ops/test_attention_dropout.py."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -6,7 +6,7 @@ issue's ``torch.stack([m, ~m], -1)[..., 0]`` mask: stride 2 along the last dim),
 repeated) or row-sliced (a leading-dim slice with a row step). Results and gradients are compared with the
 float64 reference on the same values by the tolerance rule, on the default backend and on Triton.
 
-Default run: a few examples per op and backend. ``python3 -m pytest -m slow tests/test_strided_routed.py``
+Default run: a few examples per op and backend. ``python3 -m pytest -m slow tests/ops/test_strided_routed.py``
 (Hypothesis profile ``slow``, see tests/conftest.py) runs at least 500 per family.
 """
 import pytest

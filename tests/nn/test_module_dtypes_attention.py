@@ -3,7 +3,7 @@
 
 Pairs (ours, original): the BLIP-2 and InstructBLIP Q-Formers vs transformers', Qwen-VL ``Resampler`` vs its
 ``forward_original``, Mini-Gemini ``PatchInfoMining`` and CogAgent ``CrossAttention`` vs the ports in
-``vlmkern.reference.originals`` (paired as in tests/test_mini_gemini.py / test_cogagent_cross_attention.py),
+``vlmkern.reference.originals`` (paired as in tests/models/test_mini_gemini.py / test_cogagent_cross_attention.py),
 ``PatchEmbedLinear.forward_images`` vs the processor's patches through ``nn.Linear``. Low-precision results
 follow the tolerance rule of ``vlmkern.testing`` against the original in float64.
 """

@@ -9,7 +9,7 @@ forced backend does for an input it cannot take.
 
 The image packers (LLaVA-NeXT, 4KHD) and the InternLM2 parts with PLoRA (IXC2) are in the matrix too.
 
-``python3 tests/test_bad_inputs_routed.py`` prints the number of cases and classes per op and module.
+``python3 tests/ops/test_bad_inputs_routed.py`` prints the number of cases and classes per op and module.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Every row is ``(target, class, build, expect, match)``: ``build()`` makes the ca
 type that must be raised (before any launch) with ``match`` in its message (the argument's name), or
 ``DOCUMENTED`` when the call must return the documented result, which ``match`` then checks (a callable taking
 the result). Each row runs on the default backend and with ``VLMKERN_BACKEND=triton`` (the interpreter here).
-``python3 tests/test_bad_inputs_attention.py`` prints the number of rows and classes per op and module.
+``python3 tests/ops/test_bad_inputs_attention.py`` prints the number of rows and classes per op and module.
 
 Classes: dtype, rank, shape, zero-size, device, meta (shapes, as torch ops give), non-finite scalar, non-finite
 tensor, out-of-range (ids, masks, sizes), int32 (offsets past ``2**31 - 1``, decided from meta shapes and

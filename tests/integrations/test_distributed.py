@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from examples.train_tiny_vlm import TinyVLM, synthetic_batch  # noqa: E402
 
 WORLD, BATCH, STEPS, LR, TOL = 2, 4, 3, 0.5, 1e-5
