@@ -63,6 +63,13 @@ def int32_offset_reasons(dims: Iterable[int] | None = None, *, margin: int = 0, 
     return why
 
 
+def int32_count_reasons(t, start_dim: int, what: str) -> list[str]:
+    """Why a dense buffer laid out like ``t``'s dims ``start_dim..`` (e.g. one image's gradient, offset in
+    int32 from a 64-bit base) could overflow: it holds more than ``2**31 - 1`` elements."""
+    n = math.prod(t.shape[start_dim:])
+    return [f"{what} holds {n} elements (offset in int32)"] if n > INT32_MAX else []
+
+
 def float64_reason(x) -> list[str]:
     """float64 runs on the reference backend: no Triton kernel takes it."""
     return ["float64 is not supported by vlmkern's Triton kernels"] if x.dtype == torch.float64 else []

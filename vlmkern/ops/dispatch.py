@@ -101,22 +101,23 @@ def triton_env_reasons(device: torch.device) -> list[str]:
     return [f"triton does not run on device type {device.type!r}"]
 
 
-def cuda_env_reasons(device: torch.device) -> list[str]:
+def _ext_reasons(device: torch.device, want: str, kernel: str, ext, error: str, missing: str) -> list[str]:
     reasons = []
-    if device.type != "cuda":
-        reasons.append(f"inputs are on {device.type}, the CUDA extension needs CUDA tensors")
-    if _ext.cuda_ext() is None:
-        reasons.append(_ext.cuda_ext_error() or "CUDA extension not built")
+    if device.type != want:
+        reasons.append(f"inputs are on {device.type}, the {kernel} needs {want.upper()} tensors")
+    if ext is None:
+        reasons.append(error or missing)
     return reasons
+
+
+def cuda_env_reasons(device: torch.device) -> list[str]:
+    return _ext_reasons(device, "cuda", "CUDA extension", _ext.cuda_ext(), _ext.cuda_ext_error(),
+                        "CUDA extension not built")
 
 
 def cpu_ext_reasons(device: torch.device) -> list[str]:
-    reasons = []
-    if device.type != "cpu":
-        reasons.append(f"inputs are on {device.type}, the C++ CPU kernel needs CPU tensors")
-    if _ext.cpu_ext() is None:
-        reasons.append(_ext.cpu_ext_error() or "CPU extension not built")
-    return reasons
+    return _ext_reasons(device, "cpu", "C++ CPU kernel", _ext.cpu_ext(), _ext.cpu_ext_error(),
+                        "CPU extension not built")
 
 
 _DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",

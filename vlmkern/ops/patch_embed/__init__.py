@@ -21,8 +21,8 @@ from torch import Tensor
 
 from vlmkern import _ext
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, INT32_MAX, autocast_inputs, check_finite_scalar, check_same_device,
-                                check_tensor, int32_offset_reasons)
+from vlmkern.ops.checks import (FLOATS, autocast_inputs, check_finite_scalar, check_same_device,
+                                check_tensor, int32_count_reasons, int32_offset_reasons)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.patch_embed import _cpp, _torch
 
@@ -118,10 +118,7 @@ def _patch_embed_triton_reasons(pixels, weight, *_, **__) -> list[str]:
     why = dispatch.triton_env_reasons(pixels.device) + TRITON.reasons(weight.dtype)
     # Image and patch-row bases are 64-bit; channel, in-patch row/column and column offsets 32-bit, as are the
     # weight's column offsets and the (dense) pixel gradient's offsets inside one image.
-    per_image = math.prod(pixels.shape[1:])
-    if per_image > INT32_MAX:
-        why.append(f"one image holds {per_image} elements (the pixel gradient is offset in int32 per image)")
-    return why + int32_offset_reasons((1, 2, 3), pixels=pixels) + int32_offset_reasons((1,), weight=weight)
+    return why + int32_count_reasons(pixels, 1, "one image of the pixel gradient") + int32_offset_reasons((1, 2, 3), pixels=pixels) + int32_offset_reasons((1,), weight=weight)
 
 
 def _ext_reasons(pixels: Tensor, out_dtype: torch.dtype, which: str) -> list[str]:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, autocasting, check_finite_scalar, check_same_device, check_tensor,
-                                INT32_MAX, int32_offset_reasons)
+                                int32_count_reasons, int32_offset_reasons)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.window_attention import _torch
 
@@ -72,10 +72,7 @@ def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
     why = dispatch.triton_env_reasons(u.device) + TRITON.reasons(images_aux.dtype)
     # Batch and token bases are 64-bit; offsets inside one batch element of the map (and of its dense
     # gradient) and along a channel row are 32-bit.
-    per_batch = math.prod(images_aux.shape[1:])
-    if per_batch > INT32_MAX:
-        why.append(f"one images_aux batch element holds {per_batch} elements (its gradient is offset in int32)")
-    return why + int32_offset_reasons((1, 2, 3), images_aux=images_aux) + int32_offset_reasons((2,), u=u)
+    return why + int32_count_reasons(images_aux, 1, "one images_aux batch element of its gradient") + int32_offset_reasons((1, 2, 3), images_aux=images_aux) + int32_offset_reasons((2,), u=u)
 
 
 WINDOW_ATTENTION = register(OpDispatch("window_attention", {
