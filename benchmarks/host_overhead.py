@@ -70,7 +70,8 @@ def _t(*shape, dtype=torch.float32, grad=False, gen=None) -> torch.Tensor:
 
 
 # Each case: name -> builder(grad) returning (call, tensors that receive gradients). Tiny shapes: the host
-# path does not depend on them, and torch work inside the ops layer (if any) stays negligible.
+# path does not depend on them, and torch work inside the ops layer (if any) stays negligible. patchify has no Triton path (its
+# backends are the C++ / CUDA extensions), so it is not among them.
 def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]]:
     from vlmkern import ops
     g = torch.Generator().manual_seed(0)
@@ -96,10 +97,6 @@ def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], lis
         pix = torch.randint(0, 256, (1, 3, 60, 60), generator=g, dtype=torch.uint8)
         w, b = t(16, 2700, grad=grad), t(16, grad=grad)
         return lambda: ops.patch_embed(pix, w, b), [w, b]
-
-    def patchify(grad):
-        pix = torch.randint(0, 256, (1, 3, 60, 60), generator=g, dtype=torch.uint8)
-        return lambda: ops.patchify(pix), []
 
     def linear_gelu(grad):
         x, w, b = t(8, 32, grad=grad), t(64, 32, grad=grad), t(64, grad=grad)
@@ -133,7 +130,7 @@ def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], lis
         return lambda: F.linear(x, w, b), [x, w, b]
 
     return {"qformer_attention": qformer, "cross_attention": cross, "gather_linear": gather(False),
-            "gather_linear_gelu": gather(True), "patch_embed": patch_embed, "patchify": patchify,
+            "gather_linear_gelu": gather(True), "patch_embed": patch_embed,
             "linear_gelu": linear_gelu, "partial_lora_linear": plora, "expert_linear": expert,
             "window_attention": window, "cogvlm_expert_ids": expert_ids,
             "torch sdpa (real work)": sdpa, "torch F.linear (real work)": linear}

@@ -19,6 +19,7 @@ preferred one could not run (``logging.getLogger("vlmkern").setLevel(logging.DEB
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -44,7 +45,13 @@ class BackendNotSupported(RuntimeError):
 
 
 def forced_backend() -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+    """The backend ``VLMKERN_BACKEND`` forces, or None (read per call: tests and users may change it)."""
+    return _parse_forced(os.environ.get(ENV_VAR, ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_forced(raw: str) -> str | None:
+    value = raw.strip().lower()
     if not value or value == "auto":
         return None
     if value not in BACKENDS:
@@ -73,24 +80,30 @@ MIN_INTERPRETER_TRITON = (3, 7)
 def interpreter_version_reason() -> str:
     """Why this Triton's interpreter can't run vlmkern's kernels, or ``""``."""
     import triton
-    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2])
+    return _version_reason(triton.__version__)
+
+
+@functools.lru_cache(maxsize=8)
+def _version_reason(version_text: str) -> str:
+    version = tuple(int(p) for p in version_text.split("+")[0].split(".")[:2])
     if version < MIN_INTERPRETER_TRITON:
-        return (f"the Triton interpreter of triton {triton.__version__} cannot run vlmkern's kernels "
+        return (f"the Triton interpreter of triton {version_text} cannot run vlmkern's kernels "
                 f"(needs >= {'.'.join(map(str, MIN_INTERPRETER_TRITON))})")
     return ""
 
 
 def triton_env_reasons(device: torch.device) -> list[str]:
     """Why Triton cannot run on ``device`` at all (independent of the op's inputs)."""
+    interpreting = triton_interpreting()
+    if device.type == "cpu" and not interpreting:  # decided before importing triton (~1 s) on a CPU-only call
+        return ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]
     try:
         import triton  # noqa: F401
     except Exception as exc:
         return [f"triton is not importable ({exc})"]
     if device.type == "cuda":
-        return [] if not triton_interpreting() else ["TRITON_INTERPRET=1 is set but inputs are on CUDA"]
+        return ["TRITON_INTERPRET=1 is set but inputs are on CUDA"] if interpreting else []
     if device.type == "cpu":
-        if not triton_interpreting():
-            return ["inputs are on the CPU and TRITON_INTERPRET=1 is not set"]
         too_old = interpreter_version_reason()
         if too_old:
             return [too_old]
