@@ -118,3 +118,13 @@ def test_no_import_circle():
     for m in sorted(GRAPH):
         if m not in state:
             visit(m)
+
+
+def test_importing_vlmkern_loads_no_oracle():
+    """``import vlmkern`` loads the op layer and the modules, never the oracle (it loads on first access)."""
+    import subprocess
+    import sys
+    code = "import sys, vlmkern; print(sorted(m for m in sys.modules if m.startswith('vlmkern.reference')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT.parent).stdout
+    assert out.strip() == "[]", out

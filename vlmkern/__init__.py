@@ -3,9 +3,10 @@
 Layers (lower never imports higher):
 ``kernels`` (Triton ``@jit`` only) -> ``ops`` (checks, launch, ``vlmkern::`` custom ops, autograd,
 dispatch) -> ``nn`` (drop-in modules) -> ``models`` -> ``integrations``.
-``reference`` holds the pure-PyTorch oracle of every op, with the same signature.
+``reference`` holds the pure-PyTorch oracle of every op, with the same signature (loaded on first access: no
+production path imports it).
 
-``vlmkern.models`` and ``vlmkern.integrations`` (with ``integrations.hf``) load on first attribute access,
+``vlmkern.models``, ``vlmkern.integrations`` and ``vlmkern.reference`` (with ``integrations.hf``) load on first attribute access,
 so ``import vlmkern; vlmkern.integrations.hf.apply(model)`` works and ``import vlmkern`` stays light.
 
 Importing vlmkern never fails because a compiled extension or Triton is missing; see
@@ -16,11 +17,11 @@ import importlib
 import logging
 
 from vlmkern._version import __version__
-from vlmkern import reference, ops, nn
+from vlmkern import ops, nn
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_LAZY = {"models": "vlmkern.models", "integrations": "vlmkern.integrations.hf"}
+_LAZY = {"models": "vlmkern.models", "integrations": "vlmkern.integrations.hf", "reference": "vlmkern.reference"}
 
 __all__ = ["__version__", "reference", "ops", "nn", "models", "integrations"]
 
