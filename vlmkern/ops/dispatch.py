@@ -133,6 +133,11 @@ def cpu_ext_reasons(device: torch.device) -> list[str]:
                         "CPU extension not built")
 
 
+def never_refuses(*_, **__) -> list[str]:
+    """The reasons function of the ``reference`` backend, which runs whatever its op's checks let through."""
+    return []
+
+
 _DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                torch.float64: "float64"}
 
@@ -222,8 +227,9 @@ def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Calla
     """Register ``op``'s kernel per device type from ``impls`` (backend name -> function of the op's arguments).
 
     Each device type gets a kernel that runs the first of its backends (in ``dispatch`` order) that can take
-    the inputs (:meth:`OpDispatch.select_among` on ``probe(*op_args)``); ``reference`` serves every device type
-    without a kernel of its own. The op's own body should be the reference implementation."""
+    the inputs (:meth:`OpDispatch.select_among` on what ``probe(*op_args)`` returns: a tuple, passed by position,
+    or a dict, passed by name); ``reference`` serves every device type without a kernel of its own. The op's own
+    body should be the reference implementation."""
     order = [b for b in dispatch.backends if b in impls]
     devices = {d for b in order for d in BACKEND_DEVICES[b] if d != "*"}
     for device in sorted(devices):
@@ -232,7 +238,10 @@ def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Calla
             continue
 
         def kernel(*args, _names=names):
-            return impls[dispatch.select_among(_names, *probe(*args))](*args)
+            read = probe(*args)
+            chosen = (dispatch.select_among(_names, **read) if isinstance(read, dict)
+                      else dispatch.select_among(_names, *read))
+            return impls[chosen](*args)
         op.register_kernel(device)(kernel)
 
 

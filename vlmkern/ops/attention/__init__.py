@@ -108,15 +108,13 @@ def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     return why + int32_offset_reasons((2, 3), q=q, k=k, v=v) + int32_offset_reasons((1,), key_mask=key_mask)
 
 
-def _never(*_, **__) -> list[str]:
-    return []
-
-
-QFORMER_ATTENTION = register(OpDispatch("qformer_attention", {"triton": _triton_reasons, "reference": _never}))
-CROSS_ATTENTION = register(OpDispatch("cross_attention", {"triton": _triton_reasons, "reference": _never}))
+QFORMER_ATTENTION = register(OpDispatch("qformer_attention", {"triton": _triton_reasons,
+                                                                     "reference": dispatch.never_refuses}))
+CROSS_ATTENTION = register(OpDispatch("cross_attention", {"triton": _triton_reasons,
+                                                                 "reference": dispatch.never_refuses}))
 # Shared by both ops' gradients; the same reasons as their forwards, so it picks the forward's backend.
 MASKED_ATTENTION_BACKWARD = OpDispatch("masked_attention_backward", {"triton": _triton_reasons,
-                                                                     "reference": _never})
+                                                                     "reference": dispatch.never_refuses})
 
 
 def _scale(q: Tensor, scale: float | None) -> float:

@@ -118,7 +118,8 @@ def _patch_embed_triton_reasons(pixels, weight, *_, **__) -> list[str]:
     why = dispatch.triton_env_reasons(pixels.device) + TRITON.reasons(weight.dtype)
     # Image and patch-row bases are 64-bit; channel, in-patch row/column and column offsets 32-bit, as are the
     # weight's column offsets and the (dense) pixel gradient's offsets inside one image.
-    return why + int32_count_reasons(pixels, 1, "one image of the pixel gradient") + int32_offset_reasons((1, 2, 3), pixels=pixels) + int32_offset_reasons((1,), weight=weight)
+    return (why + int32_count_reasons(pixels, 1, "one image of the pixel gradient")
+            + int32_offset_reasons((1, 2, 3), pixels=pixels) + int32_offset_reasons((1,), weight=weight))
 
 
 def _ext_reasons(pixels: Tensor, out_dtype: torch.dtype, which: str) -> list[str]:
@@ -147,13 +148,13 @@ def _patchify_cpp_reasons(pixels, patch_size, out_dtype, *_, **__) -> list[str]:
 
 PATCH_EMBED = register(OpDispatch("patch_embed", {
     "triton": _patch_embed_triton_reasons,
-    "reference": lambda *a, **k: [],
+    "reference": dispatch.never_refuses,
 }))
 
 PATCHIFY = register(OpDispatch("patchify", {
     "cuda": _patchify_cuda_reasons,
     "cpp": _patchify_cpp_reasons,
-    "reference": lambda *a, **k: [],
+    "reference": dispatch.never_refuses,
 }))
 
 

@@ -110,12 +110,10 @@ def _gather_triton_reasons(x, index=None, weight=None, extra=None, *_, **__) -> 
     return reasons
 
 
-def _never(*_, **__) -> list[str]:
-    return []
-
-
-LINEAR_GELU = register(OpDispatch("linear_gelu", {"triton": _linear_triton_reasons, "reference": _never}))
-GATHER_LINEAR = register(OpDispatch("gather_linear", {"triton": _gather_triton_reasons, "reference": _never}))
+LINEAR_GELU = register(OpDispatch("linear_gelu", {"triton": _linear_triton_reasons,
+                                                         "reference": dispatch.never_refuses}))
+GATHER_LINEAR = register(OpDispatch("gather_linear", {"triton": _gather_triton_reasons,
+                                                             "reference": dispatch.never_refuses}))
 
 
 def _as_groups(x: Tensor) -> Tensor:

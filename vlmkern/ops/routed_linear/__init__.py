@@ -126,18 +126,16 @@ def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
 TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
-def _triton_reasons(x, operands: Optional[dict] = None, /, **named) -> list[str]:
-    """``operands`` (a dict, as the ops' probes pass it) and ``named``: every other tensor the launch reads,
-    by name (their 32-bit offsets are checked; None entries are skipped)."""
-    tensors = {**(operands or {}), **named}
+def _triton_reasons(x, **tensors) -> list[str]:
+    """``tensors``: every other tensor the launch reads, by name (their 32-bit offsets are checked; None entries
+    are skipped)."""
     return (_dispatch.triton_env_reasons(x.device) + TRITON.reasons(x.dtype)
             + int32_offset_reasons(margin=MAX_BLOCK, x=x, **tensors))
 
 
-def _expert_reasons(x, operands: Optional[dict] = None, /, **named) -> list[str]:
-    tensors = {**(operands or {}), **named}
+def _expert_reasons(x, **tensors) -> list[str]:
     ws = [t for n, t in tensors.items() if n.startswith("weights[")]
-    reasons = _triton_reasons(x, tensors)
+    reasons = _triton_reasons(x, **tensors)
     if len(ws) > 2 and len(ws) * ws[0].numel() > INT32_MAX:  # stacked (E, N, K), expert offset e·N·K in 32-bit
         reasons.append(f"{len(ws)} experts of shape {tuple(ws[0].shape)} stack to more than 2**31-1 elements")
     return reasons
@@ -145,17 +143,18 @@ def _expert_reasons(x, operands: Optional[dict] = None, /, **named) -> list[str]
 
 PARTIAL_LORA = register(OpDispatch("partial_lora_linear", {
     "triton": _triton_reasons,
-    "reference": lambda *a, **k: [],
+    "reference": _dispatch.never_refuses,
 }))
 EXPERT_LINEAR = register(OpDispatch("expert_linear", {
     "triton": _expert_reasons,
-    "reference": lambda *a, **k: [],
+    "reference": _dispatch.never_refuses,
 }))
 
 
 def _implement(op, dispatch: OpDispatch, name: str, probe: Callable[..., tuple]) -> None:
     """Register ``op`` per device: Triton's launcher ``name`` where it can run, else ``_torch.<name>``."""
-    _dispatch.implement(op, dispatch, {"triton": _dispatch.lazy(f"{__name__}._triton", name), "reference": getattr(_torch, name)}, probe)
+    impls = {"triton": _dispatch.lazy(f"{__name__}._triton", name), "reference": getattr(_torch, name)}
+    _dispatch.implement(op, dispatch, impls, probe)
 
 
 # ------------------------------------------------------------------------------- partial LoRA op
@@ -239,13 +238,13 @@ def _plora_backward(ctx, grad, _grad_u):
 
 _partial_lora_op.register_autograd(_plora_backward, setup_context=_plora_setup_context)
 _implement(_partial_lora_op, PARTIAL_LORA, "partial_lora",
-           lambda x, weight, bias, lora_a, lora_b, im_mask, keep, *_: (
-               x, dict(weight=weight, lora_a=lora_a, lora_b=lora_b, keep=keep)))
-_implement(_lora_down_op, PARTIAL_LORA, "lora_down", lambda a, b, mask, keep, *_: (a, dict(b=b, keep=keep)))
+           lambda x, weight, bias, lora_a, lora_b, im_mask, keep, *_: dict(
+               x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, keep=keep))
+_implement(_lora_down_op, PARTIAL_LORA, "lora_down", lambda a, b, mask, keep, *_: dict(x=a, b=b, keep=keep))
 _implement(_lora_up_op, PARTIAL_LORA, "lora_up",
-           lambda a, w, u, v, mask, keep, *_: (a, dict(w=w, u=u, v=v, keep=keep)))
+           lambda a, w, u, v, mask, keep, *_: dict(x=a, w=w, u=u, v=v, keep=keep))
 _implement(_routed_tn_op, PARTIAL_LORA, "routed_tn",
-           lambda p, q, sel, groups, base, keep, *_: (p, dict(q=q, keep=keep)))
+           lambda p, q, sel, groups, base, keep, *_: dict(x=p, q=q, keep=keep))
 
 
 # ------------------------------------------------------------------------------- expert linear op
@@ -280,7 +279,7 @@ def _expert_backward(ctx, grad):
 
 _expert_linear_op.register_autograd(_expert_backward, setup_context=_expert_setup_context)
 _implement(_expert_linear_op, EXPERT_LINEAR, "expert_linear",
-           lambda x, weights, ids: (x, {f"weights[{i}]": w for i, w in enumerate(weights)}))
+           lambda x, weights, ids: dict(x=x, **{f"weights[{i}]": w for i, w in enumerate(weights)}))
 
 
 # ------------------------------------------------------------------------------------ public API

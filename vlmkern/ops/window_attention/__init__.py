@@ -72,12 +72,13 @@ def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
     why = dispatch.triton_env_reasons(u.device) + TRITON.reasons(images_aux.dtype)
     # Batch and token bases are 64-bit; offsets inside one batch element of the map (and of its dense
     # gradient) and along a channel row are 32-bit.
-    return why + int32_count_reasons(images_aux, 1, "one images_aux batch element of its gradient") + int32_offset_reasons((1, 2, 3), images_aux=images_aux) + int32_offset_reasons((2,), u=u)
+    return (why + int32_count_reasons(images_aux, 1, "one images_aux batch element of its gradient")
+            + int32_offset_reasons((1, 2, 3), images_aux=images_aux) + int32_offset_reasons((2,), u=u))
 
 
 WINDOW_ATTENTION = register(OpDispatch("window_attention", {
     "triton": _triton_reasons,
-    "reference": lambda *a, **k: [],
+    "reference": dispatch.never_refuses,
 }))
 
 
