@@ -1,20 +1,25 @@
 """Host (Python) overhead per call of every public op, with the Triton kernel launches stubbed out.
 
-    python -m benchmarks.host_overhead [--calls N] [--rounds R] [--only NAME] [--json PATH] [--profile NAME]
+    python -m benchmarks.host_overhead [--device cpu|cuda] [--calls N] [--rounds R] [--only NAME]
+                                       [--json PATH] [--profile NAME]
 
 What it measures: the CPU time of one forward (inputs without grad) and of one forward + backward (inputs
-with grad, ``torch.autograd.backward`` with a preallocated gradient) through the ``vlmkern::`` custom op on
-its Triton path, on tiny CPU tensors, with every ``kernel[grid](...)`` replaced by a no-op: argument checks,
-dispatch, torch.library and autograd plumbing, output allocation and launch-parameter computation, no GPU
-and no kernel work. It runs the Triton path on CPU tensors the way the tests do (``TRITON_INTERPRET=1``,
-``VLMKERN_BACKEND=triton``) with the interpreter's launch replaced, so the kernels never run. Outputs are
-the kernels' uninitialised buffers; nothing is checked for values.
+with grad, ``torch.autograd.backward`` with a preallocated gradient) of each public op on its Triton path, on
+tiny tensors, with every ``kernel[grid](...)`` replaced by a no-op: argument checks, backend selection, the
+eager path or the dispatcher, autograd, output allocation and launch-parameter computation; no kernel work.
+``--device cpu`` (default, any machine) runs the Triton path on CPU tensors the way the tests do
+(``TRITON_INTERPRET=1``, ``VLMKERN_BACKEND=triton``) with the interpreter's launch replaced; ``--device cuda``
+(a GPU host, what users run) uses CUDA tensors with the compiled kernels' launch replaced. Outputs are the
+kernels' uninitialised buffers; nothing is checked for values.
 
-Reported: the median over ``R`` rounds of the mean CPU time (of the calling thread; the wall clock of a
-shared machine mostly measures waiting for a core) of ``N`` back-to-back calls, in microseconds, next
-to the targets (<= 40 us per forward, <= 120 us per forward + backward; issue 15), and the same for
-``F.scaled_dot_product_attention`` and ``nn.Linear`` on equally tiny tensors as a yardstick of what torch's
-own eager path costs on this machine. The figures depend on the CPU and on its load; say which.
+Reported: per op the median over ``R`` rounds of the mean CPU time (of the calling thread; the wall clock of a
+shared machine mostly measures waiting for a core) of ``N`` back-to-back calls, in microseconds, next to the
+targets (<= 40 us per forward, <= 120 us per forward + backward; issue 15). Rounds go round-robin over every
+row, so load that comes and goes on a shared machine hits all rows alike. Yardsticks measured in the same
+rounds: ``F.scaled_dot_product_attention`` and ``F.linear`` doing real work on equally tiny tensors (torch's
+own eager path), and two floors: an empty ``torch.library.custom_op`` with autograd, and an empty
+``torch.autograd.Function``: no op with a custom backward can cost less than the latter on this machine. The
+figures depend on the CPU and on its load; say which.
 """
 from __future__ import annotations
 
@@ -40,21 +45,29 @@ FWD_BWD_TARGET_US = 120.0
 
 
 @contextmanager
-def stubbed_launches():
-    """The Triton path forced (``VLMKERN_BACKEND=triton``) and every ``kernel[grid](...)`` of an interpreted
-    Triton kernel a no-op, for the duration; both restored afterwards. Needs ``TRITON_INTERPRET=1`` from
-    before the kernel modules were imported (``main`` sets it; the tests' conftest does)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("host_overhead needs TRITON_INTERPRET=1 set before triton is imported "
-                           "(run it as python -m benchmarks.host_overhead)")
-    from triton.runtime.interpreter import InterpretedFunction
-    saved, backend = InterpretedFunction.__getitem__, os.environ.get("VLMKERN_BACKEND")
-    InterpretedFunction.__getitem__ = lambda self, grid: _noop
+def stubbed_launches(device: str = "cpu"):
+    """The Triton path forced (``VLMKERN_BACKEND=triton``) and every ``kernel[grid](...)`` a no-op, for the
+    duration; both restored afterwards. ``device="cpu"``: interpreted kernels, which needs ``TRITON_INTERPRET=1``
+    from before the kernel modules were imported (``main`` sets it; the tests' conftest does); ``"cuda"``:
+    compiled kernels (``TRITON_INTERPRET`` unset)."""
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("host_overhead on the CPU needs TRITON_INTERPRET=1 set before triton is imported "
+                               "(run it as python -m benchmarks.host_overhead)")
+        from triton.runtime.interpreter import InterpretedFunction as Launched
+    else:
+        from triton.runtime.jit import JITFunction as Launched
+    own = Launched.__dict__.get("__getitem__")        # None: inherited (KernelInterface's)
+    backend = os.environ.get("VLMKERN_BACKEND")
+    Launched.__getitem__ = lambda self, grid: _noop
     os.environ["VLMKERN_BACKEND"] = "triton"
     try:
         yield
     finally:
-        InterpretedFunction.__getitem__ = saved
+        if own is None:
+            del Launched.__getitem__
+        else:
+            Launched.__getitem__ = own
         if backend is None:
             os.environ.pop("VLMKERN_BACKEND", None)
         else:
@@ -65,17 +78,20 @@ def _noop(*args, **kwargs) -> None:
     return None
 
 
-def _t(*shape, dtype=torch.float32, grad=False, gen=None) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(grad)
+def _t(*shape, dtype=torch.float32, grad=False, gen=None, device="cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=gen, dtype=dtype).to(device).requires_grad_(grad)
 
 
 # Each case: name -> builder(grad) returning (call, tensors that receive gradients). Tiny shapes: the host
 # path does not depend on them, and torch work inside the ops layer (if any) stays negligible. patchify has no Triton path (its
 # backends are the C++ / CUDA extensions), so it is not among them.
-def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]]:
+def _cases(device: str = "cpu") -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]]:
     from vlmkern import ops
     g = torch.Generator().manual_seed(0)
-    t = lambda *s, grad=False: _t(*s, grad=grad, gen=g)  # noqa: E731
+    t = lambda *s, grad=False: _t(*s, grad=grad, gen=g, device=device)  # noqa: E731
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16   # what the interpreter computes right / users run
+    if device != "cpu":
+        t = lambda *s, grad=False: _t(*s, grad=grad, gen=g, device=device, dtype=dtype)  # noqa: E731
 
     def qformer(grad):
         q, k, v = (t(2, 2, 16, 32, grad=grad) for _ in range(3))
@@ -88,13 +104,13 @@ def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], lis
     def gather(gelu):
         def build(grad):
             x, w, b = t(16, 8, grad=grad), t(16, 32, grad=grad), t(16, grad=grad)
-            idx = torch.randint(0, 16, (6, 4), generator=g)
+            idx = torch.randint(0, 16, (6, 4), generator=g).to(device)
             fn = ops.gather_linear_gelu if gelu else ops.gather_linear
             return lambda: fn(x, idx, w, b), [x, w, b]
         return build
 
     def patch_embed(grad):
-        pix = torch.randint(0, 256, (1, 3, 60, 60), generator=g, dtype=torch.uint8)
+        pix = torch.randint(0, 256, (1, 3, 60, 60), generator=g, dtype=torch.uint8).to(device)
         w, b = t(16, 2700, grad=grad), t(16, grad=grad)
         return lambda: ops.patch_embed(pix, w, b), [w, b]
 
@@ -105,12 +121,12 @@ def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], lis
     def plora(grad):
         x, w, b = t(16, 32, grad=grad), t(32, 32, grad=grad), t(32, grad=grad)
         a, lb = t(4, 32, grad=grad), t(32, 4, grad=grad)
-        mask = torch.arange(16) < 8
+        mask = torch.arange(16, device=device) < 8
         return lambda: ops.partial_lora_linear(x, w, b, a, lb, mask, 2.0), [x, w, b, a, lb]
 
     def expert(grad):
         x, w0, w1 = t(16, 32, grad=grad), t(32, 32, grad=grad), t(32, 32, grad=grad)
-        ids = (torch.arange(16) < 8).to(torch.int32)
+        ids = (torch.arange(16, device=device) < 8).to(torch.int32)
         return lambda: ops.expert_linear(x, [w0, w1], ids), [x, w0, w1]
 
     def window(grad):
@@ -118,7 +134,7 @@ def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], lis
         return lambda: ops.window_attention(u, h)[0], [u, h]
 
     def expert_ids(grad):
-        types = torch.randint(0, 2, (2, 16), generator=g)
+        types = torch.randint(0, 2, (2, 16), generator=g).to(device)
         return lambda: ops.cogvlm_expert_ids(types), []
 
     def sdpa(grad):  # yardstick: torch's own fused op doing real work on tiny tensors
@@ -129,29 +145,54 @@ def _cases() -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], lis
         x, w, b = t(8, 32, grad=grad), t(64, 32, grad=grad), t(64, grad=grad)
         return lambda: F.linear(x, w, b), [x, w, b]
 
+    def empty_custom_op(grad):
+        x, w = t(8, 32, grad=grad), t(64, 32, grad=grad)
+        return lambda: _empty_op(x, w), [x, w]
+
+    def empty_function(grad):
+        x, w = t(8, 32, grad=grad), t(64, 32, grad=grad)
+        return lambda: _EmptyFunction.apply(x, w), [x, w]
+
     return {"qformer_attention": qformer, "cross_attention": cross, "gather_linear": gather(False),
             "gather_linear_gelu": gather(True), "patch_embed": patch_embed,
             "linear_gelu": linear_gelu, "partial_lora_linear": plora, "expert_linear": expert,
             "window_attention": window, "cogvlm_expert_ids": expert_ids,
-            "torch sdpa (real work)": sdpa, "torch F.linear (real work)": linear}
+            "torch sdpa (real work)": sdpa, "torch F.linear (real work)": linear,
+            "floor: empty custom op": empty_custom_op, "floor: empty autograd.Function": empty_function}
 
 
-YARDSTICKS = ("torch sdpa (real work)", "torch F.linear (real work)")
+YARDSTICKS = ("torch sdpa (real work)", "torch F.linear (real work)", "floor: empty custom op",
+              "floor: empty autograd.Function")
 
 
-def _timed(step: Callable[[], None], calls: int, rounds: int) -> float:
-    """Median over rounds of the mean per-call CPU time of this thread over ``calls`` back-to-back calls, in
-    microseconds. Thread CPU time, not wall time: on a shared machine the wall clock mostly measures the wait
-    for a core, and the host overhead is the CPU work the call itself does."""
-    for _ in range(max(3, calls // 10)):
+# The floors: what torch.library and autograd cost around a body that does nothing but allocate its output.
+@torch.library.custom_op("vlmkern_bench::empty", mutates_args=())
+def _empty_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_empty_op.register_fake(lambda x, w: torch.empty_like(x))
+_empty_op.register_autograd(lambda ctx, g: (g, None), setup_context=lambda ctx, inputs, output: None)
+
+
+class _EmptyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _timed_round(step: Callable[[], None], calls: int) -> float:
+    """Mean per-call CPU time of this thread over ``calls`` back-to-back calls, in microseconds. Thread CPU
+    time, not wall time: on a shared machine the wall clock mostly measures the wait for a core, and the host
+    overhead is the CPU work the call itself does."""
+    t0 = time.thread_time_ns()
+    for _ in range(calls):
         step()
-    per_round = []
-    for _ in range(rounds):
-        t0 = time.thread_time_ns()
-        for _ in range(calls):
-            step()
-        per_round.append((time.thread_time_ns() - t0) / calls / 1e3)
-    return statistics.median(per_round)
+    return (time.thread_time_ns() - t0) / calls / 1e3
 
 
 def _steps(build, train: bool) -> Optional[Callable[[], None]]:
@@ -170,18 +211,29 @@ def _steps(build, train: bool) -> Optional[Callable[[], None]]:
     return fwd_bwd
 
 
-def measure(calls: int = 200, rounds: int = 15, only: Optional[str] = None) -> list[dict]:
-    rows = []
+def measure(calls: int = 200, rounds: int = 15, only: Optional[str] = None, device: str = "cpu") -> list[dict]:
+    """One row per op (and yardstick): ``fwd_us`` / ``fwd_bwd_us`` medians over ``rounds`` round-robin rounds."""
     torch.set_num_threads(1)   # tiny tensors: intra-op worker wake-ups would dominate on a shared machine
-    with stubbed_launches():
-        for name, build in _cases().items():
+    rows, steps = [], []
+    with stubbed_launches(device):
+        for name, build in _cases(device).items():
             if only and only not in name:
                 continue
             row = dict(op=name, fwd_us=None, fwd_bwd_us=None, yardstick=name in YARDSTICKS)
+            rows.append(row)
             for key, train in (("fwd_us", False), ("fwd_bwd_us", True)):
                 step = _steps(build, train)
-                row[key] = None if step is None else round(_timed(step, calls, rounds), 1)
-            rows.append(row)
+                if step is not None:
+                    for _ in range(max(3, calls // 10)):   # warm: first-call imports, selection memo, caches
+                        step()
+                    steps.append((row, key, step, []))
+        for _ in range(rounds):
+            for row, key, step, times in steps:
+                times.append(_timed_round(step, calls))
+                if device == "cuda":
+                    torch.cuda.synchronize()
+        for row, key, step, times in steps:
+            row[key] = round(statistics.median(times), 1)
     return rows
 
 
@@ -200,11 +252,11 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def profile(name: str, train: bool, calls: int = 300, top: int = 25) -> str:
+def profile(name: str, train: bool, calls: int = 300, top: int = 25, device: str = "cpu") -> str:
     """cProfile of ``calls`` stubbed calls of op ``name``: the functions with the most own time."""
     torch.set_num_threads(1)
-    with stubbed_launches():
-        step = _steps(_cases()[name], train)
+    with stubbed_launches(device):
+        step = _steps(_cases(device)[name], train)
         step()
         prof = cProfile.Profile()
         prof.enable()
@@ -217,23 +269,31 @@ def profile(name: str, train: bool, calls: int = 300, top: int = 25) -> str:
 
 
 def main(argv=None) -> int:
-    os.environ["TRITON_INTERPRET"] = "1"     # before any kernel module is imported: kernels are interpreted
     ap = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: interpreted kernels, any machine; cuda: a GPU host's real path")
     ap.add_argument("--calls", type=int, default=200, help="back-to-back calls per round")
     ap.add_argument("--rounds", type=int, default=15, help="rounds; the median round is reported")
     ap.add_argument("--only", default=None, help="only ops whose name contains this")
     ap.add_argument("--json", default=None, metavar="PATH")
     ap.add_argument("--profile", default=None, metavar="OP", help="print a cProfile of OP's fwd+bwd instead")
     args = ap.parse_args(argv)
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"     # before any kernel module is imported: kernels are interpreted
+    elif os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        ap.error("--device cuda needs a CUDA device and TRITON_INTERPRET unset")
     if args.profile:
-        print(profile(args.profile, True))
+        print(profile(args.profile, True, device=args.device))
         return 0
-    rows = measure(args.calls, args.rounds, args.only)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+    rows = measure(args.calls, args.rounds, args.only, args.device)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+               f"load {os.getloadavg()[0]:.1f}, {args.device} tensors"
+               + (f" on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     print(f"Host overhead per call, kernel launches stubbed ({machine}; torch {torch.__version__}):")
     print(format_rows(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=machine, torch=torch.__version__, rows=rows,
+        Path(args.json).write_text(json.dumps(dict(machine=machine, device=args.device, torch=torch.__version__,
+                                                   calls=args.calls, rounds=args.rounds, rows=rows,
                                                    targets=dict(fwd_us=FWD_TARGET_US,
                                                                 fwd_bwd_us=FWD_BWD_TARGET_US)), indent=1))
     return 0

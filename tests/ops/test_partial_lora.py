@@ -395,8 +395,8 @@ def test_text_only_cpu_inference_is_the_base_linear(monkeypatch):
     x, w, b, a, bl = (torch.randn(*s) for s in ((1, 3, 24), (20, 24), (20,), (4, 24), (20, 4)))
     mask = torch.zeros(1, 3, dtype=torch.bool)
     calls = []
-    op = ops_rl._partial_lora_op
-    monkeypatch.setattr(ops_rl, "_partial_lora_op", lambda *args: calls.append(1) or op(*args))
+    op = ops_rl._partial_lora
+    monkeypatch.setattr(ops_rl, "_partial_lora", lambda *args: calls.append(1) or op(*args))
     with torch.no_grad():
         assert torch.equal(partial_lora_linear(x, w, b, a, bl, mask, 2.0), F.linear(x, w, b))
     assert calls == []

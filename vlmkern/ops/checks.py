@@ -89,8 +89,9 @@ def autocast_inputs(x, *tensors):
 
 
 def rows_2d(x: torch.Tensor) -> torch.Tensor:
-    """``x (..., C)`` -> ``(prod(...), C)``, also when ``C == 0`` (where ``reshape(-1, C)`` is ambiguous)."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    """``x (..., C)`` -> ``(prod(...), C)``, also when ``C == 0`` (where ``reshape(-1, C)`` is ambiguous); a 2-D
+    ``x`` itself."""
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def is_meta(*tensors) -> bool:

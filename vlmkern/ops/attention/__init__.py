@@ -190,7 +190,7 @@ dispatch.implement(_masked_attention_backward_op, MASKED_ATTENTION_BACKWARD,
 
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, key_mask, dropout_rng = ctx.saved_tensors
-    dq, dk, dv = _masked_attention_backward_op(grad, q, k, v, out, lse, key_mask, *ctx.args, dropout_rng)
+    dq, dk, dv = _masked_attention_backward(grad, q, k, v, out, lse, key_mask, *ctx.args, dropout_rng)
     return dq, dk, dv, *([None] * ctx.n_nondiff)
 
 
@@ -210,8 +210,14 @@ def _setup_cross(ctx, inputs, output):
     ctx.n_nondiff = 4
 
 
-_qformer_attention_op.register_autograd(_backward, setup_context=_setup_qformer)
-_cross_attention_op.register_autograd(_backward, setup_context=_setup_cross)
+dispatch.register_autograd(_qformer_attention_op, _backward, _setup_qformer)
+dispatch.register_autograd(_cross_attention_op, _backward, _setup_cross)
+
+
+# Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
+_qformer_attention = dispatch.EagerOp(_qformer_attention_op)
+_cross_attention = dispatch.EagerOp(_cross_attention_op)
+_masked_attention_backward = dispatch.EagerOp(_masked_attention_backward_op)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -235,8 +241,8 @@ def _attend(op: OpDispatch, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[
         return _torch.eager_cpu_attention(q, k, v, key_mask, num_query, mode, scale, dropout_p, rng)
     key_mask = _as_bool(key_mask)
     if op is CROSS_ATTENTION:
-        return _cross_attention_op(q, k, v, key_mask, scale, dropout_p, rng)[0]
-    return _qformer_attention_op(q, k, v, key_mask, num_query, int(mode), scale, dropout_p, rng)[0]
+        return _cross_attention(q, k, v, key_mask, scale, dropout_p, rng)[0]
+    return _qformer_attention(q, k, v, key_mask, num_query, int(mode), scale, dropout_p, rng)[0]
 
 
 def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: str | QFormerMode,

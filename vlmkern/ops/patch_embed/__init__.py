@@ -172,11 +172,11 @@ def _(pixels, patch_size, pad_value, rescale, mean, std, out_dtype):
 
 
 def _reference_forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> Tensor:
-    return F.linear(_patchify_op(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype), weight, bias)
+    return F.linear(_patchify(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype), weight, bias)
 
 
 def _reference_grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std) -> Tensor:
-    return _torch.grad_weight(grad, _patchify_op(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype))
+    return _torch.grad_weight(grad, _patchify(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype))
 
 
 @torch.library.custom_op("vlmkern::patch_embed", mutates_args=())
@@ -226,15 +226,15 @@ def _backward(ctx, grad):
     grad = grad.to(weight.dtype)
     d_pixels = d_weight = d_bias = None
     if ctx.needs_input_grad[0]:
-        d_pixels = _patch_embed_grad_pixels_op(grad, pixels, weight, patch_size, rescale, std)
+        d_pixels = _patch_embed_grad_pixels(grad, pixels, weight, patch_size, rescale, std)
     if ctx.needs_input_grad[1]:
-        d_weight = _patch_embed_grad_weight_op(grad, pixels, weight, patch_size, pad_value, rescale, mean, std)
+        d_weight = _patch_embed_grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std)
     if ctx.needs_input_grad[2]:
         d_bias = grad.sum(dim=(0, 1), dtype=torch.float32).to(weight.dtype)
     return d_pixels, d_weight, d_bias, None, None, None, None, None
 
 
-_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+dispatch.register_autograd(_patch_embed_op, _backward, _setup_context)
 
 
 def _on_triton(name: str):
@@ -251,6 +251,13 @@ dispatch.implement(_patch_embed_grad_weight_op, PATCH_EMBED,
 dispatch.implement(_patch_embed_grad_pixels_op, PATCH_EMBED,
                    {"triton": _on_triton("grad_pixels"), "reference": _torch.grad_pixels},
                    probe=lambda grad, pixels, weight, *_: (pixels, weight))
+
+
+# Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
+_patchify = dispatch.EagerOp(_patchify_op)
+_patch_embed = dispatch.EagerOp(_patch_embed_op)
+_patch_embed_grad_weight = dispatch.EagerOp(_patch_embed_grad_weight_op)
+_patch_embed_grad_pixels = dispatch.EagerOp(_patch_embed_grad_pixels_op)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -276,7 +283,7 @@ def patchify(pixels: Tensor, patch_size: int = 30, *, pad_value: float = 1.0, re
     """
     _check_patchify(pixels, patch_size, pad_value, rescale, out_dtype)
     mean_l, std_l = _norm_lists(mean, std, pixels.shape[1])
-    return _patchify_op(pixels, patch_size, float(pad_value), float(rescale), mean_l, std_l, out_dtype)
+    return _patchify(pixels, patch_size, float(pad_value), float(rescale), mean_l, std_l, out_dtype)
 
 
 def patch_embed(pixels: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, patch_size: int = 30,
@@ -300,7 +307,7 @@ def patch_embed(pixels: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     check_scalars(pad_value, rescale)
     _, weight, bias = autocast_inputs(pixels, weight, bias)   # the Linear runs as F.linear would
     mean_l, std_l = _norm_lists(mean, std, pixels.shape[1])
-    return _patch_embed_op(pixels, weight, bias, patch_size, float(pad_value), float(rescale), mean_l, std_l)
+    return _patch_embed(pixels, weight, bias, patch_size, float(pad_value), float(rescale), mean_l, std_l)
 
 
 __all__ = ["PATCH_EMBED", "PATCHIFY", "check_pixels", "check_scalars", "patch_embed", "patchify"]

@@ -125,6 +125,8 @@ def _as_groups(x: Tensor) -> Tensor:
 def _linear_gelu_impl(backend):
     def impl(x, weight, bias, save_pre):
         out, pre = backend(rows_2d(x), weight, bias, save_pre)
+        if x.dim() == 2:
+            return out, pre
         shape = (*x.shape[:-1], weight.shape[0])
         return out.reshape(shape), pre.reshape(shape) if save_pre else pre
     return impl
@@ -173,7 +175,7 @@ def _linear_gelu_setup(ctx, inputs, output):
 
 def _linear_gelu_backward(ctx, grad_out, _grad_pre):
     x, weight, pre = ctx.saved_tensors
-    d2 = rows_2d(_gelu_backward_op(grad_out, pre))
+    d2 = rows_2d(_gelu_backward(grad_out, pre))
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
         dx = d2.matmul(weight).reshape(x.shape)
@@ -184,7 +186,7 @@ def _linear_gelu_backward(ctx, grad_out, _grad_pre):
     return dx, dw, db, None
 
 
-_linear_gelu_op.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup)
+dispatch.register_autograd(_linear_gelu_op, _linear_gelu_backward, _linear_gelu_setup)
 
 
 # ---------------------------------------------------------------------------------- gather_linear op
@@ -221,7 +223,7 @@ def _gather_setup(ctx, inputs, output):
 def _gather_backward(ctx, grad_out, _grad_pre):
     x, index, weight, extra, pre = ctx.saved_tensors
     need_x, _, need_w, need_b, need_e, need_f = ctx.needs_input_grad[:6]
-    dpre = _gelu_backward_op(grad_out, pre) if ctx.gelu else grad_out
+    dpre = _gelu_backward(grad_out, pre) if ctx.gelu else grad_out
     src = _torch.source_index(index)
     dfill = None
     if ctx.has_fill:
@@ -245,7 +247,13 @@ def _gather_backward(ctx, grad_out, _grad_pre):
     return dx, None, dw, db, dextra, dfill, None, None
 
 
-_gather_linear_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+dispatch.register_autograd(_gather_linear_op, _gather_backward, _gather_setup)
+
+
+# Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
+_linear_gelu = dispatch.EagerOp(_linear_gelu_op)
+_gelu_backward = dispatch.EagerOp(_gelu_backward_op)
+_gather_linear = dispatch.EagerOp(_gather_linear_op)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -259,7 +267,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     _check_linear(x, weight, bias)
     if dispatch.eager_cpu_reference(LINEAR_GELU, x, weight):
         return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias))
-    return _linear_gelu_op(x, weight, bias, dispatch.needs_grad(x, weight, bias))[0]
+    return _linear_gelu(x, weight, bias, dispatch.needs_grad(x, weight, bias))[0]
 
 
 def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -275,7 +283,7 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
     _check_gather_linear(x, index, weight, bias, extra, fill, validate_values=validate_values)
     save_pre = gelu and dispatch.needs_grad(x, weight, bias, extra)
-    return _gather_linear_op(x, index, weight, bias, extra, fill, gelu, save_pre)[0]
+    return _gather_linear(x, index, weight, bias, extra, fill, gelu, save_pre)[0]
 
 
 def gather_linear_gelu(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,

@@ -222,21 +222,21 @@ def _plora_backward(ctx, grad, _grad_u):
     dx = dw = db = da = dbl = None
     gm = None
     if need[0] or need[3]:
-        gm = _lora_down_op(g, lora_b.t(), im_mask, None, ctx.scaling, 1.0)
+        gm = _lora_down(g, lora_b.t(), im_mask, None, ctx.scaling, 1.0)
     if need[0]:
-        dx = _lora_up_op(g, weight.t(), gm, lora_a.t(), im_mask, keep, ctx.keep_scale)
+        dx = _lora_up(g, weight.t(), gm, lora_a.t(), im_mask, keep, ctx.keep_scale)
     if need[1]:
         dw = g.t().matmul(x)
     if need[2]:
         db = g.sum(dim=0, dtype=torch.float32).to(x.dtype)
     if need[3]:
-        da = _routed_tn_op(gm, x, im_mask, 1, 1, keep, 1.0, ctx.keep_scale)[0]
+        da = _routed_tn(gm, x, im_mask, 1, 1, keep, 1.0, ctx.keep_scale)[0]
     if need[4]:
-        dbl = _routed_tn_op(g, u, im_mask, 1, 1, None, 1.0, 1.0)[0]
+        dbl = _routed_tn(g, u, im_mask, 1, 1, None, 1.0, 1.0)[0]
     return dx, dw, db, da, dbl, None, None, None, None
 
 
-_partial_lora_op.register_autograd(_plora_backward, setup_context=_plora_setup_context)
+_dispatch.register_autograd(_partial_lora_op, _plora_backward, _plora_setup_context)
 _implement(_partial_lora_op, PARTIAL_LORA, "partial_lora",
            lambda x, weight, bias, lora_a, lora_b, im_mask, keep, *_: dict(
                x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, keep=keep))
@@ -271,15 +271,23 @@ def _expert_backward(ctx, grad):
     g = grad.to(x.dtype)
     dx = dws = None
     if ctx.needs_input_grad[0]:
-        dx = _expert_linear_op(g, [w.t() for w in weights], ids)
+        dx = _expert_linear(g, [w.t() for w in weights], ids)
     if ctx.needs_input_grad[1]:
-        dws = list(_routed_tn_op(g, x, ids, ctx.num_experts, 0, None, 1.0, 1.0).unbind(0))
+        dws = list(_routed_tn(g, x, ids, ctx.num_experts, 0, None, 1.0, 1.0).unbind(0))
     return dx, dws, None
 
 
-_expert_linear_op.register_autograd(_expert_backward, setup_context=_expert_setup_context)
+_dispatch.register_autograd(_expert_linear_op, _expert_backward, _expert_setup_context)
 _implement(_expert_linear_op, EXPERT_LINEAR, "expert_linear",
            lambda x, weights, ids: dict(x=x, **{f"weights[{i}]": w for i, w in enumerate(weights)}))
+
+
+# Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
+_partial_lora = _dispatch.EagerOp(_partial_lora_op)
+_lora_down = _dispatch.EagerOp(_lora_down_op)
+_lora_up = _dispatch.EagerOp(_lora_up_op)
+_routed_tn = _dispatch.EagerOp(_routed_tn_op)
+_expert_linear = _dispatch.EagerOp(_expert_linear_op)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -319,7 +327,7 @@ def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
         # A decode step of text tokens: exactly the base GEMM, without the custom op's per-call overhead
         # (~70 us on the CPU, 160 PLoRA linears per InternLM-XComposer2 token).
         return torch.nn.functional.linear(x, weight, bias)
-    y, _ = _partial_lora_op(rows_2d(x), weight, bias, lora_a, lora_b, im_mask.reshape(-1),
+    y, _ = _partial_lora(rows_2d(x), weight, bias, lora_a, lora_b, im_mask.reshape(-1),
                             None if keep is None else rows_2d(keep), float(scaling), float(keep_scale))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -347,7 +355,7 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
         validate_ids = expert_ids.device.type == "cpu" and not torch.compiler.is_compiling()
     if validate_ids:
         _check_ids_in_range(expert_ids, len(ws))
-    y = _expert_linear_op(rows_2d(x), ws, _int32_ids(expert_ids.reshape(-1), len(ws)))
+    y = _expert_linear(rows_2d(x), ws, _int32_ids(expert_ids.reshape(-1), len(ws)))
     return y.reshape(*x.shape[:-1], ws[0].shape[0])
 
 

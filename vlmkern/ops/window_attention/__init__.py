@@ -121,11 +121,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, ds, *_):
     u, images_aux, mean, rstd, p, logit = ctx.saved_tensors
-    du, dh = _window_attention_backward_op(ds, u, images_aux, mean, rstd, p, logit)
+    du, dh = _window_attention_backward(ds, u, images_aux, mean, rstd, p, logit)
     return du.to(u.dtype), dh, None
 
 
-_window_attention_op.register_autograd(_backward, setup_context=_setup)
+dispatch.register_autograd(_window_attention_op, _backward, _setup)
 
 
 def _on_triton(name: str):
@@ -137,6 +137,11 @@ dispatch.implement(_window_attention_op, WINDOW_ATTENTION,
 dispatch.implement(_window_attention_backward_op, WINDOW_ATTENTION,
                    {"triton": _on_triton("backward"), "reference": _torch.backward},
                    probe=lambda ds, u, images_aux, *_: (u, images_aux))
+
+
+# Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
+_window_attention = dispatch.EagerOp(_window_attention_op)
+_window_attention_backward = dispatch.EagerOp(_window_attention_backward_op)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -153,7 +158,7 @@ def window_attention(u: Tensor, images_aux: Tensor, eps: float = 1e-5) -> tuple[
         (fp64 for fp64 inputs); ``s`` is differentiable in ``u`` and ``images_aux``.
     """
     _check_window_inputs(u, images_aux, eps)
-    s, _mean, _rstd, p, _logit = _window_attention_op(u, images_aux, float(eps))
+    s, _mean, _rstd, p, _logit = _window_attention(u, images_aux, float(eps))
     return s, p
 
 

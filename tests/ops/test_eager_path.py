@@ -1,0 +1,160 @@
+"""The eager path (``dispatch.EagerOp``): same kernels, outputs and gradients as the custom op through the
+dispatcher; the dispatcher whenever a mode, a transform, a subclass or ``torch.compile`` needs it; selections
+remembered per signature without missing a change of environment."""
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vlmkern import ops
+from vlmkern.ops import dispatch
+from vlmkern.ops import projector as ops_projector
+from vlmkern.ops import routed_linear as ops_routed
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _leaves(*shapes, dtype=torch.float32):
+    return [torch.randn(*s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def _grads(fn, leaves):
+    out = fn(*leaves)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    grads = [t.grad.clone() if t.grad is not None else None for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return out.detach(), grads
+
+
+CASES = {
+    "linear_gelu": ((lambda x, w, b: ops_projector._linear_gelu(x, w, b, True)[0]),
+                    (lambda x, w, b: torch.ops.vlmkern.linear_gelu(x, w, b, True)[0]),
+                    ((5, 24), (40, 24), (40,))),
+    "partial_lora": ((lambda x, w, b, a, bl: ops_routed._partial_lora(
+                        x, w, b, a, bl, torch.arange(6) % 2 == 0, None, 2.0, 1.0)[0]),
+                     (lambda x, w, b, a, bl: torch.ops.vlmkern.partial_lora_linear(
+                        x, w, b, a, bl, torch.arange(6) % 2 == 0, None, 2.0, 1.0)[0]),
+                     ((6, 24), (20, 24), (20,), (4, 24), (20, 4))),
+    "qformer_attention": ((lambda q, k, v: ops.attention._qformer_attention(q, k, v, None, 3, 1, 0.3, 0.0, None)[0]),
+                          (lambda q, k, v: torch.ops.vlmkern.qformer_attention(q, k, v, None, 3, 1, 0.3, 0.0,
+                                                                               None)[0]),
+                          ((1, 2, 7, 32), (1, 2, 7, 32), (1, 2, 7, 32))),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_eager_path_gives_the_custom_ops_outputs_and_gradients(backend, case):
+    eager, through_op, shapes = CASES[case]
+    leaves = _leaves(*shapes)
+    out_e, grads_e = _grads(eager, leaves)
+    out_o, grads_o = _grads(through_op, leaves)
+    assert torch.equal(out_e, out_o)
+    for ge, go in zip(grads_e, grads_o):
+        assert (ge is None and go is None) or torch.equal(ge, go)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+def test_list_arguments_get_their_gradients_on_the_eager_path(backend):
+    """``expert_linear``'s weights are a list: flattened for the autograd.Function, each gets its gradient, and
+    the op's backward sees ``needs_input_grad`` per argument (x does not need one here)."""
+    x = torch.randn(9, 16)
+    w0, w1 = _leaves((12, 16), (12, 16))
+    ids = (torch.arange(9) % 3 == 0).to(torch.int32)
+    y = ops_routed._expert_linear(x, [w0, w1], ids)
+    assert y.grad_fn is not None and "Eager" in type(y.grad_fn).__name__
+    g = torch.randn(9, 12)
+    y.backward(g)
+    dw_e = (w0.grad.clone(), w1.grad.clone())
+    w0.grad = w1.grad = None
+    torch.ops.vlmkern.expert_linear(x, [w0, w1], ids).backward(g)
+    assert torch.equal(dw_e[0], w0.grad) and torch.equal(dw_e[1], w1.grad)
+
+
+def test_no_grad_calls_run_the_kernel_without_autograd():
+    x, w = torch.randn(4, 8), torch.randn(6, 8, requires_grad=True)
+    with torch.no_grad():
+        out = ops.linear_gelu(x, w)
+    assert out.grad_fn is None and not out.requires_grad
+
+
+def test_a_dispatch_mode_sees_the_custom_op():
+    """Under a TorchDispatchMode (FlopCounterMode, make_fx, a memory tracker ...) the op is dispatched, so the
+    mode sees ``vlmkern::`` ops, not their insides."""
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with _RecordOps() as mode:
+        ops.gather_linear(x, torch.tensor([[0], [3]]), w)
+    assert "vlmkern.gather_linear.default" in mode.seen
+
+
+def test_eager_call_conditions():
+    x, p = torch.randn(2), torch.nn.Parameter(torch.randn(2))
+    assert dispatch.eager_call(x, p, None, 3, [x, p])
+    with _RecordOps():
+        assert not dispatch.eager_call(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as fake:
+        assert not dispatch.eager_call(fake.from_tensor(x))
+    with torch.device("cpu"):          # a TorchFunctionMode
+        assert not dispatch.eager_call(x)
+    assert torch.func.vmap(lambda t: torch.tensor(dispatch.eager_call(t)))(torch.randn(3, 2)).eq(0).all()
+    seen = []
+    torch.jit.trace(lambda t: seen.append(dispatch.eager_call(t)) or t * 2, (x,), check_trace=False)
+    assert seen == [False]
+
+    class Sub(torch.Tensor):
+        pass
+    assert not dispatch.eager_call(x.as_subclass(Sub))
+    assert not dispatch.eager_call(x, [x.as_subclass(Sub)])
+
+
+def test_fake_tensors_take_the_ops_fake():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        out = ops.linear_gelu(torch.empty(3, 8), torch.empty(5, 8))
+    assert out.shape == (3, 5)
+
+
+def test_selection_is_remembered_but_follows_the_environment(monkeypatch):
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    sel = ops_projector.LINEAR_GELU
+    sel.forget()
+    monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
+    assert sel.select(x, w) == "reference"
+    assert len(sel._chosen) == 1
+    assert sel.select(x, w) == "reference" and len(sel._chosen) == 1        # looked up
+    assert sel.select(torch.randn(5, 8), w) == "reference" and len(sel._chosen) == 2   # a new shape: computed
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    if not dispatch.triton_env_reasons(x.device):
+        assert sel.select(x, w) == "triton"
+    monkeypatch.setenv("VLMKERN_BACKEND", "reference")
+    assert sel.select(x, w) == "reference"
+
+
+def test_a_refusal_is_not_remembered(monkeypatch):
+    """A forced backend that can't run raises every time (nothing stored), and the next call that can run works."""
+    monkeypatch.setenv("VLMKERN_BACKEND", "triton")
+    sel = ops_projector.LINEAR_GELU
+    x64 = torch.randn(3, 4, dtype=torch.float64)
+    for _ in range(2):
+        with pytest.raises(dispatch.BackendNotSupported, match="float64"):
+            sel.select(x64, x64)
+
+
+def test_debug_logging_explains_every_call(monkeypatch, caplog):
+    monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with caplog.at_level(logging.DEBUG, logger="vlmkern"):
+        ops_projector.LINEAR_GELU.select(x, w)
+        ops_projector.LINEAR_GELU.select(x, w)
+    assert sum("vlmkern::linear_gelu -> reference" in r.getMessage() for r in caplog.records) == 2
