@@ -93,9 +93,10 @@ def _gemm(m: float, n: float, k: float, read: float, write: float) -> tuple[floa
 
 def workloads() -> dict[str, list[tuple[str, float, float]]]:
     """Benchmark shapes per family as ``(shape, FLOPs, minimal bytes)``; bf16 (2 bytes), 8192 tokens with
-    50 % image rows, r = 256, 4096 -> {4096, 6144, 14336} for the routed GEMMs (IXC2 PLoRA, CogVLM experts); Fuyu 1080x1920
-    uint8 -> 2304 x 2700 patches (patchify writes them once in bf16, then a cuBLAS GEMM) -> 4096; Q-Former B=64, 12 heads, 32 queries x 257 keys, d=64;
-    LLaVA projector B=64 x 576 tokens 1024 -> 4096; Mini-Gemini 576 tokens, 8x8 windows, 2880 channels."""
+    50 % image rows, r = 256, 4096 -> {4096, 6144, 14336} for the routed GEMMs (IXC2 PLoRA, CogVLM experts); Fuyu
+    1080x1920 uint8 -> 2304 x 2700 patches (patchify writes them once in bf16, then a cuBLAS GEMM) -> 4096;
+    Q-Former B=64, 12 heads, 32 queries x 257 keys, d=64; LLaVA projector B=64 x 576 tokens 1024 -> 4096;
+    Mini-Gemini 576 tokens, 8x8 windows, 2880 channels."""
     T, D, R = 8192, 4096, 256
     img = T // 2
     out: dict[str, list[tuple[str, float, float]]] = {k: [] for k in (*HOT, *FLOORED)}

@@ -61,9 +61,9 @@ def _bwd_weight_args(pixels, g, dw, scale, shift, p, pad_value) -> dict:
 
 def _bwd_pixels_args(g, weight, dpix, scale, p) -> dict:
     """``g (M, N)``, ``dpix (B, C, H, W)``."""
-    return dict(g_ptr=g, w_ptr=weight, dpix_ptr=dpix, scale_ptr=scale, **_sizes(dpix, p, M=g.shape[0], N=g.shape[1], K=weight.shape[1]),
-                **_strides("s_gm s_gn", g), **_strides("s_wn s_wk", weight),
-                **_strides("s_db s_dc s_dh s_dw", dpix))
+    return dict(g_ptr=g, w_ptr=weight, dpix_ptr=dpix, scale_ptr=scale,
+                **_sizes(dpix, p, M=g.shape[0], N=g.shape[1], K=weight.shape[1]), **_strides("s_gm s_gn", g),
+                **_strides("s_wn s_wk", weight), **_strides("s_db s_dc s_dh s_dw", dpix))
 
 
 def _constexprs(C: int, p: int, cfg: dict, *, upcast: bool, precision: str, **flags) -> dict:
