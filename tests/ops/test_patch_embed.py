@@ -1,4 +1,5 @@
-"""Fused patch embedding (vlmkern::patch_embed): Triton kernel vs the reference, forward and gradients."""
+"""Patch embedding (vlmkern::patch_embed): the Triton backend (patchify kernel + torch GEMM forward, fused
+backward kernels) vs the reference, forward and gradients."""
 import pytest
 import torch
 
@@ -36,8 +37,8 @@ def test_forward_matches_reference(backend, device, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
-def test_forward_many_tiles_grouped_order(backend, device):
-    # 3 images x 15x13 patches = 585 rows (5 row tiles, a partial group) x 260 columns (3 column tiles).
+def test_forward_many_tiles(backend, device):
+    # 3 images x 15x13 patches = 585 patch rows (19 patchify row tiles, the last partial) x 48 (+0 pad) columns.
     pixels, weight, bias = _inputs(device, 3, 3, 60, 49, 260, 4, torch.float16)
     out = ops.patch_embed(pixels, weight, bias, patch_size=4)
     assert_close(out, reference.patch_embed(pixels, weight, bias, patch_size=4),
@@ -84,6 +85,47 @@ def test_padding_uses_raw_pad_value(backend, device):
     expected = torch.full((48,), pad_norm, device=device)
     expected[:3] = (200 / 255 - 0.5) / 0.5
     torch.testing.assert_close(out[0, 0], expected)
+
+
+def _layout(pixels, layout):
+    """The same values as ``pixels`` in another memory layout."""
+    if layout == "channels_last":
+        return pixels.contiguous(memory_format=torch.channels_last)
+    if layout == "strided_view":          # every other row, offset columns, of a bigger image
+        B, C, H, W = pixels.shape
+        big = torch.zeros(B, C, 2 * H, W + 3, dtype=pixels.dtype, device=pixels.device)
+        big[:, :, ::2, 3:] = pixels
+        return big[:, :, ::2, 3:]
+    return pixels
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("pix_dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided_view"])
+def test_triton_patchify_kernel_matches_reference(backend, device, pix_dtype, out_dtype, layout):
+    from vlmkern.ops.patch_embed import _triton
+    B, C, H, W, p = 2, 3, 31, 47, 10          # 4 x 5 patches, partial last row and column; K = 300 -> 304
+    pixels, _, _ = _inputs(device, B, C, H, W, 1, p, out_dtype, pix_dtype=pix_dtype)
+    pixels = _layout(pixels, layout)
+    kw = dict(pad_value=7.0, rescale=1 / 127.5, mean=[0.48, 0.46, 0.41], std=[0.27, 0.26, 0.28])
+    out = _triton.patchify(pixels, p, kw["pad_value"], kw["rescale"], kw["mean"], kw["std"], out_dtype)
+    base = reference.patchify(pixels, p, out_dtype=out_dtype, **kw)
+    assert out.shape == base.shape == (B, 20, 300) and out.dtype == out_dtype
+    assert_close(out, base, reference.patchify(pixels.double(), p, **kw), name="patches")
+    # Rows are 304 elements apart (16-element aligned) and the 4 padding columns hold zeros.
+    assert out.stride() == (20 * 304, 304, 1)
+    padded = out.as_strided((B * 20, 304), (304, 1))
+    assert torch.equal(padded[:, 300:], torch.zeros_like(padded[:, 300:]))
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_forward_non_contiguous_uint8_pixels(backend, device):
+    pixels, weight, bias = _inputs(device, 2, 3, 31, 47, 24, 10, torch.float16)
+    pixels = _layout(pixels, "strided_view")
+    out = ops.patch_embed(pixels, weight, bias, patch_size=10)
+    assert_close(out, reference.patch_embed(pixels, weight, bias, patch_size=10),
+                 _ref64(pixels, weight, bias, patch_size=10), name="out")
 
 
 def test_reference_backend_is_default_on_cpu_without_interpreter(monkeypatch):

@@ -1,4 +1,5 @@
-"""Fused Fuyu patch embedding: raw pixels -> normalised patch tile -> GEMM -> bias, and its backward.
+"""Fuyu patch embedding: raw pixels -> normalised patches (forward: written once, then a cuBLAS GEMM), and
+its fused backward.
 
 Row ``m`` of the GEMM is patch ``m % nP`` of image ``m // nP``; column ``k`` of a patch is
 ``(r*P + c)*C + ch`` (Fuyu's, channel-last inside a patch). A patch element is gathered straight from
@@ -10,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlmkern.kernels._common import dot, grouped_tile
+from vlmkern.kernels._common import dot
 
 
 @triton.jit
@@ -41,33 +42,25 @@ def _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_v
 
 
 @triton.jit
-def _patch_embed_fwd_kernel(
-    pix_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, shift_ptr,
-    M, N, K, H, W, nW, nP, pad_value,
-    s_pb, s_pc, s_ph, s_pw, s_wn, s_wk, s_om, s_on,
-    C: tl.constexpr, P: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+def _patchify_kernel(
+    pix_ptr, out_ptr, scale_ptr, shift_ptr,
+    M, K, K_pad, H, W, nW, nP, pad_value,
+    s_pb, s_pc, s_ph, s_pw,
+    C: tl.constexpr, P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[m, n] = sum_k patch[m, k] * W[n, k] + b[n]; out is ``(M, N)`` with M = B*nP.
+    """out[m, k] = patch[m, k] for k < K, 0 for K <= k < K_pad; out is dense ``(M, K_pad)`` in its own dtype.
 
-    1-D grid in grouped order: GROUP_M row tiles share each weight column tile while it is in L2.
+    The forward's first half (a cuBLAS GEMM does the rest): memory bound, so each tile is read once from the
+    pixels and written once as full, 16-element-aligned row segments (``K_pad`` is a multiple of 16), which
+    compile to 16-byte vector stores. 2-D grid: (row tiles, column tiles), row tiles on the unbounded axis.
     """
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a = _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_value,
-                        s_pb, s_pc, s_ph, s_pw, C, P)
-        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk,
-                    mask=(rn < N)[None, :] & (rk < K)[:, None], other=0.0)
-        acc += dot(a.to(w.dtype), w, UPCAST, INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    out_offs = rm[:, None].to(tl.int64) * s_om + rn[None, :] * s_on
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    # scale/shift read 0 past K, so the padding columns come out as exact zeros.
+    v = _patch_tile(pix_ptr, scale_ptr, shift_ptr, rm, rk, M, K, H, W, nW, nP, pad_value,
+                    s_pb, s_pc, s_ph, s_pw, C, P)
+    offs = rm[:, None].to(tl.int64) * K_pad + rk[None, :]
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rk < K_pad)[None, :])
 
 
 @triton.jit

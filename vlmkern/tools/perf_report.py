@@ -12,7 +12,9 @@ so after a build check this costs only the table) and reads each build's PTX/SAS
   ``wait`` is the smallest ``wgmma.wait_group`` depth in the main loop (0: each MMA is waited for at once);
 * a roofline floor per kernel family for the benchmark shapes: ``max(FLOPs / 790 TFLOP/s, bytes / 4.3 TB/s)``
   with minimal bytes (each operand read once, each result written once), the H200's measured bf16 dense
-  and HBM ceilings. These are floors, not predictions of the measured time.
+  and HBM ceilings. These are floors, not predictions of the measured time. Memory-bound steps of a hot path
+  (``FLOORED``, e.g. the patch embedding's patchify before its cuBLAS GEMM) get floors too, and an op made of
+  consecutive steps (``STEPS``) a total: the sum of its steps' floors.
 
 ``--check`` exits 1 when a hot family (``HOT`` below) has a 16-bit sm_90 build whose main loop lost its
 asynchronous loads or (for dot kernels) its wgmma, besides every build-check failure (compile errors,
@@ -47,7 +49,6 @@ HOT = {
     "masked_attention_fwd": (True, "Q-Former attention forward"),
     "masked_attention_dq": (True, "attention backward dQ"),
     "masked_attention_dkdv": (True, "attention backward dK/dV"),
-    "patch_embed_fwd": (True, "Fuyu patch embedding GEMM"),
     "patch_embed_bwd_weight": (True, "Fuyu patch embedding dW"),
     "window_attention_fwd": (False, "Mini-Gemini window attention (no dots)"),
     "window_attention_bwd": (False, "window attention backward (no dots)"),
@@ -57,11 +58,18 @@ HOT = {
 # Hot families whose sm_90 main loop is known not to meet the bar yet, with the reason: shown as GAP in the
 # table and listed at the end, not failed by --check (a regression elsewhere still fails). Remove an entry
 # once the family passes (the report then says so).
-KNOWN_GAPS = {
-    "patch_embed_fwd": "uint8 pixels gathered channel-strided byte by byte (no 4-byte run for cp.async) and "
-                       "weight rows of K=2700 bf16 (5400 B: 8-byte aligned, mask without 16-constancy) load "
-                       "as 2-byte scalars; fix: patchify to bf16 patches with K padded to 16, then a plain GEMM "
-                       "(an ops change)",
+KNOWN_GAPS: dict[str, str] = {}
+
+# Families with a roofline floor that are not hot: memory-bound kernels without a main loop to pipeline (like
+# gelu_bwd, they are not checked for async loads), whose floor belongs to a hot path.
+FLOORED = {
+    "patch_embed_patchify": "Fuyu patch embedding forward, first step (then a cuBLAS GEMM)",
+}
+
+# Families whose roofline rows are consecutive steps of one op: the report adds their total (the sum of the
+# steps' floors; the steps do not overlap).
+STEPS = {
+    "patch_embed_patchify": "patch_embed forward total",
 }
 
 
@@ -70,7 +78,7 @@ def family(label: str) -> str:
 
 
 def _sixteen_bit(label: str) -> bool:
-    """The build computes in fp16/bf16: the dtype after ``->`` (``patch_embed_fwd[u8->bf16]``), else the first
+    """The build computes in fp16/bf16: the dtype after ``->`` (``patch_embed_bwd_weight[u8->bf16]``), else the first
     dtype in the label's brackets (``lora_up[bf16,fwd,...]``)."""
     inside = label[label.find("[") + 1:]
     dtypes = re.findall(r"fp16|bf16|fp32|u8|i32", inside.split("->", 1)[-1])
@@ -85,12 +93,13 @@ def _gemm(m: float, n: float, k: float, read: float, write: float) -> tuple[floa
 
 def workloads() -> dict[str, list[tuple[str, float, float]]]:
     """Benchmark shapes per family as ``(shape, FLOPs, minimal bytes)``; bf16 (2 bytes), 8192 tokens with
-    50 % image rows, r = 256, 4096 -> {4096, 6144, 14336} for the routed GEMMs (IXC2 PLoRA, CogVLM experts); Fuyu 1080x1920
-    uint8 -> 2304 x 2700 patches -> 4096; Q-Former B=64, 12 heads, 32 queries x 257 keys, d=64;
-    LLaVA projector B=64 x 576 tokens 1024 -> 4096; Mini-Gemini 576 tokens, 8x8 windows, 2880 channels."""
+    50 % image rows, r = 256, 4096 -> {4096, 6144, 14336} for the routed GEMMs (IXC2 PLoRA, CogVLM experts); Fuyu
+    1080x1920 uint8 -> 2304 x 2700 patches (patchify writes them once in bf16, then a cuBLAS GEMM) -> 4096;
+    Q-Former B=64, 12 heads, 32 queries x 257 keys, d=64; LLaVA projector B=64 x 576 tokens 1024 -> 4096;
+    Mini-Gemini 576 tokens, 8x8 windows, 2880 channels."""
     T, D, R = 8192, 4096, 256
     img = T // 2
-    out: dict[str, list[tuple[str, float, float]]] = {k: [] for k in HOT}
+    out: dict[str, list[tuple[str, float, float]]] = {k: [] for k in (*HOT, *FLOORED)}
     for n in (4096, 6144, 14336):
         s = f"T={T} {D}->{n}"
         out["lora_up"].append((s, *map(sum, zip(_gemm(T, n, D, T * D + n * D, T * n), _gemm(img, n, R, img * R + n * R, 0)))))
@@ -100,10 +109,12 @@ def workloads() -> dict[str, list[tuple[str, float, float]]]:
     out["lora_down"].append((f"T={T} {D}->r={R}", *_gemm(img, R, D, img * D + R * D, T * R)))
     out["routed_tn"].append((f"T={T} dA (r x {D})", *_gemm(img, R, D, img * R + img * D, R * D)))
     patches, K, N = 36 * 64, 30 * 30 * 3, 4096
-    f, b = _gemm(patches, N, K, N * K + patches * N, 0)
-    out["patch_embed_fwd"].append(("1080x1920 u8 -> 2304x4096", f, b + 1080 * 1920 * 3))
+    pixels = 1080 * 1920 * 3
+    out["patch_embed_patchify"].append(("1080x1920 u8 -> 2304x2700 bf16", 0.0, pixels + 2.0 * patches * K))
+    out["patch_embed_patchify"].append(("cuBLAS GEMM 2304x2700 -> 4096 +bias",
+                                        *_gemm(patches, N, K, N * K + patches * K + N, patches * N)))
     f, b = _gemm(N, K, patches, patches * N + N * K, 0)
-    out["patch_embed_bwd_weight"].append(("dW 4096x2700 over 2304 patches", f, b + 1080 * 1920 * 3))
+    out["patch_embed_bwd_weight"].append(("dW 4096x2700 over 2304 patches", f, b + pixels))
     B, H, Lq, Lk, d = 64, 12, 32, 257, 64
     qkvo = 2.0 * B * H * d * (2 * Lq + 2 * Lk)
     out["masked_attention_fwd"].append(("Q-Former cross B=64", 4.0 * B * H * Lq * Lk * d, qkvo))
@@ -199,14 +210,23 @@ def format_rows(rows: Sequence[Row]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, cells)])
 
 
+def total_floor_us(items: Sequence[tuple[str, float, float]]) -> float:
+    """The floor of consecutive steps: the sum of their floors."""
+    return sum(floor_us(flops, nbytes)[0] for _, flops, nbytes in items)
+
+
 def format_roofline(families: set[str]) -> str:
-    lines = [f"{'family':24s} {'benchmark shape':34s} {'GFLOP':>9s} {'MB':>9s} {'floor us':>9s}  bound"]
+    lines = [f"{'family':24s} {'benchmark shape':36s} {'GFLOP':>9s} {'MB':>9s} {'floor us':>9s}  bound"]
     for fam, items in workloads().items():
         if fam not in families:
             continue
         for shape, flops, nbytes in items:
             t, bound = floor_us(flops, nbytes)
-            lines.append(f"{fam:24s} {shape:34s} {flops / 1e9:9.1f} {nbytes / 1e6:9.1f} {t:9.1f}  {bound}")
+            lines.append(f"{fam:24s} {shape:36s} {flops / 1e9:9.1f} {nbytes / 1e6:9.1f} {t:9.1f}  {bound}")
+        if fam in STEPS:
+            flops, nbytes = sum(i[1] for i in items), sum(i[2] for i in items)
+            lines.append(f"{fam:24s} {'= ' + STEPS[fam]:36s} {flops / 1e9:9.1f} {nbytes / 1e6:9.1f} "
+                         f"{total_floor_us(items):9.1f}  sum of steps")
     return "\n".join(lines)
 
 
@@ -255,8 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         floors = {fam: [dict(shape=s, flops=f, bytes=b, floor_us=floor_us(f, b)[0], bound=floor_us(f, b)[1])
                         for s, f, b in items] for fam, items in workloads().items() if fam in fams}
+        totals = {STEPS[fam]: total_floor_us(items) for fam, items in workloads().items()
+                  if fam in fams and fam in STEPS}
         Path(args.json).write_text(json.dumps(dict(
-            rows=[dict(asdict(r), ok=r.ok) for r in rows], roofline=floors,
+            rows=[dict(asdict(r), ok=r.ok) for r in rows], roofline=floors, roofline_totals_us=totals,
             peaks=dict(flops=PEAK_FLOPS, bytes_per_s=PEAK_BYTES)), indent=1))
     if args.check and (bad or errors or not rows):
         for r in bad:

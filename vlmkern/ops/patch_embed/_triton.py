@@ -1,23 +1,32 @@
 """The Triton backend of ``vlmkern::patch_embed``: launchers of ``vlmkern.kernels.patch_embed``, the shipped
 configs, and the build signatures the offline build check compiles.
 
-Each launch's runtime arguments are written once, by an argument builder (``_fwd_args``, ...) that the launcher
-and :func:`_builds` (with meta tensors) both call. The contract checks every input before these run.
+Forward: a Triton patchify kernel writes the normalised patches once, in the weight's dtype, into a
+``(B*nP, K_pad)`` buffer (``K_pad``: ``K`` rounded up to 16 elements, zero-filled, so every row starts 16-byte
+aligned), then torch's GEMM (cuBLAS on a GPU: pipelined, on the tensor cores) adds the Linear. A fused
+gather-and-GEMM kernel cannot pipeline its main loop (a uint8 gather has no 4-byte runs for ``cp.async``), and
+the extra pass costs ~19 MB of traffic against a ~51 GFLOP GEMM. The backward kernels stay fused.
+
+Each launch's runtime arguments are written once, by an argument builder (``_patchify_args``, ...) that the
+launcher and :func:`_builds` (with meta tensors) both call. The contract checks every input before these run.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vlmkern.kernels.patch_embed import (_patch_embed_bwd_pixels_kernel, _patch_embed_bwd_weight_kernel,
-                                         _patch_embed_fwd_kernel)
+                                         _patchify_kernel)
 from vlmkern.ops import dispatch
 from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, register_builds, triton_type
 
-# Shipped launch configurations, keyed by the weight's element size (the launchers use exactly these; the build
-# check compiles them). fp32 ("ieee") dots compile to FMAs and need smaller tiles not to spill.
-FWD_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
-              4: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
+# Shipped launch configurations (the launchers use exactly these; the build check compiles them). The GEMM ones
+# are keyed by the weight's element size: fp32 ("ieee") dots compile to FMAs and need smaller tiles not to spill.
+# Patchify moves bytes only: 32 rows x 128 columns is 32 elements a thread in 16-byte stores (bf16), and K=2700
+# (2704 padded) fills 22 column tiles with 4 % waste.
+PATCHIFY_CONFIG = dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1)
+K_ALIGN = 16       # patch rows padded to this many elements: 16-byte aligned for any dtype, a "D" row stride
 BWD_WEIGHT_CONFIG = {2: dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
                      4: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)}
 BWD_PIXELS_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
@@ -25,41 +34,44 @@ BWD_PIXELS_CONFIG = {2: dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, n
 
 
 # ------------------------------------------------------------------------------------ argument builders
-def _sizes(pixels: Tensor, p: int, M: int, N: int, K: int) -> dict:
-    """GEMM sizes (``M = B*nP`` patch rows, ``N`` features, ``K = C*p*p``) and the image / patch grid."""
+def _sizes(pixels: Tensor, p: int, **gemm: int) -> dict:
+    """The GEMM sizes given (``M = B*nP`` patch rows, ``N`` features, ``K = C*p*p``) and the image / patch grid."""
     H, W = pixels.shape[2:]
     nW = cdiv(W, p)
-    return dict(M=M, N=N, K=K, H=H, W=W, nW=nW, nP=cdiv(H, p) * nW)
+    return dict(**gemm, H=H, W=W, nW=nW, nP=cdiv(H, p) * nW)
 
 
 def _strides(names: str, t: Tensor) -> dict:
     return dict(zip(names.split(), t.stride()))
 
 
-def _fwd_args(pixels, weight, bias, out, scale, shift, p, pad_value) -> dict:
-    """``out (M, N)``; ``bias`` dense or None (the kernel then reads nothing from ``b_ptr``)."""
-    return dict(pix_ptr=pixels, w_ptr=weight, b_ptr=weight if bias is None else bias, out_ptr=out,
-                scale_ptr=scale, shift_ptr=shift, **_sizes(pixels, p, *out.shape, weight.shape[1]),
-                pad_value=float(pad_value), **_strides("s_pb s_pc s_ph s_pw", pixels),
-                **_strides("s_wn s_wk", weight), **_strides("s_om s_on", out))
+def _patchify_args(pixels, out, scale, shift, p, pad_value) -> dict:
+    """``out (M, K_pad)`` dense; the patch width ``K = C*p*p``."""
+    sizes = _sizes(pixels, p, M=out.shape[0], K=pixels.shape[1] * p * p)
+    return dict(pix_ptr=pixels, out_ptr=out, scale_ptr=scale, shift_ptr=shift, **sizes, K_pad=out.shape[1],
+                pad_value=float(pad_value), **_strides("s_pb s_pc s_ph s_pw", pixels))
 
 
 def _bwd_weight_args(pixels, g, dw, scale, shift, p, pad_value) -> dict:
     """``g (M, N)`` the output gradient's rows, ``dw (N, K)``."""
     return dict(pix_ptr=pixels, g_ptr=g, dw_ptr=dw, scale_ptr=scale, shift_ptr=shift,
-                **_sizes(pixels, p, *g.shape, dw.shape[1]), pad_value=float(pad_value),
+                **_sizes(pixels, p, M=g.shape[0], N=g.shape[1], K=dw.shape[1]), pad_value=float(pad_value),
                 **_strides("s_pb s_pc s_ph s_pw", pixels), **_strides("s_gm s_gn", g), **_strides("s_dn s_dk", dw))
 
 
 def _bwd_pixels_args(g, weight, dpix, scale, p) -> dict:
     """``g (M, N)``, ``dpix (B, C, H, W)``."""
-    return dict(g_ptr=g, w_ptr=weight, dpix_ptr=dpix, scale_ptr=scale, **_sizes(dpix, p, *g.shape, weight.shape[1]),
-                **_strides("s_gm s_gn", g), **_strides("s_wn s_wk", weight),
-                **_strides("s_db s_dc s_dh s_dw", dpix))
+    return dict(g_ptr=g, w_ptr=weight, dpix_ptr=dpix, scale_ptr=scale,
+                **_sizes(dpix, p, M=g.shape[0], N=g.shape[1], K=weight.shape[1]), **_strides("s_gm s_gn", g),
+                **_strides("s_wn s_wk", weight), **_strides("s_db s_dc s_dh s_dw", dpix))
 
 
 def _constexprs(C: int, p: int, cfg: dict, *, upcast: bool, precision: str, **flags) -> dict:
     return dict(C=C, P=p, UPCAST=upcast, INPUT_PRECISION=precision, **flags, **cfg)
+
+
+def _patchify_constexprs(C: int, p: int) -> dict:
+    return dict(C=C, P=p, **PATCHIFY_CONFIG)
 
 
 def _runtime_constexprs(C: int, p: int, cfg: dict, weight: Tensor, **flags) -> dict:
@@ -76,20 +88,29 @@ def _scale_shift(rescale: float, mean: list[float], std: list[float], device) ->
 
 
 # --------------------------------------------------------------------------------------------- launchers
+def patchify(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> Tensor:
+    """``pixels (B, C, H, W)`` -> normalised patches ``(B, nP, K)`` in ``out_dtype`` (fp32/fp16/bf16), ``K =
+    C*p*p``: a view of a dense ``(B*nP, K_pad)`` buffer whose columns ``K..K_pad`` hold zeros, so rows are
+    ``K_pad`` apart (a multiple of 16 elements) and ``.view(B*nP, K)`` is a valid GEMM operand without a copy."""
+    B, C, H, W = pixels.shape
+    nP, K = cdiv(H, patch_size) * cdiv(W, patch_size), C * patch_size * patch_size
+    buf = torch.empty((B * nP, cdiv(K, K_ALIGN) * K_ALIGN), device=pixels.device, dtype=out_dtype)
+    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
+    grid = (cdiv(B * nP, PATCHIFY_CONFIG["BLOCK_M"]), cdiv(buf.shape[1], PATCHIFY_CONFIG["BLOCK_K"]))
+    launch(_patchify_kernel, grid, _patchify_args(pixels, buf, scale, shift, patch_size, pad_value),
+           _patchify_constexprs(C, patch_size))
+    return buf[:, :K].view(B, nP, K)
+
+
 def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> Tensor:
+    """``(B, nP, N)`` in ``weight.dtype``: the patches in the weight's dtype, then torch's ``F.linear`` (cuBLAS
+    on a GPU; fp32 follows torch's TF32 setting as the reference does)."""
     B, C, H, W = pixels.shape
     nP, N = cdiv(H, patch_size) * cdiv(W, patch_size), weight.shape[0]
-    out = torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
-    if out.numel() == 0:                                   # no out_features: nothing to launch
-        return out
-    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
-    cfg = FWD_CONFIG[weight.element_size()]
-    args = _fwd_args(pixels, weight, None if bias is None else bias.contiguous(), out.view(B * nP, N), scale, shift,
-                     patch_size, pad_value)
-    grid = (cdiv(args["M"], cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),)
-    launch(_patch_embed_fwd_kernel, grid, args,
-           _runtime_constexprs(C, patch_size, cfg, weight, HAS_BIAS=bias is not None))
-    return out
+    if N == 0:                                             # no out_features: nothing to launch
+        return torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
+    patches = patchify(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype)
+    return F.linear(patches.view(B * nP, -1), weight, bias).view(B, nP, N)
 
 
 def grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std) -> Tensor:
@@ -128,6 +149,7 @@ def _builds() -> list[KernelBuild]:
     """Fuyu-8B: contiguous NCHW 3-channel images (unit innermost strides), patch 30, 4096 features, with bias."""
     B, C, H, W, p, N = 1, 3, 1080, 1920, 30, 4096
     M = B * cdiv(H, p) * cdiv(W, p)
+    K_pad = cdiv(C * p * p, K_ALIGN) * K_ALIGN
 
     def meta(*shape, dtype):
         return torch.empty(shape, device="meta", dtype=dtype)
@@ -135,18 +157,18 @@ def _builds() -> list[KernelBuild]:
     builds = []
     for wdt in _WEIGHT_DTYPES:
         size = wdt.itemsize
-        w, bias, rows = meta(N, C * p * p, dtype=wdt), meta(N, dtype=wdt), meta(M, N, dtype=wdt)
+        w, rows = meta(N, C * p * p, dtype=wdt), meta(M, N, dtype=wdt)
         scale = meta(C, dtype=torch.float32)
         dots = dict(upcast=False, precision="ieee" if size == 4 else "tf32")   # as on a GPU, TF32 off
         for pdt in _PIXEL_DTYPES:
             pix = meta(B, C, H, W, dtype=pdt)
             pair = f"{triton_type(pix)[1:]}->{triton_type(w)[1:]}"
-            cfg = FWD_CONFIG[size]
+            # As Triton's JIT specialises a 1080x1920 image: its row/plane/image strides and W are 16-divisible.
             builds.append(build_from_args(
-                f"patch_embed_fwd[{pair}]", _patch_embed_fwd_kernel,
-                _fwd_args(pix, w, bias, rows, scale, scale, p, 1.0), _constexprs(C, p, cfg, **dots, HAS_BIAS=True),
-                cfg,
-                unit=("s_pw", "s_wk", "s_on"), div16=("N", "s_om")))
+                f"patch_embed_patchify[{pair}]", _patchify_kernel,
+                _patchify_args(pix, meta(M, K_pad, dtype=wdt), scale, scale, p, 1.0),
+                _patchify_constexprs(C, p), PATCHIFY_CONFIG,
+                unit=("s_pw",), div16=("M", "K_pad", "W", "nW", "nP", "s_pb", "s_pc", "s_ph")))
             cfg = BWD_WEIGHT_CONFIG[size]
             builds.append(build_from_args(
                 f"patch_embed_bwd_weight[{pair}]", _patch_embed_bwd_weight_kernel,
