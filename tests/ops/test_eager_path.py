@@ -158,3 +158,18 @@ def test_debug_logging_explains_every_call(monkeypatch, caplog):
         ops_projector.LINEAR_GELU.select(x, w)
         ops_projector.LINEAR_GELU.select(x, w)
     assert sum("vlmkern::linear_gelu -> reference" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_first_call_under_compile_traces_the_custom_op():
+    """An EagerOp never called eagerly before is compiled without a graph break (nothing of the eager path is
+    traced), and the graph holds the custom op."""
+    fresh = dispatch.EagerOp(ops_projector._linear_gelu_op)
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+    out = torch.compile(lambda a, b: fresh(a, b, None, False)[0], fullgraph=True, backend=backend)(x, w)
+    assert fresh._kernels is None and any("vlmkern.linear_gelu" in t for t in seen)
+    torch.testing.assert_close(out, torch.nn.functional.gelu(x @ w.t()))

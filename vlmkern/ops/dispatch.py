@@ -332,10 +332,11 @@ class EagerOp:
         self._function = None
 
     def __call__(self, *args):
+        if not eager_call(*args):        # first: torch.compile must not trace what follows
+            return self.op(*args)
         kernels = self._kernels if self._kernels is not None else self._resolve()
-        # Devices without a kernel of their own (meta: the fake; others: the op's reference body) dispatch.
-        kernel = kernels.get(args[0].device.type) if eager_call(*args) else None
-        if kernel is None:
+        kernel = kernels.get(args[0].device.type)
+        if kernel is None:   # a device without a kernel of its own (meta: the fake; others: the reference body)
             return self.op(*args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             if self._function is None:       # no autograd formula: the custom op says so on backward

@@ -16,7 +16,7 @@ import torch
 
 @dataclass(frozen=True)
 class KernelBuild:
-    label: str                       # e.g. "patch_embed_fwd[u8->bf16]"
+    label: str                       # e.g. "patch_embed_patchify[u8->bf16]"
     kernel: Any                      # triton JITFunction
     signature: dict[str, str]        # argument name -> triton type ('*bf16', 'i32', 'fp32', 'constexpr')
     constexprs: dict[str, Any] = field(default_factory=dict)
