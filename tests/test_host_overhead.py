@@ -35,3 +35,28 @@ def test_backend_choice_is_restored(monkeypatch):
     with host.stubbed_launches():
         assert os.environ["VLMKERN_BACKEND"] == "triton"
     assert "VLMKERN_BACKEND" not in os.environ
+
+
+def test_cuda_stub_patches_and_restores_the_compiled_launch():
+    """``--device cuda`` stubs ``JITFunction``'s launch (inherited from ``KernelInterface``): patched for the
+    duration, the inherited one back afterwards."""
+    from triton.runtime.jit import JITFunction
+    had_own = "__getitem__" in JITFunction.__dict__
+    before = JITFunction.__getitem__
+    with host.stubbed_launches("cuda"):
+        assert JITFunction.__getitem__ is not before
+    assert JITFunction.__getitem__ is before and ("__getitem__" in JITFunction.__dict__) == had_own
+
+
+def test_cuda_device_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        host.main(["--device", "cuda", "--calls", "1", "--rounds", "1"])
+    assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_rounds_go_round_robin_over_every_row():
+    rows = host.measure(calls=1, rounds=2, only="floor")
+    assert [r["op"] for r in rows] == ["floor: empty custom op", "floor: empty autograd.Function"]
+    assert all(r["yardstick"] and r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in rows)

@@ -407,8 +407,10 @@ def eager_cpu_reference(dispatch: OpDispatch, x: torch.Tensor, *args) -> bool:
     """Whether an eager call on CPU tensors dispatches to the reference. Such calls run the reference math
     under plain autograd, as the originals do (autograd keeps what backward needs instead of the op's
     recompute-friendly saves): the fastest CPU path. Compiled graphs and GPU tensors keep the custom op."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and dispatch.select(x, *args) == "reference")
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    forced = forced_backend()      # a forced backend decides alone (one that can't run raises in the op)
+    return forced == "reference" if forced is not None else dispatch.select(x, *args) == "reference"
 
 
 def needs_grad(*tensors) -> bool:

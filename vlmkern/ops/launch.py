@@ -87,6 +87,19 @@ def launch(kernel: Any, grid: tuple[int, ...], args: Mapping[str, Any], constexp
     kernel[grid](**args, **constexprs)
 
 
+_PLACEHOLDERS: dict = {}
+
+
+def placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An empty tensor for a pointer argument a launch never reads (its constexpr flag is off), one per
+    (dtype, device) and kept: no allocation per call. Never returned to a caller."""
+    key = (dtype, device)
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = _PLACEHOLDERS[key] = torch.empty(0, dtype=dtype, device=device)
+    return t
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for grids (no ``triton`` import on the host path)."""
     return -(-a // b)

@@ -13,7 +13,7 @@ from vlmkern.kernels import attention as K
 from vlmkern.masks import QFormerMode
 from vlmkern.ops import dispatch
 from vlmkern.ops.attention import _dropout
-from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, register_builds
+from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, placeholder, register_builds
 
 LOG2E = 1.4426950408889634      # the kernels' softmax runs in base 2: scores are scaled by scale * log2(e)
 
@@ -91,12 +91,12 @@ def _row_offset(q: Tensor, k: Tensor, num_query: int) -> int:
 def _masked_args(q, k, v, kpm, num_query, scale, dropout_p, rng) -> dict:
     """The runtime arguments the forward, dK/dV and dQ kernels share."""
     if kpm is None:  # never read (HAS_KPM=False); uint8 keeps the kernel signature that was build-checked
-        kpm, s_mb, s_mt = torch.empty(0, dtype=torch.uint8, device=q.device), 0, 1
+        kpm, s_mb, s_mt = placeholder(torch.uint8, q.device), 0, 1
     else:
         kpm = (kpm if kpm.dtype == torch.bool else kpm != 0).view(torch.uint8)
         s_mb, s_mt = kpm.stride()
     if dropout_p == 0.0:  # a never-read int64 placeholder
-        rng, thresh, drop_scale = torch.empty(0, dtype=torch.int64, device=q.device), 0, 1.0
+        rng, thresh, drop_scale = placeholder(torch.int64, q.device), 0, 1.0
     else:
         thresh, drop_scale = _dropout.threshold(dropout_p), _dropout.scale(dropout_p)
     return dict(q_ptr=q, k_ptr=k, v_ptr=v, kpm_ptr=kpm, rng_ptr=rng, H=q.shape[1], Lq=q.shape[2], Lk=k.shape[2],
