@@ -306,3 +306,17 @@ def test_compiled_filter_and_table_alignment():
     lines = harness.format_table(list(skip.values())).splitlines()
     col = lines[0].index("impl")                     # every line's implementation starts under the header's
     assert all(ln[col - 2:col] == "  " and ln[col] != " " for ln in lines[2:]), lines
+
+
+def test_resampler_is_measured_against_its_unavoidable_gemms():
+    """Issue 15's Qwen-VL yardstick: the five projections alone, forward and backward into every weight; the
+    GPU cases carry the <= 1.1x-of-the-GEMMs and >= 1.2x-the-original targets."""
+    from benchmarks.ops import structured_cross_attention as sca
+    for case in [c for c in sca.cases("cpu", smoke=True) if c.name.startswith("resampler")]:
+        case.setup(case)
+        assert {"vlmkern", "unavoidable GEMMs", "original"} <= set(case.impls)
+        out = case.impls["unavoidable GEMMs"]()
+        assert out.shape == case.impls["vlmkern"]().shape
+        assert not case.targets                                     # CPU: no target
+    gpu = [c for c in sca.cases("cuda") if c.name.startswith("resampler")]
+    assert gpu and all(c.targets == {"unavoidable GEMMs": 1 / 1.1, "original": 1.2} for c in gpu)
