@@ -200,7 +200,8 @@ class OpDispatch:
         env = (os.environ.get(ENV_VAR, ""), os.environ.get("TRITON_INTERPRET", "0"))
         if log.isEnabledFor(logging.DEBUG):
             return self._select(names, env[0], args, kwargs)
-        key = (names, env, signature(args), signature(tuple(kwargs.values())), tuple(kwargs))
+        key = (names, env, signature(args), signature(tuple(kwargs.values())), tuple(kwargs)) if kwargs else (
+            names, env, signature(args))
         chosen = self._chosen.get(key)
         if chosen is None:
             chosen = self._select(names, env[0], args, kwargs)

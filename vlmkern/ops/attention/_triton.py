@@ -76,9 +76,15 @@ def _constexprs(head_dim: int, mode: int, has_kpm: bool, dropout: bool, upcast: 
 
 
 # ------------------------------------------------------------------------------------ argument builders
+_STRIDE_NAMES: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
 def _strides(name: str, t: Tensor, row: str) -> dict[str, int]:
     """``s_<name>b, s_<name>h, s_<name><row>, s_<name>d``: the strides of a ``(B, H, L, d)`` tensor."""
-    return dict(zip((f"s_{name}b", f"s_{name}h", f"s_{name}{row}", f"s_{name}d"), t.stride()))
+    names = _STRIDE_NAMES.get((name, row))
+    if names is None:        # the names are built once, not per launch
+        names = _STRIDE_NAMES[name, row] = (f"s_{name}b", f"s_{name}h", f"s_{name}{row}", f"s_{name}d")
+    return dict(zip(names, t.stride()))
 
 
 def _row_offset(q: Tensor, k: Tensor, num_query: int) -> int:
