@@ -56,3 +56,28 @@ def assert_close(actual: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor
             f"{name}: max error {err:.3e} exceeds {limit:.3e} "
             f"({FACTOR[kind]}x torch {dtype} error {max_error(baseline, ref):.3e} + floor {FLOOR[dtype]:.1e})"
         )
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.05, weights: bool = True) -> torch.nn.Module:
+    """Random values for every parameter of ``model``, in place (LayerNorm weights around 1), so that no bias or
+    norm is trivial in a parity test; ``weights=False`` keeps the matrices' own initialisation. Draws from the
+    current torch generator (seed it first)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not weights and p.dim() > 1:
+                continue
+            noise = torch.randn_like(p) * std
+            p.copy_(1.0 + 2 * noise if "LayerNorm.weight" in name or "layernorm.weight" in name else noise)
+    return model
+
+
+def assert_compiled_matches_eager(fn, inputs: tuple, *rest, backend: str = "aot_eager") -> None:
+    """``torch.compile(fn, fullgraph=True)`` gives eager ``fn``'s scalar loss and the same gradients of
+    ``inputs`` (tensors requiring grad); ``rest`` are further arguments without gradients."""
+    loss = torch.compile(fn, fullgraph=True, backend=backend)(*inputs, *rest)
+    grads = torch.autograd.grad(loss, inputs)
+    fresh = tuple(t.detach().requires_grad_() for t in inputs)
+    loss_eager = fn(*fresh, *rest)
+    torch.testing.assert_close(loss, loss_eager)
+    for a, b in zip(grads, torch.autograd.grad(loss_eager, fresh)):
+        torch.testing.assert_close(a, b)

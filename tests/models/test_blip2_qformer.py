@@ -14,7 +14,7 @@ from transformers import Blip2QFormerModel as HFBlip2QFormerModel  # noqa: E402
 
 from vlmkern.models import lavis  # noqa: E402
 from vlmkern.models.blip2 import Blip2QFormerModel  # noqa: E402
-from vlmkern.testing import assert_close  # noqa: E402
+from vlmkern.testing import assert_close, randomize_  # noqa: E402
 
 TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -27,17 +27,6 @@ def make_config(text: bool = True, **kw) -> Blip2QFormerConfig:
     cfg = Blip2QFormerConfig(**{**TINY, **kw}, use_qformer_text_input=text)
     cfg._attn_implementation = "eager"
     return cfg
-
-
-def randomize_(model: torch.nn.Module, std: float = 0.05, weights: bool = True) -> torch.nn.Module:
-    """Random values for every parameter (LayerNorm weights around 1), so no bias or norm is trivial."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not weights and p.dim() > 1:       # keep transformers' random N(0, 0.02) init of the matrices
-                continue
-            noise = torch.randn_like(p) * std
-            p.copy_(1.0 + 2 * noise if "LayerNorm.weight" in name or "layernorm.weight" in name else noise)
-    return model
 
 
 def hf_model(config) -> HFBlip2QFormerModel:

@@ -14,7 +14,7 @@ from transformers import InstructBlipQFormerModel as HFInstructBlipQFormerModel 
 
 from vlmkern.models import lavis  # noqa: E402
 from vlmkern.models.instructblip import InstructBlipQFormerModel  # noqa: E402
-from vlmkern.testing import assert_close  # noqa: E402
+from vlmkern.testing import assert_close, randomize_  # noqa: E402
 
 TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -27,16 +27,6 @@ def make_config(**kw) -> InstructBlipQFormerConfig:
     cfg = InstructBlipQFormerConfig(**{**TINY, **kw})
     cfg._attn_implementation = "eager"
     return cfg
-
-
-def randomize_(model: torch.nn.Module, std: float = 0.05, weights: bool = True) -> torch.nn.Module:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not weights and p.dim() > 1:       # keep transformers' random N(0, 0.02) init of the matrices
-                continue
-            noise = torch.randn_like(p) * std
-            p.copy_(1.0 + 2 * noise if "LayerNorm.weight" in name or "layernorm.weight" in name else noise)
-    return model
 
 
 def hf_model(config) -> HFInstructBlipQFormerModel:

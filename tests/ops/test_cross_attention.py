@@ -15,7 +15,7 @@ from vlmkern.ops import attention as attn_ops
 from vlmkern.ops.attention import _torch as attn_torch
 from vlmkern.ops.attention import cross_attention
 from vlmkern.reference import attention as ref_attention
-from vlmkern.testing import assert_close
+from vlmkern.testing import assert_close, assert_compiled_matches_eager
 
 TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
@@ -178,14 +178,7 @@ def test_torch_compile_fullgraph(backend, device):
     def f(q, k, v, kpm):
         return cross_attention(q, k, v, key_padding_mask=kpm).square().sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    loss = compiled(q, k, v, kpm)
-    grads = torch.autograd.grad(loss, (q, k, v))
-    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
-    loss_eager = f(q2, k2, v2, kpm)
-    torch.testing.assert_close(loss, loss_eager)
-    for a, b in zip(grads, torch.autograd.grad(loss_eager, (q2, k2, v2))):
-        torch.testing.assert_close(a, b)
+    assert_compiled_matches_eager(f, (q, k, v), kpm)
 
 
 def test_bad_input():

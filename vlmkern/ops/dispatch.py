@@ -330,7 +330,8 @@ class EagerOp:
     def __init__(self, op):
         self.op = op
         self._kernels = None
-        self._function = None
+        self._function = self._list_function = None
+        self._has_lists = False
 
     def __call__(self, *args):
         if not eager_call(*args):        # first: torch.compile must not trace what follows
@@ -342,16 +343,19 @@ class EagerOp:
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             if self._function is None:       # no autograd formula: the custom op says so on backward
                 return self.op(*args)
+            if not self._has_lists:
+                return self._function.apply(*args)
             lists = tuple(len(a) if type(a) is list else -1 for a in args)
-            if max(lists) < 0:
-                return self._function.apply(None, *args)
-            return self._function.apply(lists, *[t for a in args for t in (a if type(a) is list else (a,))])
+            return self._list_function.apply(lists, *[t for a in args for t in (a if type(a) is list else (a,))])
         return kernel(*args)
 
     def _resolve(self) -> dict:
-        self._kernels = _DEVICE_KERNELS[self.op]
         if self.op in _AUTOGRAD:
-            self._function = _eager_function(self.op._qualname, self._run, *_AUTOGRAD[self.op])
+            # Tensor[] arguments in the schema: the list variant flattens them for autograd.
+            self._has_lists = "Tensor[]" in str(self.op._opoverload._schema)
+            make = _eager_list_function if self._has_lists else _eager_function
+            self._function = self._list_function = make(self.op._qualname, self._run, *_AUTOGRAD[self.op])
+        self._kernels = _DEVICE_KERNELS[self.op]
         return self._kernels
 
     def _run(self, *args):
@@ -375,16 +379,32 @@ def _nest(lists, flat):
 
 def _eager_function(name: str, run: Callable, backward: Callable, setup_context: Callable):
     """The ``autograd.Function`` of :class:`EagerOp`: forward runs the kernel, then the op's setup-context;
-    backward is the op's. Its first input says how list arguments were flattened (None: none were);
-    ``needs_input_grad`` is what the op's backward would see (a list argument's entry: any of its tensors).
-    ``forward`` takes ``ctx`` itself: a separate ``setup_context`` costs an ``inspect.signature`` per call."""
+    backward is the op's. ``forward`` takes ``ctx`` itself (a separate ``setup_context`` costs an
+    ``inspect.signature`` per call)."""
+
+    def forward(ctx, *args):
+        output = run(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    def bwd(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(f"Eager_{name.replace('::', '_')}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
+
+
+def _eager_list_function(name: str, run: Callable, backward: Callable, setup_context: Callable):
+    """:func:`_eager_function` for an op with list arguments (``Tensor[]``, e.g. ``expert_linear``'s weights),
+    which an ``autograd.Function`` does not track: they come flattened, after a first input saying how
+    (``lists[i]``: argument ``i``'s length, or -1); the op's setup-context and backward see them nested, and
+    ``needs_input_grad`` per argument (a list argument's entry: any of its tensors)."""
 
     def forward(ctx, lists, *flat):
         args = _nest(lists, flat)
         output = run(*args)
-        need = ctx.needs_input_grad[1:]
-        ctx.needs_input_grad = need if lists is None else tuple(
-            any(n) if isinstance(n, list) else n for n in _nest(lists, need))
+        ctx.needs_input_grad = tuple(any(n) if isinstance(n, list) else n
+                                     for n in _nest(lists, ctx.needs_input_grad[1:]))
         ctx.vlmkern_lists = lists
         setup_context(ctx, args, output)
         return output
@@ -392,15 +412,12 @@ def _eager_function(name: str, run: Callable, backward: Callable, setup_context:
     def bwd(ctx, *grads):
         result = backward(ctx, *grads)
         result = result if isinstance(result, tuple) else (result,)
-        lists = ctx.vlmkern_lists
-        if lists is None:
-            return (None, *result)
         flat = [None]
-        for n, g in zip(lists, result):
+        for n, g in zip(ctx.vlmkern_lists, result):
             flat.extend((g,) if n < 0 else (g if g is not None else [None] * n))
         return tuple(flat)
 
-    return type(f"Eager_{name.replace('::', '_')}", (torch.autograd.Function,),
+    return type(f"Eager_{name.replace('::', '_')}_lists", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
 
 
