@@ -80,11 +80,23 @@ def _runtime_constexprs(C: int, p: int, cfg: dict, weight: Tensor, **flags) -> d
                        precision=dispatch.dot_precision(weight.dtype), **flags)
 
 
+_SCALE_SHIFT: dict = {}
+
+
 def _scale_shift(rescale: float, mean: list[float], std: list[float], device) -> tuple[Tensor, Tensor]:
-    """Per channel ``norm(x) = x * scale + shift``: ``scale = rescale/std``, ``shift = -mean/std`` (fp32)."""
-    scale = torch.tensor([rescale / s for s in std], dtype=torch.float32)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
-    return scale.to(device, non_blocking=True), shift.to(device, non_blocking=True)
+    """Per channel ``norm(x) = x * scale + shift``: ``scale = rescale/std``, ``shift = -mean/std`` (fp32).
+
+    Kept per (rescale, mean, std, device): the kernels only read them, and building them costs two tensors
+    and two host-to-device copies per call (a model calls with the same normalisation every time)."""
+    key = (rescale, tuple(mean), tuple(std), device)
+    pair = _SCALE_SHIFT.get(key)
+    if pair is None:
+        scale = torch.tensor([rescale / s for s in std], dtype=torch.float32)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+        if len(_SCALE_SHIFT) >= 64:
+            _SCALE_SHIFT.clear()
+        pair = _SCALE_SHIFT[key] = (scale.to(device), shift.to(device))
+    return pair
 
 
 # --------------------------------------------------------------------------------------------- launchers
