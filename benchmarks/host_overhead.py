@@ -88,10 +88,8 @@ def _t(*shape, dtype=torch.float32, grad=False, gen=None, device="cpu") -> torch
 def _cases(device: str = "cpu") -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]]:
     from vlmkern import ops
     g = torch.Generator().manual_seed(0)
-    t = lambda *s, grad=False: _t(*s, grad=grad, gen=g, device=device)  # noqa: E731
     dtype = torch.float32 if device == "cpu" else torch.bfloat16   # what the interpreter computes right / users run
-    if device != "cpu":
-        t = lambda *s, grad=False: _t(*s, grad=grad, gen=g, device=device, dtype=dtype)  # noqa: E731
+    t = lambda *s, grad=False: _t(*s, grad=grad, gen=g, device=device, dtype=dtype)  # noqa: E731
 
     def qformer(grad):
         q, k, v = (t(2, 2, 16, 32, grad=grad) for _ in range(3))

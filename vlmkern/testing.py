@@ -81,3 +81,50 @@ def assert_compiled_matches_eager(fn, inputs: tuple, *rest, backend: str = "aot_
     torch.testing.assert_close(loss, loss_eager)
     for a, b in zip(grads, torch.autograd.grad(loss_eager, fresh)):
         torch.testing.assert_close(a, b)
+
+
+def check_against(fn, oracle, *inputs: torch.Tensor, dtype: torch.dtype, check_grads: bool = True,
+                  names: str = "qkv") -> torch.Tensor:
+    """``fn(*inputs)`` (vlmkern) in ``dtype`` against ``oracle`` in float64, with ``oracle`` in ``dtype`` as the
+    baseline of :func:`assert_close`: the output, then (``check_grads``) the gradients of every input for one
+    random output gradient (``d<names[i]>`` in messages). Returns ``fn``'s output."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    base = oracle(*base_leaves)
+    ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in leaves]
+    ref = oracle(*ref_leaves)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, base, ref, name="output")
+    if not check_grads:
+        return out
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, leaves, g.to(dtype))
+    base_grads = torch.autograd.grad(base, base_leaves, g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g)
+    for name, a, b, r in zip(names, grads, base_grads, ref_grads):
+        assert_close(a, b, r, kind="grad", dtype=dtype, name=f"d{name}")
+    return out
+
+
+def cast_inputs(inputs: dict, dtype: torch.dtype, no_grad=()) -> dict:
+    """A model's keyword inputs with every floating tensor detached, cast to ``dtype`` and requiring grad
+    (except the keys in ``no_grad``); other values as they are."""
+    out = {}
+    for k, v in inputs.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            v = v.detach().to(dtype).requires_grad_(k not in no_grad)
+        out[k] = v
+    return out
+
+
+def assert_no_host_sync(step) -> None:
+    """``step()`` twice on CUDA: a warm-up (compiles, allocates), then under ``torch.cuda.set_sync_debug_mode
+    ("error")``, so that any host synchronisation in it raises."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -14,7 +14,7 @@ from transformers import Blip2QFormerModel as HFBlip2QFormerModel  # noqa: E402
 
 from vlmkern.models import lavis  # noqa: E402
 from vlmkern.models.blip2 import Blip2QFormerModel  # noqa: E402
-from vlmkern.testing import assert_close, randomize_  # noqa: E402
+from vlmkern.testing import assert_close, cast_inputs, randomize_  # noqa: E402
 
 TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -53,15 +53,6 @@ def itm_inputs(batch=3, nq=NQ, t=T, lk=LK, hidden=64, enc=48, image_pad=False) -
     return inputs
 
 
-def _cast(inputs: dict, dtype, no_grad=()) -> dict:
-    out = {}
-    for k, v in inputs.items():
-        if torch.is_tensor(v) and v.is_floating_point():
-            v = v.detach().to(dtype).requires_grad_(k not in no_grad)
-        out[k] = v
-    return out
-
-
 def check_parity(hf: torch.nn.Module, ours_cls, inputs: dict, dtype: torch.dtype, *, grads: bool = True,
                  no_grad=()):
     """Outputs and the gradients of every parameter and float input (but ``no_grad``) of ``ours_cls`` vs ``hf``."""
@@ -71,7 +62,7 @@ def check_parity(hf: torch.nn.Module, ours_cls, inputs: dict, dtype: torch.dtype
     assert not ours.training
     runs = {}
     for name, model, dt in (("ours", ours, dtype), ("base", base, dtype), ("ref", ref, torch.float64)):
-        x = _cast(inputs, dt, no_grad)
+        x = cast_inputs(inputs, dt, no_grad)
         out = model(**x)
         runs[name] = (model, x, out)
     for field in ("last_hidden_state", "pooler_output"):
@@ -170,7 +161,7 @@ def test_triton_broadcast_image_and_mask(backend):
     """One image and one image mask (batch 1) for every row: stride-0 K/V and key padding in the kernel."""
     hf = hf_model(make_config())
     ours = Blip2QFormerModel.from_transformers(hf)
-    x = _cast(itm_inputs(t=0), torch.float32)
+    x = cast_inputs(itm_inputs(t=0), torch.float32)
     del x["attention_mask"]
     one, mask = x["encoder_hidden_states"][:1], torch.tensor([[1] * (LK - 4) + [0] * 4])
     got = ours(**{**x, "encoder_hidden_states": one, "encoder_attention_mask": mask}).last_hidden_state
@@ -222,7 +213,7 @@ def test_torch_compile_fullgraph_cuda():
 def test_return_dict_false_hidden_states_and_attentions():
     hf = hf_model(make_config())
     ours = Blip2QFormerModel.from_transformers(hf)
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     a = hf(**x, return_dict=False)
     b = ours(**x, return_dict=False)
     assert isinstance(b, tuple) and len(b) == len(a) == 2
@@ -243,7 +234,7 @@ def test_return_dict_false_hidden_states_and_attentions():
 def test_dense_4d_mask_takes_eager_path_and_agrees():
     hf = hf_model(make_config())
     ours = Blip2QFormerModel.from_transformers(hf)
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     m2 = x["attention_mask"]
     m4 = torch.where(m2.bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :].expand(-1, 1, NQ + T, -1)
     out2 = ours(**x).last_hidden_state
@@ -268,7 +259,7 @@ def test_train_mode_runs_attention_dropout_in_the_kernels(monkeypatch):
             calls.append((_name, kw["dropout_p"]))
             return _fn(*args, **kw)
         monkeypatch.setattr(nn_qformer.ops, name, counted)
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     ours.train()
     torch.manual_seed(123)
     a = ours(**x).last_hidden_state
@@ -290,7 +281,7 @@ def test_train_mode_hidden_dropout_matches_transformers():
     hf0 = hf_model(cfg0).train()
     ours0 = Blip2QFormerModel.from_transformers(hf0)
     assert ours0.training
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     torch.manual_seed(7)
     a = hf0(**x).last_hidden_state
     torch.manual_seed(7)
@@ -302,7 +293,7 @@ def test_train_mode_hidden_dropout_matches_transformers():
 def test_gradient_checkpointing_matches():
     hf = hf_model(make_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     ours = Blip2QFormerModel.from_transformers(hf).train()
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     out = ours(**x).last_hidden_state
     g1 = torch.autograd.grad(out.sum(), list(ours.parameters()))
     ours.gradient_checkpointing_enable()
@@ -317,7 +308,7 @@ def test_gradient_checkpointing_recomputes_the_same_dropout_masks():
     """Checkpointed layers redraw (seed, offset) from the restored RNG state: same output and gradients."""
     ours = Blip2QFormerModel.from_transformers(hf_model(make_config(hidden_dropout_prob=0.1,
                                                                     attention_probs_dropout_prob=0.3))).train()
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     torch.manual_seed(5)
     out = ours(**x).last_hidden_state
     g1 = torch.autograd.grad(out.sum(), list(ours.parameters()))
@@ -334,7 +325,7 @@ def test_encoder_batch_index_computes_each_image_once(monkeypatch):
     """ITM batch [pos, (text, neg image), (neg text, image)]: 2 distinct images for 3 rows (as LAVIS builds it)."""
     hf = hf_model(make_config())
     ours = Blip2QFormerModel.from_transformers(hf)
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     images = x["encoder_hidden_states"][:2].detach().requires_grad_()
     index = torch.tensor([0, 1, 0])
     expected = hf(**{**x, "encoder_hidden_states": images[index]})
@@ -367,7 +358,7 @@ def test_repeated_frozen_images_are_found_and_computed_once(monkeypatch):
     distinct image's K/V is computed once on the CPU; outputs and parameter gradients equal transformers'."""
     hf = hf_model(make_config())
     ours = Blip2QFormerModel.from_transformers(hf)
-    x = _cast(itm_inputs(batch=4), torch.float32, no_grad=("encoder_hidden_states",))
+    x = cast_inputs(itm_inputs(batch=4), torch.float32, no_grad=("encoder_hidden_states",))
     images = x["encoder_hidden_states"]
     images[2], images[3] = images[0], images[1]
     calls = []
@@ -410,7 +401,7 @@ def test_repeated_frozen_images_are_found_and_computed_once(monkeypatch):
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_input():
     ours = Blip2QFormerModel(make_config(text=False))
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     q = x["query_embeds"][:, :NQ]
     e = x["encoder_hidden_states"]
     with pytest.raises(ValueError, match="attention_mask"):
@@ -461,7 +452,7 @@ def test_lavis_loader_round_trip():
                                 "Qformer.bert.embeddings.position_ids", "Qformer.cls.predictions.bias", "temp"}
     for k, v in hf.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
-    x = _cast(itm_inputs(), torch.float32)
+    x = cast_inputs(itm_inputs(), torch.float32)
     torch.testing.assert_close(ours(**x).last_hidden_state, hf(**x).last_hidden_state)
     # the transformers class takes the same names
     hf2 = HFBlip2QFormerModel(make_config()).eval()

@@ -7,7 +7,7 @@ import torch
 
 from vlmkern.models.cogvlm import VisionExpertAttention, VisionExpertMLP
 from vlmkern.reference.originals import cogvlm as original
-from vlmkern.testing import assert_close
+from vlmkern.testing import assert_close, assert_no_host_sync
 
 CONFIG = original.tiny_config()
 
@@ -138,10 +138,4 @@ def test_cuda_no_host_sync_mlp_and_attention(backend):
         y = mlp(attn(x, types, pos, mask.bfloat16())[0], types)
         y.float().square().mean().backward()
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)

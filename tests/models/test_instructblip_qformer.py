@@ -14,7 +14,7 @@ from transformers import InstructBlipQFormerModel as HFInstructBlipQFormerModel 
 
 from vlmkern.models import lavis  # noqa: E402
 from vlmkern.models.instructblip import InstructBlipQFormerModel  # noqa: E402
-from vlmkern.testing import assert_close, randomize_  # noqa: E402
+from vlmkern.testing import assert_close, cast_inputs, randomize_  # noqa: E402
 
 TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
@@ -45,15 +45,6 @@ def instruction_inputs(batch=3, nq=NQ, t=T, lk=LK, hidden=64, enc=48, vocab=100)
                 encoder_hidden_states=torch.randn(batch, lk, enc, dtype=torch.float64))
 
 
-def _cast(inputs: dict, dtype, no_grad=()) -> dict:
-    out = {}
-    for k, v in inputs.items():
-        if torch.is_tensor(v) and v.is_floating_point():
-            v = v.detach().to(dtype).requires_grad_(k not in no_grad)
-        out[k] = v
-    return out
-
-
 def check_parity(hf, inputs: dict, dtype: torch.dtype, *, grads: bool = True, no_grad=()):
     """Outputs and the gradients of every parameter and float input of the vlmkern twin of ``hf``."""
     ref = copy.deepcopy(hf).to(torch.float64)
@@ -61,7 +52,7 @@ def check_parity(hf, inputs: dict, dtype: torch.dtype, *, grads: bool = True, no
     ours = InstructBlipQFormerModel.from_transformers(base)
     runs = {}
     for name, model, dt in (("ours", ours, dtype), ("base", base, dtype), ("ref", ref, torch.float64)):
-        x = _cast(inputs, dt, no_grad)
+        x = cast_inputs(inputs, dt, no_grad)
         with torch.set_grad_enabled(grads):   # forward-only parity keeps no graph (peak memory)
             runs[name] = (model, x, model(**x))
     for field in ("last_hidden_state", "pooler_output"):
@@ -170,7 +161,7 @@ def test_parity_full_size_cuda(dtype):
 def test_return_dict_false_and_hidden_states():
     hf = hf_model(make_config())
     ours = InstructBlipQFormerModel.from_transformers(hf)
-    x = _cast(instruction_inputs(), torch.float32)
+    x = cast_inputs(instruction_inputs(), torch.float32)
     a, b = hf(**x, return_dict=False), ours(**x, return_dict=False)
     assert isinstance(b, tuple) and len(b) == len(a)
     for u, v in zip(a, b):
@@ -186,7 +177,7 @@ def test_return_dict_false_and_hidden_states():
 def test_encoder_batch_index_and_broadcast_image():
     hf = hf_model(make_config())
     ours = InstructBlipQFormerModel.from_transformers(hf)
-    x = _cast(instruction_inputs(), torch.float32)
+    x = cast_inputs(instruction_inputs(), torch.float32)
     images = x["encoder_hidden_states"][:2]
     index = torch.tensor([1, 0, 1])
     expected = hf(**{**x, "encoder_hidden_states": images[index]}).last_hidden_state
@@ -199,7 +190,7 @@ def test_encoder_batch_index_and_broadcast_image():
 
 def test_bad_input():
     ours = InstructBlipQFormerModel(make_config())
-    x = _cast(instruction_inputs(), torch.float32)
+    x = cast_inputs(instruction_inputs(), torch.float32)
     with pytest.raises(ValueError, match="query_embeds when input_ids is None"):
         ours(None)
     with pytest.raises(ValueError, match="attention_mask"):
@@ -225,5 +216,5 @@ def test_lavis_loader_round_trip():
     assert result.missing_keys == [] and result.unexpected_keys == []
     assert set(result.rest) == {"query_tokens", "llm_proj.weight", "Qformer.bert.embeddings.position_ids"}
     assert lavis.variant_of(ours) == "instructblip"
-    x = _cast(instruction_inputs(), torch.float32)
+    x = cast_inputs(instruction_inputs(), torch.float32)
     torch.testing.assert_close(ours(**x).last_hidden_state, hf(**x).last_hidden_state)

@@ -11,7 +11,7 @@ from vlmkern.models.internlm_xcomposer2 import InternLM2DecoderLayer
 from vlmkern.nn.plora import PLoRA
 from vlmkern.reference import routed_linear as ref
 from vlmkern.reference.originals.internlm_xcomposer2 import InternLM2DecoderLayer as OrigInternLM2Layer, PLoRA as OriginalPLoRA
-from vlmkern.testing import assert_close
+from vlmkern.testing import assert_close, assert_no_host_sync
 
 
 KEYS = {"weight", "bias", "Plora_A.weight", "Plora_B.weight"}
@@ -256,13 +256,7 @@ def test_cuda_decoder_layer_training_step_has_no_host_sync(backend):
     def step():
         layer(x, causal, pos, im_mask=im_mask)[0].float().square().mean().backward()
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
 
 
 # ------------------------------------------------------------------------------------------ from_linear

@@ -15,7 +15,7 @@ from vlmkern.ops import attention as attn_ops
 from vlmkern.ops.attention import _torch as attn_torch
 from vlmkern.ops.attention import cross_attention
 from vlmkern.reference import attention as ref_attention
-from vlmkern.testing import assert_close, assert_compiled_matches_eager
+from vlmkern.testing import assert_close, assert_compiled_matches_eager, check_against
 
 TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
 
@@ -32,24 +32,6 @@ def plain_attention(q, k, v, key_padding_mask=None, scale=None):
     if key_padding_mask is not None:
         scores = scores + additive_key_mask(key_padding_mask.to(q.device), q.dtype)
     return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-def check_against(fn, oracle, q, k, v, *, dtype):
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    base = oracle(*base_leaves)
-    ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in leaves]
-    ref = oracle(*ref_leaves)
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert_close(out, base, ref, name="output")
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, leaves, g.to(dtype))
-    base_grads = torch.autograd.grad(base, base_leaves, g.to(dtype))
-    ref_grads = torch.autograd.grad(ref, ref_leaves, g)
-    for name, a, b, r in zip("qkv", grads, base_grads, ref_grads):
-        assert_close(a, b, r, kind="grad", dtype=dtype, name=f"d{name}")
-    return out
 
 
 def make_inputs(B, H, Lq, Lk, d, device="cpu"):

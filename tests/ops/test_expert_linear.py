@@ -8,7 +8,7 @@ from vlmkern.ops.routed_linear import _triton as kern
 from vlmkern.ops.routed_linear import EXPERT_LINEAR, cogvlm_expert_ids, expert_linear
 from vlmkern.reference import routed_linear as ref
 from vlmkern.reference.originals.cogvlm import get_expert_mask as _original_get_expert_mask
-from vlmkern.testing import assert_close
+from vlmkern.testing import assert_close, assert_no_host_sync
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL = {
@@ -279,13 +279,7 @@ def test_cuda_no_host_sync_forward_backward(backend):
     x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = _weights("cuda", 2, 384, 256, torch.bfloat16).requires_grad_(True)
     grad = torch.randn(2, 300, 384, device="cuda", dtype=torch.bfloat16)
-    expert_linear(x, w, cogvlm_expert_ids(types)).backward(grad)  # warm-up (compiles the kernels)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        expert_linear(x, w, cogvlm_expert_ids(types)).backward(grad)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(lambda: expert_linear(x, w, cogvlm_expert_ids(types)).backward(grad))
 
 
 @pytest.mark.cuda

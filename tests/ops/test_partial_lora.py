@@ -8,7 +8,7 @@ from vlmkern.ops.routed_linear import _triton as kern
 from vlmkern.ops.routed_linear import PARTIAL_LORA, partial_lora_linear
 from vlmkern.reference import routed_linear as ref
 from vlmkern.reference.originals.internlm_xcomposer2 import plora_forward as original_plora
-from vlmkern.testing import assert_close
+from vlmkern.testing import assert_close, assert_no_host_sync
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("x", "weight", "bias", "lora_a", "lora_b")
@@ -341,13 +341,8 @@ def test_cuda_no_host_sync_forward_backward(backend):
     mask[0, 10:267] = True
     grad = torch.randn(2, 300, 384, device="cuda", dtype=torch.bfloat16)
     for m in (mask, torch.zeros_like(mask)):
-        partial_lora_linear(x, *params, m, 1.0, dropout_p=0.05, training=True).backward(grad)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            partial_lora_linear(x, *params, m, 1.0, dropout_p=0.05, training=True).backward(grad)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        assert_no_host_sync(lambda: partial_lora_linear(x, *params, m, 1.0, dropout_p=0.05,
+                                                        training=True).backward(grad))
 
 
 @pytest.mark.cuda

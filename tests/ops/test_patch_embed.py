@@ -139,7 +139,8 @@ def test_reference_backend_is_default_on_cpu_without_interpreter(monkeypatch):
         ops.patch_embed(px, w)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+def test_opcheck(backend, device):
     pixels, weight, bias = _inputs(device, 1, 3, 37, 31, 16, 8, torch.float32, pix_dtype=torch.float32)
     pixels.requires_grad_(True)
     weight.requires_grad_(True)

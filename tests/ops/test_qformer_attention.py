@@ -15,7 +15,7 @@ from vlmkern.masks import QFormerMode, qformer_visible
 from vlmkern.ops import attention as attn_ops
 from vlmkern.ops.attention import qformer_attention
 from vlmkern.reference import attention as ref_attention
-from vlmkern.testing import assert_close, assert_compiled_matches_eager
+from vlmkern.testing import assert_close, assert_compiled_matches_eager, check_against
 
 MODES = ("bidirectional", "unimodal", "multimodal_causal")
 TRITON = pytest.mark.parametrize("backend", ["triton"], indirect=True)
@@ -59,27 +59,6 @@ def plain_attention(q, k, v, additive_mask, scale=None):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale + additive_mask.to(q.dtype)
     return torch.matmul(torch.softmax(scores, dim=-1), v)
-
-
-def check_against(fn, oracle, q, k, v, *, dtype, check_grads=True):
-    """``fn(q, k, v)`` (vlmkern) against ``oracle(q, k, v)`` in fp64 with ``oracle`` in ``dtype`` as baseline."""
-    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    base_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    base = oracle(*base_leaves)
-    ref_leaves = [t.detach().to(torch.float64).requires_grad_() for t in leaves]
-    ref = oracle(*ref_leaves)
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert_close(out, base, ref, name="output")
-    if not check_grads:
-        return out
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(out, leaves, g.to(dtype))
-    base_grads = torch.autograd.grad(base, base_leaves, g.to(dtype))
-    ref_grads = torch.autograd.grad(ref, ref_leaves, g)
-    for name, a, b, r in zip("qkv", grads, base_grads, ref_grads):
-        assert_close(a, b, r, kind="grad", dtype=dtype, name=f"d{name}")
-    return out
 
 
 def make_inputs(B, H, nq, T, d, *, text_rows_only=False, device="cpu"):

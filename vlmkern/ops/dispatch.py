@@ -330,7 +330,7 @@ class EagerOp:
     def __init__(self, op):
         self.op = op
         self._kernels = None
-        self._function = self._list_function = None
+        self._function = None
         self._has_lists = False
 
     def __call__(self, *args):
@@ -346,7 +346,7 @@ class EagerOp:
             if not self._has_lists:
                 return self._function.apply(*args)
             lists = tuple(len(a) if type(a) is list else -1 for a in args)
-            return self._list_function.apply(lists, *[t for a in args for t in (a if type(a) is list else (a,))])
+            return self._function.apply(lists, *[t for a in args for t in (a if type(a) is list else (a,))])
         return kernel(*args)
 
     def _resolve(self) -> dict:
@@ -354,7 +354,7 @@ class EagerOp:
             # Tensor[] arguments in the schema: the list variant flattens them for autograd.
             self._has_lists = "Tensor[]" in str(self.op._opoverload._schema)
             make = _eager_list_function if self._has_lists else _eager_function
-            self._function = self._list_function = make(self.op._qualname, self._run, *_AUTOGRAD[self.op])
+            self._function = make(self.op._qualname, self._run, *_AUTOGRAD[self.op])
         self._kernels = _DEVICE_KERNELS[self.op]
         return self._kernels
 
@@ -364,8 +364,6 @@ class EagerOp:
 
 def _nest(lists, flat):
     """Undo :class:`EagerOp`'s flattening of list arguments: ``lists[i]`` is list argument ``i``'s length, or -1."""
-    if lists is None:
-        return flat
     out, i = [], 0
     for n in lists:
         if n < 0:
