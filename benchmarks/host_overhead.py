@@ -262,7 +262,7 @@ def profile(name: str, train: bool, calls: int = 300, top: int = 25, device: str
             step()
         prof.disable()
     buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    pstats.Stats(prof, stream=buf).sort_stats(os.environ.get("HO_SORT", "tottime")).print_stats(top)
     return buf.getvalue()
 
 

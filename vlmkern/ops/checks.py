@@ -2,8 +2,9 @@
 and what was expected, before any launch."""
 from __future__ import annotations
 
+import functools
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -118,3 +119,41 @@ def check_dropout_p(dropout_p) -> None:
     """A dropout probability: a real number in [0, 1] (bools refused), else ValueError."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+
+
+# ------------------------------------------------------------------------------------ checks run once per key
+_MAX_PASSED = 4096     # keys remembered per check before its memo starts over
+
+
+def argument_key(values: tuple):
+    """What a shape-and-type check can read of ``values``: a tensor's dtype, shape, strides and device; the type
+    and value of anything else (``1``, ``1.0`` and ``True`` differ); lists and tuples item by item."""
+    return tuple((v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)
+                 else (type(v), argument_key(v)) if isinstance(v, (list, tuple)) else (type(v), v) for v in values)
+
+
+def once_per_key(check: Callable[..., None]) -> Callable[..., None]:
+    """``check`` run once per :func:`argument_key` of its arguments: a key that passed is remembered and not
+    checked again (the checks cost several microseconds per call, more than the rest of an op's host path);
+    a failing key raises every time. Only for checks that read nothing else: value checks (index ranges,
+    expert ids) and checks that read global state (autocast) stay outside. Under ``torch.compile`` the check
+    runs as written (a mutable global memo has no place in a traced graph)."""
+    passed: set = set()
+
+    @functools.wraps(check)
+    def run(*args, **kwargs) -> None:
+        if torch.compiler.is_compiling():
+            return check(*args, **kwargs)
+        try:
+            key = (argument_key(args), argument_key(tuple(kwargs.items()))) if kwargs else argument_key(args)
+            if key in passed:
+                return None
+        except (TypeError, RuntimeError):   # unhashable, or a tensor without strides: check every time
+            return check(*args, **kwargs)
+        check(*args, **kwargs)
+        if len(passed) >= _MAX_PASSED:
+            passed.clear()
+        passed.add(key)
+        return None
+    run.forget = passed.clear
+    return run

@@ -52,9 +52,31 @@ class BackendNotSupported(RuntimeError):
     """The requested backend cannot run these inputs; the message lists the reasons."""
 
 
+# The two variables backend selection reads are read on every call (tests and users change them between calls).
+# ``os.environ.get`` of an unset variable raises and catches a KeyError inside (~1 us on a small CPU, several per
+# op call); the mapping ``os.environ`` keeps in sync (``_data``, encoded keys and values) answers in ~0.1 us.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None)
+
+
+def _env_reader(name: str, default: str) -> Callable[[], str]:
+    if _ENV_DATA is None or _ENCODE is None:
+        return lambda: os.environ.get(name, default)
+    key, decode = _ENCODE(name), os.environ.decodevalue
+
+    def read() -> str:
+        raw = _ENV_DATA.get(key)
+        return default if raw is None else decode(raw)
+    return read
+
+
+_forced_raw = _env_reader(ENV_VAR, "")
+_interpret_raw = _env_reader("TRITON_INTERPRET", "0")
+
+
 def forced_backend() -> str | None:
     """The backend ``VLMKERN_BACKEND`` forces, or None (read per call: tests and users may change it)."""
-    return _parse_forced(os.environ.get(ENV_VAR, ""))
+    return _parse_forced(_forced_raw())
 
 
 @functools.lru_cache(maxsize=16)
@@ -68,7 +90,7 @@ def _parse_forced(raw: str) -> str | None:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _interpret_raw() == "1"
 
 
 # torch.backends.cuda.matmul.allow_tf32 reads this through a Python __getattr__ (~1.5 us per call)
@@ -197,7 +219,7 @@ class OpDispatch:
         """:meth:`select` restricted to the backends ``names`` (those registered for one device type).
 
         Remembered per input signature while debug logging is off (a logged selection is always computed)."""
-        env = (os.environ.get(ENV_VAR, ""), os.environ.get("TRITON_INTERPRET", "0"))
+        env = (_forced_raw(), _interpret_raw())
         if log.isEnabledFor(logging.DEBUG):
             return self._select(names, env[0], args, kwargs)
         key = (names, env, signature(args), signature(tuple(kwargs.values())), tuple(kwargs)) if kwargs else (
@@ -278,14 +300,23 @@ def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Calla
         names = tuple(b for b in order if device in BACKEND_DEVICES[b] or "*" in BACKEND_DEVICES[b])
         if names == ("reference",):
             continue
+        choose = _chooser(dispatch, names, impls, probe)
 
-        def kernel(*args, _names=names):
-            read = probe(*args)
-            chosen = (dispatch.select_among(_names, **read) if isinstance(read, dict)
-                      else dispatch.select_among(_names, *read))
-            return impls[chosen](*args)
+        def kernel(*args, _choose=choose):
+            return _choose(*args)(*args)
         op.register_kernel(device)(kernel)
-        kernels[device] = kernel
+        kernels[device] = choose
+
+
+def _chooser(dispatch: OpDispatch, names: tuple[str, ...], impls: dict[str, Callable], probe: Callable):
+    """``choose(*op_args)``: the implementation of the backend :meth:`OpDispatch.select_among` takes for the
+    arguments, from ``names``."""
+    def choose(*args) -> Callable:
+        read = probe(*args)
+        chosen = (dispatch.select_among(names, **read) if isinstance(read, dict)
+                  else dispatch.select_among(names, *read))
+        return impls[chosen]
+    return choose
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
@@ -294,7 +325,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     _AUTOGRAD[op] = (backward, setup_context)
 
 
-# op -> device type -> the kernel :func:`implement` registered for it
+# op -> device type -> its chooser (:func:`_chooser`) for the kernel :func:`implement` registered
 _DEVICE_KERNELS: dict = {}
 _AUTOGRAD: dict = {}     # op -> (backward, setup_context) given to :func:`register_autograd`
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -320,46 +351,78 @@ def eager_call(*args) -> bool:
 
 class EagerOp:
     """A custom op as its public functions call it: in eager mode (:func:`eager_call`) the op's kernel for the
-    inputs' device runs directly (the one :func:`implement` registered, selection included), under an
-    ``autograd.Function`` made of the op's own setup-context and backward (:func:`register_autograd`) when a
-    gradient is needed; otherwise, and for anything eager mode can't promise, the custom op ``op`` itself.
-    Same kernels, same saved tensors, same gradients; only the dispatcher's and ``torch.library``'s per-call
-    cost (~100 us of host time per fwd+bwd on a small CPU) is saved. Arguments as ``op``'s, positional; the
-    first is a tensor on the device that decides the kernel."""
+    inputs' device runs directly (the backend :func:`implement` would select, remembered per input signature and
+    environment while debug logging is off), under an ``autograd.Function`` made of the op's own setup-context
+    and backward (:func:`register_autograd`) when a gradient is needed; otherwise, and for anything eager mode
+    can't promise, the custom op ``op`` itself. Same kernels, same saved tensors, same gradients; only the
+    dispatcher's and ``torch.library``'s per-call cost (~100 us of host time per fwd+bwd on a small CPU) is
+    saved. Arguments as ``op``'s, positional; the first is a tensor on the device that decides the kernel."""
 
     def __init__(self, op):
         self.op = op
         self._kernels = None
         self._function = None
         self._has_lists = False
+        self._chosen: dict = {}
 
     def __call__(self, *args):
         if not eager_call(*args):        # first: torch.compile must not trace what follows
             return self.op(*args)
-        kernels = self._kernels if self._kernels is not None else self._resolve()
-        kernel = kernels.get(args[0].device.type)
-        if kernel is None:   # a device without a kernel of its own (meta: the fake; others: the reference body)
+        impl = self._implementation(args)
+        if impl is None:   # a device without a kernel of its own (meta: the fake; others: the reference body)
             return self.op(*args)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             if self._function is None:       # no autograd formula: the custom op says so on backward
                 return self.op(*args)
             if not self._has_lists:
-                return self._function.apply(*args)
+                return self._function.apply(impl, *args)
             lists = tuple(len(a) if type(a) is list else -1 for a in args)
-            return self._function.apply(lists, *[t for a in args for t in (a if type(a) is list else (a,))])
-        return kernel(*args)
+            return self._function.apply(impl, lists, *[t for a in args for t in (a if type(a) is list else (a,))])
+        return impl(*args)
+
+    def _implementation(self, args) -> Callable | None:
+        """The chosen backend's implementation for ``args``, or None for a device without a kernel."""
+        kernels = self._kernels if self._kernels is not None else self._resolve()
+        if log.isEnabledFor(logging.DEBUG):      # a logged selection is computed (and logged) every call
+            choose = kernels.get(args[0].device.type)
+            return None if choose is None else choose(*args)
+        key = (_forced_raw(), _interpret_raw(), signature(args))
+        impl = self._chosen.get(key, _UNSEEN)
+        if impl is _UNSEEN:
+            choose = kernels.get(args[0].device.type)
+            impl = None if choose is None else choose(*args)
+            if len(self._chosen) >= _MAX_REMEMBERED:
+                self._chosen.clear()
+            self._chosen[key] = impl
+        return impl
+
+    def forget(self) -> None:
+        """Drop the remembered implementations (see :meth:`OpDispatch.forget`)."""
+        self._chosen.clear()
 
     def _resolve(self) -> dict:
         if self.op in _AUTOGRAD:
             # Tensor[] arguments in the schema: the list variant flattens them for autograd.
             self._has_lists = "Tensor[]" in str(self.op._opoverload._schema)
             make = _eager_list_function if self._has_lists else _eager_function
-            self._function = make(self.op._qualname, self._run, *_AUTOGRAD[self.op])
+            self._function = make(self.op._qualname, *_AUTOGRAD[self.op])
         self._kernels = _DEVICE_KERNELS[self.op]
+        _EAGER_OPS.append(self)
         return self._kernels
 
-    def _run(self, *args):
-        return self._kernels[args[0].device.type](*args)
+
+_UNSEEN = object()
+_EAGER_OPS: list = []      # every EagerOp called eagerly so far (for forget_selections)
+
+
+def forget_selections() -> None:
+    """Drop every remembered backend selection (:meth:`OpDispatch.forget` of every registered op and
+    :meth:`EagerOp.forget` of every eager op): after changing what the reasons read other than the inputs and
+    the two environment variables, e.g. a test swapping the Triton version."""
+    for d in REGISTRY.values():
+        d.forget()
+    for e in _EAGER_OPS:
+        e.forget()
 
 
 def _nest(lists, flat):
@@ -375,34 +438,36 @@ def _nest(lists, flat):
     return tuple(out)
 
 
-def _eager_function(name: str, run: Callable, backward: Callable, setup_context: Callable):
-    """The ``autograd.Function`` of :class:`EagerOp`: forward runs the kernel, then the op's setup-context;
-    backward is the op's. ``forward`` takes ``ctx`` itself (a separate ``setup_context`` costs an
-    ``inspect.signature`` per call)."""
+def _eager_function(name: str, backward: Callable, setup_context: Callable):
+    """The ``autograd.Function`` of :class:`EagerOp`: forward runs the chosen implementation (its first
+    argument, which gets no gradient), then the op's setup-context; backward is the op's. ``forward`` takes
+    ``ctx`` itself (a separate ``setup_context`` costs an ``inspect.signature`` per call)."""
 
-    def forward(ctx, *args):
-        output = run(*args)
+    def forward(ctx, impl, *args):
+        output = impl(*args)
+        ctx.needs_input_grad = ctx.needs_input_grad[1:]
         setup_context(ctx, args, output)
         return output
 
     def bwd(ctx, *grads):
-        return backward(ctx, *grads)
+        result = backward(ctx, *grads)
+        return (None, *result) if isinstance(result, tuple) else (None, result)
 
     return type(f"Eager_{name.replace('::', '_')}", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(bwd)})
 
 
-def _eager_list_function(name: str, run: Callable, backward: Callable, setup_context: Callable):
+def _eager_list_function(name: str, backward: Callable, setup_context: Callable):
     """:func:`_eager_function` for an op with list arguments (``Tensor[]``, e.g. ``expert_linear``'s weights),
     which an ``autograd.Function`` does not track: they come flattened, after a first input saying how
     (``lists[i]``: argument ``i``'s length, or -1); the op's setup-context and backward see them nested, and
     ``needs_input_grad`` per argument (a list argument's entry: any of its tensors)."""
 
-    def forward(ctx, lists, *flat):
+    def forward(ctx, impl, lists, *flat):
         args = _nest(lists, flat)
-        output = run(*args)
+        output = impl(*args)
         ctx.needs_input_grad = tuple(any(n) if isinstance(n, list) else n
-                                     for n in _nest(lists, ctx.needs_input_grad[1:]))
+                                     for n in _nest(lists, ctx.needs_input_grad[2:]))
         ctx.vlmkern_lists = lists
         setup_context(ctx, args, output)
         return output
@@ -410,7 +475,7 @@ def _eager_list_function(name: str, run: Callable, backward: Callable, setup_con
     def bwd(ctx, *grads):
         result = backward(ctx, *grads)
         result = result if isinstance(result, tuple) else (result,)
-        flat = [None]
+        flat = [None, None]
         for n, g in zip(ctx.vlmkern_lists, result):
             flat.extend((g,) if n < 0 else (g if g is not None else [None] * n))
         return tuple(flat)

@@ -26,13 +26,14 @@ from vlmkern.masks import QFormerMode
 from vlmkern.ops import dispatch
 from vlmkern.ops.attention import _dropout, _torch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, autocast_inputs, check_dropout_p, check_same_device,
-                                check_tensor, int32_offset_reasons)
+                                check_tensor, int32_offset_reasons, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 
 TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(32, 64, 128))
 
 
 # --------------------------------------------------------------------------------------------- checks
+@once_per_key
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(t, name, ndim=4, dtypes=FLOATS, shape_doc="(batch, heads, length, head_dim)")

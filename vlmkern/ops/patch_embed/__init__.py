@@ -22,7 +22,7 @@ from torch import Tensor
 from vlmkern import _ext
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, autocast_inputs, check_finite_scalar, check_same_device,
-                                check_tensor, int32_count_reasons, int32_offset_reasons)
+                                check_tensor, int32_count_reasons, int32_offset_reasons, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.patch_embed import _cpp, _torch
 
@@ -82,6 +82,7 @@ def check_scalars(pad_value, rescale) -> None:
     check_finite_scalar(rescale, "rescale")
 
 
+@once_per_key
 def _check_patch_embed(pixels, weight, bias, patch_size) -> None:
     check_pixels(pixels, patch_size)
     check_tensor(weight, "weight", ndim=2, dtypes=FLOATS, shape_doc="(out_features, C*patch_size**2)")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, autocast_inputs, check_same_device,
-                                check_tensor, int32_offset_reasons, is_meta, rows_2d)
+                                check_tensor, int32_offset_reasons, is_meta, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
 
@@ -38,6 +38,7 @@ _triton_gather_linear = dispatch.lazy(f"{__name__}._triton", "gather_linear")
 
 
 # --------------------------------------------------------------------------------------------- checks
+@once_per_key
 def _check_linear(x, weight, bias) -> None:
     check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:
@@ -59,7 +60,8 @@ def _check_vector(t, name: str, x, n: int) -> None:
         raise ValueError(f"{name} must have out_features={n} elements, got {t.shape[0]}")
 
 
-def _check_gather_linear(x, index, weight, bias, extra, fill, *, validate_values: bool) -> None:
+@once_per_key
+def _check_gather_linear(x, index, weight, bias, extra, fill) -> None:
     check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dims (rows..., C), got shape {tuple(x.shape)}")
@@ -81,8 +83,6 @@ def _check_gather_linear(x, index, weight, bias, extra, fill, *, validate_values
             raise ValueError(f"extra must have x's width C={C} columns, got shape {tuple(extra.shape)}")
     _check_vector(fill, "fill", x, weight.shape[0])
     check_same_device(x=x, index=index, weight=weight, bias=bias, extra=extra, fill=fill)
-    if validate_values and R and not torch.compiler.is_compiling() and not is_meta(x, index):
-        _check_index_values(index, math.prod(x.shape[:-1]) + (0 if extra is None else extra.shape[0]), fill)
 
 
 def _check_index_values(index, total: int, fill) -> None:
@@ -281,7 +281,9 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     ``ValueError``); a model whose index it built itself passes False.
     """
     x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
-    _check_gather_linear(x, index, weight, bias, extra, fill, validate_values=validate_values)
+    _check_gather_linear(x, index, weight, bias, extra, fill)
+    if validate_values and index.shape[0] and not torch.compiler.is_compiling() and not is_meta(x, index):
+        _check_index_values(index, math.prod(x.shape[:-1]) + (0 if extra is None else extra.shape[0]), fill)
     save_pre = gelu and dispatch.needs_grad(x, weight, bias, extra)
     return _gather_linear(x, index, weight, bias, extra, fill, gelu, save_pre)[0]
 

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch as _dispatch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, autocast_inputs, check_dropout_p,
-                                check_same_device, check_tensor, int32_offset_reasons, is_meta, rows_2d)
+                                check_same_device, check_tensor, int32_offset_reasons, is_meta, once_per_key,
+                                rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.routed_linear import _torch
 
@@ -40,6 +41,7 @@ def _check_same_dtype(first_name: str, first: Tensor, **tensors) -> None:
                             f"{str(first.dtype).replace('torch.', '')}")
 
 
+@once_per_key
 def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p) -> None:
     check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:
@@ -99,6 +101,7 @@ def _expert_weights(weights) -> list[Tensor]:
     return ws
 
 
+@once_per_key
 def _check_expert_linear(x, ws, expert_ids) -> None:
     check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:

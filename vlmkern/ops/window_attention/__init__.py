@@ -31,7 +31,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, autocasting, check_finite_scalar, check_same_device, check_tensor,
-                                int32_count_reasons, int32_offset_reasons)
+                                int32_count_reasons, int32_offset_reasons, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.window_attention import _torch
 
@@ -53,6 +53,7 @@ def window_grid(num_tokens: int, aux_shape: Sequence[int], *, name: str = "image
     return pn, wh // pn
 
 
+@once_per_key
 def _check_window_inputs(u: Tensor, images_aux: Tensor, eps) -> None:
     check_tensor(u, "u", ndim=3, dtypes=FLOATS, shape_doc="(batch, tokens, channels)")
     check_tensor(images_aux, "images_aux", ndim=4, dtypes=FLOATS, shape_doc="(batch, channels, Hh, Wh)")
