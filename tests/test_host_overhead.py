@@ -1,4 +1,5 @@
-"""benchmarks/host_overhead.py: the launch stub and a tiny measurement (a few calls, no figures checked)."""
+"""benchmarks/host_overhead.py: the launch stub, a tiny measurement (a few calls, no figures checked), and what a
+warm call still runs: nothing that depends only on the input signature (checks, backend selection, launch plans)."""
 import pytest
 import torch
 
@@ -24,6 +25,8 @@ def test_measure_reports_forward_and_backward_per_op():
     assert names == ["expert_linear", "cogvlm_expert_ids"]
     lin, ids = rows
     assert lin["fwd_us"] > 0 and lin["fwd_bwd_us"] > 0 and not lin["yardstick"]
+    assert lin["fwd_us_median"] >= lin["fwd_us"] and lin["fwd_bwd_us_median"] >= lin["fwd_bwd_us"]
+    assert 0 < lin["fwd_vlmkern"] < lin["fwd_py"] and lin["fwd_bwd_vlmkern"] > lin["fwd_vlmkern"]
     assert ids["fwd_us"] > 0 and ids["fwd_bwd_us"] is None      # integer op: no backward
     table = host.format_rows(rows)
     assert "expert_linear" in table and ("met" in table or "MISSED" in table)
@@ -60,3 +63,31 @@ def test_rounds_go_round_robin_over_every_row():
     rows = host.measure(calls=1, rounds=2, only="floor")
     assert [r["op"] for r in rows] == ["floor: empty custom op", "floor: empty autograd.Function"]
     assert all(r["yardstick"] and r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in rows)
+
+
+def test_count_calls_counts_python_frames():
+    def inner():
+        return None
+
+    def step():
+        inner()
+        inner()
+    assert host.count_calls(step) == (3, 0)          # step and two inner calls, none in vlmkern's files
+
+
+# What depends only on the input signature (dtypes, shapes, strides, device, scalars) and so must not run again
+# on a warm call: argument checks, backend selection and its reasons, launch parameters.
+ONCE_PER_SIGNATURE = {"check_tensor", "check_same_device", "_select", "select_among", "_chooser", "choose",
+                      "int32_offset_reasons", "int32_count_reasons", "triton_env_reasons", "reasons",
+                      "attention_config", "config", "config_family", "_constexprs", "_launch_params", "_precision",
+                      "_dot_flags", "_strides", "cdiv"}
+OPS = [name for name in host._cases() if name not in host.YARDSTICKS]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("name", OPS)
+def test_a_warm_call_recomputes_nothing_of_its_signature(name, train):
+    trace = host.repeat_call_trace(name, train)
+    again = sorted({f for f in trace if f.rsplit(":", 1)[1] in ONCE_PER_SIGNATURE or f.endswith("_reasons")})
+    assert not again, f"{name}: a warm call recomputes {again}"
+    assert trace or (train and name == "cogvlm_expert_ids")

@@ -1,6 +1,7 @@
 """The eager path (``dispatch.EagerOp``): same kernels, outputs and gradients as the custom op through the
 dispatcher; the dispatcher whenever a mode, a transform, a subclass or ``torch.compile`` needs it; selections
 remembered per signature without missing a change of environment."""
+import importlib
 import logging
 
 import pytest
@@ -79,6 +80,32 @@ def test_list_arguments_get_their_gradients_on_the_eager_path(backend):
     w0.grad = w1.grad = None
     torch.ops.vlmkern.expert_linear(x, [w0, w1], ids).backward(g)
     assert torch.equal(dw_e[0], w0.grad) and torch.equal(dw_e[1], w1.grad)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+@pytest.mark.parametrize("case", ["linear_gelu", "window_attention"])
+def test_the_eager_backward_allocates_no_zero_gradient_for_unused_outputs(backend, case):
+    """The outputs a backward does not read (a saved pre-activation; the window statistics and probabilities)
+    get no zero-filled gradient tensor each: the engine would allocate and fill one per output per backward."""
+    if case == "linear_gelu":
+        x, w = _leaves((5, 24), (40, 24))
+        out = ops_projector._linear_gelu(x, w, None, True)[0]
+    else:
+        u, h = _leaves((1, 4, 16), (1, 16, 4, 4))
+        out = importlib.import_module("vlmkern.ops.window_attention")._window_attention(u, h, 1e-5)[0]
+    assert "Eager" in type(out.grad_fn).__name__
+    with _RecordOps() as mode:
+        out.backward(torch.ones_like(out))
+    assert not [f for f in mode.seen if "zeros" in f], mode.seen
+
+
+def test_a_backward_without_the_first_outputs_gradient_passes_none_on():
+    """Only a non-differentiable second output used: no gradient reaches the inputs (none is computed)."""
+    x, w = _leaves((5, 24), (40, 24))
+    out, pre = ops_projector._linear_gelu(x, w, None, True)
+    assert pre.requires_grad       # pre is an ordinary output; its gradient is not what the op computes
+    node = out.grad_fn
+    assert node._forward_cls.backward(node, None, torch.ones_like(pre)) == (None,) * 5
 
 
 def test_no_grad_calls_run_the_kernel_without_autograd():

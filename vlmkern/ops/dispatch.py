@@ -282,8 +282,8 @@ def lazy(module: str, name: str) -> Callable:
 def signature(values: tuple):
     """What backend selection can depend on in ``values``: a tensor's dtype, shape, strides and device; the
     value itself for scalars, dtypes and None; the same, item by item, for a list or tuple."""
-    return tuple((v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)
-                 else signature(v) if isinstance(v, (tuple, list)) else v for v in values)
+    return tuple([(v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)   # a list: no generator
+                  else signature(v) if isinstance(v, (tuple, list)) else v for v in values])     # resumed per item
 
 
 def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Callable[..., tuple]) -> None:
@@ -441,15 +441,23 @@ def _nest(lists, flat):
 def _eager_function(name: str, backward: Callable, setup_context: Callable):
     """The ``autograd.Function`` of :class:`EagerOp`: forward runs the chosen implementation (its first
     argument, which gets no gradient), then the op's setup-context; backward is the op's. ``forward`` takes
-    ``ctx`` itself (a separate ``setup_context`` costs an ``inspect.signature`` per call)."""
+    ``ctx`` itself (a separate ``setup_context`` costs an ``inspect.signature`` per call).
+
+    Gradients are not materialised: the ops' backwards read only their first output's gradient, and the others
+    (``lse``, a saved pre-activation, window statistics) would each be a zero tensor allocated and filled per
+    backward, as large as the output it stands for. A backward reached without a gradient for the first output
+    passes none on."""
 
     def forward(ctx, impl, *args):
+        ctx.set_materialize_grads(False)
         output = impl(*args)
         ctx.needs_input_grad = ctx.needs_input_grad[1:]
         setup_context(ctx, args, output)
         return output
 
     def bwd(ctx, *grads):
+        if grads[0] is None:
+            return (None,) * (len(ctx.needs_input_grad) + 1)
         result = backward(ctx, *grads)
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
@@ -464,6 +472,7 @@ def _eager_list_function(name: str, backward: Callable, setup_context: Callable)
     ``needs_input_grad`` per argument (a list argument's entry: any of its tensors)."""
 
     def forward(ctx, impl, lists, *flat):
+        ctx.set_materialize_grads(False)
         args = _nest(lists, flat)
         output = impl(*args)
         ctx.needs_input_grad = tuple(any(n) if isinstance(n, list) else n
@@ -473,6 +482,8 @@ def _eager_list_function(name: str, backward: Callable, setup_context: Callable)
         return output
 
     def bwd(ctx, *grads):
+        if grads[0] is None:
+            return (None,) * (sum(1 if n < 0 else n for n in ctx.vlmkern_lists) + 2)
         result = backward(ctx, *grads)
         result = result if isinstance(result, tuple) else (result,)
         flat = [None, None]
