@@ -123,7 +123,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, ds, *_):
     u, images_aux, mean, rstd, p, logit = ctx.saved_tensors
     du, dh = _window_attention_backward(ds, u, images_aux, mean, rstd, p, logit)
-    return du.to(u.dtype), dh, None
+    return (du if du.dtype == u.dtype else du.to(u.dtype)), dh, None
 
 
 dispatch.register_autograd(_window_attention_op, _backward, _setup)
