@@ -1,8 +1,9 @@
 """The attention ops' Triton backend: launch configs, argument builders, launchers and the shipped builds.
 
 Shapes as in the contract (``q`` ``(B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)``, any strides). Each launch's
-runtime arguments are written once, by a ``_*_args`` builder used by the launcher and, with meta tensors, by
-:func:`_builds` (the offline GPU build check compiles exactly what launches). Imported lazily by the contract.
+runtime arguments are written once, by a ``_*_args`` builder used, with meta tensors, by :func:`_builds` (the
+offline GPU build check compiles exactly what launches) and by the launchers' launch plans (everything but the
+pointers, computed once per layout and scalar arguments). Imported lazily by the contract.
 """
 from __future__ import annotations
 

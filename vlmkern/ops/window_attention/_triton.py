@@ -2,7 +2,8 @@
 launch config, and the build signatures the offline build check compiles.
 
 Each launch's runtime arguments are written once, by an argument builder (``_fwd_args``, ``_bwd_args``) that
-the launcher and :func:`_builds` (with meta tensors) both call. One program per (token, batch) pair.
+:func:`_builds` and the launchers' launch plans (everything but the pointers, once per layout) both call with
+meta tensors. One program per (token, batch) pair.
 """
 from __future__ import annotations
 
@@ -78,30 +79,25 @@ def _dense(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def _plan(fn, u: tuple, h: tuple, h_dtype: torch.dtype, *tensors: Tensor) -> _Launch:
-    """The launch of ``fn(*tensors)``'s builder for the layouts ``u`` (fp32) and ``h``."""
+def _plan(u: tuple, h: tuple, h_dtype: torch.dtype, build) -> _Launch:
+    """The launch of ``build(u, h, rows)`` (an argument builder's call on meta tensors) for the layouts ``u``
+    (fp32) and ``h``; ``rows``: the four saved ``(B, N, M²)`` fp32 rows."""
     um, hm = _meta(u), _meta(h, h_dtype)
     B, N, _ = um.shape
-    args = {name: a for name, a in fn(um, hm, *tensors).items() if not isinstance(a, Tensor)}
-    return _Launch((N, B), args, _constexprs(um, hm), (B, N, window_sides(um, hm)[1] ** 2))
+    rows = (B, N, window_sides(um, hm)[1] ** 2)
+    args = build(um, hm, [torch.empty(rows, device="meta")] * 4)
+    return _Launch((N, B), {name: a for name, a in args.items() if not isinstance(a, Tensor)},
+                   _constexprs(um, hm), rows)
 
 
-def _rows(u: tuple, h: tuple) -> list[Tensor]:
-    """Meta stand-ins of the four saved rows ``(B, N, M²)`` fp32."""
-    um, hm = _meta(u), _meta(h)
-    return [torch.empty((*um.shape[:2], window_sides(um, hm)[1] ** 2), device="meta")] * 4
-
-
-@functools.lru_cache(maxsize=256, typed=True)   # typed: eps keeps its Python type in the args, as the builder's
-def _forward_plan(u: tuple, h: tuple, h_dtype: torch.dtype, eps) -> _Launch:
-    rows = _rows(u, h)
-    return _plan(lambda um, hm: _fwd_args(um, hm, _dense(um), *rows, eps), u, h, h_dtype)
+@functools.lru_cache(maxsize=256)
+def _forward_plan(u: tuple, h: tuple, h_dtype: torch.dtype, eps: float) -> _Launch:
+    return _plan(u, h, h_dtype, lambda um, hm, rows: _fwd_args(um, hm, _dense(um), *rows, eps))
 
 
 @functools.lru_cache(maxsize=256)
 def _backward_plan(ds: tuple, u: tuple, h: tuple, h_dtype: torch.dtype) -> _Launch:
-    rows = _rows(u, h)
-    return _plan(lambda um, hm: _bwd_args(_meta(ds), um, hm, *rows, _dense(um), _dense(hm)), u, h, h_dtype)
+    return _plan(u, h, h_dtype, lambda um, hm, rows: _bwd_args(_meta(ds), um, hm, *rows, _dense(um), _dense(hm)))
 
 
 # --------------------------------------------------------------------------------------------- launchers
