@@ -30,6 +30,7 @@ from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, autocast_inputs,
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 
 TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(32, 64, 128))
+_BIDIRECTIONAL = int(QFormerMode.BIDIRECTIONAL)     # cross-attention's mask mode, as the custom ops take it
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -118,6 +119,10 @@ MASKED_ATTENTION_BACKWARD = OpDispatch("masked_attention_backward", {"triton": _
                                                                      "reference": dispatch.never_refuses})
 
 
+# One C call (~0.2 us) where autocast_inputs' per-device check costs ~1.5 us: the common case has no autocast at all.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _scale(q: Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
@@ -143,7 +148,7 @@ def _(q, k, v, text_mask, num_query, mode, scale, dropout_p, dropout_rng):
 def _as_cross(forward):
     """A backend's masked forward as cross-attention: no learned queries, every non-pad key visible."""
     def cross(q, k, v, key_padding_mask, scale, dropout_p, dropout_rng):
-        return forward(q, k, v, key_padding_mask, 0, int(QFormerMode.BIDIRECTIONAL), scale, dropout_p, dropout_rng)
+        return forward(q, k, v, key_padding_mask, 0, _BIDIRECTIONAL, scale, dropout_p, dropout_rng)
     return cross
 
 
@@ -189,26 +194,37 @@ dispatch.implement(_masked_attention_backward_op, MASKED_ATTENTION_BACKWARD,
                    probe=lambda grad, q, k, v, out, lse, key_mask, *_: (q, k, v, key_mask))
 
 
+# The gradients of the non-tensor / mask / rng inputs after q, k, v: None each (tuples made once, not per call).
+_QFORMER_NONDIFF, _CROSS_NONDIFF = (None,) * 6, (None,) * 4
+
+
 def _backward(ctx, grad, _grad_lse):
     q, k, v, out, lse, key_mask, dropout_rng = ctx.saved_tensors
     dq, dk, dv = _masked_attention_backward(grad, q, k, v, out, lse, key_mask, *ctx.args, dropout_rng)
-    return dq, dk, dv, *([None] * ctx.n_nondiff)
+    return (dq, dk, dv, *ctx.nondiff)
+
+
+def _mark_lse(ctx, output) -> None:
+    """The lse output is non-differentiable and its gradient never read: no zero tensor is materialised for it
+    per backward (the result, the one differentiable output, always has its gradient when the backward runs)."""
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _setup_qformer(ctx, inputs, output):
     q, k, v, text_mask, num_query, mode, scale, dropout_p, dropout_rng = inputs
     ctx.save_for_backward(q, k, v, *output, text_mask, dropout_rng)   # the keep mask is regenerated, not kept
-    ctx.mark_non_differentiable(output[1])
+    _mark_lse(ctx, output)
     ctx.args = (num_query, mode, scale, dropout_p)
-    ctx.n_nondiff = 6
+    ctx.nondiff = _QFORMER_NONDIFF
 
 
 def _setup_cross(ctx, inputs, output):
     q, k, v, key_padding_mask, scale, dropout_p, dropout_rng = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, dropout_rng)
-    ctx.mark_non_differentiable(output[1])
-    ctx.args = (0, int(QFormerMode.BIDIRECTIONAL), scale, dropout_p)
-    ctx.n_nondiff = 4
+    _mark_lse(ctx, output)
+    ctx.args = (0, _BIDIRECTIONAL, scale, dropout_p)
+    ctx.nondiff = _CROSS_NONDIFF
 
 
 dispatch.register_autograd(_qformer_attention_op, _backward, _setup_qformer)
@@ -233,8 +249,12 @@ def _attend(op: OpDispatch, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[
     """Both public functions after their shape checks: the scalar checks, then the eager CPU path or ``op``'s
     custom op (cross-attention is the bidirectional mask without queries)."""
     _check_scale(scale)
-    dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
-    q, k, v = autocast_inputs(q, k, v)
+    if dropout_rng is None and dropout_p == 0 and type(dropout_p) in (float, int):   # no dropout, nothing to check
+        dropout_p, rng = 0.0, None
+    else:
+        dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
+    if _any_autocast():
+        q, k, v = autocast_inputs(q, k, v)
     if q.shape[-1] == 0:
         return _empty_head_dim(q, k, v)
     scale = _scale(q, scale)

@@ -1,10 +1,14 @@
 """The attention ops' Triton backend: launch configs, argument builders, launchers and the shipped builds.
 
 Shapes as in the contract (``q`` ``(B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)``, any strides). Each launch's
-runtime arguments are written once, by a ``_*_args`` builder used by the launcher and, with meta tensors, by
-:func:`_builds` (the offline GPU build check compiles exactly what launches). Imported lazily by the contract.
+runtime arguments are written once, by a ``_*_args`` builder used, with meta tensors, by :func:`_builds` (the
+offline GPU build check compiles exactly what launches) and by the launchers' launch plans (everything but the
+pointers, computed once per layout and scalar arguments). Imported lazily by the contract.
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,12 +63,12 @@ def attention_config(kernel: str, family: str, head_dim: int, dropout: bool = Fa
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
 
 
-def _launch_params(dtype: torch.dtype) -> tuple[bool, str, str]:
-    """(UPCAST, dot precision, config family). fp32 follows torch's TF32 switch, as ``torch.matmul`` does;
-    the interpreter's low-precision dot is not trustworthy (bf16), so it computes in fp32 there."""
-    precision = dispatch.dot_precision(dtype)
+def _launch_params(dtype: torch.dtype, interpreting: bool, precision: str) -> tuple[bool, str, str]:
+    """(UPCAST, dot precision, config family) for ``precision = dispatch.dot_precision(dtype)``. fp32 follows
+    torch's TF32 switch, as ``torch.matmul`` does; the interpreter's low-precision dot is not trustworthy
+    (bf16), so it computes in fp32 there."""
     family = config_family(dtype.itemsize, precision)
-    if dispatch.triton_interpreting():
+    if interpreting:
         return True, "ieee", family
     return False, precision, family
 
@@ -94,21 +98,31 @@ def _row_offset(q: Tensor, k: Tensor, num_query: int) -> int:
     return k.shape[2] - q.shape[2] if num_query else 0
 
 
+def _kpm_bytes(kpm: Tensor | None) -> Tensor | None:
+    """The key mask as the kernels read it: uint8, nonzero = real key (a bool mask is viewed, not copied)."""
+    return None if kpm is None else (kpm if kpm.dtype == torch.bool else kpm != 0).view(torch.uint8)
+
+
+def _masked_pointers(q, k, v, kpm, rng) -> dict:
+    """The pointers of :func:`_masked_args`: ``kpm`` as :func:`_kpm_bytes` gives it, ``rng`` None without
+    dropout. An absent one gets a never-read placeholder (HAS_KPM / DROPOUT off) of the dtype that keeps the
+    build-checked signature: uint8 for the mask, int64 for the Philox pair."""
+    return dict(q_ptr=q, k_ptr=k, v_ptr=v, kpm_ptr=placeholder(torch.uint8, q.device) if kpm is None else kpm,
+                rng_ptr=placeholder(torch.int64, q.device) if rng is None else rng)
+
+
 def _masked_args(q, k, v, kpm, num_query, scale, dropout_p, rng) -> dict:
     """The runtime arguments the forward, dK/dV and dQ kernels share."""
-    if kpm is None:  # never read (HAS_KPM=False); uint8 keeps the kernel signature that was build-checked
-        kpm, s_mb, s_mt = placeholder(torch.uint8, q.device), 0, 1
-    else:
-        kpm = (kpm if kpm.dtype == torch.bool else kpm != 0).view(torch.uint8)
-        s_mb, s_mt = kpm.stride()
-    if dropout_p == 0.0:  # a never-read int64 placeholder
-        rng, thresh, drop_scale = placeholder(torch.int64, q.device), 0, 1.0
+    kpm = _kpm_bytes(kpm)
+    s_mb, s_mt = (0, 1) if kpm is None else kpm.stride()
+    if dropout_p == 0.0:
+        rng, thresh, drop_scale = None, 0, 1.0
     else:
         thresh, drop_scale = _dropout.threshold(dropout_p), _dropout.scale(dropout_p)
-    return dict(q_ptr=q, k_ptr=k, v_ptr=v, kpm_ptr=kpm, rng_ptr=rng, H=q.shape[1], Lq=q.shape[2], Lk=k.shape[2],
-                NQ=num_query, row_off=_row_offset(q, k, num_query), qk_scale=scale * LOG2E,
-                drop_thresh=thresh, drop_scale=drop_scale, **_strides("q", q, "m"), **_strides("k", k, "n"),
-                **_strides("v", v, "n"), s_mb=s_mb, s_mt=s_mt)
+    return dict(_masked_pointers(q, k, v, kpm, rng), H=q.shape[1], Lq=q.shape[2], Lk=k.shape[2], NQ=num_query,
+                row_off=_row_offset(q, k, num_query), qk_scale=scale * LOG2E, drop_thresh=thresh,
+                drop_scale=drop_scale, **_strides("q", q, "m"), **_strides("k", k, "n"), **_strides("v", v, "n"),
+                s_mb=s_mb, s_mt=s_mt)
 
 
 def _fwd_args(q, k, v, out, lse, kpm, num_query, scale, dropout_p, rng) -> dict:
@@ -140,51 +154,136 @@ def _mask_args(rng, keep, dropout_p) -> dict:
     return dict(rng_ptr=rng, keep_ptr=keep, Lq=keep.shape[1], Lk=keep.shape[2], thresh=_dropout.threshold(dropout_p))
 
 
+# ------------------------------------------------------------------------------------------ launch plans
+# What a launch needs besides its pointers (grid, sizes, strides, scalars, constexprs, config) depends only on
+# the inputs' shapes, strides and dtype, the scalar arguments, the interpreter flag and the dot precision: it
+# is computed once per such key, by the argument builders above called on meta tensors of those shapes and
+# strides (so a plan holds exactly what the builders give), and each call adds only its pointers.
+class _Launch(NamedTuple):
+    grid: tuple[int, int]
+    args: dict       # the builder's runtime arguments but the pointers
+    meta: dict       # constexprs, config and launch options
+
+
+def _layout(t: Tensor | None) -> tuple | None:
+    """The plan-key part of a tensor argument (its dtype is keyed once, with q's)."""
+    return None if t is None else (t.shape, t.stride())
+
+
+def _meta(layout: tuple | None, dtype: torch.dtype) -> Tensor | None:
+    return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
+
+
+def _without_pointers(args: dict) -> dict:
+    return {name: a for name, a in args.items() if not isinstance(a, Tensor)}
+
+
+def _plan_inputs(dtype, q, k, v, kpm, num_query, scale, dropout_p) -> tuple:
+    """Meta stand-ins of the ``inputs`` the builders take, from plan-key layouts."""
+    rng = torch.empty(2, dtype=torch.int64, device="meta") if dropout_p != 0.0 else None
+    return (_meta(q, dtype), _meta(k, dtype), _meta(v, dtype), _meta(kpm, torch.bool), num_query, scale,
+            dropout_p, rng)
+
+
+@functools.lru_cache(maxsize=512, typed=True)    # typed: an int scale is an i32 argument, a float one fp32
+def _forward_plan(dtype, q, k, v, kpm, num_query, mode, scale, dropout_p, interpreting, precision) -> _Launch:
+    """The forward's launch for the layouts (:func:`_layout`) ``q, k, v`` and ``kpm`` (after :func:`_kpm_bytes`)."""
+    inputs = _plan_inputs(dtype, q, k, v, kpm, num_query, scale, dropout_p)
+    qm = inputs[0]
+    B, H, Lq, d = qm.shape
+    out = torch.empty((B, H, Lq, d), dtype=dtype, device="meta")
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device="meta")
+    upcast, precision, family = _launch_params(dtype, interpreting, precision)
+    cfg = attention_config("fwd", family, d, dropout_p > 0)
+    return _Launch((cdiv(Lq, cfg["BLOCK_M"]), B * H), _without_pointers(_fwd_args(*inputs[:3], out, lse, *inputs[3:])),
+                   _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg))
+
+
+class _BackwardPlan(NamedTuple):
+    delta: _Launch
+    dkdv: _Launch | None     # None without keys (Lk = 0)
+    dq: _Launch
+
+
+@functools.lru_cache(maxsize=512, typed=True)
+def _backward_plan(dtype, grad, out, q, k, v, kpm, num_query, mode, scale, dropout_p, interpreting,
+                   precision) -> _BackwardPlan:
+    """The three backward launches for the layouts of ``grad`` (in q's dtype), ``out``, ``q, k, v``, ``kpm``."""
+    inputs = _plan_inputs(dtype, q, k, v, kpm, num_query, scale, dropout_p)
+    qm, km = inputs[0], inputs[1]
+    B, H, Lq, d = qm.shape
+    Lk = km.shape[2]
+    gm, om = _meta(grad, dtype), _meta(out, dtype)
+    lse = delta = torch.empty((B, H, Lq), dtype=torch.float32, device="meta")
+    dq = torch.empty((B, H, Lq, d), dtype=dtype, device="meta")
+    dk = torch.empty((B, H, Lk, d), dtype=dtype, device="meta")
+    upcast, precision, family = _launch_params(dtype, interpreting, precision)
+
+    def plan(kernel: str, rows: int, block: str, args: dict) -> _Launch:
+        cfg = attention_config(kernel, family, d, dropout_p > 0)
+        meta = _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg)
+        return _Launch((cdiv(rows, cfg[block]), B * H), _without_pointers(args), meta)
+
+    return _BackwardPlan(
+        _Launch((cdiv(Lq, DELTA_CONFIG["BLOCK_M"]), B * H), _without_pointers(_delta_args(om, gm, delta)),
+                dict(HEAD_DIM=d, **DELTA_CONFIG)),
+        plan("dkdv", Lk, "BLOCK_N", _dkdv_args(gm, lse, delta, dk, dk, *inputs)) if Lk > 0 else None,
+        plan("dq", Lq, "BLOCK_M", _dq_args(gm, lse, delta, dq, *inputs)))
+
+
+def _precision_key(dtype: torch.dtype) -> tuple[bool, str]:
+    """The two plan-key parts read from the environment: the interpreter flag and the dot precision."""
+    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)
+
+
 # ------------------------------------------------------------------------------------------ launchers
+# Results are allocated dense (torch.empty's strides) with empty_like: a third of torch.empty's host time on a
+# small CPU, where parsing a torch.Size and dtype/device keywords dominates an allocation.
+_DENSE = torch.contiguous_format
+
+
 def forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng) -> tuple[Tensor, Tensor]:
     """``(out (B, H, Lq, d), lse (B, H, Lq) fp32)``."""
-    B, H, Lq, d = q.shape
-    out = torch.empty((B, H, Lq, d), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
+    B, H, Lq, _ = q.shape
+    out = torch.empty_like(q, memory_format=_DENSE)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
         return out, lse
-    upcast, precision, family = _launch_params(q.dtype)
-    cfg = attention_config("fwd", family, d, dropout_p > 0)
-    launch(K._masked_attn_fwd_kernel, (cdiv(Lq, cfg["BLOCK_M"]), B * H),
-           _fwd_args(q, k, v, out, lse, kpm, num_query, scale, dropout_p, rng),
-           _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg))
+    kpm = _kpm_bytes(kpm)
+    plan = _forward_plan(q.dtype, _layout(q), _layout(k), _layout(v), _layout(kpm), num_query, mode, scale,
+                         dropout_p, *_precision_key(q.dtype))
+    pointers = _masked_pointers(q, k, v, kpm, rng if dropout_p != 0.0 else None)
+    launch(K._masked_attn_fwd_kernel, plan.grid, {**plan.args, **pointers, "o_ptr": out, "lse_ptr": lse}, plan.meta)
     return out, lse
 
 
 def backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale, dropout_p,
              rng) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` shaped as ``q, k, v`` (contiguous), recomputing the probabilities from ``lse``."""
-    B, H, Lq, d = q.shape
-    Lk = k.shape[2]
-    grad = grad.to(q.dtype)
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    dq = torch.empty((B, H, Lq, d), device=q.device, dtype=q.dtype)
-    dk = torch.empty((B, H, Lk, d), device=q.device, dtype=q.dtype)
-    dv = torch.empty((B, H, Lk, d), device=q.device, dtype=q.dtype)
-    if dq.numel() == 0:  # no rows: nothing flows to the keys
+    B, H, Lq, _ = q.shape
+    if grad.dtype != q.dtype:
+        grad = grad.to(q.dtype)
+    dq = torch.empty_like(q, memory_format=_DENSE)
+    dk = torch.empty_like(k, dtype=q.dtype, memory_format=_DENSE)
+    dv = torch.empty_like(k, dtype=q.dtype, memory_format=_DENSE)
+    if q.numel() == 0:  # no rows: nothing flows to the keys
         return dq, dk.zero_(), dv.zero_()
-    lse = lse.contiguous()
-    inputs = (q, k, v, kpm, num_query, scale, dropout_p, rng)
-    upcast, precision, family = _launch_params(q.dtype)
-
-    def meta(kernel: str) -> dict:
-        cfg = attention_config(kernel, family, d, dropout_p > 0)
-        return _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg)
-
-    launch(K._masked_attn_bwd_delta_kernel, (cdiv(Lq, DELTA_CONFIG["BLOCK_M"]), B * H),
-           _delta_args(out, grad, delta), dict(HEAD_DIM=d, **DELTA_CONFIG))
-    if Lk > 0:
-        cfg = meta("dkdv")
-        launch(K._masked_attn_bwd_dkdv_kernel, (cdiv(Lk, cfg["BLOCK_N"]), B * H),
-               _dkdv_args(grad, lse, delta, dk, dv, *inputs), cfg)
-    cfg = meta("dq")
-    launch(K._masked_attn_bwd_dq_kernel, (cdiv(Lq, cfg["BLOCK_M"]), B * H), _dq_args(grad, lse, delta, dq, *inputs),
-           cfg)
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    kpm = _kpm_bytes(kpm)
+    plan = _backward_plan(q.dtype, _layout(grad), _layout(out), _layout(q), _layout(k), _layout(v), _layout(kpm),
+                          num_query, mode, scale, dropout_p, *_precision_key(q.dtype))
+    # the pointers all three gradient kernels read, built once
+    shared = {**_masked_pointers(q, k, v, kpm, rng if dropout_p != 0.0 else None), "do_ptr": grad,
+              "lse_ptr": lse.contiguous(), "delta_ptr": delta}
+    step = plan.delta
+    launch(K._masked_attn_bwd_delta_kernel, step.grid, {**step.args, "o_ptr": out, "do_ptr": grad,
+                                                         "delta_ptr": delta}, step.meta)
+    if plan.dkdv is not None:
+        step = plan.dkdv
+        launch(K._masked_attn_bwd_dkdv_kernel, step.grid, {**step.args, **shared, "dk_ptr": dk, "dv_ptr": dv},
+               step.meta)
+    step = plan.dq
+    launch(K._masked_attn_bwd_dq_kernel, step.grid, {**step.args, **shared, "dq_ptr": dq}, step.meta)
     return dq, dk, dv
 
 

@@ -2,9 +2,13 @@
 launch config, and the build signatures the offline build check compiles.
 
 Each launch's runtime arguments are written once, by an argument builder (``_fwd_args``, ``_bwd_args``) that
-the launcher and :func:`_builds` (with meta tensors) both call. One program per (token, batch) pair.
+:func:`_builds` and the launchers' launch plans (everything but the pointers, once per layout) both call with
+meta tensors. One program per (token, batch) pair.
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -55,28 +59,82 @@ def _constexprs(u: Tensor, h: Tensor) -> dict:
     return dict(M=m, **window_config(m, u.shape[2]))
 
 
+# ------------------------------------------------------------------------------------------ launch plans
+# Grid, sizes, strides, eps and constexprs depend only on the tensors' shapes, strides and the HR dtype: they are
+# computed once per such key, by the argument builders above called on meta tensors of those layouts (a plan
+# holds exactly what the builders give), and each call adds only its pointers.
+class _Launch(NamedTuple):
+    grid: tuple[int, int]
+    args: dict       # the builder's runtime arguments but the pointers
+    meta: dict       # constexprs, config and launch options
+    rows: tuple      # shape of each saved row tensor (B, N, M²)
+
+
+def _meta(layout: tuple, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.empty_strided(*layout, dtype=dtype, device="meta")
+
+
+def _dense(t: Tensor) -> Tensor:
+    """A meta stand-in of a result allocated like ``t`` but dense (as the launchers allocate s, du, dh)."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+def _plan(u: tuple, h: tuple, h_dtype: torch.dtype, build) -> _Launch:
+    """The launch of ``build(u, h, rows)`` (an argument builder's call on meta tensors) for the layouts ``u``
+    (fp32) and ``h``; ``rows``: the four saved ``(B, N, M²)`` fp32 rows."""
+    um, hm = _meta(u), _meta(h, h_dtype)
+    B, N, _ = um.shape
+    rows = (B, N, window_sides(um, hm)[1] ** 2)
+    args = build(um, hm, [torch.empty(rows, device="meta")] * 4)
+    return _Launch((N, B), {name: a for name, a in args.items() if not isinstance(a, Tensor)},
+                   _constexprs(um, hm), rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(u: tuple, h: tuple, h_dtype: torch.dtype, eps: float) -> _Launch:
+    return _plan(u, h, h_dtype, lambda um, hm, rows: _fwd_args(um, hm, _dense(um), *rows, eps))
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_plan(ds: tuple, u: tuple, h: tuple, h_dtype: torch.dtype) -> _Launch:
+    return _plan(u, h, h_dtype, lambda um, hm, rows: _bwd_args(_meta(ds), um, hm, *rows, _dense(um), _dense(hm)))
+
+
 # --------------------------------------------------------------------------------------------- launchers
+# Outputs are allocated with empty_like where a layout to copy exists: a third of torch.empty's host time on a
+# small CPU, where parsing a torch.Size and dtype/device keywords dominates an allocation.
+_DENSE = torch.contiguous_format
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """``t.float()`` without its call when ``t`` already is (most calls; the call alone costs ~1 us)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def forward(u, h, eps) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``s (B, N, C)`` and the saved rows ``mean, rstd, p, logit (B, N, M²)``, all fp32."""
-    B, N, C = u.shape
-    m = window_sides(u, h)[1]
-    u = u.float()
-    s = torch.empty((B, N, C), device=u.device, dtype=torch.float32)
-    rows = [torch.empty((B, N, m * m), device=u.device, dtype=torch.float32) for _ in range(4)]
-    if B * N:
-        launch(_window_attn_fwd_kernel, (N, B), _fwd_args(u, h, s, *rows, eps), _constexprs(u, h))
+    u = _fp32(u)
+    plan = _forward_plan((u.shape, u.stride()), (h.shape, h.stride()), h.dtype, eps)
+    s = torch.empty_like(u, memory_format=_DENSE)
+    mean = torch.empty(plan.rows, dtype=torch.float32, device=u.device)
+    rows = (mean, torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean))
+    if u.shape[0] * u.shape[1]:
+        launch(_window_attn_fwd_kernel, plan.grid, {**plan.args, "u_ptr": u, "h_ptr": h, "s_ptr": s, "mean_ptr": mean,
+                                                   "rstd_ptr": rows[1], "p_ptr": rows[2], "logit_ptr": rows[3]},
+               plan.meta)
     return (s, *rows)
 
 
 def backward(ds, u, h, mean, rstd, p, logit) -> tuple[Tensor, Tensor]:
     """``du (B, N, C)`` fp32 and ``dh`` (dense, ``h``'s dtype)."""
-    B, N, C = u.shape
-    ds, u = ds.float(), u.float()
-    du = torch.empty((B, N, C), device=u.device, dtype=torch.float32)
-    dh = torch.empty(h.shape, device=h.device, dtype=h.dtype)
-    if B * N:
-        launch(_window_attn_bwd_kernel, (N, B), _bwd_args(ds, u, h, mean, rstd, p, logit, du, dh),
-               _constexprs(u, h))
+    ds, u = _fp32(ds), _fp32(u)
+    du = torch.empty_like(u, memory_format=_DENSE)
+    dh = torch.empty_like(h, memory_format=_DENSE)
+    if u.shape[0] * u.shape[1]:
+        plan = _backward_plan((ds.shape, ds.stride()), (u.shape, u.stride()), (h.shape, h.stride()), h.dtype)
+        launch(_window_attn_bwd_kernel, plan.grid, {**plan.args, "ds_ptr": ds, "u_ptr": u, "h_ptr": h,
+                                                   "mean_ptr": mean, "rstd_ptr": rstd, "p_ptr": p, "logit_ptr": logit,
+                                                   "du_ptr": du, "dh_ptr": dh}, plan.meta)
     return du, dh
 
 
