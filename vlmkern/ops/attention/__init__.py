@@ -204,17 +204,10 @@ def _backward(ctx, grad, _grad_lse):
     return (dq, dk, dv, *ctx.nondiff)
 
 
-def _mark_lse(ctx, output) -> None:
-    """The lse output is non-differentiable and its gradient never read: no zero tensor is materialised for it
-    per backward (the result, the one differentiable output, always has its gradient when the backward runs)."""
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
 def _setup_qformer(ctx, inputs, output):
     q, k, v, text_mask, num_query, mode, scale, dropout_p, dropout_rng = inputs
     ctx.save_for_backward(q, k, v, *output, text_mask, dropout_rng)   # the keep mask is regenerated, not kept
-    _mark_lse(ctx, output)
+    ctx.mark_non_differentiable(output[1])
     ctx.args = (num_query, mode, scale, dropout_p)
     ctx.nondiff = _QFORMER_NONDIFF
 
@@ -222,7 +215,7 @@ def _setup_qformer(ctx, inputs, output):
 def _setup_cross(ctx, inputs, output):
     q, k, v, key_padding_mask, scale, dropout_p, dropout_rng = inputs
     ctx.save_for_backward(q, k, v, *output, key_padding_mask, dropout_rng)
-    _mark_lse(ctx, output)
+    ctx.mark_non_differentiable(output[1])
     ctx.args = (0, _BIDIRECTIONAL, scale, dropout_p)
     ctx.nondiff = _CROSS_NONDIFF
 

@@ -118,9 +118,6 @@ def _setup(ctx, inputs, output):
     s, mean, rstd, p, logit = output
     ctx.save_for_backward(u, images_aux, mean, rstd, p, logit)
     ctx.mark_non_differentiable(mean, rstd, p, logit)
-    # Their gradients are never read: no zero tensors materialised for them per backward (s, the one
-    # differentiable output, always has its gradient when the backward runs).
-    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, ds, *_):
