@@ -119,10 +119,6 @@ MASKED_ATTENTION_BACKWARD = OpDispatch("masked_attention_backward", {"triton": _
                                                                      "reference": dispatch.never_refuses})
 
 
-# One C call (~0.2 us) where autocast_inputs' per-device check costs ~1.5 us: the common case has no autocast at all.
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
-
-
 def _scale(q: Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
@@ -246,8 +242,7 @@ def _attend(op: OpDispatch, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[
         dropout_p, rng = 0.0, None
     else:
         dropout_p, rng = _dropout_args(q, k, dropout_p, dropout_rng)
-    if _any_autocast():
-        q, k, v = autocast_inputs(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     if q.shape[-1] == 0:
         return _empty_head_dim(q, k, v)
     scale = _scale(q, scale)
