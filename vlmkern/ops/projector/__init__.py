@@ -28,7 +28,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, autocast_inputs, check_same_device,
-                                check_tensor, int32_offset_reasons, is_meta, once_per_key, rows_2d)
+                                check_tensor, int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
 
@@ -86,6 +86,15 @@ def _check_gather_linear(x, index, weight, bias, extra, fill) -> None:
 
 
 def _check_index_values(index, total: int, fill) -> None:
+    """Every entry of a non-fill row in ``[0, total)``, and fill rows only with ``fill``: one ``aminmax`` and two
+    scalar reads when every entry is in range (no fill row then), the row-by-row check otherwise."""
+    low, high = torch.aminmax(index)
+    if low.item() >= 0 and high.item() < total:
+        return
+    _check_index_rows(index, total, fill)
+
+
+def _check_index_rows(index, total: int, fill) -> None:
     is_fill = index[:, 0] < 0
     if fill is None and bool(is_fill.any()):
         raise ValueError("index has negative entries: -1 marks a fill row, which needs fill=")
@@ -114,11 +123,6 @@ LINEAR_GELU = register(OpDispatch("linear_gelu", {"triton": _linear_triton_reaso
                                                          "reference": dispatch.never_refuses}))
 GATHER_LINEAR = register(OpDispatch("gather_linear", {"triton": _gather_triton_reasons,
                                                              "reference": dispatch.never_refuses}))
-
-
-def _as_groups(x: Tensor) -> Tensor:
-    """``x (..., T, C)`` -> a ``(G, T, C)`` view (``(1, M, C)`` for 2-D): rows ``g·T + t`` in logical order."""
-    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
 
 
 # ------------------------------------------------------------------------------------ linear_gelu op
@@ -198,7 +202,7 @@ def _gather_linear_op(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[T
 
 dispatch.implement(_gather_linear_op, GATHER_LINEAR, {
     "triton": lambda x, index, weight, bias, extra, fill, gelu, save_pre: _triton_gather_linear(
-        _as_groups(x), index, weight, bias, extra, fill, gelu, save_pre and gelu),
+        x, index, weight, bias, extra, fill, gelu, save_pre and gelu),
     "reference": lambda x, index, weight, bias, extra, fill, gelu, save_pre: _torch.gather_linear(
         x, index, weight, bias, extra, fill, gelu, save_pre and gelu),
 }, probe=lambda x, index, weight, bias, extra, *_: (x, index, weight, extra))
@@ -282,7 +286,8 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     """
     x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
     _check_gather_linear(x, index, weight, bias, extra, fill)
-    if validate_values and index.shape[0] and not torch.compiler.is_compiling() and not is_meta(x, index):
+    # x and index share a device (checked above): index alone says whether values can be read
+    if validate_values and index.shape[0] and not torch.compiler.is_compiling() and not index.is_meta:
         _check_index_values(index, math.prod(x.shape[:-1]) + (0 if extra is None else extra.shape[0]), fill)
     save_pre = gelu and dispatch.needs_grad(x, weight, bias, extra)
     return _gather_linear(x, index, weight, bias, extra, fill, gelu, save_pre)[0]
