@@ -106,10 +106,11 @@ def test_patchify_launch_is_the_builders(monkeypatch, pix_dtype):
             pixels = _pixels(layout, pix_dtype)
             out = pe.patchify(pixels, p, pad_value, 1 / 255, mean, std, torch.float16)
             B, nP, K = out.shape
-            buf = out.as_strided((B * nP, pe.cdiv(K, pe.K_ALIGN) * pe.K_ALIGN), (out.stride(1), 1))
+            buf = out.as_strided((B * nP, cdiv(K, pe.K_ALIGN) * pe.K_ALIGN), (out.stride(1), 1))
             scale, shift = pe._scale_shift(1 / 255, mean, std, pixels.device)
+            cfg = pe.PATCHIFY_CONFIG
             _assert_launch(calls.pop(), pe._patchify_kernel,
-                           (cdiv(B * nP, pe.PATCHIFY_CONFIG["BLOCK_M"]), cdiv(buf.shape[1], pe.PATCHIFY_CONFIG["BLOCK_K"])),
+                           (cdiv(B * nP, cfg["BLOCK_M"]), cdiv(buf.shape[1], cfg["BLOCK_K"])),
                            pe._patchify_args(pixels, buf, scale, shift, p, pad_value), pe._patchify_constexprs(3, p))
 
 
@@ -119,19 +120,20 @@ def test_patch_embed_backward_launches_are_the_builders(monkeypatch, dtype):
     p, mean, std = 5, [0.4, 0.5, 0.6], [0.2, 0.3, 0.4]
     w = torch.randn(7, 75).to(dtype)
     size = dtype.itemsize
+    dots = dict(upcast=dispatch.triton_interpreting(), precision=dispatch.dot_precision(dtype))
     for layout, grad in zip(("contiguous", "channels_last"), _layouts(2, 20, 7, dtype=dtype)):
         pixels = _pixels(layout, torch.float32)
         dw = pe.grad_weight(grad, pixels, w, p, 1.0, 1 / 255, mean, std)
         scale, shift = pe._scale_shift(1 / 255, mean, std, pixels.device)
         cfg = pe.BWD_WEIGHT_CONFIG[size]
-        _assert_launch(calls.pop(), pe._patch_embed_bwd_weight_kernel, (cdiv(7, cfg["BLOCK_N"]), cdiv(75, cfg["BLOCK_K"])),
+        _assert_launch(calls.pop(), pe._patch_embed_bwd_weight_kernel,
+                       (cdiv(7, cfg["BLOCK_N"]), cdiv(75, cfg["BLOCK_K"])),
                        pe._bwd_weight_args(pixels, grad.reshape(-1, 7), dw, scale, shift, p, 1.0),
-                       pe._constexprs(3, p, cfg, upcast=dispatch.triton_interpreting(),
-                                      precision=dispatch.dot_precision(dtype)))
+                       pe._constexprs(3, p, cfg, **dots))
         dpix = pe.grad_pixels(grad, pixels, w, p, 1 / 255, std)
         scale, _ = pe._scale_shift(1 / 255, [0.0] * 3, std, pixels.device)
         cfg = pe.BWD_PIXELS_CONFIG[size]
-        _assert_launch(calls.pop(), pe._patch_embed_bwd_pixels_kernel, (cdiv(40, cfg["BLOCK_M"]), cdiv(75, cfg["BLOCK_K"])),
+        _assert_launch(calls.pop(), pe._patch_embed_bwd_pixels_kernel,
+                       (cdiv(40, cfg["BLOCK_M"]), cdiv(75, cfg["BLOCK_K"])),
                        pe._bwd_pixels_args(grad.reshape(-1, 7), w, dpix, scale, p),
-                       pe._constexprs(3, p, cfg, upcast=dispatch.triton_interpreting(),
-                                      precision=dispatch.dot_precision(dtype)))
+                       pe._constexprs(3, p, cfg, **dots))

@@ -97,28 +97,30 @@ def _scale_shift(rescale: float, mean: list[float], std: list[float], device) ->
 
 
 # --------------------------------------------------------------------------------------------- launch plans
-# A launcher runs its argument builder once per launch key (shapes, strides, scalars, dtypes, interpreter flag,
-# dot precision), on meta tensors of those shapes and strides, and keeps the non-tensor arguments and the
-# constexprs as a _Plan; per call it allocates the outputs and passes the pointers next to ``plan.static``.
-_PLANS = 256       # plans kept per launcher (an LRU: a model embeds a handful of image sizes)
+# Launch plans. A launcher runs its argument builder once per launch key (shapes, strides, scalars, flags, dtypes,
+# interpreter flag, dot precision), on meta tensors of those shapes and strides, and keeps the non-tensor
+# arguments and the constexprs as a _Plan; per call it allocates the outputs and passes the pointers next to
+# ``plan.static``. (The same helpers as the other family's _triton.py: candidates for vlmkern.ops.launch.)
+_PLANS = 256       # plans kept per launcher (an LRU: a model launches a handful of shapes)
 
 
 class _Plan(NamedTuple):
-    """``grid``, ``static`` (the builder's non-tensor runtime arguments, the constexprs and the launch options,
-    passed by name next to the pointers) and ``out``: the shape of the buffer the launch writes."""
+    """What a launch takes that the pointers don't: ``grid`` and ``static`` (the builder's non-tensor runtime
+    arguments, the constexprs and the launch options, passed by name next to the pointers)."""
     grid: tuple
     static: dict
-    out: tuple
 
 
-def _plan(grid: tuple, args: dict, constexprs: dict, out: tuple) -> _Plan:
-    return _Plan(grid, {**{k: v for k, v in args.items() if not isinstance(v, Tensor)}, **constexprs}, out)
+def _plan(grid: tuple, args: dict, constexprs: dict) -> _Plan:
+    """A :class:`_Plan` from an argument builder's ``args`` (on meta tensors: their pointers are dropped)."""
+    return _Plan(grid, {**{k: v for k, v in args.items() if not isinstance(v, Tensor)}, **constexprs})
 
 
 def _meta(shape, stride=None, dtype=torch.float32) -> Tensor:
+    """A meta tensor of ``shape`` (and ``stride``; contiguous when None) standing for a launch's operand."""
     if stride is None:
-        return torch.empty(shape, device="meta", dtype=dtype)
-    return torch.empty_strided(shape, stride, device="meta", dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
 def _host_dots(dtype: torch.dtype) -> tuple[bool, str]:
@@ -127,14 +129,15 @@ def _host_dots(dtype: torch.dtype) -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=_PLANS)
-def _patchify_plan(shape, stride, p: int, pad_value: float, pix_dtype: torch.dtype) -> _Plan:
+def _patchify_plan(shape, stride, p: int, pad_value: float, pix_dtype: torch.dtype) -> tuple[_Plan, tuple]:
+    """The patchify launch's plan and the shape ``(B*nP, K_pad)`` of the buffer it writes."""
     B, C, H, W = shape
     M, K = B * cdiv(H, p) * cdiv(W, p), C * p * p
     buf = (M, cdiv(K, K_ALIGN) * K_ALIGN)
     grid = (cdiv(M, PATCHIFY_CONFIG["BLOCK_M"]), cdiv(buf[1], PATCHIFY_CONFIG["BLOCK_K"]))
     scale = _meta((C,))
     args = _patchify_args(_meta(shape, stride, pix_dtype), _meta(buf), scale, scale, p, pad_value)
-    return _plan(grid, args, _patchify_constexprs(C, p), buf)
+    return _plan(grid, args, _patchify_constexprs(C, p)), buf
 
 
 @functools.lru_cache(maxsize=_PLANS)
@@ -142,10 +145,10 @@ def _bwd_weight_plan(shape, stride, g_shape, g_stride, w_shape, p: int, pad_valu
                      dtype: torch.dtype, upcast: bool, precision: str) -> _Plan:
     cfg = BWD_WEIGHT_CONFIG[dtype.itemsize]
     scale = _meta((shape[1],))
-    args = _bwd_weight_args(_meta(shape, stride, pix_dtype), _meta(g_shape, g_stride, dtype), _meta(w_shape, None, dtype),
-                            scale, scale, p, pad_value)
+    args = _bwd_weight_args(_meta(shape, stride, pix_dtype), _meta(g_shape, g_stride, dtype),
+                            _meta(w_shape, None, dtype), scale, scale, p, pad_value)
     grid = (cdiv(w_shape[0], cfg["BLOCK_N"]), cdiv(w_shape[1], cfg["BLOCK_K"]))
-    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision), w_shape)
+    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
 
 
 @functools.lru_cache(maxsize=_PLANS)
@@ -155,14 +158,14 @@ def _bwd_pixels_plan(shape, g_shape, g_stride, w_shape, w_stride, p: int, pix_dt
     args = _bwd_pixels_args(_meta(g_shape, g_stride, dtype), _meta(w_shape, w_stride, dtype),
                             _meta(shape, None, pix_dtype), _meta((shape[1],)), p)
     grid = (cdiv(args["M"], cfg["BLOCK_M"]), cdiv(w_shape[1], cfg["BLOCK_K"]))
-    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision), shape)
+    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
 
 
 # --------------------------------------------------------------------------------------------- launchers
 def _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> tuple[Tensor, _Plan]:
     """The dense ``(B*nP, K_pad)`` patch buffer (columns ``K..K_pad`` zero) and its plan."""
-    plan = _patchify_plan(pixels.shape, pixels.stride(), patch_size, pad_value, pixels.dtype)
-    buf = torch.empty(plan.out, device=pixels.device, dtype=out_dtype)
+    plan, shape = _patchify_plan(pixels.shape, pixels.stride(), patch_size, pad_value, pixels.dtype)
+    buf = torch.empty(shape, device=pixels.device, dtype=out_dtype)
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     launch(_patchify_kernel, plan.grid, dict(pix_ptr=pixels, out_ptr=buf, scale_ptr=scale, shift_ptr=shift),
            plan.static)
@@ -174,7 +177,7 @@ def patchify(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> Te
     C*p*p``: a view of a dense ``(B*nP, K_pad)`` buffer whose columns ``K..K_pad`` hold zeros, so rows are
     ``K_pad`` apart (a multiple of 16 elements) and ``.view(B*nP, K)`` is a valid GEMM operand without a copy."""
     buf, plan = _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype)
-    M, K_pad = plan.out
+    M, K_pad = buf.shape
     nP, K = plan.static["nP"], plan.static["K"]
     return buf.as_strided((M // nP, nP, K), (nP * K_pad, K_pad, 1))
 
@@ -187,7 +190,7 @@ def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> 
     if N == 0:                                             # no out_features: nothing to launch
         return torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
     buf, plan = _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype)
-    M, K_pad = plan.out
+    M, K_pad = buf.shape
     return F.linear(buf.as_strided((M, plan.static["K"]), (K_pad, 1)), weight, bias).view(B, nP, N)
 
 

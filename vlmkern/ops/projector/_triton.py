@@ -1,10 +1,8 @@
 """Triton backend of the projector family: ``linear_gelu``, ``gelu_backward`` and ``gather_linear``.
 
 Each launch's runtime arguments are written once, in an argument builder (``*_args``) that both the launcher and
-the offline build check (``_builds``, called with meta tensors) read. A launcher runs its builder once per launch
-key (shapes, strides, flags, dtype, interpreter flag and dot precision), on meta tensors of those shapes and
-strides, and keeps the non-tensor arguments and the constexprs as a :class:`_Plan`; per call it allocates the
-outputs and passes the pointers next to the plan's ``static`` arguments.
+the offline build check (``_builds``, called with meta tensors) read. The launchers call it once per launch key
+(a memoised :class:`_Plan`), not per call.
 """
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from torch import Tensor
 
 from vlmkern.kernels.packing import _gather_linear_fwd_kernel
 from vlmkern.kernels.projector import _gelu_bwd_kernel, _linear_gelu_fwd_kernel
-from vlmkern.ops.dispatch import dot_precision, triton_interpreting
+from vlmkern.ops import dispatch
 from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, register_builds
 
 # Per element size (fp32: FMA units unless TF32 is allowed, small tile to stay in registers); spill-free on sm_80
@@ -35,7 +33,11 @@ SHIPPED_GATHER_FLAGS = [(True, False, False, False), (True, False, False, True),
                         (True, True, False, True), (False, False, True, False)]
 
 
-_PLANS = 256       # launch plans kept per launcher (an LRU: a model launches a handful of shapes)
+# Launch plans. A launcher runs its argument builder once per launch key (shapes, strides, scalars, flags, dtypes,
+# interpreter flag, dot precision), on meta tensors of those shapes and strides, and keeps the non-tensor
+# arguments and the constexprs as a _Plan; per call it allocates the outputs and passes the pointers next to
+# ``plan.static``. (The same helpers as the other family's _triton.py: candidates for vlmkern.ops.launch.)
+_PLANS = 256       # plans kept per launcher (an LRU: a model launches a handful of shapes)
 
 
 class _Plan(NamedTuple):
@@ -50,21 +52,21 @@ def _plan(grid: tuple, args: dict, constexprs: dict) -> _Plan:
     return _Plan(grid, {**{k: v for k, v in args.items() if not isinstance(v, Tensor)}, **constexprs})
 
 
-def _meta(shape, stride=None, dtype=torch.float16) -> Tensor:
+def _meta(shape, stride=None, dtype=torch.float32) -> Tensor:
     """A meta tensor of ``shape`` (and ``stride``; contiguous when None) standing for a launch's operand."""
     if stride is None:
         return torch.empty(shape, dtype=dtype, device="meta")
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
+def _host_dots(dtype: torch.dtype) -> tuple[bool, str]:
+    """The two constexprs the host decides (interpreter upcast, dot precision): launch-key parts."""
+    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)
+
+
 def _layout(t: Tensor | None) -> tuple | None:
     """What an argument builder reads of an optional operand: its shape and strides (None when absent)."""
     return None if t is None else (t.shape, t.stride())
-
-
-def _precision(dtype: torch.dtype) -> tuple[bool, str]:
-    """The two constexprs the host environment decides (interpreter upcast, dot precision): launch-key parts."""
-    return triton_interpreting(), dot_precision(dtype)
 
 
 # ------------------------------------------------------------------------------------------ linear_gelu
@@ -82,7 +84,7 @@ def linear_gelu(x2: Tensor, weight: Tensor, bias: Tensor | None, save_pre: bool)
     pre = torch.empty((M, N) if save_pre else (0,), device=x2.device, dtype=x2.dtype)
     if M * N:
         plan = _linear_gelu_plan(x2.shape, x2.stride(), weight.shape, weight.stride(), bias is not None, save_pre,
-                                 x2.dtype, *_precision(x2.dtype))
+                                 x2.dtype, *_host_dots(x2.dtype))
         launch(_linear_gelu_fwd_kernel, plan.grid,
                dict(x_ptr=x2, w_ptr=weight, b_ptr=bias.contiguous() if bias is not None else weight, out_ptr=out,
                     pre_ptr=pre if save_pre else out), plan.static)
@@ -153,7 +155,7 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None,
     if R * N:
         plan = _gather_linear_plan(x.shape, x.stride(), index.shape, index.stride(), weight.shape, weight.stride(),
                                    _layout(extra), bias is not None, fill is not None, gelu, save_pre, x.dtype,
-                                   *_precision(x.dtype))
+                                   *_host_dots(x.dtype))
         # A 2-D or 3-D x is its own group view's storage at its own offset: the kernel reads the same bytes
         # through the plan's strides; more dims take the (G, T, C) view (or copy, which reshape may make).
         x3 = x if x.dim() <= 3 else as_groups(x)
