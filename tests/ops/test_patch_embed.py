@@ -194,6 +194,21 @@ def test_bad_input_names_the_argument(bad, exc, match):
         ops.patch_embed(args["pixels"], args["weight"], args["bias"], **kw)
 
 
+def test_kept_scalar_normalisation_follows_the_values():
+    """Scalar mean / std give per-channel lists kept between calls: each value (0.0 and -0.0 apart) still gets
+    its own, and a bad value raises on every call."""
+    from vlmkern.ops.patch_embed import _norm_lists
+    for mean in (0.0, -0.0, 0.0, 2, 0.5):
+        for std in (0.5, -1.0, 3):
+            mean_l, std_l = _norm_lists(mean, std, 3)
+            assert [(str(m), str(s)) for m, s in zip(mean_l, std_l)] == [(str(float(mean)), str(float(std)))] * 3
+    for _ in range(2):
+        with pytest.raises(ValueError, match="std must be non-zero"):
+            _norm_lists(0.5, 0.0, 3)
+        with pytest.raises(ValueError, match="mean must be finite"):
+            _norm_lists(float("nan"), 0.5, 3)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize("hw", [(1080, 1920), (480, 640), (301, 299)])

@@ -12,6 +12,7 @@ compiled extensions, ``_cpp.py``) or ``reference``. The reference backends are `
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -58,6 +59,23 @@ def _norm_list(value, name: str, channels: int) -> list[float]:
 
 
 def _norm_lists(mean, std, channels: int) -> tuple[list[float], list[float]]:
+    """``mean`` and ``std`` as per-channel float lists (checked); the lists of scalar arguments (every model
+    call passes the same pair) are kept, the kernels and the backward only read them."""
+    if type(mean) in _SCALARS and type(std) in _SCALARS:
+        # 0.0 and -0.0 are one key to the cache but give different lists: their signs are key parts
+        return _scalar_norm_lists(mean, std, channels, math.copysign(1.0, mean), math.copysign(1.0, std))
+    return _checked_norm_lists(mean, std, channels)
+
+
+_SCALARS = (float, int)     # not bool (True is no mean); 1 and 1.0 give the same lists
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_norm_lists(mean, std, channels: int, *_signs) -> tuple[list[float], list[float]]:
+    return _checked_norm_lists(mean, std, channels)
+
+
+def _checked_norm_lists(mean, std, channels: int) -> tuple[list[float], list[float]]:
     mean_l, std_l = _norm_list(mean, "mean", channels), _norm_list(std, "std", channels)
     if any(s == 0 for s in std_l):
         raise ValueError(f"std must be non-zero, got {std_l}")
@@ -224,14 +242,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     pixels, weight = ctx.saved_tensors
     patch_size, pad_value, rescale, mean, std = ctx.args
-    grad = grad.to(weight.dtype)
+    grad = grad if grad.dtype == weight.dtype else grad.to(weight.dtype)
     d_pixels = d_weight = d_bias = None
     if ctx.needs_input_grad[0]:
         d_pixels = _patch_embed_grad_pixels(grad, pixels, weight, patch_size, rescale, std)
     if ctx.needs_input_grad[1]:
         d_weight = _patch_embed_grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std)
     if ctx.needs_input_grad[2]:
-        d_bias = grad.sum(dim=(0, 1), dtype=torch.float32).to(weight.dtype)
+        d_bias = grad.sum(dim=(0, 1), dtype=torch.float32)
+        d_bias = d_bias if d_bias.dtype == weight.dtype else d_bias.to(weight.dtype)
     return d_pixels, d_weight, d_bias, None, None, None, None, None
 
 

@@ -12,6 +12,9 @@ launcher and :func:`_builds` (with meta tensors) both call. The contract checks 
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,12 +77,6 @@ def _patchify_constexprs(C: int, p: int) -> dict:
     return dict(C=C, P=p, **PATCHIFY_CONFIG)
 
 
-def _runtime_constexprs(C: int, p: int, cfg: dict, weight: Tensor, **flags) -> dict:
-    # The interpreter's low-precision dot is not trustworthy (bf16): upcast there.
-    return _constexprs(C, p, cfg, upcast=dispatch.triton_interpreting(),
-                       precision=dispatch.dot_precision(weight.dtype), **flags)
-
-
 _SCALE_SHIFT: dict = {}
 
 
@@ -99,19 +96,90 @@ def _scale_shift(rescale: float, mean: list[float], std: list[float], device) ->
     return pair
 
 
+# --------------------------------------------------------------------------------------------- launch plans
+# Launch plans. A launcher runs its argument builder once per launch key (shapes, strides, scalars, flags, dtypes,
+# interpreter flag, dot precision), on meta tensors of those shapes and strides, and keeps the non-tensor
+# arguments and the constexprs as a _Plan; per call it allocates the outputs and passes the pointers next to
+# ``plan.static``. (The same helpers as the other family's _triton.py: candidates for vlmkern.ops.launch.)
+_PLANS = 256       # plans kept per launcher (an LRU: a model launches a handful of shapes)
+
+
+class _Plan(NamedTuple):
+    """What a launch takes that the pointers don't: ``grid`` and ``static`` (the builder's non-tensor runtime
+    arguments, the constexprs and the launch options, passed by name next to the pointers)."""
+    grid: tuple
+    static: dict
+
+
+def _plan(grid: tuple, args: dict, constexprs: dict) -> _Plan:
+    """A :class:`_Plan` from an argument builder's ``args`` (on meta tensors: their pointers are dropped)."""
+    return _Plan(grid, {**{k: v for k, v in args.items() if not isinstance(v, Tensor)}, **constexprs})
+
+
+def _meta(shape, stride=None, dtype=torch.float32) -> Tensor:
+    """A meta tensor of ``shape`` (and ``stride``; contiguous when None) standing for a launch's operand."""
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _host_dots(dtype: torch.dtype) -> tuple[bool, str]:
+    """The two constexprs the host decides (interpreter upcast, dot precision): launch-key parts."""
+    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _patchify_plan(shape, stride, p: int, pad_value: float, pix_dtype: torch.dtype) -> tuple[_Plan, tuple]:
+    """The patchify launch's plan and the shape ``(B*nP, K_pad)`` of the buffer it writes."""
+    B, C, H, W = shape
+    M, K = B * cdiv(H, p) * cdiv(W, p), C * p * p
+    buf = (M, cdiv(K, K_ALIGN) * K_ALIGN)
+    grid = (cdiv(M, PATCHIFY_CONFIG["BLOCK_M"]), cdiv(buf[1], PATCHIFY_CONFIG["BLOCK_K"]))
+    scale = _meta((C,))
+    args = _patchify_args(_meta(shape, stride, pix_dtype), _meta(buf), scale, scale, p, pad_value)
+    return _plan(grid, args, _patchify_constexprs(C, p)), buf
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _bwd_weight_plan(shape, stride, g_shape, g_stride, w_shape, p: int, pad_value: float, pix_dtype: torch.dtype,
+                     dtype: torch.dtype, upcast: bool, precision: str) -> _Plan:
+    cfg = BWD_WEIGHT_CONFIG[dtype.itemsize]
+    scale = _meta((shape[1],))
+    args = _bwd_weight_args(_meta(shape, stride, pix_dtype), _meta(g_shape, g_stride, dtype),
+                            _meta(w_shape, None, dtype), scale, scale, p, pad_value)
+    grid = (cdiv(w_shape[0], cfg["BLOCK_N"]), cdiv(w_shape[1], cfg["BLOCK_K"]))
+    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _bwd_pixels_plan(shape, g_shape, g_stride, w_shape, w_stride, p: int, pix_dtype: torch.dtype,
+                     dtype: torch.dtype, upcast: bool, precision: str) -> _Plan:
+    cfg = BWD_PIXELS_CONFIG[dtype.itemsize]
+    args = _bwd_pixels_args(_meta(g_shape, g_stride, dtype), _meta(w_shape, w_stride, dtype),
+                            _meta(shape, None, pix_dtype), _meta((shape[1],)), p)
+    grid = (cdiv(args["M"], cfg["BLOCK_M"]), cdiv(w_shape[1], cfg["BLOCK_K"]))
+    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
+
+
 # --------------------------------------------------------------------------------------------- launchers
+def _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> tuple[Tensor, _Plan]:
+    """The dense ``(B*nP, K_pad)`` patch buffer (columns ``K..K_pad`` zero) and its plan."""
+    plan, shape = _patchify_plan(pixels.shape, pixels.stride(), patch_size, pad_value, pixels.dtype)
+    buf = torch.empty(shape, device=pixels.device, dtype=out_dtype)
+    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
+    launch(_patchify_kernel, plan.grid, dict(pix_ptr=pixels, out_ptr=buf, scale_ptr=scale, shift_ptr=shift),
+           plan.static)
+    return buf, plan
+
+
 def patchify(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> Tensor:
     """``pixels (B, C, H, W)`` -> normalised patches ``(B, nP, K)`` in ``out_dtype`` (fp32/fp16/bf16), ``K =
     C*p*p``: a view of a dense ``(B*nP, K_pad)`` buffer whose columns ``K..K_pad`` hold zeros, so rows are
     ``K_pad`` apart (a multiple of 16 elements) and ``.view(B*nP, K)`` is a valid GEMM operand without a copy."""
-    B, C, H, W = pixels.shape
-    nP, K = cdiv(H, patch_size) * cdiv(W, patch_size), C * patch_size * patch_size
-    buf = torch.empty((B * nP, cdiv(K, K_ALIGN) * K_ALIGN), device=pixels.device, dtype=out_dtype)
-    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
-    grid = (cdiv(B * nP, PATCHIFY_CONFIG["BLOCK_M"]), cdiv(buf.shape[1], PATCHIFY_CONFIG["BLOCK_K"]))
-    launch(_patchify_kernel, grid, _patchify_args(pixels, buf, scale, shift, patch_size, pad_value),
-           _patchify_constexprs(C, patch_size))
-    return buf[:, :K].view(B, nP, K)
+    buf, plan = _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype)
+    M, K_pad = buf.shape
+    nP, K = plan.static["nP"], plan.static["K"]
+    return buf.as_strided((M // nP, nP, K), (nP * K_pad, K_pad, 1))
 
 
 def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> Tensor:
@@ -121,8 +189,9 @@ def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> 
     nP, N = cdiv(H, patch_size) * cdiv(W, patch_size), weight.shape[0]
     if N == 0:                                             # no out_features: nothing to launch
         return torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
-    patches = patchify(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype)
-    return F.linear(patches.view(B * nP, -1), weight, bias).view(B, nP, N)
+    buf, plan = _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype)
+    M, K_pad = buf.shape
+    return F.linear(buf.as_strided((M, plan.static["K"]), (K_pad, 1)), weight, bias).view(B, nP, N)
 
 
 def grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std) -> Tensor:
@@ -130,25 +199,27 @@ def grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std)
     dw = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
     if N == 0:
         return dw
+    g = grad.reshape(-1, N)
+    plan = _bwd_weight_plan(pixels.shape, pixels.stride(), g.shape, g.stride(), weight.shape, patch_size, pad_value,
+                            pixels.dtype, weight.dtype, *_host_dots(weight.dtype))
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
-    cfg = BWD_WEIGHT_CONFIG[weight.element_size()]
-    args = _bwd_weight_args(pixels, grad.reshape(-1, N), dw, scale, shift, patch_size, pad_value)
-    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]))
-    launch(_patch_embed_bwd_weight_kernel, grid, args, _runtime_constexprs(pixels.shape[1], patch_size, cfg, weight))
+    launch(_patch_embed_bwd_weight_kernel, plan.grid,
+           dict(pix_ptr=pixels, g_ptr=g, dw_ptr=dw, scale_ptr=scale, shift_ptr=shift), plan.static)
     return dw
 
 
 def grad_pixels(grad, pixels, weight, patch_size, rescale, std) -> Tensor:
     B, C, H, W = pixels.shape
-    N, K = weight.shape
+    N = weight.shape[0]
     dpix = torch.empty((B, C, H, W), device=pixels.device, dtype=pixels.dtype)
     if N == 0:                                             # no out_features: no gradient reaches the pixels
         return dpix.zero_()
+    g = grad.reshape(-1, N)
+    plan = _bwd_pixels_plan(pixels.shape, g.shape, g.stride(), weight.shape, weight.stride(), patch_size,
+                            pixels.dtype, weight.dtype, *_host_dots(weight.dtype))
     scale, _ = _scale_shift(rescale, [0.0] * C, std, pixels.device)
-    cfg = BWD_PIXELS_CONFIG[weight.element_size()]
-    args = _bwd_pixels_args(grad.reshape(-1, N), weight, dpix, scale, patch_size)
-    grid = (cdiv(args["M"], cfg["BLOCK_M"]), cdiv(K, cfg["BLOCK_K"]))
-    launch(_patch_embed_bwd_pixels_kernel, grid, args, _runtime_constexprs(C, patch_size, cfg, weight))
+    launch(_patch_embed_bwd_pixels_kernel, plan.grid, dict(g_ptr=g, w_ptr=weight, dpix_ptr=dpix, scale_ptr=scale),
+           plan.static)
     return dpix
 
 

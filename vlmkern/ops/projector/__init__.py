@@ -28,7 +28,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, autocast_inputs, check_same_device,
-                                check_tensor, int32_offset_reasons, is_meta, once_per_key, rows_2d)
+                                check_tensor, int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
 
@@ -86,6 +86,15 @@ def _check_gather_linear(x, index, weight, bias, extra, fill) -> None:
 
 
 def _check_index_values(index, total: int, fill) -> None:
+    """Every entry of a non-fill row in ``[0, total)``, and fill rows only with ``fill``: one ``aminmax`` and two
+    scalar reads when every entry is in range (no fill row then), the row-by-row check otherwise."""
+    low, high = torch.aminmax(index)
+    if low.item() >= 0 and high.item() < total:
+        return
+    _check_index_rows(index, total, fill)
+
+
+def _check_index_rows(index, total: int, fill) -> None:
     is_fill = index[:, 0] < 0
     if fill is None and bool(is_fill.any()):
         raise ValueError("index has negative entries: -1 marks a fill row, which needs fill=")
@@ -116,9 +125,9 @@ GATHER_LINEAR = register(OpDispatch("gather_linear", {"triton": _gather_triton_r
                                                              "reference": dispatch.never_refuses}))
 
 
-def _as_groups(x: Tensor) -> Tensor:
-    """``x (..., T, C)`` -> a ``(G, T, C)`` view (``(1, M, C)`` for 2-D): rows ``g·T + t`` in logical order."""
-    return x.unsqueeze(0) if x.dim() == 2 else x.reshape(math.prod(x.shape[:-2]), x.shape[-2], x.shape[-1])
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when ``t`` already has it (a backward's float32 sums of fp32 inputs)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # ------------------------------------------------------------------------------------ linear_gelu op
@@ -176,13 +185,15 @@ def _linear_gelu_setup(ctx, inputs, output):
 def _linear_gelu_backward(ctx, grad_out, _grad_pre):
     x, weight, pre = ctx.saved_tensors
     d2 = rows_2d(_gelu_backward(grad_out, pre))
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx = dw = db = None
-    if ctx.needs_input_grad[0]:
-        dx = d2.matmul(weight).reshape(x.shape)
-    if ctx.needs_input_grad[1]:
+    if need_x:
+        dx = d2.matmul(weight)
+        dx = dx if x.dim() == 2 else dx.reshape(x.shape)
+    if need_w:
         dw = d2.t().matmul(rows_2d(x))
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        db = d2.sum(0, dtype=torch.float32).to(weight.dtype)
+    if ctx.has_bias and need_b:
+        db = _as_dtype(d2.sum(0, dtype=torch.float32), weight.dtype)
     return dx, dw, db, None
 
 
@@ -198,7 +209,7 @@ def _gather_linear_op(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[T
 
 dispatch.implement(_gather_linear_op, GATHER_LINEAR, {
     "triton": lambda x, index, weight, bias, extra, fill, gelu, save_pre: _triton_gather_linear(
-        _as_groups(x), index, weight, bias, extra, fill, gelu, save_pre and gelu),
+        x, index, weight, bias, extra, fill, gelu, save_pre and gelu),
     "reference": lambda x, index, weight, bias, extra, fill, gelu, save_pre: _torch.gather_linear(
         x, index, weight, bias, extra, fill, gelu, save_pre and gelu),
 }, probe=lambda x, index, weight, bias, extra, *_: (x, index, weight, extra))
@@ -224,13 +235,15 @@ def _gather_backward(ctx, grad_out, _grad_pre):
     x, index, weight, extra, pre = ctx.saved_tensors
     need_x, _, need_w, need_b, need_e, need_f = ctx.needs_input_grad[:6]
     dpre = _gelu_backward(grad_out, pre) if ctx.gelu else grad_out
-    src = _torch.source_index(index)
     dfill = None
     if ctx.has_fill:
-        kept = (index[:, 0] >= 0)[:, None]
+        is_fill = index[:, :1] < 0
         if need_f:
-            dfill = grad_out.masked_fill(kept, 0).sum(0, dtype=torch.float32).to(grad_out.dtype)
-        dpre = dpre.masked_fill(~kept, 0)
+            dfill = _as_dtype(grad_out.masked_fill(~is_fill, 0).sum(0, dtype=torch.float32), grad_out.dtype)
+        dpre = dpre.masked_fill(is_fill, 0)
+        src = _torch.source_index(index, is_fill)
+    else:  # no fill rows: every entry is a source row (what the value check guarantees)
+        src = index.long()
     R, P = index.shape
     C = x.shape[-1]
     M = math.prod(x.shape[:-1])
@@ -238,12 +251,14 @@ def _gather_backward(ctx, grad_out, _grad_pre):
     if need_x or need_e:
         acc = torch.zeros((M + (0 if extra is None else extra.shape[0]), C), device=x.device, dtype=torch.float32)
         acc.index_add_(0, src.reshape(-1), dpre.matmul(weight).reshape(R * P, C).float())
-        dx = acc[:M].to(x.dtype).reshape(x.shape) if need_x else None
-        dextra = acc[M:].to(extra.dtype) if need_e else None
+        if need_x:
+            dx = _as_dtype(acc if extra is None else acc[:M], x.dtype)
+            dx = dx if x.dim() == 2 else dx.reshape(x.shape)
+        dextra = _as_dtype(acc[M:], extra.dtype) if need_e else None
     if need_w:
         dw = dpre.t().matmul(_torch.source_rows(x, extra)[src].reshape(R, P * C))
     if ctx.has_bias and need_b:
-        db = dpre.sum(0, dtype=torch.float32).to(weight.dtype)
+        db = _as_dtype(dpre.sum(0, dtype=torch.float32), weight.dtype)
     return dx, None, dw, db, dextra, dfill, None, None
 
 
@@ -282,7 +297,8 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     """
     x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
     _check_gather_linear(x, index, weight, bias, extra, fill)
-    if validate_values and index.shape[0] and not torch.compiler.is_compiling() and not is_meta(x, index):
+    # x and index share a device (checked above): index alone says whether values can be read
+    if validate_values and index.shape[0] and not torch.compiler.is_compiling() and not index.is_meta:
         _check_index_values(index, math.prod(x.shape[:-1]) + (0 if extra is None else extra.shape[0]), fill)
     save_pre = gelu and dispatch.needs_grad(x, weight, bias, extra)
     return _gather_linear(x, index, weight, bias, extra, fill, gelu, save_pre)[0]

@@ -23,15 +23,16 @@ def gelu_backward(grad: Tensor, pre: Tensor) -> Tensor:
 
 def source_rows(x: Tensor, extra: Tensor | None) -> Tensor:
     """The gather source ``(M + E, C)``: ``x``'s rows in logical order, then ``extra``'s."""
-    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     return rows if extra is None else torch.cat([rows, extra])
 
 
-def source_index(index: Tensor) -> Tensor:
-    """``index`` as int64 with every entry of a fill row (``index[r, 0] < 0``) pointing at row 0, so a gather
-    through it never reads out of range (the fill row's result is replaced)."""
+def source_index(index: Tensor, is_fill: Tensor | None = None) -> Tensor:
+    """``index`` as int64 with every entry of a fill row (``index[r, 0] < 0``; ``is_fill (R, 1)`` when the caller
+    has it) pointing at row 0, so a gather through it never reads out of range (the fill row's result is
+    replaced)."""
     idx = index.long()
-    return idx.masked_fill(idx[:, :1] < 0, 0)
+    return idx.masked_fill(idx[:, :1] < 0 if is_fill is None else is_fill, 0)
 
 
 def _in_order(index: Tensor, rows: int) -> bool:
