@@ -217,32 +217,42 @@ def clear_plans() -> None:
 # ----------------------------------------------------------------------------------------- launchers
 def lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
     """``m ⊙ scale·(drop(a) bᵀ)``: a (M, K), b (R, K), mask (M,) bool, keep (M, K) bool or None -> (M, R)."""
-    M, K = a.shape
-    out = torch.empty((M, b.shape[0]), device=a.device, dtype=a.dtype)
-    if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
-        return out.zero_()
-    plan = _down_plan(_layout(a), _layout(b), _layout(keep), scale, keep_scale, *_setup("down", a.dtype))
-    launch(_lora_down_kernel, plan.grid, {**plan.static, **_down_ptrs(a, b, _flat(mask), _u8(keep), out)},
-           plan.consts)
-    return out
+    return _down(a, _layout(a), b, _flat(mask), keep, scale, keep_scale)
 
 
 def lora_up(a, w, u, v, mask, keep, keep_scale, bias=None) -> Tensor:
     """``a wᵀ + m ⊙ (u vᵀ) ⊙ keep·keep_scale + bias``: a (M, K), w (N, K), u (M, R), v (N, R) -> (M, N)."""
-    out = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=a.dtype)
-    if out.numel() == 0:
-        return out
-    plan = _up_plan(_layout(a), _layout(w), _layout(u), _layout(v), bias is not None, _layout(keep), keep_scale,
-                    *_setup("up", a.dtype))
-    ptrs = _up_ptrs(a, w, u, v, None if bias is None else _flat(bias), _flat(mask), _u8(keep), out)
-    launch(_lora_up_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
-    return out
+    return _up(a, _layout(a), w, u, v, bias, _flat(mask), keep, keep_scale)
 
 
 def partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale) -> tuple[Tensor, Tensor]:
-    """The forward: ``U = m ⊙ s·(drop(x) Aᵀ)`` (M, r), then ``y = x Wᵀ + U Bᵀ + b`` (M, out)."""
-    u = lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
-    return lora_up(x, weight, u, lora_b, im_mask, None, 1.0, bias), u
+    """The forward: ``U = m ⊙ s·(drop(x) Aᵀ)`` (M, r), then ``y = x Wᵀ + U Bᵀ + b`` (M, out); the mask is
+    flattened and x's layout read once for both launches."""
+    mask, layout = _flat(im_mask), _layout(x)
+    u = _down(x, layout, lora_a, mask, keep, scaling, keep_scale)
+    return _up(x, layout, weight, u, lora_b, bias, mask, None, 1.0), u
+
+
+# The two launches of lora_down / lora_up: ``a_layout`` is ``_layout(a)``, ``mask`` already ``_flat``.
+def _down(a, a_layout, b, mask, keep, scale, keep_scale) -> Tensor:
+    M, K = a.shape
+    out = torch.empty((M, b.shape[0]), device=a.device, dtype=a.dtype)
+    if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
+        return out.zero_()
+    plan = _down_plan(a_layout, _layout(b), _layout(keep), scale, keep_scale, *_setup("down", a.dtype))
+    launch(_lora_down_kernel, plan.grid, {**plan.static, **_down_ptrs(a, b, mask, _u8(keep), out)}, plan.consts)
+    return out
+
+
+def _up(a, a_layout, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
+    out = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=a.dtype)
+    if out.numel() == 0:
+        return out
+    plan = _up_plan(a_layout, _layout(w), _layout(u), _layout(v), bias is not None, _layout(keep), keep_scale,
+                    *_setup("up", a.dtype))
+    ptrs = _up_ptrs(a, w, u, v, None if bias is None else _flat(bias), mask, _u8(keep), out)
+    launch(_lora_up_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
+    return out
 
 
 def routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
