@@ -160,6 +160,11 @@ def _meta(layout: Optional[tuple], dtype: torch.dtype) -> Optional[Tensor]:
     return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
 
 
+def _dense(*shape: int, dtype: torch.dtype) -> Tensor:
+    """A meta stand-in for a launcher's output or a ``_flat`` routing / bias tensor (contiguous)."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
 def _static(args: dict) -> dict:
     return {k: v for k, v in args.items() if not isinstance(v, Tensor)}
 
@@ -170,8 +175,8 @@ def _down_plan(a, b, keep, scale, keep_scale, *setup) -> _Plan:
     cfg, consts = _plan_consts(*setup, HAS_KEEP=keep is not None)
     dtype = setup[1]
     (M, _), R = a[0], b[0][0]
-    args = _down_args(_meta(a, dtype), _meta(b, dtype), _meta(((M,), (1,)), torch.uint8),
-                      _meta(keep, torch.uint8), torch.empty((M, R), dtype=dtype, device="meta"), scale, keep_scale)
+    args = _down_args(_meta(a, dtype), _meta(b, dtype), _dense(M, dtype=torch.uint8),
+                      _meta(keep, torch.uint8), _dense(M, R, dtype=dtype), scale, keep_scale)
     return _Plan((cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"])), _static(args), consts)
 
 
@@ -180,10 +185,9 @@ def _up_plan(a, w, u, v, has_bias, keep, keep_scale, *setup) -> _Plan:
     cfg, consts = _plan_consts(*setup, HAS_BIAS=has_bias, HAS_KEEP=keep is not None)
     dtype = setup[1]
     M, N = a[0][0], w[0][0]
-    mask = _meta(((M,), (1,)), torch.uint8)
     args = _up_args(_meta(a, dtype), _meta(w, dtype), _meta(u, dtype), _meta(v, dtype),
-                    _meta(((N,), (1,)), dtype) if has_bias else None, mask, _meta(keep, torch.uint8),
-                    torch.empty((M, N), dtype=dtype, device="meta"), keep_scale)
+                    _dense(N, dtype=dtype) if has_bias else None, _dense(M, dtype=torch.uint8),
+                    _meta(keep, torch.uint8), _dense(M, N, dtype=dtype), keep_scale)
     return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), _static(args), consts)
 
 
@@ -192,8 +196,8 @@ def _tn_plan(p, q, keep, groups, sel_base, scale, keep_scale, *setup) -> _Plan:
     cfg, consts = _plan_consts(*setup, HAS_KEEP=keep is not None)
     dtype = setup[1]
     (M, N), K = p[0], q[0][1]
-    args = _tn_args(_meta(p, dtype), _meta(q, dtype), _meta(((M,), (1,)), torch.uint8), _meta(keep, torch.uint8),
-                    torch.empty((groups, N, K), dtype=dtype, device="meta"), sel_base, scale, keep_scale)
+    args = _tn_args(_meta(p, dtype), _meta(q, dtype), _dense(M, dtype=torch.uint8), _meta(keep, torch.uint8),
+                    _dense(groups, N, K, dtype=dtype), sel_base, scale, keep_scale)
     return _Plan((cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]), groups), _static(args), consts)
 
 
@@ -203,8 +207,8 @@ def _expert_plan(a, w0, s_we, num_experts, *setup) -> _Plan:
     dtype = setup[1]
     M, N = a[0][0], w0[0][-2]
     w = _meta(w0, dtype)
-    args = _expert_args(_meta(a, dtype), w, w, s_we, _meta(((M,), (1,)), torch.int32),
-                        torch.empty((M, N), dtype=dtype, device="meta"), num_experts)
+    args = _expert_args(_meta(a, dtype), w, w, s_we, _dense(M, dtype=torch.int32),
+                        _dense(M, N, dtype=dtype), num_experts)
     return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), _static(args), consts)
 
 
