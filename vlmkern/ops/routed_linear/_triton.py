@@ -2,8 +2,11 @@
 
 Every launch's runtime arguments are written once, by an argument builder (``_down_args``, ``_up_args``,
 ``_expert_args``, ``_tn_args``): the launchers pass what it returns, and :func:`_builds` calls it with meta
-tensors laid out as the contract's calls lay them out, so the build check compiles what runs. Shapes are in
-the launchers' docstrings; every operand may have any strides.
+tensors laid out as the contract's calls lay them out, so the build check compiles what runs. A launcher
+takes all but the pointers from a launch plan, the builder's result on meta tensors of the call's layouts,
+memoised per (layouts, scalars, config, interpreter flag, dot precision), and adds the call's pointers
+(``_*_ptrs``, which the builder itself uses). Shapes are in the launchers' docstrings; every operand may have
+any strides.
 """
 from __future__ import annotations
 
