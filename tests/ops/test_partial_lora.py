@@ -404,3 +404,29 @@ def test_text_only_cpu_inference_is_the_base_linear(monkeypatch):
     with torch.no_grad():
         partial_lora_linear(x, w, b, a, bl, mask, 2.0)
     assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+def test_backward_runs_dx_and_g_as_one_forward_op_call(backend, monkeypatch):
+    """Without dropout the backward's dX and G = m·s·(dY B) are one call of the forward op on (dY, Wᵀ, Bᵀ, Aᵀ),
+    bit for bit what the two internal ops give; with create_graph those two ops run (they have no autograd
+    formula: a second derivative raises instead of silently missing G's dependencies)."""
+    from vlmkern.ops import routed_linear as ops_rl
+    torch.manual_seed(0)
+    x, w, b, a, bl = (torch.randn(*s, requires_grad=True) for s in ((2, 3, 8), (5, 8), (5,), (2, 8), (5, 2)))
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    calls = []
+    for name in ("_partial_lora", "_lora_down", "_lora_up"):
+        op = getattr(ops_rl, name)
+        monkeypatch.setattr(ops_rl, name, lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
+    leaves = (x, w, b, a, bl)
+    one_call = torch.autograd.grad(partial_lora_linear(x, w, b, a, bl, mask, 2.0).square().sum(), leaves)
+    assert calls == ["_partial_lora", "_partial_lora"]
+    calls.clear()
+    two_ops = torch.autograd.grad(partial_lora_linear(x, w, b, a, bl, mask, 2.0).square().sum(), leaves,
+                                  create_graph=True)
+    assert calls == ["_partial_lora", "_lora_down", "_lora_up"]
+    for name, u, v in zip(NAMES, one_call, two_ops):
+        assert torch.equal(u, v), name
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        two_ops[0].sum().backward()

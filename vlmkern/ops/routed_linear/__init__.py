@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch as _dispatch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, autocast_inputs, check_dropout_p,
-                                check_same_device, check_tensor, int32_offset_reasons, is_meta, once_per_key,
+                                check_same_device, check_tensor, int32_offset_reasons, once_per_key,
                                 rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.routed_linear import _torch
@@ -82,17 +82,13 @@ def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropo
 
 
 def _expert_weights(weights) -> list[Tensor]:
-    """``(E, out, in)`` tensor or a sequence of E ``(out, in)`` tensors -> list of E ``(out, in)`` tensors."""
+    """``(E, out, in)`` tensor or a sequence of E ``(out, in)`` tensors -> list of E ``(out, in)`` tensors (the
+    matrices of a sequence are checked by :func:`_check_expert_linear`, once per layout)."""
     if isinstance(weights, Tensor):
         check_tensor(weights, "weights", ndim=3, dtypes=FLOATS, shape_doc="(num_experts, out_features, in_features)")
         ws = list(weights.unbind(0))
     elif isinstance(weights, (list, tuple)):
         ws = list(weights)
-        for i, w in enumerate(ws):
-            check_tensor(w, f"weights[{i}]", ndim=2, dtypes=FLOATS, shape_doc="(out_features, in_features)")
-            if w.shape != ws[0].shape:
-                raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} but weights[0] has {tuple(ws[0].shape)}: "
-                                 "every expert must have the same (out_features, in_features)")
     else:
         raise TypeError(f"weights must be a (num_experts, out, in) tensor or a sequence of (out, in) tensors, "
                         f"got {type(weights).__name__}")
@@ -103,6 +99,11 @@ def _expert_weights(weights) -> list[Tensor]:
 
 @once_per_key
 def _check_expert_linear(x, ws, expert_ids) -> None:
+    for i, w in enumerate(ws):
+        check_tensor(w, f"weights[{i}]", ndim=2, dtypes=FLOATS, shape_doc="(out_features, in_features)")
+        if w.shape != ws[0].shape:
+            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)} but weights[0] has {tuple(ws[0].shape)}: "
+                             "every expert must have the same (out_features, in_features)")
     check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension (..., in_features), got a scalar")
@@ -118,9 +119,11 @@ def _check_expert_linear(x, ws, expert_ids) -> None:
 
 
 def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
-    if expert_ids.numel() == 0 or expert_ids.dtype == torch.bool or is_meta(expert_ids):
+    """One reduction (``aminmax``) and, off the CPU, one synchronisation."""
+    if expert_ids.numel() == 0 or expert_ids.dtype == torch.bool or expert_ids.device.type == "meta":
         return
-    lo, hi = int(expert_ids.min()), int(expert_ids.max())
+    lo, hi = torch.aminmax(expert_ids)
+    lo, hi = (int(lo), int(hi)) if expert_ids.device.type == "cpu" else torch.stack((lo, hi)).tolist()
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"expert_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
 
@@ -221,21 +224,27 @@ def _plora_backward(ctx, grad, _grad_u):
     """dX = dY W + keep ⊙ (G A), dW = dYᵀ X, db = Σ dY, dA = Gᵀ drop(X), dB = dYᵀ U; G = m ⊙ s·(dY B)."""
     x, weight, lora_a, lora_b, im_mask, keep, u = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g = grad.to(x.dtype)
+    g = grad if grad.dtype == x.dtype else grad.to(x.dtype)
     dx = dw = db = da = dbl = None
     gm = None
-    if need[0] or need[3]:
+    if need[0] and keep is None and not torch.is_grad_enabled():
+        # Without dropout (G A unmasked) dX and G are the forward's own two GEMMs on (dY, Wᵀ, Bᵀ, Aᵀ): one op
+        # call instead of two, same kernels and launches. With create_graph the two ops remain, which have no
+        # autograd formula (a double backward through the forward op would silently miss G's dependencies).
+        dx, gm = _partial_lora(g, weight.t(), None, lora_b.t(), lora_a.t(), im_mask, None, ctx.scaling, 1.0)
+    elif need[0] or need[3]:
         gm = _lora_down(g, lora_b.t(), im_mask, None, ctx.scaling, 1.0)
-    if need[0]:
-        dx = _lora_up(g, weight.t(), gm, lora_a.t(), im_mask, keep, ctx.keep_scale)
+        if need[0]:
+            dx = _lora_up(g, weight.t(), gm, lora_a.t(), im_mask, keep, ctx.keep_scale)
     if need[1]:
         dw = g.t().matmul(x)
     if need[2]:
-        db = g.sum(dim=0, dtype=torch.float32).to(x.dtype)
+        db = g.sum(dim=0, dtype=torch.float32)
+        db = db if x.dtype == torch.float32 else db.to(x.dtype)
     if need[3]:
-        da = _routed_tn(gm, x, im_mask, 1, 1, keep, 1.0, ctx.keep_scale)[0]
+        da = _routed_tn(gm, x, im_mask, 1, 1, keep, 1.0, ctx.keep_scale).squeeze(0)
     if need[4]:
-        dbl = _routed_tn(g, u, im_mask, 1, 1, None, 1.0, 1.0)[0]
+        dbl = _routed_tn(g, u, im_mask, 1, 1, None, 1.0, 1.0).squeeze(0)
     return dx, dw, db, da, dbl, None, None, None, None
 
 
@@ -271,7 +280,7 @@ def _expert_setup_context(ctx, inputs, output):
 def _expert_backward(ctx, grad):
     """dX[t] = dY[t] W_{e(t)} (same kernel, weights transposed); dW_e = Σ_{e(t)=e} dY[t]ᵀ x[t]."""
     x, ids, *weights = ctx.saved_tensors
-    g = grad.to(x.dtype)
+    g = grad if grad.dtype == x.dtype else grad.to(x.dtype)
     dx = dws = None
     if ctx.needs_input_grad[0]:
         dx = _expert_linear(g, [w.t() for w in weights], ids)
@@ -294,13 +303,12 @@ _expert_linear = _dispatch.EagerOp(_expert_linear_op)
 
 
 # ------------------------------------------------------------------------------------ public API
-def _text_only_cpu_inference(x, weight, bias, lora_a, lora_b, im_mask) -> bool:
-    """An eager CPU call on the reference backend that needs no gradient and has no image row (reading a CPU
-    mask costs no sync). With gradients the op still runs, so that the adapter's parameters get their (zero)
-    gradients, as the original's."""
-    if im_mask.device.type != "cpu" or not _dispatch.eager_cpu_reference(PARTIAL_LORA, rows_2d(x)):
-        return False
-    return not _dispatch.needs_grad(x, weight, bias, lora_a, lora_b) and not bool(im_mask.any())
+def _text_only_cpu_inference(x2, weight, bias, lora_a, lora_b, im_mask) -> bool:
+    """An eager CPU call (``x2``: x's rows) on the reference backend that needs no gradient and has no image
+    row (reading a CPU mask costs no sync). With gradients the op still runs, so that the adapter's parameters
+    get their (zero) gradients, as the original's. Cheapest tests first."""
+    return (im_mask.device.type == "cpu" and not _dispatch.needs_grad(x2, weight, bias, lora_a, lora_b)
+            and _dispatch.eager_cpu_reference(PARTIAL_LORA, x2) and not bool(im_mask.any()))
 
 
 def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -326,13 +334,14 @@ def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     if im_mask is None:
         return torch.nn.functional.linear(x, weight, bias)
     keep, keep_scale = dropout_keep_mask(x, float(dropout_p), bool(training))
-    if keep is None and _text_only_cpu_inference(x, weight, bias, lora_a, lora_b, im_mask):
+    x2 = rows_2d(x)
+    if keep is None and _text_only_cpu_inference(x2, weight, bias, lora_a, lora_b, im_mask):
         # A decode step of text tokens: exactly the base GEMM, without the custom op's per-call overhead
         # (~70 us on the CPU, 160 PLoRA linears per InternLM-XComposer2 token).
         return torch.nn.functional.linear(x, weight, bias)
-    y, _ = _partial_lora(rows_2d(x), weight, bias, lora_a, lora_b, im_mask.reshape(-1),
-                            None if keep is None else rows_2d(keep), float(scaling), float(keep_scale))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    y, _ = _partial_lora(x2, weight, bias, lora_a, lora_b, _rows_1d(im_mask),
+                         None if keep is None else rows_2d(keep), float(scaling), float(keep_scale))
+    return y if x2 is x else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Tensor, *,
@@ -358,13 +367,21 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
         validate_ids = expert_ids.device.type == "cpu" and not torch.compiler.is_compiling()
     if validate_ids:
         _check_ids_in_range(expert_ids, len(ws))
-    y = _expert_linear(rows_2d(x), ws, _int32_ids(expert_ids.reshape(-1), len(ws)))
-    return y.reshape(*x.shape[:-1], ws[0].shape[0])
+    x2 = rows_2d(x)
+    y = _expert_linear(x2, ws, _int32_ids(_rows_1d(expert_ids), len(ws)))
+    return y if x2 is x else y.reshape(*x.shape[:-1], ws[0].shape[0])
+
+
+def _rows_1d(t: Tensor) -> Tensor:
+    """A per-token tensor ``x.shape[:-1]`` as ``(prod(...),)``: a 1-D one itself (no view made per call)."""
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _int32_ids(ids: Tensor, num_experts: int) -> Tensor:
     """The kernels' int32 ids: int64 values are saturated to [-1, E] first, so an id beyond int32 stays out of
     range (its row comes out NaN) instead of wrapping onto a real expert."""
+    if ids.dtype == torch.int32:
+        return ids
     if ids.dtype == torch.int64:
         ids = ids.clamp(-1, num_experts)
     return ids.to(torch.int32)
@@ -377,10 +394,12 @@ def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
     token and a vision-type token in the last position use the language expert.
     """
     check_tensor(token_type_ids, "token_type_ids", ndim=2, dtypes=_TYPE_ID_DTYPES, shape_doc="(B, L)")
-    vision = token_type_ids == VISION_TOKEN_TYPE
-    ids = torch.zeros(vision.shape, dtype=torch.int32, device=vision.device)
-    ids[:, :-1] = vision[:, 1:] & vision[:, :-1]      # a vision token followed by one (the eoi token is not)
-    return ids
+    vision = token_type_ids.eq(VISION_TOKEN_TYPE)
+    if vision.shape[1] == 0:
+        return torch.zeros(vision.shape, dtype=torch.int32, device=vision.device)
+    # a vision token followed by one (the eoi token is not): each token's successor is the mask shifted left
+    # by one, a text flag padded in at the end (four torch ops in all)
+    return (vision & torch.constant_pad_nd(vision, (-1, 1))).to(torch.int32)
 
 
 def dropout_keep_mask(x: Tensor, dropout_p: float, training: bool) -> tuple[Optional[Tensor], float]:

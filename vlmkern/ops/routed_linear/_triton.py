@@ -2,12 +2,16 @@
 
 Every launch's runtime arguments are written once, by an argument builder (``_down_args``, ``_up_args``,
 ``_expert_args``, ``_tn_args``): the launchers pass what it returns, and :func:`_builds` calls it with meta
-tensors laid out as the contract's calls lay them out, so the build check compiles what runs. Shapes are in
-the launchers' docstrings; every operand may have any strides.
+tensors laid out as the contract's calls lay them out, so the build check compiles what runs. A launcher
+takes all but the pointers from a launch plan, the builder's result on meta tensors of the call's layouts,
+memoised per (layouts, scalars, config, interpreter flag, dot precision), and adds the call's pointers
+(``_*_ptrs``, which the builder itself uses). Shapes are in the launchers' docstrings; every operand may have
+any strides.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -46,11 +50,6 @@ def config(name: str, dtype: torch.dtype) -> dict:
     return CONFIGS[name + "_fp32" if dtype == torch.float32 else name]
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    # the interpreter's low-precision dot is not trustworthy (bf16): fp32 products there
-    return dict(UPCAST=triton_interpreting(), INPUT_PRECISION=dot_precision(dtype))
-
-
 def _u8(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.view(torch.uint8)
 
@@ -70,29 +69,46 @@ def _strides(names: str, t: Optional[Tensor]) -> dict:
 
 # ------------------------------------------------------------------------------- argument builders
 # Routing (mask / sel / ids) comes in as the kernels read it (``_flat``), a keep mask as uint8 or None.
+# ``_*_ptrs`` are a launch's pointer arguments (per call), ``_*_args`` all of its runtime arguments.
+def _down_ptrs(a, b, mask, keep, out) -> dict:
+    return dict(a_ptr=a, b_ptr=b, mask_ptr=mask, keep_ptr=mask if keep is None else keep, out_ptr=out)
+
+
 def _down_args(a, b, mask, keep, out, scale, keep_scale) -> dict:
-    return dict(a_ptr=a, b_ptr=b, mask_ptr=mask, keep_ptr=mask if keep is None else keep, out_ptr=out,
+    return dict(**_down_ptrs(a, b, mask, keep, out),
                 M=a.shape[0], R=b.shape[0], K=a.shape[1], scale=float(scale), keep_scale=float(keep_scale),
                 **_strides("am ak", a), **_strides("br bk", b), **_strides("km kk", keep), **_strides("om or", out))
 
 
-def _up_args(a, w, u, v, bias, mask, keep, out, keep_scale) -> dict:
+def _up_ptrs(a, w, u, v, bias, mask, keep, out) -> dict:
     return dict(a_ptr=a, w_ptr=w, u_ptr=u, v_ptr=v, bias_ptr=w if bias is None else bias, mask_ptr=mask,
-                keep_ptr=mask if keep is None else keep, out_ptr=out,
+                keep_ptr=mask if keep is None else keep, out_ptr=out)
+
+
+def _up_args(a, w, u, v, bias, mask, keep, out, keep_scale) -> dict:
+    return dict(**_up_ptrs(a, w, u, v, bias, mask, keep, out),
                 M=a.shape[0], N=w.shape[0], K=a.shape[1], R=u.shape[1], keep_scale=float(keep_scale),
                 **_strides("am ak", a), **_strides("wn wk", w), **_strides("um ur", u), **_strides("vn vr", v),
                 **_strides("km kn", keep), **_strides("om on", out))
 
 
+def _expert_ptrs(a, w0, w1, ids, out) -> dict:
+    return dict(a_ptr=a, w_ptr=w0, w1_ptr=w1, ids_ptr=ids, out_ptr=out)
+
+
 def _expert_args(a, w0, w1, s_we, ids, out, num_experts) -> dict:
     s_wn, s_wk = w0.stride()[-2:]
-    return dict(a_ptr=a, w_ptr=w0, w1_ptr=w1, ids_ptr=ids, out_ptr=out,
+    return dict(**_expert_ptrs(a, w0, w1, ids, out),
                 M=a.shape[0], N=w0.shape[-2], K=a.shape[1], E=num_experts, **_strides("am ak", a),
                 s_we=s_we, s_wn=s_wn, s_wk=s_wk, **_strides("om on", out))
 
 
+def _tn_ptrs(p, q, sel, keep, out) -> dict:
+    return dict(p_ptr=p, q_ptr=q, sel_ptr=sel, keep_ptr=sel if keep is None else keep, out_ptr=out)
+
+
 def _tn_args(p, q, sel, keep, out, sel_base, scale, keep_scale) -> dict:
-    return dict(p_ptr=p, q_ptr=q, sel_ptr=sel, keep_ptr=sel if keep is None else keep, out_ptr=out,
+    return dict(**_tn_ptrs(p, q, sel, keep, out),
                 M=p.shape[0], N=p.shape[1], K=q.shape[1], sel_base=int(sel_base), scale=float(scale),
                 keep_scale=float(keep_scale), **_strides("pm pn", p), **_strides("qm qk", q),
                 **_strides("km kk", keep), **_strides("og on ok", out))
@@ -112,65 +128,161 @@ def _expert_operands(ws: list[Tensor]) -> tuple[Tensor, Tensor, int]:
     return stacked, stacked, stacked.stride(0)
 
 
+# ------------------------------------------------------------------------------------- launch plans
+# Everything a launch passes but its pointers depends only on the operands' shapes and strides, scalar
+# arguments, the dtype's config, the interpreter flag and the dot precision: it is computed once per such key
+# (the builder run on meta tensors of the same layouts, so a plan holds exactly what the builder gives) and
+# looked up per call, where only the outputs are allocated and the pointers passed.
+class _Plan(NamedTuple):
+    grid: tuple
+    static: dict        # the builder's runtime arguments less the pointers
+    consts: dict        # constexpr flags, dot flags and the launch config
+
+
+_PLANS = 1024           # plans remembered per launcher (distinct shapes / layouts / scalars)
+
+
+def _layout(t: Optional[Tensor]) -> Optional[tuple]:
+    return None if t is None else (t.shape, t.stride())
+
+
+def _setup(name: str, dtype: torch.dtype) -> tuple:
+    """What a plan reads besides its operands: the config's entries (tests swap CONFIGS entries), the dtype,
+    the interpreter flag and the dot precision, in :func:`_plan_consts`' argument order."""
+    return tuple(config(name, dtype).items()), dtype, triton_interpreting(), dot_precision(dtype)
+
+
+def _plan_consts(cfg: tuple, dtype, upcast: bool, precision: str, **flags) -> tuple[dict, dict]:
+    """``(cfg, consts)`` of a plan from :func:`_setup`'s key parts and the launch's constexpr flags. UPCAST:
+    the interpreter's low-precision dot is not trustworthy (bf16), so fp32 products there."""
+    cfg = dict(cfg)
+    return cfg, dict(**flags, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
+
+
+def _meta(layout: Optional[tuple], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
+
+
+def _dense(*shape: int, dtype: torch.dtype) -> Tensor:
+    """A meta stand-in for a launcher's output or a ``_flat`` routing / bias tensor (contiguous)."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _static(args: dict) -> dict:
+    return {k: v for k, v in args.items() if not isinstance(v, Tensor)}
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _down_plan(a, b, keep, scale, keep_scale, *setup) -> _Plan:
+    """``a``, ``b``, ``keep``: :func:`_layout` of the operands; ``setup``: :func:`_setup` ``("down", dtype)``."""
+    cfg, consts = _plan_consts(*setup, HAS_KEEP=keep is not None)
+    dtype = setup[1]
+    (M, _), R = a[0], b[0][0]
+    args = _down_args(_meta(a, dtype), _meta(b, dtype), _dense(M, dtype=torch.uint8),
+                      _meta(keep, torch.uint8), _dense(M, R, dtype=dtype), scale, keep_scale)
+    return _Plan((cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"])), _static(args), consts)
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _up_plan(a, w, u, v, has_bias, keep, keep_scale, *setup) -> _Plan:
+    cfg, consts = _plan_consts(*setup, HAS_BIAS=has_bias, HAS_KEEP=keep is not None)
+    dtype = setup[1]
+    M, N = a[0][0], w[0][0]
+    args = _up_args(_meta(a, dtype), _meta(w, dtype), _meta(u, dtype), _meta(v, dtype),
+                    _dense(N, dtype=dtype) if has_bias else None, _dense(M, dtype=torch.uint8),
+                    _meta(keep, torch.uint8), _dense(M, N, dtype=dtype), keep_scale)
+    return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), _static(args), consts)
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _tn_plan(p, q, keep, groups, sel_base, scale, keep_scale, *setup) -> _Plan:
+    cfg, consts = _plan_consts(*setup, HAS_KEEP=keep is not None)
+    dtype = setup[1]
+    (M, N), K = p[0], q[0][1]
+    args = _tn_args(_meta(p, dtype), _meta(q, dtype), _dense(M, dtype=torch.uint8), _meta(keep, torch.uint8),
+                    _dense(groups, N, K, dtype=dtype), sel_base, scale, keep_scale)
+    return _Plan((cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]), groups), _static(args), consts)
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _expert_plan(a, w0, s_we, num_experts, *setup) -> _Plan:
+    cfg, consts = _plan_consts(*setup, PAIR=num_experts <= 2)
+    dtype = setup[1]
+    M, N = a[0][0], w0[0][-2]
+    w = _meta(w0, dtype)
+    args = _expert_args(_meta(a, dtype), w, w, s_we, _dense(M, dtype=torch.int32),
+                        _dense(M, N, dtype=dtype), num_experts)
+    return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), _static(args), consts)
+
+
+def clear_plans() -> None:
+    """Forget every launch plan (they are exact for their keys; this only frees them)."""
+    for plan in (_down_plan, _up_plan, _tn_plan, _expert_plan):
+        plan.cache_clear()
+
+
 # ----------------------------------------------------------------------------------------- launchers
 def lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
     """``m ⊙ scale·(drop(a) bᵀ)``: a (M, K), b (R, K), mask (M,) bool, keep (M, K) bool or None -> (M, R)."""
-    M, K = a.shape
-    R = b.shape[0]
-    out = torch.empty((M, R), device=a.device, dtype=a.dtype)
-    if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
-        return out.zero_()
-    cfg = config("down", a.dtype)
-    launch(_lora_down_kernel, (cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"])),
-           _down_args(a, b, _flat(mask), _u8(keep), out, scale, keep_scale),
-           dict(HAS_KEEP=keep is not None, **_dot_flags(a.dtype), **cfg))
-    return out
+    return _down(a, _layout(a), b, _flat(mask), keep, scale, keep_scale)
 
 
 def lora_up(a, w, u, v, mask, keep, keep_scale, bias=None) -> Tensor:
     """``a wᵀ + m ⊙ (u vᵀ) ⊙ keep·keep_scale + bias``: a (M, K), w (N, K), u (M, R), v (N, R) -> (M, N)."""
-    M, N = a.shape[0], w.shape[0]
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    if out.numel() == 0:
-        return out
-    cfg = config("up", a.dtype)
-    launch(_lora_up_kernel, (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),),
-           _up_args(a, w, u, v, None if bias is None else _flat(bias), _flat(mask), _u8(keep), out, keep_scale),
-           dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, **_dot_flags(a.dtype), **cfg))
-    return out
+    return _up(a, _layout(a), w, u, v, bias, _flat(mask), keep, keep_scale)
 
 
 def partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale) -> tuple[Tensor, Tensor]:
-    """The forward: ``U = m ⊙ s·(drop(x) Aᵀ)`` (M, r), then ``y = x Wᵀ + U Bᵀ + b`` (M, out)."""
-    u = lora_down(x, lora_a, im_mask, keep, scaling, keep_scale)
-    return lora_up(x, weight, u, lora_b, im_mask, None, 1.0, bias), u
+    """The forward: ``U = m ⊙ s·(drop(x) Aᵀ)`` (M, r), then ``y = x Wᵀ + U Bᵀ + b`` (M, out); the mask is
+    flattened and x's layout read once for both launches."""
+    mask, layout = _flat(im_mask), _layout(x)
+    u = _down(x, layout, lora_a, mask, keep, scaling, keep_scale)
+    return _up(x, layout, weight, u, lora_b, bias, mask, None, 1.0), u
+
+
+# The two launches of lora_down / lora_up: ``a_layout`` is ``_layout(a)``, ``mask`` already ``_flat``.
+def _down(a, a_layout, b, mask, keep, scale, keep_scale) -> Tensor:
+    M, K = a.shape
+    out = torch.empty((M, b.shape[0]), device=a.device, dtype=a.dtype)
+    if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
+        return out.zero_()
+    plan = _down_plan(a_layout, _layout(b), _layout(keep), scale, keep_scale, *_setup("down", a.dtype))
+    launch(_lora_down_kernel, plan.grid, {**plan.static, **_down_ptrs(a, b, mask, _u8(keep), out)}, plan.consts)
+    return out
+
+
+def _up(a, a_layout, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
+    out = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=a.dtype)
+    if out.numel() == 0:
+        return out
+    plan = _up_plan(a_layout, _layout(w), _layout(u), _layout(v), bias is not None, _layout(keep), keep_scale,
+                    *_setup("up", a.dtype))
+    ptrs = _up_ptrs(a, w, u, v, None if bias is None else _flat(bias), mask, _u8(keep), out)
+    launch(_lora_up_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
+    return out
 
 
 def routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
     """``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``: p (M, N), q (M, K) -> (groups, N, K)."""
-    M, N = p.shape
-    K = q.shape[1]
-    out = torch.empty((groups, N, K), device=p.device, dtype=p.dtype)
-    if out.numel() == 0 or M == 0:
+    out = torch.empty((groups, p.shape[1], q.shape[1]), device=p.device, dtype=p.dtype)
+    if out.numel() == 0 or p.shape[0] == 0:
         return out.zero_()
-    cfg = config("tn", p.dtype)
-    launch(_routed_tn_kernel, (cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]), groups),
-           _tn_args(p, q, _flat(sel), _u8(keep), out, sel_base, scale, keep_scale),
-           dict(HAS_KEEP=keep is not None, **_dot_flags(p.dtype), **cfg))
+    plan = _tn_plan(_layout(p), _layout(q), _layout(keep), groups, sel_base, scale, keep_scale,
+                    *_setup("tn", p.dtype))
+    launch(_routed_tn_kernel, plan.grid, {**plan.static, **_tn_ptrs(p, q, _flat(sel), _u8(keep), out)},
+           plan.consts)
     return out
 
 
 def expert_linear(a, ws, ids) -> Tensor:
     """``out[m] = ws[ids[m]] a[m]``: a (M, K), ws E matrices (N, K), ids (M,) int32 -> (M, N)."""
-    M, N = a.shape[0], ws[0].shape[0]
-    out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    out = torch.empty((a.shape[0], ws[0].shape[0]), device=a.device, dtype=a.dtype)
     if out.numel() == 0:
         return out
-    cfg = config("expert", a.dtype)
     w0, w1, s_we = _expert_operands(ws)
-    launch(_expert_gemm_kernel, (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),),
-           _expert_args(a, w0, w1, s_we, _flat(ids), out, len(ws)),
-           dict(PAIR=len(ws) <= 2, **_dot_flags(a.dtype), **cfg))
+    plan = _expert_plan(_layout(a), _layout(w0), s_we, len(ws), *_setup("expert", a.dtype))
+    launch(_expert_gemm_kernel, plan.grid, {**plan.static, **_expert_ptrs(a, w0, w1, _flat(ids), out)},
+           plan.consts)
     return out
 
 
