@@ -22,6 +22,9 @@ def small_tiles(monkeypatch):
     for name, cfg in SMALL.items():
         monkeypatch.setitem(kern.CONFIGS, name, cfg)
         monkeypatch.setitem(kern.CONFIGS, name + "_fp32", cfg)
+    kern.clear_plans()
+    yield
+    kern.clear_plans()        # before monkeypatch restores the shipped configs
 
 
 def _original_split_linear(x, w_language, w_vision, token_type_ids):

@@ -25,6 +25,9 @@ def small_tiles(monkeypatch):
     for name, cfg in SMALL.items():
         monkeypatch.setitem(kern.CONFIGS, name, cfg)
         monkeypatch.setitem(kern.CONFIGS, name + "_fp32", cfg)
+    kern.clear_plans()
+    yield
+    kern.clear_plans()        # before monkeypatch restores the shipped configs
 
 
 def _params(device, in_f, out_f, r, dtype, bias=True, lora_scale=1.0):

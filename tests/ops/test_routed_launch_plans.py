@@ -108,13 +108,16 @@ def test_launch_args_are_the_builders_for_every_layout(launches, case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_swapped_config_takes_effect(launches, monkeypatch, case):
-    """Tests swap CONFIGS entries for small tiles: the next launch uses them (grid and constexprs)."""
+def test_a_swapped_config_takes_effect(launches, monkeypatch, request, case):
+    """Tests swap CONFIGS entries for small tiles: after clear_plans the next launch uses them (grid and
+    constexprs)."""
     name = FAMILY[case] + "_fp32"
     CASES[case](False, torch.float32)
     grid_before = launches[-1][0]
     tiny = {k: (2 if k.startswith("BLOCK") else v) for k, v in kern.CONFIGS[name].items()}
     monkeypatch.setitem(kern.CONFIGS, name, tiny)
+    kern.clear_plans()
+    request.addfinalizer(kern.clear_plans)     # no plan with the tiny config outlives the test
     result = CASES[case](False, torch.float32)
     grid, args, consts = launches[-1]
     assert {k: consts[k] for k in tiny} == tiny

@@ -186,12 +186,13 @@ def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> 
     """``(B, nP, N)`` in ``weight.dtype``: the patches in the weight's dtype, then torch's ``F.linear`` (cuBLAS
     on a GPU; fp32 follows torch's TF32 setting as the reference does)."""
     B, C, H, W = pixels.shape
-    nP, N = cdiv(H, patch_size) * cdiv(W, patch_size), weight.shape[0]
+    N = weight.shape[0]
     if N == 0:                                             # no out_features: nothing to launch
+        nP = cdiv(H, patch_size) * cdiv(W, patch_size)
         return torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
     buf, plan = _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype)
     M, K_pad = buf.shape
-    return F.linear(buf.as_strided((M, plan.static["K"]), (K_pad, 1)), weight, bias).view(B, nP, N)
+    return F.linear(buf.as_strided((M, plan.static["K"]), (K_pad, 1)), weight, bias).view(B, plan.static["nP"], N)
 
 
 def grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std) -> Tensor:

@@ -387,13 +387,18 @@ def _int32_ids(ids: Tensor, num_experts: int) -> Tensor:
     return ids.to(torch.int32)
 
 
+@once_per_key
+def _check_token_types(token_type_ids) -> None:
+    check_tensor(token_type_ids, "token_type_ids", ndim=2, dtypes=_TYPE_ID_DTYPES, shape_doc="(B, L)")
+
+
 def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
     """CogVLM routing: expert 1 (vision) iff a token and the next are vision-type (``get_expert_mask``), else 0.
 
     ``token_type_ids (B, L)`` integer -> int32 ``(B, L)``, computed on device without a sync: the ``eoi``
     token and a vision-type token in the last position use the language expert.
     """
-    check_tensor(token_type_ids, "token_type_ids", ndim=2, dtypes=_TYPE_ID_DTYPES, shape_doc="(B, L)")
+    _check_token_types(token_type_ids)
     vision = token_type_ids.eq(VISION_TOKEN_TYPE)
     if vision.shape[1] == 0:
         return torch.zeros(vision.shape, dtype=torch.int32, device=vision.device)

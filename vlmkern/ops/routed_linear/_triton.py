@@ -147,15 +147,16 @@ def _layout(t: Optional[Tensor]) -> Optional[tuple]:
 
 
 def _setup(name: str, dtype: torch.dtype) -> tuple:
-    """What a plan reads besides its operands: the config's entries (tests swap CONFIGS entries), the dtype,
-    the interpreter flag and the dot precision, in :func:`_plan_consts`' argument order."""
-    return tuple(config(name, dtype).items()), dtype, triton_interpreting(), dot_precision(dtype)
+    """What a plan reads besides its operands: the kernel family (its config is read when the plan is made:
+    after swapping a ``CONFIGS`` entry, :func:`clear_plans`), the dtype, the interpreter flag and the dot
+    precision, in :func:`_plan_consts`' argument order."""
+    return name, dtype, triton_interpreting(), dot_precision(dtype)
 
 
-def _plan_consts(cfg: tuple, dtype, upcast: bool, precision: str, **flags) -> tuple[dict, dict]:
+def _plan_consts(name: str, dtype, upcast: bool, precision: str, **flags) -> tuple[dict, dict]:
     """``(cfg, consts)`` of a plan from :func:`_setup`'s key parts and the launch's constexpr flags. UPCAST:
     the interpreter's low-precision dot is not trustworthy (bf16), so fp32 products there."""
-    cfg = dict(cfg)
+    cfg = dict(config(name, dtype))
     return cfg, dict(**flags, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
 
 
@@ -216,7 +217,7 @@ def _expert_plan(a, w0, s_we, num_experts, *setup) -> _Plan:
 
 
 def clear_plans() -> None:
-    """Forget every launch plan (they are exact for their keys; this only frees them)."""
+    """Forget every launch plan: after changing ``CONFIGS`` (the plans hold the configs they were made with)."""
     for plan in (_down_plan, _up_plan, _tn_plan, _expert_plan):
         plan.cache_clear()
 
