@@ -9,9 +9,11 @@ combinations that ship, so ``python -m vlmkern.tools.gpu_build_check`` compiles 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
+
+from vlmkern.ops import dispatch
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,43 @@ def placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for grids (no ``triton`` import on the host path)."""
     return -(-a // b)
+
+
+# ------------------------------------------------------------------------------------------ launch plans
+# Everything a launch passes but its pointers (grid, sizes, strides, scalars, constexprs, config) depends only on
+# the operands' layouts and dtypes, the scalar arguments, the interpreter flag and the dot precision. Each family
+# computes it once per such key (``functools.lru_cache``) by running its argument builder on meta tensors of the
+# same layouts, so a plan holds exactly what the builder gives; a call allocates its outputs and passes its
+# pointers next to the plan.
+class LaunchPlan(NamedTuple):
+    """``grid`` and ``static``: the builder's non-tensor runtime arguments, the constexprs and the launch options,
+    passed by name next to the pointers."""
+    grid: tuple
+    static: dict
+
+
+def without_pointers(args: Mapping[str, Any]) -> dict:
+    """An argument builder's ``args`` less its tensors (on meta tensors, the pointers a plan does not keep)."""
+    return {name: a for name, a in args.items() if not isinstance(a, torch.Tensor)}
+
+
+def plan_from_args(grid: tuple, args: Mapping[str, Any], constexprs: Mapping[str, Any]) -> LaunchPlan:
+    """A :class:`LaunchPlan` from an argument builder's ``args`` on meta tensors and the launch's constexprs."""
+    return LaunchPlan(grid, {**without_pointers(args), **constexprs})
+
+
+def layout(t: torch.Tensor | None) -> tuple | None:
+    """The plan-key part of an optional tensor operand: ``(shape, strides)``, None when absent."""
+    return None if t is None else (t.shape, t.stride())
+
+
+def meta_tensor(shape, stride=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A meta tensor of ``shape`` (and ``stride``; contiguous when None) standing for a launch's operand."""
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def host_dots(dtype: torch.dtype) -> tuple[bool, str]:
+    """The two constexprs the host decides, launch-key parts: the interpreter's upcast and the dot precision."""
+    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)

@@ -17,7 +17,8 @@ from vlmkern.kernels import attention as K
 from vlmkern.masks import QFormerMode
 from vlmkern.ops import dispatch
 from vlmkern.ops.attention import _dropout
-from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, placeholder, register_builds
+from vlmkern.ops.launch import (KernelBuild, build_from_args, cdiv, launch, layout, placeholder, register_builds,
+                                without_pointers)
 
 LOG2E = 1.4426950408889634      # the kernels' softmax runs in base 2: scores are scaled by scale * log2(e)
 
@@ -165,17 +166,8 @@ class _Launch(NamedTuple):
     meta: dict       # constexprs, config and launch options
 
 
-def _layout(t: Tensor | None) -> tuple | None:
-    """The plan-key part of a tensor argument (its dtype is keyed once, with q's)."""
-    return None if t is None else (t.shape, t.stride())
-
-
 def _meta(layout: tuple | None, dtype: torch.dtype) -> Tensor | None:
     return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
-
-
-def _without_pointers(args: dict) -> dict:
-    return {name: a for name, a in args.items() if not isinstance(a, Tensor)}
 
 
 def _plan_inputs(dtype, q, k, v, kpm, num_query, scale, dropout_p) -> tuple:
@@ -195,7 +187,7 @@ def _forward_plan(dtype, q, k, v, kpm, num_query, mode, scale, dropout_p, interp
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device="meta")
     upcast, precision, family = _launch_params(dtype, interpreting, precision)
     cfg = attention_config("fwd", family, d, dropout_p > 0)
-    return _Launch((cdiv(Lq, cfg["BLOCK_M"]), B * H), _without_pointers(_fwd_args(*inputs[:3], out, lse, *inputs[3:])),
+    return _Launch((cdiv(Lq, cfg["BLOCK_M"]), B * H), without_pointers(_fwd_args(*inputs[:3], out, lse, *inputs[3:])),
                    _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg))
 
 
@@ -222,10 +214,10 @@ def _backward_plan(dtype, grad, out, q, k, v, kpm, num_query, mode, scale, dropo
     def plan(kernel: str, rows: int, block: str, args: dict) -> _Launch:
         cfg = attention_config(kernel, family, d, dropout_p > 0)
         meta = _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg)
-        return _Launch((cdiv(rows, cfg[block]), B * H), _without_pointers(args), meta)
+        return _Launch((cdiv(rows, cfg[block]), B * H), without_pointers(args), meta)
 
     return _BackwardPlan(
-        _Launch((cdiv(Lq, DELTA_CONFIG["BLOCK_M"]), B * H), _without_pointers(_delta_args(om, gm, delta)),
+        _Launch((cdiv(Lq, DELTA_CONFIG["BLOCK_M"]), B * H), without_pointers(_delta_args(om, gm, delta)),
                 dict(HEAD_DIM=d, **DELTA_CONFIG)),
         plan("dkdv", Lk, "BLOCK_N", _dkdv_args(gm, lse, delta, dk, dk, *inputs)) if Lk > 0 else None,
         plan("dq", Lq, "BLOCK_M", _dq_args(gm, lse, delta, dq, *inputs)))
@@ -250,7 +242,7 @@ def forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng) -> tuple[Tenso
     if q.numel() == 0:
         return out, lse
     kpm = _kpm_bytes(kpm)
-    plan = _forward_plan(q.dtype, _layout(q), _layout(k), _layout(v), _layout(kpm), num_query, mode, scale,
+    plan = _forward_plan(q.dtype, layout(q), layout(k), layout(v), layout(kpm), num_query, mode, scale,
                          dropout_p, *_precision_key(q.dtype))
     pointers = _masked_pointers(q, k, v, kpm, rng if dropout_p != 0.0 else None)
     launch(K._masked_attn_fwd_kernel, plan.grid, {**plan.args, **pointers, "o_ptr": out, "lse_ptr": lse}, plan.meta)
@@ -270,7 +262,7 @@ def backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale, dropout_p,
         return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     kpm = _kpm_bytes(kpm)
-    plan = _backward_plan(q.dtype, _layout(grad), _layout(out), _layout(q), _layout(k), _layout(v), _layout(kpm),
+    plan = _backward_plan(q.dtype, layout(grad), layout(out), layout(q), layout(k), layout(v), layout(kpm),
                           num_query, mode, scale, dropout_p, *_precision_key(q.dtype))
     # the pointers all three gradient kernels read, built once
     shared = {**_masked_pointers(q, k, v, kpm, rng if dropout_p != 0.0 else None), "do_ptr": grad,

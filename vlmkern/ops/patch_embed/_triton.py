@@ -13,7 +13,6 @@ launcher and :func:`_builds` (with meta tensors) both call. The contract checks 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +20,8 @@ from torch import Tensor
 
 from vlmkern.kernels.patch_embed import (_patch_embed_bwd_pixels_kernel, _patch_embed_bwd_weight_kernel,
                                          _patchify_kernel)
-from vlmkern.ops import dispatch
-from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, register_builds, triton_type
+from vlmkern.ops.launch import (KernelBuild, LaunchPlan, build_from_args, cdiv, host_dots, launch, meta_tensor,
+                                plan_from_args, register_builds, triton_type)
 
 # Shipped launch configurations (the launchers use exactly these; the build check compiles them). The GEMM ones
 # are keyed by the weight's element size: fp32 ("ieee") dots compile to FMAs and need smaller tiles not to spill.
@@ -97,72 +96,46 @@ def _scale_shift(rescale: float, mean: list[float], std: list[float], device) ->
 
 
 # --------------------------------------------------------------------------------------------- launch plans
-# Launch plans. A launcher runs its argument builder once per launch key (shapes, strides, scalars, flags, dtypes,
-# interpreter flag, dot precision), on meta tensors of those shapes and strides, and keeps the non-tensor
-# arguments and the constexprs as a _Plan; per call it allocates the outputs and passes the pointers next to
-# ``plan.static``. (The same helpers as the other family's _triton.py: candidates for vlmkern.ops.launch.)
+# Launch plans (vlmkern.ops.launch.LaunchPlan): computed once per launch key by the argument builders on meta
+# tensors; per call only the outputs are allocated and the pointers passed.
 _PLANS = 256       # plans kept per launcher (an LRU: a model launches a handful of shapes)
 
 
-class _Plan(NamedTuple):
-    """What a launch takes that the pointers don't: ``grid`` and ``static`` (the builder's non-tensor runtime
-    arguments, the constexprs and the launch options, passed by name next to the pointers)."""
-    grid: tuple
-    static: dict
-
-
-def _plan(grid: tuple, args: dict, constexprs: dict) -> _Plan:
-    """A :class:`_Plan` from an argument builder's ``args`` (on meta tensors: their pointers are dropped)."""
-    return _Plan(grid, {**{k: v for k, v in args.items() if not isinstance(v, Tensor)}, **constexprs})
-
-
-def _meta(shape, stride=None, dtype=torch.float32) -> Tensor:
-    """A meta tensor of ``shape`` (and ``stride``; contiguous when None) standing for a launch's operand."""
-    if stride is None:
-        return torch.empty(shape, dtype=dtype, device="meta")
-    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-
-
-def _host_dots(dtype: torch.dtype) -> tuple[bool, str]:
-    """The two constexprs the host decides (interpreter upcast, dot precision): launch-key parts."""
-    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)
-
-
 @functools.lru_cache(maxsize=_PLANS)
-def _patchify_plan(shape, stride, p: int, pad_value: float, pix_dtype: torch.dtype) -> tuple[_Plan, tuple]:
+def _patchify_plan(shape, stride, p: int, pad_value: float, pix_dtype: torch.dtype) -> tuple[LaunchPlan, tuple]:
     """The patchify launch's plan and the shape ``(B*nP, K_pad)`` of the buffer it writes."""
     B, C, H, W = shape
     M, K = B * cdiv(H, p) * cdiv(W, p), C * p * p
     buf = (M, cdiv(K, K_ALIGN) * K_ALIGN)
     grid = (cdiv(M, PATCHIFY_CONFIG["BLOCK_M"]), cdiv(buf[1], PATCHIFY_CONFIG["BLOCK_K"]))
-    scale = _meta((C,))
-    args = _patchify_args(_meta(shape, stride, pix_dtype), _meta(buf), scale, scale, p, pad_value)
-    return _plan(grid, args, _patchify_constexprs(C, p)), buf
+    scale = meta_tensor((C,))
+    args = _patchify_args(meta_tensor(shape, stride, pix_dtype), meta_tensor(buf), scale, scale, p, pad_value)
+    return plan_from_args(grid, args, _patchify_constexprs(C, p)), buf
 
 
 @functools.lru_cache(maxsize=_PLANS)
 def _bwd_weight_plan(shape, stride, g_shape, g_stride, w_shape, p: int, pad_value: float, pix_dtype: torch.dtype,
-                     dtype: torch.dtype, upcast: bool, precision: str) -> _Plan:
+                     dtype: torch.dtype, upcast: bool, precision: str) -> LaunchPlan:
     cfg = BWD_WEIGHT_CONFIG[dtype.itemsize]
-    scale = _meta((shape[1],))
-    args = _bwd_weight_args(_meta(shape, stride, pix_dtype), _meta(g_shape, g_stride, dtype),
-                            _meta(w_shape, None, dtype), scale, scale, p, pad_value)
+    scale = meta_tensor((shape[1],))
+    args = _bwd_weight_args(meta_tensor(shape, stride, pix_dtype), meta_tensor(g_shape, g_stride, dtype),
+                            meta_tensor(w_shape, None, dtype), scale, scale, p, pad_value)
     grid = (cdiv(w_shape[0], cfg["BLOCK_N"]), cdiv(w_shape[1], cfg["BLOCK_K"]))
-    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
+    return plan_from_args(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
 
 
 @functools.lru_cache(maxsize=_PLANS)
 def _bwd_pixels_plan(shape, g_shape, g_stride, w_shape, w_stride, p: int, pix_dtype: torch.dtype,
-                     dtype: torch.dtype, upcast: bool, precision: str) -> _Plan:
+                     dtype: torch.dtype, upcast: bool, precision: str) -> LaunchPlan:
     cfg = BWD_PIXELS_CONFIG[dtype.itemsize]
-    args = _bwd_pixels_args(_meta(g_shape, g_stride, dtype), _meta(w_shape, w_stride, dtype),
-                            _meta(shape, None, pix_dtype), _meta((shape[1],)), p)
+    args = _bwd_pixels_args(meta_tensor(g_shape, g_stride, dtype), meta_tensor(w_shape, w_stride, dtype),
+                            meta_tensor(shape, None, pix_dtype), meta_tensor((shape[1],)), p)
     grid = (cdiv(args["M"], cfg["BLOCK_M"]), cdiv(w_shape[1], cfg["BLOCK_K"]))
-    return _plan(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
+    return plan_from_args(grid, args, _constexprs(shape[1], p, cfg, upcast=upcast, precision=precision))
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> tuple[Tensor, _Plan]:
+def _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> tuple[Tensor, LaunchPlan]:
     """The dense ``(B*nP, K_pad)`` patch buffer (columns ``K..K_pad`` zero) and its plan."""
     plan, shape = _patchify_plan(pixels.shape, pixels.stride(), patch_size, pad_value, pixels.dtype)
     buf = torch.empty(shape, device=pixels.device, dtype=out_dtype)
@@ -202,7 +175,7 @@ def grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std)
         return dw
     g = grad.reshape(-1, N)
     plan = _bwd_weight_plan(pixels.shape, pixels.stride(), g.shape, g.stride(), weight.shape, patch_size, pad_value,
-                            pixels.dtype, weight.dtype, *_host_dots(weight.dtype))
+                            pixels.dtype, weight.dtype, *host_dots(weight.dtype))
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     launch(_patch_embed_bwd_weight_kernel, plan.grid,
            dict(pix_ptr=pixels, g_ptr=g, dw_ptr=dw, scale_ptr=scale, shift_ptr=shift), plan.static)
@@ -217,7 +190,7 @@ def grad_pixels(grad, pixels, weight, patch_size, rescale, std) -> Tensor:
         return dpix.zero_()
     g = grad.reshape(-1, N)
     plan = _bwd_pixels_plan(pixels.shape, g.shape, g.stride(), weight.shape, weight.stride(), patch_size,
-                            pixels.dtype, weight.dtype, *_host_dots(weight.dtype))
+                            pixels.dtype, weight.dtype, *host_dots(weight.dtype))
     scale, _ = _scale_shift(rescale, [0.0] * C, std, pixels.device)
     launch(_patch_embed_bwd_pixels_kernel, plan.grid, dict(g_ptr=g, w_ptr=weight, dpix_ptr=dpix, scale_ptr=scale),
            plan.static)

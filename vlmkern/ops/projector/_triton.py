@@ -2,21 +2,20 @@
 
 Each launch's runtime arguments are written once, in an argument builder (``*_args``) that both the launcher and
 the offline build check (``_builds``, called with meta tensors) read. The launchers call it once per launch key
-(a memoised :class:`_Plan`), not per call.
+(a memoised :class:`LaunchPlan`), not per call.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from vlmkern.kernels.packing import _gather_linear_fwd_kernel
 from vlmkern.kernels.projector import _gelu_bwd_kernel, _linear_gelu_fwd_kernel
-from vlmkern.ops import dispatch
-from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, register_builds
+from vlmkern.ops.launch import (KernelBuild, LaunchPlan, build_from_args, cdiv, host_dots, launch, layout,
+                                meta_tensor, plan_from_args, register_builds)
 
 # Per element size (fp32: FMA units unless TF32 is allowed, small tile to stay in registers); spill-free on sm_80
 # and sm_90 by the build check.
@@ -33,40 +32,9 @@ SHIPPED_GATHER_FLAGS = [(True, False, False, False), (True, False, False, True),
                         (True, True, False, True), (False, False, True, False)]
 
 
-# Launch plans. A launcher runs its argument builder once per launch key (shapes, strides, scalars, flags, dtypes,
-# interpreter flag, dot precision), on meta tensors of those shapes and strides, and keeps the non-tensor
-# arguments and the constexprs as a _Plan; per call it allocates the outputs and passes the pointers next to
-# ``plan.static``. (The same helpers as the other family's _triton.py: candidates for vlmkern.ops.launch.)
+# Launch plans (vlmkern.ops.launch.LaunchPlan): computed once per launch key by the argument builders on meta
+# tensors; per call only the outputs are allocated and the pointers passed.
 _PLANS = 256       # plans kept per launcher (an LRU: a model launches a handful of shapes)
-
-
-class _Plan(NamedTuple):
-    """What a launch takes that the pointers don't: ``grid`` and ``static`` (the builder's non-tensor runtime
-    arguments, the constexprs and the launch options, passed by name next to the pointers)."""
-    grid: tuple
-    static: dict
-
-
-def _plan(grid: tuple, args: dict, constexprs: dict) -> _Plan:
-    """A :class:`_Plan` from an argument builder's ``args`` (on meta tensors: their pointers are dropped)."""
-    return _Plan(grid, {**{k: v for k, v in args.items() if not isinstance(v, Tensor)}, **constexprs})
-
-
-def _meta(shape, stride=None, dtype=torch.float32) -> Tensor:
-    """A meta tensor of ``shape`` (and ``stride``; contiguous when None) standing for a launch's operand."""
-    if stride is None:
-        return torch.empty(shape, dtype=dtype, device="meta")
-    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-
-
-def _host_dots(dtype: torch.dtype) -> tuple[bool, str]:
-    """The two constexprs the host decides (interpreter upcast, dot precision): launch-key parts."""
-    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)
-
-
-def _layout(t: Tensor | None) -> tuple | None:
-    """What an argument builder reads of an optional operand: its shape and strides (None when absent)."""
-    return None if t is None else (t.shape, t.stride())
 
 
 # ------------------------------------------------------------------------------------------ linear_gelu
@@ -84,7 +52,7 @@ def linear_gelu(x2: Tensor, weight: Tensor, bias: Tensor | None, save_pre: bool)
     pre = torch.empty((M, N) if save_pre else (0,), device=x2.device, dtype=x2.dtype)
     if M * N:
         plan = _linear_gelu_plan(x2.shape, x2.stride(), weight.shape, weight.stride(), bias is not None, save_pre,
-                                 x2.dtype, *_host_dots(x2.dtype))
+                                 x2.dtype, *host_dots(x2.dtype))
         launch(_linear_gelu_fwd_kernel, plan.grid,
                dict(x_ptr=x2, w_ptr=weight, b_ptr=bias.contiguous() if bias is not None else weight, out_ptr=out,
                     pre_ptr=pre if save_pre else out), plan.static)
@@ -93,14 +61,14 @@ def linear_gelu(x2: Tensor, weight: Tensor, bias: Tensor | None, save_pre: bool)
 
 @functools.lru_cache(maxsize=_PLANS)
 def _linear_gelu_plan(x_shape, x_stride, w_shape, w_stride, has_bias: bool, save_pre: bool, dtype: torch.dtype,
-                      upcast: bool, precision: str) -> _Plan:
+                      upcast: bool, precision: str) -> LaunchPlan:
     cfg = LINEAR_GELU_CONFIG[dtype.itemsize]
-    w = _meta(w_shape, w_stride, dtype)
-    out = _meta((x_shape[0], w_shape[0]), dtype=dtype)
-    args = _linear_gelu_args(_meta(x_shape, x_stride, dtype), w, w if has_bias else None, out, out)
+    w = meta_tensor(w_shape, w_stride, dtype)
+    out = meta_tensor((x_shape[0], w_shape[0]), dtype=dtype)
+    args = _linear_gelu_args(meta_tensor(x_shape, x_stride, dtype), w, w if has_bias else None, out, out)
     grid = (cdiv(args["M"], cfg["BLOCK_M"]) * cdiv(args["N"], cfg["BLOCK_N"]),)
-    return _plan(grid, args, dict(HAS_BIAS=has_bias, SAVE_PRE=save_pre, UPCAST=upcast, INPUT_PRECISION=precision,
-                                  **cfg))
+    return plan_from_args(grid, args, dict(HAS_BIAS=has_bias, SAVE_PRE=save_pre, UPCAST=upcast,
+                                           INPUT_PRECISION=precision, **cfg))
 
 
 def _gelu_bwd_args(grad: Tensor, pre: Tensor, dpre: Tensor) -> dict:
@@ -118,9 +86,9 @@ def gelu_backward(grad: Tensor, pre: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=_PLANS)
-def _gelu_bwd_plan(numel: int) -> _Plan:
-    t = _meta((numel,))
-    return _plan((cdiv(numel, GELU_BWD_CONFIG["BLOCK"]),), _gelu_bwd_args(t, t, t), GELU_BWD_CONFIG)
+def _gelu_bwd_plan(numel: int) -> LaunchPlan:
+    t = meta_tensor((numel,))
+    return plan_from_args((cdiv(numel, GELU_BWD_CONFIG["BLOCK"]),), _gelu_bwd_args(t, t, t), GELU_BWD_CONFIG)
 
 
 # ---------------------------------------------------------------------------------------- gather_linear
@@ -154,8 +122,8 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None,
     pre = torch.empty((R, N) if save_pre else (0,), device=x.device, dtype=x.dtype)
     if R * N:
         plan = _gather_linear_plan(x.shape, x.stride(), index.shape, index.stride(), weight.shape, weight.stride(),
-                                   _layout(extra), bias is not None, fill is not None, gelu, save_pre, x.dtype,
-                                   *_host_dots(x.dtype))
+                                   layout(extra), bias is not None, fill is not None, gelu, save_pre, x.dtype,
+                                   *host_dots(x.dtype))
         # A 2-D or 3-D x is its own group view's storage at its own offset: the kernel reads the same bytes
         # through the plan's strides; more dims take the (G, T, C) view (or copy, which reshape may make).
         x3 = x if x.dim() <= 3 else as_groups(x)
@@ -170,16 +138,17 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Tensor | None,
 @functools.lru_cache(maxsize=_PLANS)
 def _gather_linear_plan(x_shape, x_stride, i_shape, i_stride, w_shape, w_stride, extra: tuple | None,
                         has_bias: bool, has_fill: bool, gelu: bool, save_pre: bool, dtype: torch.dtype,
-                        upcast: bool, precision: str) -> _Plan:
+                        upcast: bool, precision: str) -> LaunchPlan:
     cfg = GATHER_LINEAR_CONFIGS[dtype.itemsize]
-    w = _meta(w_shape, w_stride, dtype)
-    out = _meta((i_shape[0], w_shape[0]), dtype=dtype)
-    args = _gather_linear_args(as_groups(_meta(x_shape, x_stride, dtype)), _meta(i_shape, i_stride, torch.int64),
-                               w, w if has_bias else None, None if extra is None else _meta(*extra, dtype),
-                               w if has_fill else None, out, out)
+    w = meta_tensor(w_shape, w_stride, dtype)
+    out = meta_tensor((i_shape[0], w_shape[0]), dtype=dtype)
+    x3, index = as_groups(meta_tensor(x_shape, x_stride, dtype)), meta_tensor(i_shape, i_stride, torch.int64)
+    args = _gather_linear_args(x3, index, w, w if has_bias else None,
+                               None if extra is None else meta_tensor(*extra, dtype), w if has_fill else None, out, out)
     grid = (cdiv(args["R"], cfg["BLOCK_M"]) * cdiv(args["N"], cfg["BLOCK_N"]),)
-    return _plan(grid, args, dict(HAS_BIAS=has_bias, HAS_EXTRA=extra is not None, HAS_FILL=has_fill, GELU=gelu,
-                                  SAVE_PRE=save_pre, UPCAST=upcast, INPUT_PRECISION=precision, **cfg))
+    return plan_from_args(grid, args, dict(HAS_BIAS=has_bias, HAS_EXTRA=extra is not None, HAS_FILL=has_fill,
+                                           GELU=gelu, SAVE_PRE=save_pre, UPCAST=upcast, INPUT_PRECISION=precision,
+                                           **cfg))
 
 
 # ------------------------------------------------------------------------------------- shipped builds
@@ -195,8 +164,8 @@ def _builds() -> list[KernelBuild]:
         size = dt.itemsize
         precision = "ieee" if size == 4 else "tf32"
         cfg = LINEAR_GELU_CONFIG[size]
-        x2, w, o = (_meta((64, 64), dtype=dt) for _ in range(3))
-        b = _meta((64,), dtype=dt)
+        x2, w, o = (meta_tensor((64, 64), dtype=dt) for _ in range(3))
+        b = meta_tensor((64,), dtype=dt)
         for save in (False, True):
             out.append(build_from_args(
                 f"linear_gelu_fwd[{name},save_pre={save}]", _linear_gelu_fwd_kernel,
@@ -209,9 +178,9 @@ def _builds() -> list[KernelBuild]:
         aligned = ("C", "N", "s_xg", "s_xt", "s_em", "s_wn", "s_om")
         for it in (torch.int32, torch.int64):
             for gelu, extra, fill, save in SHIPPED_GATHER_FLAGS:
-                x3, idx = _meta((2, 64, 64), dtype=dt), _meta((64, 1), dtype=it)
+                x3, idx = meta_tensor((2, 64, 64), dtype=dt), meta_tensor((64, 1), dtype=it)
                 ones = ("s_xc", "s_ec", "s_wk", "s_on", "s_ip") + (() if extra else ("s_ir",))
-                args = _gather_linear_args(x3, idx, w, b, _meta((4, 64), dtype=dt) if extra else None,
+                args = _gather_linear_args(x3, idx, w, b, meta_tensor((4, 64), dtype=dt) if extra else None,
                                            b if fill else None, o, o)
                 out.append(build_from_args(
                     f"gather_linear_fwd[{name},{_INDEX_NAME[it]},gelu={gelu},extra={extra},fill={fill},save_pre={save}]",

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from vlmkern.kernels.routed_linear import _expert_gemm_kernel, _lora_down_kernel, _lora_up_kernel, _routed_tn_kernel
 from vlmkern.ops.dispatch import dot_precision, triton_interpreting
-from vlmkern.ops.launch import KernelBuild, build_from_args, cdiv, launch, register_builds
+from vlmkern.ops.launch import (KernelBuild, build_from_args, cdiv, launch, layout, register_builds,
+                                without_pointers)
 
 # Shipped launch configurations (the launchers use exactly these; the build check compiles them).
 # Tests may swap entries of CONFIGS for small tiles to exercise multi-tile routing under the interpreter.
@@ -142,10 +143,6 @@ class _Plan(NamedTuple):
 _PLANS = 1024           # plans remembered per launcher (distinct shapes / layouts / scalars)
 
 
-def _layout(t: Optional[Tensor]) -> Optional[tuple]:
-    return None if t is None else (t.shape, t.stride())
-
-
 def _setup(name: str, dtype: torch.dtype) -> tuple:
     """What a plan reads besides its operands: the kernel family (its config is read when the plan is made:
     after swapping a ``CONFIGS`` entry, :func:`clear_plans`), the dtype, the interpreter flag and the dot
@@ -169,10 +166,6 @@ def _dense(*shape: int, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _static(args: dict) -> dict:
-    return {k: v for k, v in args.items() if not isinstance(v, Tensor)}
-
-
 @functools.lru_cache(maxsize=_PLANS)
 def _down_plan(a, b, keep, scale, keep_scale, *setup) -> _Plan:
     """``a``, ``b``, ``keep``: :func:`_layout` of the operands; ``setup``: :func:`_setup` ``("down", dtype)``."""
@@ -181,7 +174,7 @@ def _down_plan(a, b, keep, scale, keep_scale, *setup) -> _Plan:
     (M, _), R = a[0], b[0][0]
     args = _down_args(_meta(a, dtype), _meta(b, dtype), _dense(M, dtype=torch.uint8),
                       _meta(keep, torch.uint8), _dense(M, R, dtype=dtype), scale, keep_scale)
-    return _Plan((cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"])), _static(args), consts)
+    return _Plan((cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"])), without_pointers(args), consts)
 
 
 @functools.lru_cache(maxsize=_PLANS)
@@ -192,7 +185,7 @@ def _up_plan(a, w, u, v, has_bias, keep, keep_scale, *setup) -> _Plan:
     args = _up_args(_meta(a, dtype), _meta(w, dtype), _meta(u, dtype), _meta(v, dtype),
                     _dense(N, dtype=dtype) if has_bias else None, _dense(M, dtype=torch.uint8),
                     _meta(keep, torch.uint8), _dense(M, N, dtype=dtype), keep_scale)
-    return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), _static(args), consts)
+    return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), without_pointers(args), consts)
 
 
 @functools.lru_cache(maxsize=_PLANS)
@@ -202,7 +195,7 @@ def _tn_plan(p, q, keep, groups, sel_base, scale, keep_scale, *setup) -> _Plan:
     (M, N), K = p[0], q[0][1]
     args = _tn_args(_meta(p, dtype), _meta(q, dtype), _dense(M, dtype=torch.uint8), _meta(keep, torch.uint8),
                     _dense(groups, N, K, dtype=dtype), sel_base, scale, keep_scale)
-    return _Plan((cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]), groups), _static(args), consts)
+    return _Plan((cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]), groups), without_pointers(args), consts)
 
 
 @functools.lru_cache(maxsize=_PLANS)
@@ -213,7 +206,7 @@ def _expert_plan(a, w0, s_we, num_experts, *setup) -> _Plan:
     w = _meta(w0, dtype)
     args = _expert_args(_meta(a, dtype), w, w, s_we, _dense(M, dtype=torch.int32),
                         _dense(M, N, dtype=dtype), num_experts)
-    return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), _static(args), consts)
+    return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), without_pointers(args), consts)
 
 
 def clear_plans() -> None:
@@ -225,29 +218,29 @@ def clear_plans() -> None:
 # ----------------------------------------------------------------------------------------- launchers
 def lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
     """``m ⊙ scale·(drop(a) bᵀ)``: a (M, K), b (R, K), mask (M,) bool, keep (M, K) bool or None -> (M, R)."""
-    return _down(a, _layout(a), b, _flat(mask), keep, scale, keep_scale)
+    return _down(a, layout(a), b, _flat(mask), keep, scale, keep_scale)
 
 
 def lora_up(a, w, u, v, mask, keep, keep_scale, bias=None) -> Tensor:
     """``a wᵀ + m ⊙ (u vᵀ) ⊙ keep·keep_scale + bias``: a (M, K), w (N, K), u (M, R), v (N, R) -> (M, N)."""
-    return _up(a, _layout(a), w, u, v, bias, _flat(mask), keep, keep_scale)
+    return _up(a, layout(a), w, u, v, bias, _flat(mask), keep, keep_scale)
 
 
 def partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale) -> tuple[Tensor, Tensor]:
     """The forward: ``U = m ⊙ s·(drop(x) Aᵀ)`` (M, r), then ``y = x Wᵀ + U Bᵀ + b`` (M, out); the mask is
     flattened and x's layout read once for both launches."""
-    mask, layout = _flat(im_mask), _layout(x)
-    u = _down(x, layout, lora_a, mask, keep, scaling, keep_scale)
-    return _up(x, layout, weight, u, lora_b, bias, mask, None, 1.0), u
+    mask, x_layout = _flat(im_mask), layout(x)
+    u = _down(x, x_layout, lora_a, mask, keep, scaling, keep_scale)
+    return _up(x, x_layout, weight, u, lora_b, bias, mask, None, 1.0), u
 
 
-# The two launches of lora_down / lora_up: ``a_layout`` is ``_layout(a)``, ``mask`` already ``_flat``.
+# The two launches of lora_down / lora_up: ``a_layout`` is ``layout(a)``, ``mask`` already ``_flat``.
 def _down(a, a_layout, b, mask, keep, scale, keep_scale) -> Tensor:
     M, K = a.shape
     out = torch.empty((M, b.shape[0]), device=a.device, dtype=a.dtype)
     if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
         return out.zero_()
-    plan = _down_plan(a_layout, _layout(b), _layout(keep), scale, keep_scale, *_setup("down", a.dtype))
+    plan = _down_plan(a_layout, layout(b), layout(keep), scale, keep_scale, *_setup("down", a.dtype))
     launch(_lora_down_kernel, plan.grid, {**plan.static, **_down_ptrs(a, b, mask, _u8(keep), out)}, plan.consts)
     return out
 
@@ -256,7 +249,7 @@ def _up(a, a_layout, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
     out = torch.empty((a.shape[0], w.shape[0]), device=a.device, dtype=a.dtype)
     if out.numel() == 0:
         return out
-    plan = _up_plan(a_layout, _layout(w), _layout(u), _layout(v), bias is not None, _layout(keep), keep_scale,
+    plan = _up_plan(a_layout, layout(w), layout(u), layout(v), bias is not None, layout(keep), keep_scale,
                     *_setup("up", a.dtype))
     ptrs = _up_ptrs(a, w, u, v, None if bias is None else _flat(bias), mask, _u8(keep), out)
     launch(_lora_up_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
@@ -268,7 +261,7 @@ def routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
     out = torch.empty((groups, p.shape[1], q.shape[1]), device=p.device, dtype=p.dtype)
     if out.numel() == 0 or p.shape[0] == 0:
         return out.zero_()
-    plan = _tn_plan(_layout(p), _layout(q), _layout(keep), groups, sel_base, scale, keep_scale,
+    plan = _tn_plan(layout(p), layout(q), layout(keep), groups, sel_base, scale, keep_scale,
                     *_setup("tn", p.dtype))
     launch(_routed_tn_kernel, plan.grid, {**plan.static, **_tn_ptrs(p, q, _flat(sel), _u8(keep), out)},
            plan.consts)
@@ -281,7 +274,7 @@ def expert_linear(a, ws, ids) -> Tensor:
     if out.numel() == 0:
         return out
     w0, w1, s_we = _expert_operands(ws)
-    plan = _expert_plan(_layout(a), _layout(w0), s_we, len(ws), *_setup("expert", a.dtype))
+    plan = _expert_plan(layout(a), layout(w0), s_we, len(ws), *_setup("expert", a.dtype))
     launch(_expert_gemm_kernel, plan.grid, {**plan.static, **_expert_ptrs(a, w0, w1, _flat(ids), out)},
            plan.consts)
     return out

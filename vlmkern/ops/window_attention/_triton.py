@@ -15,7 +15,7 @@ import triton
 from torch import Tensor
 
 from vlmkern.kernels.window_attention import _window_attn_bwd_kernel, _window_attn_fwd_kernel
-from vlmkern.ops.launch import KernelBuild, build_from_args, launch, register_builds, triton_type
+from vlmkern.ops.launch import KernelBuild, build_from_args, launch, register_builds, triton_type, without_pointers
 from vlmkern.ops.window_attention._torch import window_sides
 
 # Channel loops use ``tl.range(..., num_stages=3)``: loads that feed no dot are pipelined (cp.async) only
@@ -86,7 +86,7 @@ def _plan(u: tuple, h: tuple, h_dtype: torch.dtype, build) -> _Launch:
     B, N, _ = um.shape
     rows = (B, N, window_sides(um, hm)[1] ** 2)
     args = build(um, hm, [torch.empty(rows, device="meta")] * 4)
-    return _Launch((N, B), {name: a for name, a in args.items() if not isinstance(a, Tensor)},
+    return _Launch((N, B), without_pointers(args),
                    _constexprs(um, hm), rows)
 
 
