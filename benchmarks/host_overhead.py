@@ -329,6 +329,14 @@ def profile(name: str, train: bool, calls: int = 300, top: int = 25, device: str
     return buf.getvalue()
 
 
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -353,10 +361,12 @@ def main(argv=None) -> int:
     print(f"Host overhead per call, kernel launches stubbed ({machine}; torch {torch.__version__}):")
     print(format_rows(rows))
     if args.json:
+        from benchmarks.harness import git_state
         Path(args.json).write_text(json.dumps(dict(machine=machine, device=args.device, torch=torch.__version__,
-                                                   calls=args.calls, rounds=args.rounds, rows=rows,
-                                                   targets=dict(fwd_us=FWD_TARGET_US,
-                                                                fwd_bwd_us=FWD_BWD_TARGET_US)), indent=1))
+                                                   triton=_triton_version(), **git_state(), calls=args.calls,
+                                                   rounds=args.rounds, statistic="best round (median round beside)",
+                                                   rows=rows, targets=dict(fwd_us=FWD_TARGET_US,
+                                                                           fwd_bwd_us=FWD_BWD_TARGET_US)), indent=1))
     return 0
 
 
