@@ -200,3 +200,12 @@ def test_a_first_call_under_compile_traces_the_custom_op():
     out = torch.compile(lambda a, b: fresh(a, b, None, False)[0], fullgraph=True, backend=backend)(x, w)
     assert fresh._kernels is None and any("vlmkern.linear_gelu" in t for t in seen)
     torch.testing.assert_close(out, torch.nn.functional.gelu(x @ w.t()))
+
+
+def test_forget_selections_clears_every_remembered_choice():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    ops_projector._linear_gelu(x, w, None, False)
+    ops_projector.LINEAR_GELU.select(x, w)
+    assert ops_projector._linear_gelu._chosen and ops_projector.LINEAR_GELU._chosen
+    dispatch.forget_selections()
+    assert not ops_projector._linear_gelu._chosen and not ops_projector.LINEAR_GELU._chosen
