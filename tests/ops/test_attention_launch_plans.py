@@ -52,7 +52,7 @@ def _qkv_layouts(dtype):
 
 def _configs(q, kernel, kpm, mode, dropout_p):
     """(config, constexprs) of ``kernel`` as the launchers derive them."""
-    upcast, precision, family = attn._launch_params(q.dtype, *attn._precision_key(q.dtype))
+    upcast, precision, family = attn._launch_params(q.dtype, *attn.host_dots(q.dtype))
     cfg = attn.attention_config(kernel, family, q.shape[3], dropout_p > 0)
     return cfg, attn._constexprs(q.shape[3], mode, kpm is not None, dropout_p > 0, upcast, precision, cfg)
 

@@ -142,6 +142,11 @@ def meta_tensor(shape, stride=None, dtype: torch.dtype = torch.float32) -> torch
     return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
+def meta_from(layout: tuple | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The meta stand-in of an operand from its plan-key :func:`layout` (None stays None)."""
+    return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
+
+
 def host_dots(dtype: torch.dtype) -> tuple[bool, str]:
     """The two constexprs the host decides, launch-key parts: the interpreter's upcast and the dot precision."""
     return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)

@@ -15,10 +15,10 @@ from torch import Tensor
 
 from vlmkern.kernels import attention as K
 from vlmkern.masks import QFormerMode
-from vlmkern.ops import dispatch
 from vlmkern.ops.attention import _dropout
-from vlmkern.ops.launch import (KernelBuild, build_from_args, cdiv, launch, layout, placeholder, register_builds,
-                                without_pointers)
+from vlmkern.ops.checks import as_dtype
+from vlmkern.ops.launch import (KernelBuild, build_from_args, cdiv, host_dots, launch, layout, meta_from, placeholder,
+                                register_builds, without_pointers)
 
 LOG2E = 1.4426950408889634      # the kernels' softmax runs in base 2: scores are scaled by scale * log2(e)
 
@@ -166,20 +166,16 @@ class _Launch(NamedTuple):
     meta: dict       # constexprs, config and launch options
 
 
-def _meta(layout: tuple | None, dtype: torch.dtype) -> Tensor | None:
-    return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
-
-
 def _plan_inputs(dtype, q, k, v, kpm, num_query, scale, dropout_p) -> tuple:
     """Meta stand-ins of the ``inputs`` the builders take, from plan-key layouts."""
     rng = torch.empty(2, dtype=torch.int64, device="meta") if dropout_p != 0.0 else None
-    return (_meta(q, dtype), _meta(k, dtype), _meta(v, dtype), _meta(kpm, torch.bool), num_query, scale,
+    return (meta_from(q, dtype), meta_from(k, dtype), meta_from(v, dtype), meta_from(kpm, torch.bool), num_query, scale,
             dropout_p, rng)
 
 
 @functools.lru_cache(maxsize=512, typed=True)    # typed: an int scale is an i32 argument, a float one fp32
 def _forward_plan(dtype, q, k, v, kpm, num_query, mode, scale, dropout_p, interpreting, precision) -> _Launch:
-    """The forward's launch for the layouts (:func:`_layout`) ``q, k, v`` and ``kpm`` (after :func:`_kpm_bytes`)."""
+    """The forward's launch for the layouts (``launch.layout``) ``q, k, v`` and ``kpm`` (after :func:`_kpm_bytes`)."""
     inputs = _plan_inputs(dtype, q, k, v, kpm, num_query, scale, dropout_p)
     qm = inputs[0]
     B, H, Lq, d = qm.shape
@@ -205,7 +201,7 @@ def _backward_plan(dtype, grad, out, q, k, v, kpm, num_query, mode, scale, dropo
     qm, km = inputs[0], inputs[1]
     B, H, Lq, d = qm.shape
     Lk = km.shape[2]
-    gm, om = _meta(grad, dtype), _meta(out, dtype)
+    gm, om = meta_from(grad, dtype), meta_from(out, dtype)
     lse = delta = torch.empty((B, H, Lq), dtype=torch.float32, device="meta")
     dq = torch.empty((B, H, Lq, d), dtype=dtype, device="meta")
     dk = torch.empty((B, H, Lk, d), dtype=dtype, device="meta")
@@ -223,11 +219,6 @@ def _backward_plan(dtype, grad, out, q, k, v, kpm, num_query, mode, scale, dropo
         plan("dq", Lq, "BLOCK_M", _dq_args(gm, lse, delta, dq, *inputs)))
 
 
-def _precision_key(dtype: torch.dtype) -> tuple[bool, str]:
-    """The two plan-key parts read from the environment: the interpreter flag and the dot precision."""
-    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)
-
-
 # ------------------------------------------------------------------------------------------ launchers
 # Results are allocated dense (torch.empty's strides) with empty_like: a third of torch.empty's host time on a
 # small CPU, where parsing a torch.Size and dtype/device keywords dominates an allocation.
@@ -243,7 +234,7 @@ def forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng) -> tuple[Tenso
         return out, lse
     kpm = _kpm_bytes(kpm)
     plan = _forward_plan(q.dtype, layout(q), layout(k), layout(v), layout(kpm), num_query, mode, scale,
-                         dropout_p, *_precision_key(q.dtype))
+                         dropout_p, *host_dots(q.dtype))
     pointers = _masked_pointers(q, k, v, kpm, rng if dropout_p != 0.0 else None)
     launch(K._masked_attn_fwd_kernel, plan.grid, {**plan.args, **pointers, "o_ptr": out, "lse_ptr": lse}, plan.meta)
     return out, lse
@@ -253,8 +244,7 @@ def backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale, dropout_p,
              rng) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` shaped as ``q, k, v`` (contiguous), recomputing the probabilities from ``lse``."""
     B, H, Lq, _ = q.shape
-    if grad.dtype != q.dtype:
-        grad = grad.to(q.dtype)
+    grad = as_dtype(grad, q.dtype)
     dq = torch.empty_like(q, memory_format=_DENSE)
     dk = torch.empty_like(k, dtype=q.dtype, memory_format=_DENSE)
     dv = torch.empty_like(k, dtype=q.dtype, memory_format=_DENSE)
@@ -263,7 +253,7 @@ def backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale, dropout_p,
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     kpm = _kpm_bytes(kpm)
     plan = _backward_plan(q.dtype, layout(grad), layout(out), layout(q), layout(k), layout(v), layout(kpm),
-                          num_query, mode, scale, dropout_p, *_precision_key(q.dtype))
+                          num_query, mode, scale, dropout_p, *host_dots(q.dtype))
     # the pointers all three gradient kernels read, built once
     shared = {**_masked_pointers(q, k, v, kpm, rng if dropout_p != 0.0 else None), "do_ptr": grad,
               "lse_ptr": lse.contiguous(), "delta_ptr": delta}

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, autocast_inputs, check_same_device,
+from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, as_dtype, autocast_inputs, check_same_device,
                                 check_tensor, int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
@@ -125,11 +125,6 @@ GATHER_LINEAR = register(OpDispatch("gather_linear", {"triton": _gather_triton_r
                                                              "reference": dispatch.never_refuses}))
 
 
-def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` without the call when ``t`` already has it (a backward's float32 sums of fp32 inputs)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 # ------------------------------------------------------------------------------------ linear_gelu op
 def _linear_gelu_impl(backend):
     def impl(x, weight, bias, save_pre):
@@ -193,7 +188,7 @@ def _linear_gelu_backward(ctx, grad_out, _grad_pre):
     if need_w:
         dw = d2.t().matmul(rows_2d(x))
     if ctx.has_bias and need_b:
-        db = _as_dtype(d2.sum(0, dtype=torch.float32), weight.dtype)
+        db = as_dtype(d2.sum(0, dtype=torch.float32), weight.dtype)
     return dx, dw, db, None
 
 
@@ -239,7 +234,7 @@ def _gather_backward(ctx, grad_out, _grad_pre):
     if ctx.has_fill:
         is_fill = index[:, :1] < 0
         if need_f:
-            dfill = _as_dtype(grad_out.masked_fill(~is_fill, 0).sum(0, dtype=torch.float32), grad_out.dtype)
+            dfill = as_dtype(grad_out.masked_fill(~is_fill, 0).sum(0, dtype=torch.float32), grad_out.dtype)
         dpre = dpre.masked_fill(is_fill, 0)
         src = _torch.source_index(index, is_fill)
     else:  # no fill rows: every entry is a source row (what the value check guarantees)
@@ -252,13 +247,13 @@ def _gather_backward(ctx, grad_out, _grad_pre):
         acc = torch.zeros((M + (0 if extra is None else extra.shape[0]), C), device=x.device, dtype=torch.float32)
         acc.index_add_(0, src.reshape(-1), dpre.matmul(weight).reshape(R * P, C).float())
         if need_x:
-            dx = _as_dtype(acc if extra is None else acc[:M], x.dtype)
+            dx = as_dtype(acc if extra is None else acc[:M], x.dtype)
             dx = dx if x.dim() == 2 else dx.reshape(x.shape)
-        dextra = _as_dtype(acc[M:], extra.dtype) if need_e else None
+        dextra = as_dtype(acc[M:], extra.dtype) if need_e else None
     if need_w:
         dw = dpre.t().matmul(_torch.source_rows(x, extra)[src].reshape(R, P * C))
     if ctx.has_bias and need_b:
-        db = _as_dtype(dpre.sum(0, dtype=torch.float32), weight.dtype)
+        db = as_dtype(dpre.sum(0, dtype=torch.float32), weight.dtype)
     return dx, None, dw, db, dextra, dfill, None, None
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from vlmkern.kernels.packing import _gather_linear_fwd_kernel
 from vlmkern.kernels.projector import _gelu_bwd_kernel, _linear_gelu_fwd_kernel
 from vlmkern.ops.launch import (KernelBuild, LaunchPlan, build_from_args, cdiv, host_dots, launch, layout,
-                                meta_tensor, plan_from_args, register_builds)
+                                meta_from, meta_tensor, plan_from_args, register_builds)
 
 # Per element size (fp32: FMA units unless TF32 is allowed, small tile to stay in registers); spill-free on sm_80
 # and sm_90 by the build check.
@@ -144,7 +144,7 @@ def _gather_linear_plan(x_shape, x_stride, i_shape, i_stride, w_shape, w_stride,
     out = meta_tensor((i_shape[0], w_shape[0]), dtype=dtype)
     x3, index = as_groups(meta_tensor(x_shape, x_stride, dtype)), meta_tensor(i_shape, i_stride, torch.int64)
     args = _gather_linear_args(x3, index, w, w if has_bias else None,
-                               None if extra is None else meta_tensor(*extra, dtype), w if has_fill else None, out, out)
+                               meta_from(extra, dtype), w if has_fill else None, out, out)
     grid = (cdiv(args["R"], cfg["BLOCK_M"]) * cdiv(args["N"], cfg["BLOCK_N"]),)
     return plan_from_args(grid, args, dict(HAS_BIAS=has_bias, HAS_EXTRA=extra is not None, HAS_FILL=has_fill,
                                            GELU=gelu, SAVE_PRE=save_pre, UPCAST=upcast, INPUT_PRECISION=precision,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from vlmkern.ops import dispatch as _dispatch
-from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, autocast_inputs, check_dropout_p,
+from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, as_dtype, autocast_inputs, check_dropout_p,
                                 check_same_device, check_tensor, int32_offset_reasons, once_per_key,
                                 rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
@@ -224,7 +224,7 @@ def _plora_backward(ctx, grad, _grad_u):
     """dX = dY W + keep ⊙ (G A), dW = dYᵀ X, db = Σ dY, dA = Gᵀ drop(X), dB = dYᵀ U; G = m ⊙ s·(dY B)."""
     x, weight, lora_a, lora_b, im_mask, keep, u = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+    g = as_dtype(grad, x.dtype)
     dx = dw = db = da = dbl = None
     gm = None
     if need[0] and keep is None and not torch.is_grad_enabled():
@@ -239,8 +239,7 @@ def _plora_backward(ctx, grad, _grad_u):
     if need[1]:
         dw = g.t().matmul(x)
     if need[2]:
-        db = g.sum(dim=0, dtype=torch.float32)
-        db = db if x.dtype == torch.float32 else db.to(x.dtype)
+        db = as_dtype(g.sum(dim=0, dtype=torch.float32), x.dtype)
     if need[3]:
         da = _routed_tn(gm, x, im_mask, 1, 1, keep, 1.0, ctx.keep_scale).squeeze(0)
     if need[4]:
@@ -280,7 +279,7 @@ def _expert_setup_context(ctx, inputs, output):
 def _expert_backward(ctx, grad):
     """dX[t] = dY[t] W_{e(t)} (same kernel, weights transposed); dW_e = Σ_{e(t)=e} dY[t]ᵀ x[t]."""
     x, ids, *weights = ctx.saved_tensors
-    g = grad if grad.dtype == x.dtype else grad.to(x.dtype)
+    g = as_dtype(grad, x.dtype)
     dx = dws = None
     if ctx.needs_input_grad[0]:
         dx = _expert_linear(g, [w.t() for w in weights], ids)

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor
 
 from vlmkern.kernels.routed_linear import _expert_gemm_kernel, _lora_down_kernel, _lora_up_kernel, _routed_tn_kernel
-from vlmkern.ops.dispatch import dot_precision, triton_interpreting
-from vlmkern.ops.launch import (KernelBuild, build_from_args, cdiv, launch, layout, register_builds,
-                                without_pointers)
+from vlmkern.ops.launch import (KernelBuild, build_from_args, cdiv, host_dots, launch, layout, meta_from,
+                                register_builds, without_pointers)
 
 # Shipped launch configurations (the launchers use exactly these; the build check compiles them).
 # Tests may swap entries of CONFIGS for small tiles to exercise multi-tile routing under the interpreter.
@@ -147,7 +146,7 @@ def _setup(name: str, dtype: torch.dtype) -> tuple:
     """What a plan reads besides its operands: the kernel family (its config is read when the plan is made:
     after swapping a ``CONFIGS`` entry, :func:`clear_plans`), the dtype, the interpreter flag and the dot
     precision, in :func:`_plan_consts`' argument order."""
-    return name, dtype, triton_interpreting(), dot_precision(dtype)
+    return (name, dtype, *host_dots(dtype))
 
 
 def _plan_consts(name: str, dtype, upcast: bool, precision: str, **flags) -> tuple[dict, dict]:
@@ -157,10 +156,6 @@ def _plan_consts(name: str, dtype, upcast: bool, precision: str, **flags) -> tup
     return cfg, dict(**flags, UPCAST=upcast, INPUT_PRECISION=precision, **cfg)
 
 
-def _meta(layout: Optional[tuple], dtype: torch.dtype) -> Optional[Tensor]:
-    return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
-
-
 def _dense(*shape: int, dtype: torch.dtype) -> Tensor:
     """A meta stand-in for a launcher's output or a ``_flat`` routing / bias tensor (contiguous)."""
     return torch.empty(shape, dtype=dtype, device="meta")
@@ -168,12 +163,12 @@ def _dense(*shape: int, dtype: torch.dtype) -> Tensor:
 
 @functools.lru_cache(maxsize=_PLANS)
 def _down_plan(a, b, keep, scale, keep_scale, *setup) -> _Plan:
-    """``a``, ``b``, ``keep``: :func:`_layout` of the operands; ``setup``: :func:`_setup` ``("down", dtype)``."""
+    """``a``, ``b``, ``keep``: ``launch.layout`` of the operands; ``setup``: :func:`_setup` ``("down", dtype)``."""
     cfg, consts = _plan_consts(*setup, HAS_KEEP=keep is not None)
     dtype = setup[1]
     (M, _), R = a[0], b[0][0]
-    args = _down_args(_meta(a, dtype), _meta(b, dtype), _dense(M, dtype=torch.uint8),
-                      _meta(keep, torch.uint8), _dense(M, R, dtype=dtype), scale, keep_scale)
+    args = _down_args(meta_from(a, dtype), meta_from(b, dtype), _dense(M, dtype=torch.uint8),
+                      meta_from(keep, torch.uint8), _dense(M, R, dtype=dtype), scale, keep_scale)
     return _Plan((cdiv(M, cfg["BLOCK_M"]), cdiv(R, cfg["BLOCK_R"])), without_pointers(args), consts)
 
 
@@ -182,9 +177,9 @@ def _up_plan(a, w, u, v, has_bias, keep, keep_scale, *setup) -> _Plan:
     cfg, consts = _plan_consts(*setup, HAS_BIAS=has_bias, HAS_KEEP=keep is not None)
     dtype = setup[1]
     M, N = a[0][0], w[0][0]
-    args = _up_args(_meta(a, dtype), _meta(w, dtype), _meta(u, dtype), _meta(v, dtype),
+    args = _up_args(meta_from(a, dtype), meta_from(w, dtype), meta_from(u, dtype), meta_from(v, dtype),
                     _dense(N, dtype=dtype) if has_bias else None, _dense(M, dtype=torch.uint8),
-                    _meta(keep, torch.uint8), _dense(M, N, dtype=dtype), keep_scale)
+                    meta_from(keep, torch.uint8), _dense(M, N, dtype=dtype), keep_scale)
     return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), without_pointers(args), consts)
 
 
@@ -193,8 +188,8 @@ def _tn_plan(p, q, keep, groups, sel_base, scale, keep_scale, *setup) -> _Plan:
     cfg, consts = _plan_consts(*setup, HAS_KEEP=keep is not None)
     dtype = setup[1]
     (M, N), K = p[0], q[0][1]
-    args = _tn_args(_meta(p, dtype), _meta(q, dtype), _dense(M, dtype=torch.uint8), _meta(keep, torch.uint8),
-                    _dense(groups, N, K, dtype=dtype), sel_base, scale, keep_scale)
+    args = _tn_args(meta_from(p, dtype), meta_from(q, dtype), _dense(M, dtype=torch.uint8),
+                    meta_from(keep, torch.uint8), _dense(groups, N, K, dtype=dtype), sel_base, scale, keep_scale)
     return _Plan((cdiv(N, cfg["BLOCK_N"]), cdiv(K, cfg["BLOCK_K"]), groups), without_pointers(args), consts)
 
 
@@ -203,8 +198,8 @@ def _expert_plan(a, w0, s_we, num_experts, *setup) -> _Plan:
     cfg, consts = _plan_consts(*setup, PAIR=num_experts <= 2)
     dtype = setup[1]
     M, N = a[0][0], w0[0][-2]
-    w = _meta(w0, dtype)
-    args = _expert_args(_meta(a, dtype), w, w, s_we, _dense(M, dtype=torch.int32),
+    w = meta_from(w0, dtype)
+    args = _expert_args(meta_from(a, dtype), w, w, s_we, _dense(M, dtype=torch.int32),
                         _dense(M, N, dtype=dtype), num_experts)
     return _Plan((cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]),), without_pointers(args), consts)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, autocasting, check_finite_scalar, check_same_device, check_tensor,
+from vlmkern.ops.checks import (FLOATS, as_dtype, autocasting, check_finite_scalar, check_same_device, check_tensor,
                                 int32_count_reasons, int32_offset_reasons, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.window_attention import _torch
@@ -123,7 +123,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, ds, *_):
     u, images_aux, mean, rstd, p, logit = ctx.saved_tensors
     du, dh = _window_attention_backward(ds, u, images_aux, mean, rstd, p, logit)
-    return (du if du.dtype == u.dtype else du.to(u.dtype)), dh, None
+    return as_dtype(du, u.dtype), dh, None
 
 
 dispatch.register_autograd(_window_attention_op, _backward, _setup)

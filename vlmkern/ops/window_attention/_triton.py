@@ -15,7 +15,9 @@ import triton
 from torch import Tensor
 
 from vlmkern.kernels.window_attention import _window_attn_bwd_kernel, _window_attn_fwd_kernel
-from vlmkern.ops.launch import KernelBuild, build_from_args, launch, register_builds, triton_type, without_pointers
+from vlmkern.ops.checks import as_dtype
+from vlmkern.ops.launch import (KernelBuild, build_from_args, launch, layout, meta_from, register_builds, triton_type,
+                                without_pointers)
 from vlmkern.ops.window_attention._torch import window_sides
 
 # Channel loops use ``tl.range(..., num_stages=3)``: loads that feed no dot are pipelined (cp.async) only
@@ -70,10 +72,6 @@ class _Launch(NamedTuple):
     rows: tuple      # shape of each saved row tensor (B, N, M²)
 
 
-def _meta(layout: tuple, dtype: torch.dtype = torch.float32) -> Tensor:
-    return torch.empty_strided(*layout, dtype=dtype, device="meta")
-
-
 def _dense(t: Tensor) -> Tensor:
     """A meta stand-in of a result allocated like ``t`` but dense (as the launchers allocate s, du, dh)."""
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
@@ -82,12 +80,11 @@ def _dense(t: Tensor) -> Tensor:
 def _plan(u: tuple, h: tuple, h_dtype: torch.dtype, build) -> _Launch:
     """The launch of ``build(u, h, rows)`` (an argument builder's call on meta tensors) for the layouts ``u``
     (fp32) and ``h``; ``rows``: the four saved ``(B, N, M²)`` fp32 rows."""
-    um, hm = _meta(u), _meta(h, h_dtype)
+    um, hm = meta_from(u), meta_from(h, h_dtype)
     B, N, _ = um.shape
     rows = (B, N, window_sides(um, hm)[1] ** 2)
     args = build(um, hm, [torch.empty(rows, device="meta")] * 4)
-    return _Launch((N, B), without_pointers(args),
-                   _constexprs(um, hm), rows)
+    return _Launch((N, B), without_pointers(args), _constexprs(um, hm), rows)
 
 
 @functools.lru_cache(maxsize=256)
@@ -97,7 +94,7 @@ def _forward_plan(u: tuple, h: tuple, h_dtype: torch.dtype, eps: float) -> _Laun
 
 @functools.lru_cache(maxsize=256)
 def _backward_plan(ds: tuple, u: tuple, h: tuple, h_dtype: torch.dtype) -> _Launch:
-    return _plan(u, h, h_dtype, lambda um, hm, rows: _bwd_args(_meta(ds), um, hm, *rows, _dense(um), _dense(hm)))
+    return _plan(u, h, h_dtype, lambda um, hm, rows: _bwd_args(meta_from(ds), um, hm, *rows, _dense(um), _dense(hm)))
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -106,15 +103,10 @@ def _backward_plan(ds: tuple, u: tuple, h: tuple, h_dtype: torch.dtype) -> _Laun
 _DENSE = torch.contiguous_format
 
 
-def _fp32(t: Tensor) -> Tensor:
-    """``t.float()`` without its call when ``t`` already is (most calls; the call alone costs ~1 us)."""
-    return t if t.dtype == torch.float32 else t.float()
-
-
 def forward(u, h, eps) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``s (B, N, C)`` and the saved rows ``mean, rstd, p, logit (B, N, M²)``, all fp32."""
-    u = _fp32(u)
-    plan = _forward_plan((u.shape, u.stride()), (h.shape, h.stride()), h.dtype, eps)
+    u = as_dtype(u, torch.float32)
+    plan = _forward_plan(layout(u), layout(h), h.dtype, eps)
     s = torch.empty_like(u, memory_format=_DENSE)
     mean = torch.empty(plan.rows, dtype=torch.float32, device=u.device)
     rows = (mean, torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean))
@@ -127,11 +119,11 @@ def forward(u, h, eps) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 
 def backward(ds, u, h, mean, rstd, p, logit) -> tuple[Tensor, Tensor]:
     """``du (B, N, C)`` fp32 and ``dh`` (dense, ``h``'s dtype)."""
-    ds, u = _fp32(ds), _fp32(u)
+    ds, u = as_dtype(ds, torch.float32), as_dtype(u, torch.float32)
     du = torch.empty_like(u, memory_format=_DENSE)
     dh = torch.empty_like(h, memory_format=_DENSE)
     if u.shape[0] * u.shape[1]:
-        plan = _backward_plan((ds.shape, ds.stride()), (u.shape, u.stride()), (h.shape, h.stride()), h.dtype)
+        plan = _backward_plan(layout(ds), layout(u), layout(h), h.dtype)
         launch(_window_attn_bwd_kernel, plan.grid, {**plan.args, "ds_ptr": ds, "u_ptr": u, "h_ptr": h,
                                                    "mean_ptr": mean, "rstd_ptr": rstd, "p_ptr": p, "logit_ptr": logit,
                                                    "du_ptr": du, "dh_ptr": dh}, plan.meta)
