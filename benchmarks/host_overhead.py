@@ -1,6 +1,6 @@
-"""Host (Python) overhead per call of every public op, with the Triton kernel launches stubbed out.
+"""Host (Python) overhead per call of every public op, with the Triton kernel launches stubbed out (or made).
 
-    python -m benchmarks.host_overhead [--device cpu|cuda] [--calls N] [--rounds R] [--only NAME]
+    python -m benchmarks.host_overhead [--device cpu|cuda] [--launches stubbed|real] [--calls N] [--rounds R] [--only NAME]
                                        [--json PATH] [--profile NAME]
 
 What it measures: the CPU time of one forward (inputs without grad) and of one forward + backward (inputs
@@ -22,7 +22,10 @@ makes (every Python frame entered, torch's included, and those in vlmkern's file
 one warm call. Yardsticks measured in the same rounds: ``F.scaled_dot_product_attention`` and ``F.linear`` doing
 real work on equally tiny tensors (torch's own eager path), and two floors: an empty ``torch.library.custom_op``
 with autograd, and an empty ``torch.autograd.Function``: no op with a custom backward can cost less than the
-latter on this machine. The figures depend on the CPU and on its load; say which.
+latter on this machine. Beside each op, measured in the same rounds, its own contract floor (:class:`_FloorFunction`):
+the autograd.Function call its eager path makes, same inputs, outputs and gradients, with bodies that only
+allocate; a target below an op's floor is out of reach for any implementation as an autograd.Function on this
+machine, and the verdict says so. The figures depend on the CPU and on its load; say which.
 
 :func:`repeat_call_trace` lists the vlmkern functions a warm call runs; the tests check that none of them is an
 argument check, a backend selection or a launch-plan builder: those run once per input signature.
@@ -51,11 +54,26 @@ FWD_BWD_TARGET_US = 120.0
 
 
 @contextmanager
-def stubbed_launches(device: str = "cpu"):
+def stubbed_launches(device: str = "cpu", stub: bool = True):
     """The Triton path forced (``VLMKERN_BACKEND=triton``) and every ``kernel[grid](...)`` a no-op, for the
     duration; both restored afterwards. ``device="cpu"``: interpreted kernels, which needs ``TRITON_INTERPRET=1``
     from before the kernel modules were imported (``main`` sets it; the tests' conftest does); ``"cuda"``:
-    compiled kernels (``TRITON_INTERPRET`` unset)."""
+    compiled kernels (``TRITON_INTERPRET`` unset). ``stub=False`` (``--launches real``, CUDA only): the launches
+    run, so that a call's host time includes Triton's own launch path (argument binding, specialisation, the
+    driver call) as a user's does."""
+    if not stub:
+        if device != "cuda":
+            raise ValueError("real launches are measured on CUDA only (interpreted kernels would do their work)")
+        backend = os.environ.get("VLMKERN_BACKEND")
+        os.environ["VLMKERN_BACKEND"] = "triton"
+        try:
+            yield
+        finally:
+            if backend is None:
+                os.environ.pop("VLMKERN_BACKEND", None)
+            else:
+                os.environ["VLMKERN_BACKEND"] = backend
+        return
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("host_overhead on the CPU needs TRITON_INTERPRET=1 set before triton is imported "
@@ -189,6 +207,72 @@ class _EmptyFunction(torch.autograd.Function):
         return g, None
 
 
+# The contract floor of an op: the same autograd.Function call its eager path makes (the same inputs, outputs
+# and gradients) with bodies that only allocate: the forward its outputs (as the recorded call's), the backward
+# one gradient per input that needs one; without gradients, as the eager path, no Function: one allocation. No
+# implementation of the op's contract as an autograd.Function (the eager path's, or any other) can cost less:
+# what an op costs above it is its own checks, selection, plans and launches. A list argument (expert weights)
+# comes flattened, as the eager path passes it.
+class _FloorFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, outputs, *inputs):
+        ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+        outs = tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device, _ in outputs)
+        ctx.mark_non_differentiable(*[o for o, spec in zip(outs, outputs) if not spec[3]])
+        return outs if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = iter(ctx.saved_tensors)
+        needs = ctx.needs_input_grad[1:]
+        grads_in = []
+        for need, t in zip(needs, ctx.inputs_are_tensors):
+            tensor = next(saved) if t else None
+            grads_in.append(torch.empty_like(tensor) if need else None)
+        return (None, *grads_in)
+
+
+def _floor_call(op_call) -> Callable[[], torch.Tensor]:
+    """The contract floor's call for one recorded eager op call ``(eager_op, args, output)``."""
+    _, args, output = op_call
+    flat = [t for a in args for t in (a if type(a) is list else (a,))]
+    outs = output if isinstance(output, tuple) else (output,)
+    spec = tuple((o.shape, o.dtype, o.device, o.is_floating_point() and o.requires_grad) for o in outs)
+    are_tensors = tuple(isinstance(t, torch.Tensor) for t in flat)
+
+    class Floor(_FloorFunction):
+        @staticmethod
+        def forward(ctx, outputs, *inputs):
+            ctx.inputs_are_tensors = are_tensors
+            return _FloorFunction.forward(ctx, outputs, *inputs)
+
+    def call():
+        if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*flat)):   # as the eager path: no Function
+            return torch.empty(spec[0][0], dtype=spec[0][1], device=spec[0][2])  # (the first output stands for all)
+        out = Floor.apply(spec, *flat)
+        return out[0] if isinstance(out, tuple) else out
+    return call
+
+
+def _recorded_op_call(call: Callable[[], torch.Tensor]):
+    """``(eager_op, args, output)`` of the first eager custom-op call ``call()`` makes, or None."""
+    from vlmkern.ops import dispatch
+    seen = []
+    original = dispatch.EagerOp.__call__
+
+    def spy(self, *args):
+        out = original(self, *args)
+        if not seen:
+            seen.append((self, args, out))
+        return out
+    dispatch.EagerOp.__call__ = spy
+    try:
+        call()
+    finally:
+        dispatch.EagerOp.__call__ = original
+    return seen[0] if seen else None
+
+
 def _timed_round(step: Callable[[], None], calls: int) -> float:
     """Mean per-call CPU time of this thread over ``calls`` back-to-back calls, in microseconds. Thread CPU
     time, not wall time: on a shared machine the wall clock mostly measures the wait for a core, and the host
@@ -199,8 +283,15 @@ def _timed_round(step: Callable[[], None], calls: int) -> float:
     return (time.thread_time_ns() - t0) / calls / 1e3
 
 
-def _steps(build, train: bool) -> Optional[Callable[[], None]]:
+def _steps(build, train: bool, floor: bool = False) -> Optional[Callable[[], None]]:
+    """One forward (``train`` False, under ``no_grad``) or forward + backward of a case; ``floor``: of its
+    contract floor (:class:`_FloorFunction`) instead, None for a case without an eager op call."""
     call, leaves = build(train)
+    if floor:
+        recorded = _recorded_op_call(call)
+        if recorded is None:
+            return None
+        call = _floor_call(recorded)
     if not train:
         def fwd() -> None:
             with torch.no_grad():
@@ -215,25 +306,31 @@ def _steps(build, train: bool) -> Optional[Callable[[], None]]:
     return fwd_bwd
 
 
-def measure(calls: int = 200, rounds: int = 15, only: Optional[str] = None, device: str = "cpu") -> list[dict]:
+def measure(calls: int = 200, rounds: int = 15, only: Optional[str] = None, device: str = "cpu",
+            stub: bool = True) -> list[dict]:
     """One row per op (and yardstick): ``fwd_us`` / ``fwd_bwd_us`` the best of ``rounds`` round-robin rounds,
-    ``*_us_median`` the median round, ``*_py`` / ``*_vlmkern`` the Python calls per call (:func:`count_calls`)."""
+    ``*_us_median`` the median round, ``*_py`` / ``*_vlmkern`` the Python calls per call (:func:`count_calls`),
+    ``*_floor_us`` the op's contract floor (:class:`_FloorFunction`). ``stub=False``: real launches (CUDA)."""
     torch.set_num_threads(1)   # tiny tensors: intra-op worker wake-ups would dominate on a shared machine
     rows, steps = [], []
-    with stubbed_launches(device):
+    with stubbed_launches(device, stub):
         for name, build in _cases(device).items():
             if only and only not in name:
                 continue
             row = dict(op=name, yardstick=name in YARDSTICKS)
             rows.append(row)
             for key, train in (("fwd", False), ("fwd_bwd", True)):
-                row.update({f"{key}_us": None, f"{key}_us_median": None, f"{key}_py": None, f"{key}_vlmkern": None})
-                step = _steps(build, train)
-                if step is not None:
+                row.update({f"{key}_us": None, f"{key}_us_median": None, f"{key}_py": None, f"{key}_vlmkern": None,
+                            f"{key}_floor_us": None})
+                for floor in (False, True):
+                    step = None if floor and row["yardstick"] else _steps(build, train, floor)
+                    if step is None:
+                        continue
                     for _ in range(max(3, calls // 10)):   # warm: first-call imports, selection memo, caches
                         step()
-                    row[f"{key}_py"], row[f"{key}_vlmkern"] = count_calls(step)
-                    steps.append((row, key, step, []))
+                    if not floor:
+                        row[f"{key}_py"], row[f"{key}_vlmkern"] = count_calls(step)
+                    steps.append((row, key + "_floor" if floor else key, step, []))
         for _ in range(rounds):
             for row, key, step, times in steps:
                 times.append(_timed_round(step, calls))
@@ -241,7 +338,8 @@ def measure(calls: int = 200, rounds: int = 15, only: Optional[str] = None, devi
                     torch.cuda.synchronize()
         for row, key, step, times in steps:
             row[f"{key}_us"] = round(min(times), 1)
-            row[f"{key}_us_median"] = round(statistics.median(times), 1)
+            if not key.endswith("_floor"):
+                row[f"{key}_us_median"] = round(statistics.median(times), 1)
     return rows
 
 
@@ -297,19 +395,36 @@ def _meets(row: dict) -> bool:
         (row["fwd_bwd_us"] is None or row["fwd_bwd_us"] <= FWD_BWD_TARGET_US)
 
 
+def verdict(row: dict) -> str:
+    """``met``, or ``MISSED`` with the parts missed; a part whose contract floor (:class:`_FloorFunction`)
+    already exceeds its target says so: no implementation as an autograd.Function meets it on this machine."""
+    if row["yardstick"]:
+        return "yardstick"
+    missed = []
+    for key, target, label in (("fwd", FWD_TARGET_US, "fwd"), ("fwd_bwd", FWD_BWD_TARGET_US, "fwd+bwd")):
+        if row[f"{key}_us"] is not None and row[f"{key}_us"] > target:
+            floor = row.get(f"{key}_floor_us")
+            missed.append(f"{label} (floor {floor:.0f} > {target:.0f})" if floor is not None and floor > target
+                          else label)
+    return "met" if not missed else "MISSED " + ", ".join(missed)
+
+
 def format_rows(rows: list[dict]) -> str:
     def cell(r, key):
         return "-" if r[f"{key}_us"] is None else f"{r[f'{key}_us']:.1f} ({r[f'{key}_us_median']:.0f})"
 
+    def floor(r, key):
+        value = r.get(f"{key}_floor_us")
+        return "-" if value is None else f"{value:.1f}"
+
     def calls(r, key):
         return "-" if r[f"{key}_py"] is None else f"{r[f'{key}_py']}/{r[f'{key}_vlmkern']}"
-    out = [f"{'op':31s} {'fwd us':>14s} {'fwd+bwd us':>14s} {'calls: fwd':>11s} {'fwd+bwd':>8s}  "
-           f"target (<= {FWD_TARGET_US:.0f} / <= {FWD_BWD_TARGET_US:.0f} us, best round)",
-           f"{'':31s} {'best (median)':>14s} {'best (median)':>14s} {'py/vlmkern':>11s}"]
+    out = [f"{'op':31s} {'fwd us':>14s} {'fwd+bwd us':>14s} {'floor: fwd':>10s} {'fwd+bwd':>8s} {'calls: fwd':>11s} "
+           f"{'fwd+bwd':>8s}  target (<= {FWD_TARGET_US:.0f} / <= {FWD_BWD_TARGET_US:.0f} us, best round)",
+           f"{'':31s} {'best (median)':>14s} {'best (median)':>14s} {'best':>10s} {'best':>8s} {'py/vlmkern':>11s}"]
     for r in rows:
-        verdict = "yardstick" if r["yardstick"] else ("met" if _meets(r) else "MISSED")
-        out.append(f"{r['op']:31s} {cell(r, 'fwd'):>14s} {cell(r, 'fwd_bwd'):>14s} {calls(r, 'fwd'):>11s} "
-                   f"{calls(r, 'fwd_bwd'):>8s}  {verdict}")
+        out.append(f"{r['op']:31s} {cell(r, 'fwd'):>14s} {cell(r, 'fwd_bwd'):>14s} {floor(r, 'fwd'):>10s} "
+                   f"{floor(r, 'fwd_bwd'):>8s} {calls(r, 'fwd'):>11s} {calls(r, 'fwd_bwd'):>8s}  {verdict(r)}")
     return "\n".join(out)
 
 
@@ -341,6 +456,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: interpreted kernels, any machine; cuda: a GPU host's real path")
+    ap.add_argument("--launches", choices=("stubbed", "real"), default="stubbed",
+                    help="stubbed: kernel launches replaced by a no-op (the target's measure); real (cuda only): "
+                         "launched, so Triton's own launch path counts too")
     ap.add_argument("--calls", type=int, default=200, help="back-to-back calls per round")
     ap.add_argument("--rounds", type=int, default=15, help="rounds; the median round is reported")
     ap.add_argument("--only", default=None, help="only ops whose name contains this")
@@ -351,18 +469,22 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"     # before any kernel module is imported: kernels are interpreted
     elif os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA device and TRITON_INTERPRET unset")
+    if args.launches == "real" and args.device != "cuda":
+        ap.error("--launches real needs --device cuda")
     if args.profile:
         print(profile(args.profile, True, device=args.device))
         return 0
-    rows = measure(args.calls, args.rounds, args.only, args.device)
+    stub = args.launches == "stubbed"
+    rows = measure(args.calls, args.rounds, args.only, args.device, stub)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                f"load {os.getloadavg()[0]:.1f}, {args.device} tensors"
                + (f" on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
-    print(f"Host overhead per call, kernel launches stubbed ({machine}; torch {torch.__version__}):")
+    print(f"Host overhead per call, kernel launches {args.launches} ({machine}; torch {torch.__version__}):")
     print(format_rows(rows))
     if args.json:
         from benchmarks.harness import git_state
-        Path(args.json).write_text(json.dumps(dict(machine=machine, device=args.device, torch=torch.__version__,
+        Path(args.json).write_text(json.dumps(dict(machine=machine, device=args.device, launches=args.launches,
+                                                   torch=torch.__version__,
                                                    triton=_triton_version(), **git_state(), calls=args.calls,
                                                    rounds=args.rounds, statistic="best round (median round beside)",
                                                    rows=rows, targets=dict(fwd_us=FWD_TARGET_US,

@@ -14,7 +14,8 @@
 #                pytest-xdist over all cores when importable (the Triton JIT spreads with it); a table per family.
 #   T2  <= 120 s headline timings under CUDA graphs, one real model shape per family, bf16 fwd and fwd+bwd, vs
 #                the strongest baseline, with % of the T0 ceilings (benchmarks.headline); then <= 30 s: the host
-#                overhead of every op's eager call on this host, launches stubbed (benchmarks.host_overhead).
+#                overhead of every op's eager call on this host, launches stubbed (benchmarks.host_overhead);
+#                then <= 60 s: the same with the launches made (--launches real: Triton's launch path counted).
 #   T3  the rest the full harness, one process per op with its own timeout, ordered by value (qformer,
 #                routed_linear, structured_cross_attention, patch_embed, projector, packing), each case appended
 #                to the JSONL as it ends; then the extension's tests (build from T0); Inductor-compiled
@@ -209,6 +210,12 @@ else HOST_ARGS=(--device cuda --calls 100 --rounds 7); fi
 step T2 host_overhead $(( 30 * SCALE )) env -u TRITON_INTERPRET "$PY" -m benchmarks.host_overhead "${HOST_ARGS[@]}" \
     --json "$W/bench/host_overhead.json"
 sed -n '/^Host overhead/,$p' "$W/logs/T2_host_overhead.log" | sed 's/^/T2 /' | tee -a "$SUMMARY"
+# The same with the launches made: Triton's own launch path (binding, specialisation, driver call) included.
+if [ $DRY = 0 ]; then
+    step T2 host_overhead_real $(( 60 * SCALE )) env -u TRITON_INTERPRET "$PY" -m benchmarks.host_overhead --device cuda --launches real \
+        --calls 100 --rounds 5 --json "$W/bench/host_overhead_real.json"
+    sed -n '/^Host overhead/,$p' "$W/logs/T2_host_overhead_real.log" | sed 's/^/T2 /' | tee -a "$SUMMARY"
+fi
 tier_end T2
 
 # ------------------------------------------------------------------------------------------------ T3

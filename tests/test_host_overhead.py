@@ -91,3 +91,48 @@ def test_a_warm_call_recomputes_nothing_of_its_signature(name, train):
     again = sorted({f for f in trace if f.rsplit(":", 1)[1] in ONCE_PER_SIGNATURE or f.endswith("_reasons")})
     assert not again, f"{name}: a warm call recomputes {again}"
     assert trace or (train and name == "cogvlm_expert_ids")
+
+
+def test_each_op_is_measured_beside_its_contract_floor():
+    rows = host.measure(calls=2, rounds=1, only="expert")
+    lin, ids = rows
+    assert lin["fwd_floor_us"] > 0 and lin["fwd_bwd_floor_us"] > 0
+    assert ids["fwd_floor_us"] is None and ids["fwd_bwd_floor_us"] is None  # torch ops only: no custom op call
+    sdpa = host.measure(calls=1, rounds=1, only="sdpa")[0]
+    assert sdpa["fwd_floor_us"] is None and sdpa["fwd_bwd_floor_us"] is None   # yardsticks have none
+
+
+@pytest.mark.parametrize("name", ["qformer_attention", "expert_linear", "partial_lora_linear"])
+def test_the_floor_makes_the_ops_autograd_call(name):
+    """The floor takes the recorded eager call's inputs (an expert's weight list flattened) and gives every
+    leaf a gradient of its shape, as the op does; its output has the op's first output's shape."""
+    with host.stubbed_launches():
+        call, leaves = host._cases()[name](True)
+        recorded = host._recorded_op_call(call)
+        assert recorded is not None
+        floor = host._floor_call(recorded)
+        out = floor()
+        first = recorded[2][0] if isinstance(recorded[2], tuple) else recorded[2]
+        assert out.shape == first.shape and out.requires_grad
+        torch.autograd.backward(out, torch.ones_like(out))
+    for leaf in leaves:
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+
+
+def test_verdict_names_what_is_missed_and_a_floor_above_its_target():
+    row = dict(yardstick=False, fwd_us=30.0, fwd_bwd_us=100.0, fwd_floor_us=5.0, fwd_bwd_floor_us=60.0)
+    assert host.verdict(row) == "met"
+    row.update(fwd_us=41.0, fwd_bwd_us=200.0)
+    assert host.verdict(row) == "MISSED fwd, fwd+bwd"
+    row.update(fwd_bwd_floor_us=130.0)
+    assert host.verdict(row) == "MISSED fwd, fwd+bwd (floor 130 > 120)"
+    assert host.verdict(dict(row, yardstick=True)) == "yardstick"
+
+
+def test_real_launches_are_for_cuda_only(capsys):
+    with pytest.raises(ValueError, match="CUDA only"):
+        with host.stubbed_launches("cpu", stub=False):
+            pass
+    with pytest.raises(SystemExit):
+        host.main(["--launches", "real", "--calls", "1", "--rounds", "1"])
+    assert "--launches real needs --device cuda" in capsys.readouterr().err

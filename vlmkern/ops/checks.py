@@ -79,7 +79,7 @@ def float64_reason(x) -> list[str]:
 def autocast_inputs(x, *tensors):
     """Under ``torch.autocast`` a linear runs in the autocast dtype, as ``F.linear``: cast the floating inputs
     (float64 excepted, which autocast leaves alone) of ``x`` and ``tensors`` (tensors, None or lists)."""
-    if not isinstance(x, torch.Tensor) or not autocasting(x):
+    if not _any_autocast() or not isinstance(x, torch.Tensor) or not autocasting(x):  # the first: no frame
         return (x, *tensors)
     dt = torch.get_autocast_dtype(x.device.type)
 

@@ -48,30 +48,47 @@ ReasonsFn = Callable[..., list[str]]
 log = logging.getLogger("vlmkern.dispatch")
 
 
+# logging.Logger.isEnabledFor answers from the logger's level cache (a dict) after its first call, in a Python
+# frame; ``_debug_cached()`` reads that cache in C (None until the method has filled it, or after a setLevel
+# cleared it): ``_debug_cached() or (_debug_cached() is None and _debug_logging())`` is one frame less per call.
+_debug_cached = functools.partial(getattr(log, "_cache", {}).get, logging.DEBUG)
+
+
+def _debug_logging() -> bool:
+    return log.isEnabledFor(logging.DEBUG)
+
+
 class BackendNotSupported(RuntimeError):
     """The requested backend cannot run these inputs; the message lists the reasons."""
 
 
 # The two variables backend selection reads are read on every call (tests and users change them between calls).
 # ``os.environ.get`` of an unset variable raises and catches a KeyError inside (~1 us on a small CPU, several per
-# op call); the mapping ``os.environ`` keeps in sync (``_data``, encoded keys and values) answers in ~0.1 us.
+# op call). The mapping ``os.environ`` keeps in sync (``_data``: encoded keys and values) is read instead, through
+# ``functools.partial(_data.get, key)``: a call of C functions only, no Python frame. The raw (encoded) values
+# key the selection memos; they are decoded only where a selection is computed.
 _ENV_DATA = getattr(os.environ, "_data", None)
 _ENCODE = getattr(os.environ, "encodekey", None)
 
 
-def _env_reader(name: str, default: str) -> Callable[[], str]:
+def _env_reader(name: str) -> Callable[[], object]:
+    """``read()``: the raw value of environment variable ``name``, None when unset (:func:`_env_text` decodes)."""
     if _ENV_DATA is None or _ENCODE is None:
-        return lambda: os.environ.get(name, default)
-    key, decode = _ENCODE(name), os.environ.decodevalue
-
-    def read() -> str:
-        raw = _ENV_DATA.get(key)
-        return default if raw is None else decode(raw)
-    return read
+        return functools.partial(os.environ.get, name)
+    return functools.partial(_ENV_DATA.get, _ENCODE(name))
 
 
-_forced_raw = _env_reader(ENV_VAR, "")
-_interpret_raw = _env_reader("TRITON_INTERPRET", "0")
+def _env_text(raw) -> str | None:
+    """A raw value of :func:`_env_reader` as text (None stays None)."""
+    if raw is None or isinstance(raw, str):
+        return raw
+    return os.environ.decodevalue(raw) if _ENV_DATA is not None else str(raw)
+
+
+_forced_raw = _env_reader(ENV_VAR)
+_interpret_raw = _env_reader("TRITON_INTERPRET")
+# the raw value TRITON_INTERPRET=1 reads as
+_INTERPRET_ON = os.environ.encodevalue("1") if _ENV_DATA is not None and hasattr(os.environ, "encodevalue") else "1"
 
 
 def forced_backend() -> str | None:
@@ -80,8 +97,8 @@ def forced_backend() -> str | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _parse_forced(raw: str) -> str | None:
-    value = raw.strip().lower()
+def _parse_forced(raw) -> str | None:
+    value = (_env_text(raw) or "").strip().lower()
     if not value or value == "auto":
         return None
     if value not in BACKENDS:
@@ -90,7 +107,7 @@ def _parse_forced(raw: str) -> str | None:
 
 
 def triton_interpreting() -> bool:
-    return _interpret_raw() == "1"
+    return _interpret_raw() == _INTERPRET_ON
 
 
 # torch.backends.cuda.matmul.allow_tf32 reads this through a Python __getattr__ (~1.5 us per call)
@@ -103,6 +120,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not _allow_tf32():
         return "ieee"
     return "tf32"
+
+
+def host_dots(dtype: torch.dtype) -> tuple[bool, str]:
+    """``(triton_interpreting(), dot_precision(dtype))`` in one frame: the two constexprs the host decides,
+    parts of every launch-plan key."""
+    return (_interpret_raw() == _INTERPRET_ON,
+            "ieee" if dtype == torch.float32 and not _allow_tf32() else "tf32")
 
 
 # Triton's interpreter before 3.7 cannot run a loop whose bounds derive from tl.program_id, as the attention
@@ -220,7 +244,7 @@ class OpDispatch:
 
         Remembered per input signature while debug logging is off (a logged selection is always computed)."""
         env = (_forced_raw(), _interpret_raw())
-        if log.isEnabledFor(logging.DEBUG):
+        if (debug := _debug_cached()) or (debug is None and _debug_logging()):
             return self._select(names, env[0], args, kwargs)
         key = (names, env, signature(args), signature(tuple(kwargs.values())), tuple(kwargs)) if kwargs else (
             names, env, signature(args))
@@ -237,7 +261,7 @@ class OpDispatch:
         environment variables, e.g. a test swapping the Triton version)."""
         self._chosen.clear()
 
-    def _select(self, names, raw_forced: str, args, kwargs) -> str:
+    def _select(self, names, raw_forced, args, kwargs) -> str:
         forced = _parse_forced(raw_forced)
         if forced is not None:
             if forced not in self.backends:
@@ -271,19 +295,25 @@ def lazy(module: str, name: str) -> Callable:
     triton, which only a call that selected Triton should pay for."""
     fn = None
 
-    def run(*args):
+    def resolve() -> Callable:
         nonlocal fn
         if fn is None:
             fn = getattr(importlib.import_module(module), name)
-        return fn(*args)
+        return fn
+
+    def run(*args):
+        return (fn or resolve())(*args)
+    run.resolve = resolve     # EagerOp remembers the function itself (one frame less per call)
     return run
 
 
 def signature(values: tuple):
     """What backend selection can depend on in ``values``: a tensor's dtype, shape, strides and device; the
-    value itself for scalars, dtypes and None; the same, item by item, for a list or tuple."""
+    value itself for scalars, dtypes and None; the same, item by item, for a list or tuple (one of scalars, as
+    an op's ``float[]`` / ``int[]`` argument, as a tuple without a recursion)."""
     return tuple([(v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)   # a list: no generator
-                  else signature(v) if isinstance(v, (tuple, list)) else v for v in values])     # resumed per item
+                  else (signature(v) if v and isinstance(v[0], (torch.Tensor, tuple, list)) else (type(v), *v))
+                  if isinstance(v, (tuple, list)) else v for v in values])     # resumed per item
 
 
 def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Callable[..., tuple]) -> None:
@@ -344,8 +374,10 @@ def eager_call(*args) -> bool:
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN:
                 return False
-        elif type(a) is list and any(type(t) not in _PLAIN for t in a if isinstance(t, torch.Tensor)):
-            return False
+        elif type(a) is list:      # a loop, not any(<generator>): a frame per item saved
+            for t in a:
+                if isinstance(t, torch.Tensor) and type(t) not in _PLAIN:
+                    return False
     return True
 
 
@@ -383,7 +415,7 @@ class EagerOp:
     def _implementation(self, args) -> Callable | None:
         """The chosen backend's implementation for ``args``, or None for a device without a kernel."""
         kernels = self._kernels if self._kernels is not None else self._resolve()
-        if log.isEnabledFor(logging.DEBUG):      # a logged selection is computed (and logged) every call
+        if (debug := _debug_cached()) or (debug is None and _debug_logging()):   # logged: computed every call
             choose = kernels.get(args[0].device.type)
             return None if choose is None else choose(*args)
         key = (_forced_raw(), _interpret_raw(), signature(args))
@@ -391,6 +423,7 @@ class EagerOp:
         if impl is _UNSEEN:
             choose = kernels.get(args[0].device.type)
             impl = None if choose is None else choose(*args)
+            impl = getattr(impl, "resolve", lambda: impl)()     # a lazy backend room: the function itself
             if len(self._chosen) >= _MAX_REMEMBERED:
                 self._chosen.clear()
             self._chosen[key] = impl
@@ -499,7 +532,7 @@ def eager_cpu_reference(dispatch: OpDispatch, x: torch.Tensor, *args) -> bool:
     """Whether an eager call on CPU tensors dispatches to the reference. Such calls run the reference math
     under plain autograd, as the originals do (autograd keeps what backward needs instead of the op's
     recompute-friendly saves): the fastest CPU path. Compiled graphs and GPU tensors keep the custom op."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not x.is_cpu or torch.compiler.is_compiling():
         return False
     forced = forced_backend()      # a forced backend decides alone (one that can't run raises in the op)
     return forced == "reference" if forced is not None else dispatch.select(x, *args) == "reference"
@@ -507,7 +540,12 @@ def eager_cpu_reference(dispatch: OpDispatch, x: torch.Tensor, *args) -> bool:
 
 def needs_grad(*tensors) -> bool:
     """Whether autograd will want gradients of any of ``tensors`` (None entries ignored)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:     # a loop, not any(<generator>) (a frame per tensor); torch.compile traces it too
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 REGISTRY: dict[str, OpDispatch] = {}

@@ -147,6 +147,4 @@ def meta_from(layout: tuple | None, dtype: torch.dtype = torch.float32) -> torch
     return None if layout is None else torch.empty_strided(*layout, dtype=dtype, device="meta")
 
 
-def host_dots(dtype: torch.dtype) -> tuple[bool, str]:
-    """The two constexprs the host decides, launch-key parts: the interpreter's upcast and the dot precision."""
-    return dispatch.triton_interpreting(), dispatch.dot_precision(dtype)
+host_dots = dispatch.host_dots   # launch-plan key part; defined beside what it reads

@@ -120,10 +120,11 @@ def _check_expert_linear(x, ws, expert_ids) -> None:
 
 def _check_ids_in_range(expert_ids: Tensor, num_experts: int) -> None:
     """One reduction (``aminmax``) and, off the CPU, one synchronisation."""
-    if expert_ids.numel() == 0 or expert_ids.dtype == torch.bool or expert_ids.device.type == "meta":
+    if expert_ids.numel() == 0 or expert_ids.dtype == torch.bool or expert_ids.is_meta:
         return
     lo, hi = torch.aminmax(expert_ids)
-    lo, hi = (int(lo), int(hi)) if expert_ids.device.type == "cpu" else torch.stack((lo, hi)).tolist()
+    # two scalar reads on the CPU (cheaper than a stack); elsewhere one synchronisation for both
+    lo, hi = (lo.item(), hi.item()) if expert_ids.is_cpu else torch.stack((lo, hi)).tolist()
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"expert_ids must lie in [0, num_experts={num_experts}), got values in [{lo}, {hi}]")
 
@@ -306,7 +307,7 @@ def _text_only_cpu_inference(x2, weight, bias, lora_a, lora_b, im_mask) -> bool:
     """An eager CPU call (``x2``: x's rows) on the reference backend that needs no gradient and has no image
     row (reading a CPU mask costs no sync). With gradients the op still runs, so that the adapter's parameters
     get their (zero) gradients, as the original's. Cheapest tests first."""
-    return (im_mask.device.type == "cpu" and not _dispatch.needs_grad(x2, weight, bias, lora_a, lora_b)
+    return (im_mask.is_cpu and not _dispatch.needs_grad(x2, weight, bias, lora_a, lora_b)
             and _dispatch.eager_cpu_reference(PARTIAL_LORA, x2) and not bool(im_mask.any()))
 
 
@@ -363,7 +364,7 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
     x, ws = autocast_inputs(x, ws)
     _check_expert_linear(x, ws, expert_ids)
     if validate_ids is None:  # free on the CPU; a data-dependent check would break a compiled graph
-        validate_ids = expert_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+        validate_ids = expert_ids.is_cpu and not torch.compiler.is_compiling()
     if validate_ids:
         _check_ids_in_range(expert_ids, len(ws))
     x2 = rows_2d(x)

@@ -206,7 +206,7 @@ def _expert_plan(a, w0, s_we, num_experts, *setup) -> _Plan:
 
 def clear_plans() -> None:
     """Forget every launch plan: after changing ``CONFIGS`` (the plans hold the configs they were made with)."""
-    for plan in (_down_plan, _up_plan, _tn_plan, _expert_plan):
+    for plan in (_down_plan, _up_plan, _tn_plan, _expert_plan, _forward_plans):
         plan.cache_clear()
 
 
@@ -223,10 +223,31 @@ def lora_up(a, w, u, v, mask, keep, keep_scale, bias=None) -> Tensor:
 
 def partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale) -> tuple[Tensor, Tensor]:
     """The forward: ``U = m ⊙ s·(drop(x) Aᵀ)`` (M, r), then ``y = x Wᵀ + U Bᵀ + b`` (M, out); the mask is
-    flattened and x's layout read once for both launches."""
+    flattened once and both launches' plans come from one lookup (:func:`_forward_plans`)."""
     mask, x_layout = _flat(im_mask), layout(x)
-    u = _down(x, x_layout, lora_a, mask, keep, scaling, keep_scale)
-    return _up(x, x_layout, weight, u, lora_b, bias, mask, None, 1.0), u
+    (M, K), N = x.shape, weight.shape[0]
+    if M == 0 or K == 0 or N == 0:       # the launchers' empty cases
+        u = _down(x, x_layout, lora_a, mask, keep, scaling, keep_scale)
+        return _up(x, x_layout, weight, u, lora_b, bias, mask, None, 1.0), u
+    down, up = _forward_plans(x_layout, layout(weight), bias is not None, layout(lora_a), layout(lora_b),
+                              layout(keep), scaling, keep_scale, x.dtype, *host_dots(x.dtype))
+    u = torch.empty((M, lora_a.shape[0]), device=x.device, dtype=x.dtype)
+    launch(_lora_down_kernel, down.grid, {**down.static, **_down_ptrs(x, lora_a, mask, _u8(keep), u)}, down.consts)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    ptrs = _up_ptrs(x, weight, u, lora_b, None if bias is None else _flat(bias), mask, None, y)
+    launch(_lora_up_kernel, up.grid, {**up.static, **ptrs}, up.consts)
+    return y, u
+
+
+@functools.lru_cache(maxsize=_PLANS)
+def _forward_plans(x, w, has_bias, lora_a, lora_b, keep, scaling, keep_scale, dtype, upcast,
+                   precision) -> tuple[_Plan, _Plan]:
+    """The plans of :func:`partial_lora`'s two launches (``launch.layout`` of the operands; U is the dense
+    ``(M, r)`` result of the first)."""
+    M, r = x[0][0], lora_a[0][0]
+    u = ((M, r), (r, 1))
+    return (_down_plan(x, lora_a, keep, scaling, keep_scale, "down", dtype, upcast, precision),
+            _up_plan(x, w, u, lora_b, has_bias, None, 1.0, "up", dtype, upcast, precision))
 
 
 # The two launches of lora_down / lora_up: ``a_layout`` is ``layout(a)``, ``mask`` already ``_flat``.
