@@ -404,7 +404,7 @@ def verdict(row: dict) -> str:
     for key, target, label in (("fwd", FWD_TARGET_US, "fwd"), ("fwd_bwd", FWD_BWD_TARGET_US, "fwd+bwd")):
         if row[f"{key}_us"] is not None and row[f"{key}_us"] > target:
             floor = row.get(f"{key}_floor_us")
-            missed.append(f"{label} (floor {floor:.0f} > {target:.0f})" if floor is not None and floor > target
+            missed.append(f"{label} (floor {floor:.1f} > {target:.0f})" if floor is not None and floor > target
                           else label)
     return "met" if not missed else "MISSED " + ", ".join(missed)
 

@@ -125,7 +125,7 @@ def test_verdict_names_what_is_missed_and_a_floor_above_its_target():
     row.update(fwd_us=41.0, fwd_bwd_us=200.0)
     assert host.verdict(row) == "MISSED fwd, fwd+bwd"
     row.update(fwd_bwd_floor_us=130.0)
-    assert host.verdict(row) == "MISSED fwd, fwd+bwd (floor 130 > 120)"
+    assert host.verdict(row) == "MISSED fwd, fwd+bwd (floor 130.0 > 120)"
     assert host.verdict(dict(row, yardstick=True)) == "yardstick"
 
 
