@@ -491,6 +491,40 @@ def test_fused_processor_refuses_what_the_fused_op_does_not_compute():
         FusedFuyuProcessor.from_processor(object())
 
 
+@pytest.mark.parametrize("how", ["call", "attribute"])
+@pytest.mark.parametrize("mode", ["edge", "reflect"])
+def test_fused_processor_refuses_padding_other_than_constant(mode, how):
+    """transformers pads the border patches with edge / mirrored pixels there; the fused op pads with the constant
+    padding_value, so it must refuse (before: other border embeddings, no error)."""
+    proc, fused = _hf_processors()
+    image = _hwc([_image(61, 47)])            # partial border patches: the padding shows
+    kwargs = {"padding_mode": mode} if how == "call" else {}
+    if how == "attribute":
+        fused.image_processor.padding_mode = mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proc(images=image, text="a cat", return_tensors="pt", **kwargs)   # the original takes it
+        with pytest.raises(ValueError, match=f"padding_mode='{mode}'"):
+            fused(images=image, text="a cat", return_tensors="pt", **kwargs)
+
+
+@pytest.mark.parametrize("image_hw, kwargs, match", [
+    ((100, 100), {"size": {"height": 50, "width": 50}}, "size=50x50 must be a multiple of patch_size=30"),
+    ((1100, 70), {"do_resize": False}, r"images\[0\] is 1100x70 after the resize, larger than size=1080x1920"),
+], ids=["size-not-whole-patches", "unresized-larger-than-size"])
+def test_fused_processor_refuses_what_transformers_refuses(image_hw, kwargs, match):
+    """Where FuyuProcessor raises (a size it cannot cut into patches, an image it cannot pad to size), the fused
+    processor raises too, naming the setting, instead of returning a token stream."""
+    proc, fused = _hf_processors()
+    image = _hwc([_image(*image_hw)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError):
+            proc(images=image, text="a cat", return_tensors="pt", **kwargs)
+        with pytest.raises(ValueError, match=match):
+            fused(images=image, text="a cat", return_tensors="pt", **kwargs)
+
+
 def test_patched_vision_embed_takes_patches_or_uint8_images():
     from vlmkern.integrations.hf.fuyu import FuyuPatchEmbed
     layer = FuyuPatchEmbed(2700, 16)

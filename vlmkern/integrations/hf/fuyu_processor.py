@@ -11,7 +11,10 @@ materialising the float patch tensor. Token ids, attention mask and every other 
 ``pixel_values`` (``image_patches`` with ``return_legacy_image_output=True``, as ``FuyuProcessor``) is a uint8
 ``(B, C, H, W)`` tensor when all images have one size, else a list of ``(C, h_i, w_i)`` uint8 tensors. The
 processor settings must be the ones the fused op implements (the Fuyu defaults: rescale 1/255, mean = std =
-0.5, pad value 1, square patches); anything else raises a ``ValueError`` instead of giving other numbers.
+0.5, constant padding with value 1, square patches); anything else raises a ``ValueError`` instead of giving other
+numbers. So do the inputs ``FuyuProcessor`` itself refuses: a ``size`` the patch does not divide, or an image
+larger than ``size`` after the resize (``do_resize=False``): the fused path pads each image only to whole patches,
+and would otherwise return tokens where the original raises.
 """
 from __future__ import annotations
 
@@ -35,18 +38,31 @@ def _same(value, want) -> bool:
     return all(isinstance(v, (int, float)) and math.isclose(float(v), want, rel_tol=1e-9) for v in vals)
 
 
-def _check_settings(image_processor, kwargs: dict) -> int:
-    """The patch size, after checking that the image processor computes what the fused op does."""
+def _height_width(size) -> tuple[int, int]:
+    """A processor's ``SizeDict`` or ``{"height": h, "width": w}`` as ``(h, w)``."""
+    return (size.height, size.width) if hasattr(size, "height") else (size["height"], size["width"])
+
+
+def _check_settings(image_processor, kwargs: dict) -> tuple[int, tuple[int, int]]:
+    """``(patch size, (height, width) the original pads to)``, after checking that the image processor computes
+    what the fused op does."""
     for name, want in FUSED_SETTINGS.items():
         value = _setting(image_processor, kwargs, name)
         if not _same(value, float(want)):
             raise ValueError(f"FusedFuyuProcessor: {name}={value!r} is not supported (the fused patch embedding "
                              f"computes {name}={want!r}); use FuyuProcessor for other settings")
-    patch = _setting(image_processor, kwargs, "patch_size")
-    h, w = (patch.height, patch.width) if hasattr(patch, "height") else (patch["height"], patch["width"])
+    mode = _setting(image_processor, kwargs, "padding_mode") or "constant"
+    if mode != "constant":     # edge / reflect padding: other border pixels than the fused op's constant
+        raise ValueError(f"FusedFuyuProcessor: padding_mode={mode!r} is not supported (the fused patch embedding "
+                         f"pads with the constant padding_value); use FuyuProcessor for other settings")
+    h, w = _height_width(_setting(image_processor, kwargs, "patch_size"))
     if h != w:
         raise ValueError(f"FusedFuyuProcessor: patch_size must be square, got {h}x{w}")
-    return int(h)
+    pad_h, pad_w = _height_width(_setting(image_processor, kwargs, "size"))
+    if pad_h % h or pad_w % h:
+        raise ValueError(f"FusedFuyuProcessor: size={pad_h}x{pad_w} must be a multiple of patch_size={h} in both "
+                         f"dimensions (FuyuProcessor pads every image to it and cuts it into whole patches)")
+    return int(h), (int(pad_h), int(pad_w))
 
 
 class FusedFuyuProcessor(FuyuProcessor):
@@ -74,7 +90,7 @@ class FusedFuyuProcessor(FuyuProcessor):
 
     def _process_images(self, images, return_legacy_image_output: bool = True, **kwargs):
         """``FuyuProcessor._process_images`` with the image processor stopped after its resize."""
-        p = _check_settings(self.image_processor, kwargs)
+        p, (pad_h, pad_w) = _check_settings(self.image_processor, kwargs)
         resize_only = {**kwargs, "do_pad": False, "do_rescale": False, "do_normalize": False, "return_tensors": "pt"}
         pixels, outputs, replacements = [], {}, []
         for i, image in enumerate(images):
@@ -84,6 +100,10 @@ class FusedFuyuProcessor(FuyuProcessor):
             if img.dtype != torch.uint8:
                 raise ValueError(f"FusedFuyuProcessor hands uint8 pixels to the model, but images[{i}] became "
                                  f"{img.dtype}: pass uint8 arrays / tensors or PIL images, or use FuyuProcessor")
+            if img.shape[-2] > pad_h or img.shape[-1] > pad_w:   # FuyuProcessor's own pad fails there
+                raise ValueError(f"FusedFuyuProcessor: images[{i}] is {img.shape[-2]}x{img.shape[-1]} after the "
+                                 f"resize, larger than size={pad_h}x{pad_w} that FuyuProcessor pads it to "
+                                 f"(do_resize=False on a large image?)")
             for key, value in out.items():
                 outputs.setdefault(key, []).append(value)
             nH, nW = math.ceil(img.shape[-2] / p), math.ceil(img.shape[-1] / p)
