@@ -170,6 +170,78 @@ def test_triton_broadcast_image_and_mask(backend):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_row_without_visible_keys_is_zero_on_every_path():
+    """A text row with an all-zero attention mask (text-only pass) and an image row with an all-zero image mask:
+    zeros, as transformers' default SDPA attention gives, whether or not the attention weights are asked for and
+    whether the mask comes 2-D or as the same 4-D boolean mask (before: the weights path averaged the values)."""
+    cfg = make_config()
+    cfg._attn_implementation = "sdpa"
+    hf = hf_model(cfg)
+    ours = Blip2QFormerModel.from_transformers(hf)
+    text = dict(query_embeds=torch.randn(2, 6, 64), query_length=0, attention_mask=torch.tensor([[1] * 6, [0] * 6]))
+    mask4d = text["attention_mask"].bool()[:, None, None, :].expand(2, 1, 6, 6)
+    image = cast_inputs(itm_inputs(batch=2, t=0), torch.float32)
+    del image["attention_mask"]
+    image["encoder_attention_mask"] = torch.tensor([[1] * LK, [0] * LK])
+    for x, dense in ((text, mask4d), (image, None)):
+        with torch.no_grad():
+            want = hf(**x).last_hidden_state
+            plain = ours(**x).last_hidden_state
+            weighed = ours(**x, output_attentions=True)
+            torch.testing.assert_close(plain, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(weighed.last_hidden_state, plain, atol=1e-6, rtol=1e-6)
+            if dense is not None:
+                torch.testing.assert_close(ours(**{**x, "attention_mask": dense}).last_hidden_state, plain,
+                                           atol=1e-6, rtol=1e-6)
+                assert torch.all(weighed.attentions[0][1] == 0)    # the masked row's weights
+            else:
+                assert torch.all(weighed.cross_attentions[0][1] == 0)
+
+
+def test_one_image_with_a_mask_per_row():
+    """``encoder_hidden_states (1, Lk, E)`` broadcast to every row with a per-row ``(B, Lk)`` image mask, which
+    transformers takes (before: a ValueError asking for a (1, Lk) mask). The oracle is transformers on the image
+    repeated per row: transformers 5.24's own broadcast of this call gives the masked row other numbers."""
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    x = cast_inputs(itm_inputs(t=0), torch.float32)
+    del x["attention_mask"]
+    one, mask = x["encoder_hidden_states"][:1], torch.ones(3, LK, dtype=torch.long)
+    mask[1, -5:] = 0
+    with torch.no_grad():
+        got = ours(**{**x, "encoder_hidden_states": one, "encoder_attention_mask": mask}).last_hidden_state
+        want = hf(**{**x, "encoder_hidden_states": one.expand(3, -1, -1),
+                     "encoder_attention_mask": mask}).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [torch.tensor(NQ), "numpy"], ids=["tensor", "numpy"])
+def test_query_length_takes_any_integer(length):
+    np = pytest.importorskip("numpy")
+    length = np.int64(NQ) if isinstance(length, str) else length
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    x = cast_inputs(itm_inputs(), torch.float32)
+    with torch.no_grad():
+        want = ours(**x).last_hidden_state
+        got = ours(**{**x, "query_length": length}).last_hidden_state
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with pytest.raises(TypeError, match="query_length"):
+        ours(**{**x, "query_length": float(NQ)})
+    with pytest.raises(TypeError, match="query_length"):
+        ours(**{**x, "query_length": torch.tensor(float(NQ))})
+
+
+def test_model_attributes_user_code_reads():
+    """``dtype``, ``device`` and ``num_parameters()`` of ``PreTrainedModel``, read of ``model.qformer``."""
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf).to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.device == torch.device("cpu")
+    assert ours.num_parameters() == hf.num_parameters()
+    ours.layernorm.weight.requires_grad_(False)
+    assert ours.num_parameters(only_trainable=True) == hf.num_parameters() - 64
+
+
 @pytest.mark.slow
 def test_parity_full_size_reference_fp32():
     """BLIP-2's real widths (768 hidden, 1408-wide image tokens, 257 of them), B=2, text padded; 4 of its 12

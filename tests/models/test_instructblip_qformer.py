@@ -201,6 +201,9 @@ def test_bad_input():
         ours(**{**x, "input_ids": x["input_ids"][:2]})
     with pytest.raises(ValueError, match="encoder_hidden_states must be given"):
         ours(**{**x, "encoder_hidden_states": None})
+    long_ids = torch.zeros(x["input_ids"].shape[0], 33, dtype=torch.long)       # 33 > max_position_embeddings
+    with pytest.raises(ValueError, match="input_ids has 33 tokens, more than the 32 positions"):
+        ours(**{**x, "input_ids": long_ids, "attention_mask": None})
 
 
 # --------------------------------------------------------------------------------------------- LAVIS

@@ -19,9 +19,11 @@ Differences from transformers, all documented where they occur:
   (:func:`vlmkern.nn.qformer.eager_attention`) instead of the kernels. Attention-probability dropout in
   training mode runs in the kernels, with their own keep mask: a seed gives the same distribution as
   transformers, not the same mask.
-* A batch row whose attention mask is all zeros returns zeros on the kernel path (transformers averages the
-  values). ``head_mask`` and
-  ``past_key_values`` are not supported (transformers v5 dropped them as well).
+* A row with no visible key (a batch row whose attention mask is all zeros) returns zeros with zero gradients on
+  every path, also with ``output_attentions=True`` (its weights are zeros) and with 3-D/4-D boolean masks, as
+  transformers' default SDPA attention does; transformers' eager attention averages the values there instead.
+  A float (additive) 4-D mask is added as given. ``head_mask`` and ``past_key_values`` are not supported
+  (transformers v5 takes and ignores them).
 """
 from __future__ import annotations
 
@@ -82,8 +84,14 @@ def _known_kwargs() -> frozenset:
 
 
 def _check_query_length(query_length, length: int) -> int:
-    if isinstance(query_length, bool) or not isinstance(query_length, int):
+    """An integer ``query_length`` (a Python, numpy or 0-d tensor integer, as transformers takes) clipped to the
+    sequence length."""
+    if isinstance(query_length, bool) or not hasattr(type(query_length), "__index__"):
         raise TypeError(f"query_length must be an int, got {type(query_length).__name__}")
+    try:
+        query_length = operator.index(query_length)
+    except TypeError as exc:      # a float or many-element tensor
+        raise TypeError(f"query_length must be an int, got {query_length!r}") from exc
     if query_length < 0:
         raise ValueError(f"query_length must be >= 0, got {query_length}")
     return min(query_length, length)
@@ -141,6 +149,27 @@ class QFormerModelBase(nn.Module):
         model.reset_buffers()
         model.load_state_dict(hf_model.state_dict(), strict=True)
         return model.train(hf_model.training)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating-point parameters (``PreTrainedModel.dtype``, which user code reads of
+        ``model.qformer``)."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (``PreTrainedModel.device``)."""
+        return next(self.parameters()).device
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """``PreTrainedModel.num_parameters``: parameter count, only those requiring grad with ``only_trainable``,
+        without ``nn.Embedding`` weights with ``exclude_embeddings``."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent buffers (after ``to_empty``)."""
@@ -202,8 +231,12 @@ class QFormerModelBase(nn.Module):
                     encoder_hidden_states, encoder_attention_mask, encoder_batch_index = found
                     N = encoder_hidden_states.shape[0]
             encoder_hidden_states = encoder_hidden_states.to(device=device, dtype=embedding_output.dtype)
-            cross_mask = AttentionMask.from_hf(encoder_attention_mask, "encoder_attention_mask", N, query_length,
-                                               Lk, device)
+            mask_rows = N
+            if (encoder_batch_index is None and N == 1 and isinstance(encoder_attention_mask, Tensor)
+                    and encoder_attention_mask.dim() >= 2 and encoder_attention_mask.shape[0] == B):
+                mask_rows = B      # one image for every row, a mask per row (transformers broadcasts the image)
+            cross_mask = AttentionMask.from_hf(encoder_attention_mask, "encoder_attention_mask", mask_rows,
+                                               query_length, Lk, device)
         elif encoder_batch_index is not None:
             raise ValueError("encoder_batch_index was given without encoder_hidden_states")
 

@@ -98,17 +98,26 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, scale:
     """The originals' attention (transformers' ``eager_attention_forward``): ``softmax(q kᵀ·scale + M)``,
     probability dropout, ``@ v``. ``q (B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)`` -> ``(out, probs)``.
 
-    Only for what the kernels do not do (attention weights, dense masks); masked keys get
-    ``finfo.min`` as in transformers, so a row whose keys are all masked averages every value like the original.
+    Only for what the kernels do not do (attention weights, dense masks), with the kernels' semantics: a key a
+    boolean mask (``key_padding``, a bool ``dense``) hides is excluded, and a row with no visible key gets zero
+    weights, so zeros and zero gradients (as transformers' default SDPA attention; its eager attention averages the
+    values there instead). Asking for the weights thus never changes the output. A float ``dense`` mask is added
+    to the scores as given.
     """
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     low = torch.finfo(scores.dtype).min
+    visible = None          # (B, 1 or H, 1 or Lq, Lk) bool: keys a boolean mask lets through
     if mask.key_padding is not None:
-        scores = scores.masked_fill(~mask.key_padding[:, None, None, :], low)
-    if mask.dense is not None:
-        dense = mask.dense
-        scores = scores.masked_fill(~dense, low) if dense.dtype == torch.bool else scores + dense.to(scores.dtype)
+        visible = mask.key_padding[:, None, None, :]
+    if mask.dense is not None and mask.dense.dtype == torch.bool:
+        visible = mask.dense if visible is None else visible & mask.dense
+    if visible is not None:
+        scores = scores.masked_fill(~visible, low)
+    if mask.dense is not None and mask.dense.dtype != torch.bool:
+        scores = scores + mask.dense.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
+    if visible is not None:
+        probs = probs * visible.any(dim=-1, keepdim=True)    # no visible key: zero weights (the kernels' rule)
     probs = F.dropout(probs, p=dropout_p, training=training)
     return torch.matmul(probs, v), probs
 
@@ -383,6 +392,10 @@ class QFormerTextEmbeddings(nn.Module):
         if input_ids is not None:
             T = input_ids.shape[1]
             if position_ids is None:
+                if cache_length + T > self.position_embeddings.num_embeddings:
+                    raise ValueError(f"input_ids has {T} tokens{f' after {cache_length} cached' if cache_length else ''}"
+                                     f", more than the {self.position_embeddings.num_embeddings} positions of "
+                                     f"config.max_position_embeddings: shorten the text or pass position_ids")
                 position_ids = torch.arange(cache_length, cache_length + T,
                                             device=self.position_embeddings.weight.device)[None]
             embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids.to(input_ids.device))
