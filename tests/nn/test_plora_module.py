@@ -277,3 +277,17 @@ def test_from_linear_leaves_every_row_unchanged_until_trained():
         assert not torch.allclose(fresh(x, m)[m], linear(x)[m])
     with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
         PLoRA.from_linear(nn.Conv1d(2, 2, 1))
+
+
+def test_rope_angles_stay_fp32_after_a_bf16_cast():
+    """``.to(torch.bfloat16)`` casts the ``inv_freq`` buffer; the angles must still come from fp32 frequencies,
+    as the original's table (built in fp32, values cast): cos / sin of far positions equal the fp32 ones rounded
+    to bf16 (before: bf16 frequencies put position 8000 off by radians)."""
+    from vlmkern.models.internlm_xcomposer2 import InternLM2RotaryEmbedding
+    rope = InternLM2RotaryEmbedding(128, max_position_embeddings=8192, base=1_000_000)
+    pos = torch.tensor([[0, 1, 511, 4095, 8191]])
+    want_cos, want_sin = rope(pos, torch.float32)
+    rope = rope.to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.bfloat16        # the buffer is cast, as transformers casts buffers
+    cos, sin = rope(pos, torch.bfloat16)
+    assert torch.equal(cos, want_cos.to(torch.bfloat16)) and torch.equal(sin, want_sin.to(torch.bfloat16))

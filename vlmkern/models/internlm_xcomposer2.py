@@ -67,8 +67,11 @@ class InternLM2RMSNorm(nn.Module):
 class InternLM2RotaryEmbedding(nn.Module):
     """NeoX-style RoPE with base ``rope_theta``; ``inv_freq`` is not persistent (not in the checkpoint).
 
-    cos / sin come from ``position_ids`` directly (fp32, then cast): the original's table values for the
-    same integer positions. Dynamic NTK scaling (positions past ``max_position_embeddings``) is not applied.
+    cos / sin come from ``position_ids`` directly (fp32 angles, then cast): the original's table values for the
+    same integer positions. The frequencies are recomputed in fp32 per call, not read from ``inv_freq``: a
+    model cast to bf16 (``.to(torch.bfloat16)``) casts that buffer too, and bf16 frequencies put the angles of
+    position 512 off by radians (the original builds its table in fp32 at construction and only casts the
+    values). Dynamic NTK scaling (positions past ``max_position_embeddings``) is not applied.
     """
 
     def __init__(self, dim: int, max_position_embeddings: int = 2048, base: float = 10000, device=None):
@@ -76,11 +79,13 @@ class InternLM2RotaryEmbedding(nn.Module):
         self.dim = dim
         self.max_position_embeddings = max_position_embeddings
         self.base = base
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", self._fp32_inv_freq(device), persistent=False)   # as the original's
+
+    def _fp32_inv_freq(self, device) -> Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq.float()
+        freqs = position_ids.to(torch.float32)[..., None] * self._fp32_inv_freq(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
