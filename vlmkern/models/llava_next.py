@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from vlmkern.nn._linear import plain_linear
 from vlmkern.nn.projector import MLPProjector
 from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
 from vlmkern.ops import gather_linear
@@ -276,8 +277,10 @@ def projector_parameters(projector: nn.Module) -> tuple[Tensor, Tensor | None, T
     else:
         raise TypeError(f"projector must be an MLPProjector, an HF LlavaNextMultiModalProjector or "
                         f"nn.Sequential(Linear, GELU, Linear), got {type(projector).__name__}")
-    if not isinstance(l1, nn.Linear) or not isinstance(l2, nn.Linear):
-        raise TypeError("projector's first and last modules must be nn.Linear")
+    if not plain_linear(l1) or not plain_linear(l2):
+        raise TypeError("projector's first and last modules must be plain nn.Linear without hooks: their weights "
+                        "are read, so an adapter (e.g. PEFT LoRA), a quantised subclass or a hook would be skipped; "
+                        "run the projector, then pack_image_features, for such a projector")
     if act is not None and not (type(act).__name__ in ("GELU", "GELUActivation")
                                 and getattr(act, "approximate", "none") == "none"):
         raise TypeError(f"projector activation must be exact GELU, got {act!r}")

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from vlmkern import ops
+from vlmkern.nn._linear import plain_linear
 
 # LLaVA stores the projector as nn.Sequential(Linear, GELU, Linear): keys "0.*" and "2.*".
 _LLAVA_TO_HF = {"0.": "linear_1.", "2.": "linear_2."}
@@ -29,7 +30,10 @@ class MLPProjector(nn.Module):
         self.linear_2 = nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.linear_gelu(x, self.linear_1.weight, self.linear_1.bias)
+        if plain_linear(self.linear_1):
+            h = ops.linear_gelu(x, self.linear_1.weight, self.linear_1.bias)
+        else:      # an adapter / hook on linear_1 (e.g. PEFT LoRA): called, as the original
+            h = torch.nn.functional.gelu(self.linear_1(x))
         return self.linear_2(h)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

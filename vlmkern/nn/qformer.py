@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkern import ops
+from vlmkern.nn._linear import plain_linear
 from vlmkern.ops.checks import check_tensor
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -244,7 +245,9 @@ class QFormerIntermediate(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         if self.fused_gelu:
-            return ops.linear_gelu(hidden_states, self.dense.weight, self.dense.bias)
+            if plain_linear(self.dense):
+                return ops.linear_gelu(hidden_states, self.dense.weight, self.dense.bias)
+            return F.gelu(self.dense(hidden_states))    # an adapter / hook on dense: called, as the original
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 

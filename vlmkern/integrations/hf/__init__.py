@@ -22,7 +22,9 @@ untouched. One registry entry per family, in its own module:
 ``apply`` is idempotent (a second call replaces nothing). Patched models deep-copy, pickle and materialise
 from the meta device (``to_empty`` + ``init_weights``) like unpatched ones. ``skipped(model)`` lists what
 matched a registered class but could not be swapped, and why (e.g. a projector whose activation is not exact
-GELU).
+GELU, a module with hooks registered, or one whose weights do not load into the drop-in: adapters added before
+``apply``). Dropout probabilities set on the original modules carry over. A layer wrapped by an adapter or
+hooked after ``apply`` (e.g. PEFT LoRA on a projector or Q-Former linear) is called as a module, not fused.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 from vlmkern.integrations.hf import blip2, fuyu, llava, llava_next  # noqa: F401  (each registers its family)
-from vlmkern.integrations.hf._registry import REGISTRY, Family, Replaced, Skipped, Swap, register, resolve
+from vlmkern.integrations.hf._registry import REGISTRY, Family, Replaced, Skipped, Swap, convert, register, resolve
 
 
 def _families(families: Optional[Iterable[str]]) -> list[Family]:
@@ -80,7 +82,7 @@ def apply(model: nn.Module, families: Optional[Iterable[str]] = None) -> list[Re
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     done = []
     for qname, parent, child, swap in list(_matches(model, _families(families))):
-        new = swap.convert(child)
+        new = convert(swap, child)
         if isinstance(new, nn.Module):
             setattr(parent, swap.attribute, new)
             if swap.on_parent is not None:
@@ -93,7 +95,7 @@ def skipped(model: nn.Module, families: Optional[Iterable[str]] = None) -> list[
     """What ``apply`` would leave unpatched although its class is registered, with the reason."""
     out = []
     for qname, _, child, swap in _matches(model, _families(families)):
-        new = swap.convert(child)
+        new = convert(swap, child)
         if not isinstance(new, nn.Module):
             out.append(Skipped(qname, type(child).__name__, str(new)))
     return out

@@ -89,13 +89,41 @@ def twin(original: nn.Module, new: nn.Module) -> nn.Module:
 
 
 def copy_dropout(original: nn.Module, new: nn.Module) -> nn.Module:
-    """Carry dropout probabilities set on ``original``'s modules (not in any state dict) over to the
-    same-named ``nn.Dropout`` modules of ``new``."""
+    """Carry dropout probabilities set on ``original``'s modules (not in any state dict) over to ``new``'s
+    same-named modules: ``nn.Dropout.p``, and the ``attention_dropout`` probability transformers' attention
+    modules keep as a float (the Q-Formers' attention-probability dropout)."""
     old = dict(original.named_modules())
     for name, m in new.named_modules():
-        if isinstance(m, nn.Dropout) and isinstance(old.get(name), nn.Dropout):
-            m.p = old[name].p
+        o = old.get(name)
+        if isinstance(m, nn.Dropout) and isinstance(o, nn.Dropout):
+            m.p = o.p
+        elif isinstance(getattr(m, "attention_dropout", None), float) and \
+                isinstance(getattr(o, "attention_dropout", None), (int, float)):
+            m.attention_dropout = float(o.attention_dropout)
     return new
+
+
+def hooked_modules(module: nn.Module) -> list[str]:
+    """Names of ``module``'s submodules (``""``: itself) with forward, forward-pre or backward hooks."""
+    return [name for name, m in module.named_modules()
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+
+
+def convert(swap: "Swap", child: nn.Module) -> "nn.Module | str":
+    """``swap.convert(child)``, or why ``child`` stays: it has hooks (a new module would silently drop them), or
+    its weights do not load into the drop-in (modules added to it, e.g. adapters: their weights would be lost)."""
+    hooked = hooked_modules(child)
+    if hooked:
+        names = ", ".join(repr(n or "(the module itself)") for n in hooked[:3])
+        return f"hooks are registered on {names}: a drop-in would not run them"
+    try:
+        return swap.convert(child)
+    except RuntimeError as exc:
+        if "state_dict" not in str(exc):
+            raise
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:240]     # the first line only names the class
+        return f"its weights do not load into the drop-in (modules added to it, e.g. adapters?): {detail}"
 
 
 def meta_init(cls, *args, **kwargs) -> nn.Module:

@@ -4,8 +4,9 @@ and the model's projector + pack steps become one fused ``vlmkern.models.llava_n
 transformers' ``get_image_features`` runs the projector on every tile, then ``pack_image_features`` unpads and
 drops rows. After ``apply``, inside ``get_image_features`` the projector passes the vision features through and
 ``pack_image_features`` projects only the rows that unpadding keeps and writes the newline rows in the same pass.
-Whatever the fused path cannot take (``vision_feature_select_strategy="full"``, features of another width) is
-projected and packed by transformers' own code, and a direct call of the projector always projects.
+Whatever the fused path cannot take (``vision_feature_select_strategy="full"``, features of another width, a
+projector layer wrapped by an adapter or hooked) is projected and packed by transformers' own code, and a direct
+call of the projector always projects.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vlmkern.integrations.hf._projector import mlp_projector
 from vlmkern.integrations.hf._registry import Family, ModelHook, Swap, register
 from vlmkern.models import llava_next as packing
 from vlmkern.nn import MLPProjector
+from vlmkern.nn._linear import plain_linear
 
 
 class PackingProjector(MLPProjector):
@@ -37,7 +39,10 @@ def _packing_projector(original: nn.Module):
 def _fused_get_image_features(model: nn.Module, *args, **kwargs):
     """The class's ``get_image_features`` with the projector deferred to the pack step."""
     projector = model.multi_modal_projector
-    deferring = isinstance(projector, PackingProjector)   # False if the projector was replaced after apply
+    # not if the projector was replaced after apply, nor if a layer of it was wrapped or hooked (it then runs
+    # once over all tiles, as in transformers, instead of per image in the pack step)
+    deferring = (isinstance(projector, PackingProjector) and plain_linear(projector.linear_1)
+                 and plain_linear(projector.linear_2))
     if deferring:
         projector.deferred = True
     try:
@@ -54,8 +59,9 @@ def _fused_pack_image_features(model: nn.Module, image_features, image_sizes, vi
     feats = list(image_features)
     if isinstance(projector, PackingProjector) and projector.deferred:
         projector.deferred = False
-        if vision_feature_select_strategy == "default" and all(
-                f.dim() == 3 and f.shape[-1] == projector.linear_1.in_features for f in feats):
+        if (vision_feature_select_strategy == "default" and plain_linear(projector.linear_1)
+                and plain_linear(projector.linear_2)
+                and all(f.dim() == 3 and f.shape[-1] == projector.linear_1.in_features for f in feats)):
             return packing.project_and_pack(
                 feats, image_sizes, projector, image_newline, image_grid_pinpoints=config.image_grid_pinpoints,
                 tile_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)

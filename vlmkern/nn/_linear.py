@@ -1,0 +1,16 @@
+"""When a module's ``nn.Linear`` may be read as weights instead of called."""
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.modules import module as _module
+
+
+def plain_linear(m: nn.Module) -> bool:
+    """Whether calling ``m`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (not a subclass
+    such as a quantised linear, nor a wrapper such as PEFT's ``lora.Linear``, whose ``weight`` is its base layer's)
+    with no hook of its own or global ones. A fused op that reads the weights may stand in for such a module only;
+    any other must be called, or the adapter's term, the quantisation or the hook would be skipped silently."""
+    return (type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+            and not m._backward_pre_hooks and not _module._global_forward_hooks
+            and not _module._global_forward_pre_hooks and not _module._global_backward_hooks
+            and not _module._global_backward_pre_hooks)
