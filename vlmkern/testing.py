@@ -128,3 +128,36 @@ def assert_no_host_sync(step) -> None:
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class AdapterLinear(torch.nn.Module):
+    """A low-rank adapter around an ``nn.Linear`` with PEFT ``lora.Linear``'s interface (``base_layer``; ``weight``
+    and ``bias`` are the base layer's; forward adds ``scaling · B(A(x))``), with a non-zero ``B`` so that a path
+    that reads ``weight`` instead of calling the layer shows. For testing what drop-ins do with adapted layers."""
+
+    def __init__(self, base: torch.nn.Linear, r: int = 4, scaling: float = 2.0, seed: int = 0):
+        super().__init__()
+        self.base_layer, self.scaling = base, scaling
+        self.lora_A = torch.nn.Linear(base.in_features, r, bias=False, device=base.weight.device,
+                                      dtype=base.weight.dtype)
+        self.lora_B = torch.nn.Linear(r, base.out_features, bias=False, device=base.weight.device,
+                                      dtype=base.weight.dtype)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for w in (self.lora_A.weight, self.lora_B.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def adapt_(model: torch.nn.Module, path: str, **kwargs) -> AdapterLinear:
+    """Replace the ``nn.Linear`` at ``path`` (dotted) in ``model`` by an :class:`AdapterLinear` around it."""
+    parent, _, name = path.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    adapter = AdapterLinear(getattr(owner, name), **kwargs)
+    setattr(owner, name, adapter)
+    return adapter

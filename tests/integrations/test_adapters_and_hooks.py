@@ -15,6 +15,7 @@ from vlmkern.integrations.hf import tiny  # noqa: E402
 from vlmkern.models import llava_next  # noqa: E402
 from vlmkern.nn import MLPProjector  # noqa: E402
 from vlmkern.nn._linear import plain_linear  # noqa: E402
+from vlmkern.testing import AdapterLinear, adapt_  # noqa: E402
 
 # the layers a fused op reads by weight: the projectors' Linears, the Q-Formers' GELU intermediate
 FUSED_LAYERS = {"llava": "model.multi_modal_projector.linear_1",
@@ -30,35 +31,6 @@ def _quiet():
         yield
 
 
-class LoraLinear(nn.Module):
-    """PEFT ``lora.Linear``'s interface: ``base_layer``, ``weight`` / ``bias`` are the base layer's, forward adds
-    the low-rank term (a non-zero one here, so that dropping it shows)."""
-
-    def __init__(self, base: nn.Linear, r: int = 4):
-        super().__init__()
-        self.base_layer = base
-        self.lora_A = nn.Linear(base.in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False)
-        g = torch.Generator().manual_seed(0)
-        for w in (self.lora_A.weight, self.lora_B.weight):
-            with torch.no_grad():
-                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
-
-    weight = property(lambda self: self.base_layer.weight)
-    bias = property(lambda self: self.base_layer.bias)
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * 2.0
-
-
-def _wrap(model: nn.Module, path: str) -> LoraLinear:
-    parent, _, name = path.rpartition(".")
-    owner = model.get_submodule(parent)
-    wrapped = LoraLinear(getattr(owner, name))
-    setattr(owner, name, wrapped)
-    return wrapped
-
-
 @pytest.mark.parametrize("family", ["llava", "blip2", "instructblip"])
 def test_an_adapter_added_after_apply_runs_and_trains(family):
     model, inputs = tiny.BUILDERS[family]()
@@ -66,7 +38,7 @@ def test_an_adapter_added_after_apply_runs_and_trains(family):
     hf.apply(patched)
     runs = {}
     for tag, m in (("original", model), ("patched", patched)):
-        adapter = _wrap(m, FUSED_LAYERS[family])
+        adapter = adapt_(m, FUSED_LAYERS[family])
         logits = m(**inputs).logits
         logits.float().square().mean().backward()
         runs[tag] = (logits.detach(), adapter.lora_B.weight.grad)
@@ -101,7 +73,7 @@ def test_a_module_with_hooks_or_adapters_before_apply_is_left_with_a_reason():
     assert skip.qualified_name == "qformer" and "hooks are registered on 'layernorm'" in skip.reason
     assert hf.apply(model) == []
     handle.remove()
-    _wrap(model, FUSED_LAYERS["blip2"])
+    adapt_(model, FUSED_LAYERS["blip2"])
     (skip,) = hf.skipped(model)
     assert "do not load into the drop-in" in skip.reason and "intermediate_query.dense" in skip.reason
     assert hf.apply(model) == []
@@ -135,7 +107,7 @@ def test_plain_linear_tells_what_a_fused_op_may_read():
     handle = lin.register_forward_pre_hook(lambda *a: None)
     assert not plain_linear(lin)
     handle.remove()
-    assert plain_linear(lin) and not plain_linear(LoraLinear(lin))
+    assert plain_linear(lin) and not plain_linear(AdapterLinear(lin))
 
     class Quantised(nn.Linear):
         pass
@@ -150,7 +122,7 @@ def test_plain_linear_tells_what_a_fused_op_may_read():
 def test_projector_with_a_wrapped_layer_is_called_or_refused():
     proj = MLPProjector(8, 16, 12)
     x = torch.randn(3, 8)
-    adapter = LoraLinear(proj.linear_1)
+    adapter = AdapterLinear(proj.linear_1)
     want = proj.linear_2(nn.functional.gelu(adapter(x)))
     proj.linear_1 = adapter
     torch.testing.assert_close(proj(x), want)

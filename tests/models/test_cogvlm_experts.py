@@ -139,3 +139,28 @@ def test_cuda_no_host_sync_mlp_and_attention(backend):
         y.float().square().mean().backward()
 
     assert_no_host_sync(step)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_adapted_expert_layers_are_called_as_the_original_calls_them(backend, device):
+    """A PEFT-style adapter on an expert Linear (QKV, dense, MLP): the layer is called on its own tokens, so the
+    output and the adapter's gradients are the original's (reading its weight would drop the adapter)."""
+    from vlmkern.testing import adapt_
+    types, pos, mask = original.example_inputs(device)
+    x = torch.randn(2, 29, 64, device=device)
+    for cls, orig_cls, paths, extra in (
+            (VisionExpertMLP, original.VisionExpertMLP, ("vision_mlp.gate_proj", "language_mlp.down_proj"), ()),
+            (VisionExpertAttention, original.VisionExpertAttention,
+             ("vision_expert_query_key_value", "language_expert_dense"), (pos, mask))):
+        ours, orig, _ = _pair(cls, orig_cls, torch.float32, device)
+        runs = []
+        for m in (ours, orig):
+            adapters = [adapt_(m, p) for p in paths]
+            out = m(x, types, *extra)
+            y = out[0] if isinstance(out, tuple) else out
+            y.square().mean().backward()
+            runs.append((y.detach(), [a.lora_B.weight.grad for a in adapters]))
+        (y, grads), (y_orig, grads_orig) = runs
+        torch.testing.assert_close(y, y_orig, atol=1e-5, rtol=1e-5)
+        for g, g_orig in zip(grads, grads_orig):
+            torch.testing.assert_close(g, g_orig, atol=1e-5, rtol=1e-4)

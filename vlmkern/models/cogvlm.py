@@ -4,8 +4,9 @@ Image tokens and text tokens use different weights for QKV, the attention output
 original gathers each modality with a boolean mask and scatters back (a host sync per linear); here every
 linear is ``vlmkern.ops.expert_linear`` keyed by a per-token expert id, computed on device with
 ``cogvlm_expert_ids`` (vision expert iff a token and the next one are vision-type: ``boi`` + patches; the
-``eoi`` token uses the language expert). The two experts' ``nn.Linear`` weights are used in place, so the
-state-dict keys are the original's (``{language,vision}_mlp.{gate,up,down}_proj.weight``,
+``eoi`` token uses the language expert). The two experts' ``nn.Linear`` weights are used in place (an expert
+layer wrapped by an adapter or hooked is called instead, as the original calls it), so the state-dict keys are
+the original's (``{language,vision}_mlp.{gate,up,down}_proj.weight``,
 ``{language,vision}_expert_{query_key_value,dense}.weight``, ``rotary_emb.inv_freq``).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from vlmkern.models._config import positive_int
 from vlmkern.models.cogagent import CrossAttention  # noqa: F401  (CogAgent layers live beside CogVLM's)
+from vlmkern.nn._linear import plain_linear
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear
 
 
@@ -42,6 +44,21 @@ class CogVLMConfig:
     num_attention_heads: int = 32
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
+
+
+def _routed(x: Tensor, language: nn.Module, vision: nn.Module, ids: Tensor) -> Tensor:
+    """Token ``t`` through ``language`` (``ids[t] == 0``) or ``vision`` (1): one ``expert_linear`` over their
+    weights. An expert layer that is not a plain ``nn.Linear`` without hooks (an adapter such as PEFT LoRA, a
+    hook) is called on its own tokens instead, as the original does (boolean gather and scatter, with its host
+    synchronisation): reading its weights would skip what is attached to it."""
+    if plain_linear(language) and plain_linear(vision):
+        return expert_linear(x, [language.weight, vision.weight], ids, validate_ids=False)
+    on_vision = ids.bool()
+    text, image = language(x[~on_vision]), vision(x[on_vision])
+    out = text.new_empty(*x.shape[:-1], text.shape[-1])
+    out[~on_vision] = text
+    out[on_vision] = image.to(out.dtype)
+    return out
 
 
 def _cfg(config, name: str) -> int:
@@ -89,10 +106,9 @@ class VisionExpertMLP(nn.Module):
         """``hidden_states (B, L, D)``, ``token_type_ids (B, L)`` (0 language, 1 vision) -> ``(B, L, D)``."""
         ids = cogvlm_expert_ids(token_type_ids)  # in [0, 2) by construction: no value check needed
         lang, vis = self.language_mlp, self.vision_mlp
-        kw = dict(validate_ids=False)
-        gate = expert_linear(hidden_states, [lang.gate_proj.weight, vis.gate_proj.weight], ids, **kw)
-        up = expert_linear(hidden_states, [lang.up_proj.weight, vis.up_proj.weight], ids, **kw)
-        return expert_linear(lang.act_fn(gate) * up, [lang.down_proj.weight, vis.down_proj.weight], ids, **kw)
+        gate = _routed(hidden_states, lang.gate_proj, vis.gate_proj, ids)
+        up = _routed(hidden_states, lang.up_proj, vis.up_proj, ids)
+        return _routed(lang.act_fn(gate) * up, lang.down_proj, vis.down_proj, ids)
 
 
 class RotaryEmbedding(nn.Module):
@@ -162,8 +178,7 @@ class VisionExpertAttention(nn.Module):
                                       "past_key_value must be None")
         B, L, D = hidden_states.shape
         ids = cogvlm_expert_ids(token_type_ids)
-        qkv_w = [self.language_expert_query_key_value.weight, self.vision_expert_query_key_value.weight]
-        qkv = expert_linear(hidden_states, qkv_w, ids, validate_ids=False)
+        qkv = _routed(hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value, ids)
         q, k, v = (self._heads(t) for t in qkv.split(D, dim=-1))
         cos, sin = self.rotary_emb(position_ids, q.dtype)
         cos, sin = cos[:, None], sin[:, None]
@@ -180,8 +195,7 @@ class VisionExpertAttention(nn.Module):
         else:
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         ctx = ctx.transpose(1, 2).reshape(B, L, D)
-        out = expert_linear(ctx, [self.language_expert_dense.weight, self.vision_expert_dense.weight], ids,
-                            validate_ids=False)
+        out = _routed(ctx, self.language_expert_dense, self.vision_expert_dense, ids)
         return out, weights, past_key_value
 
 
