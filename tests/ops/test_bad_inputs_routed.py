@@ -104,6 +104,8 @@ def _pl(**over):
 
 
 T = "partial_lora_linear"
+case(T, "flag type", lambda: partial_lora_linear(**_plora(), dropout_p=0.5, training="False"),
+     Raises(TypeError, "training must be a bool"))
 case(T, "dtype", _pl(x=torch.ones(2, 3, 8, dtype=torch.int32)), Raises(TypeError, "x must have dtype"))
 case(T, "dtype", _pl(lora_b=torch.randn(5, 2).half()), Raises(TypeError, "lora_b dtype"))
 case(T, "dtype", _pl(im_mask=torch.ones(2, 3)), Raises(TypeError, "im_mask must have dtype bool"))
@@ -197,6 +199,9 @@ case(T, "int32 overflow", lambda: EXPERT_LINEAR.reasons("triton", m(4, 8), **{f"
 case(T, "int32 overflow", lambda: expert_linear(m(8, 2**28).t(), m(2, 5, 8), m(2**28, dtype=torch.long)), shape_is(2**28, 5))
 case(T, "keyword", lambda: expert_linear(**_expert(), validate=True), Raises(TypeError, "validate"))
 case(T, "type", _ex(weights="w"), Raises(TypeError, "weights must be a (num_experts, out, in) tensor"))
+case(T, "out-of-range ids", _ex(weights=torch.randn(1, 5, 8), expert_ids=torch.ones(2, 3, dtype=torch.bool)),
+     Raises(ValueError, "expert_ids is bool (True = expert 1) but weights hold 1 expert"))
+case(T, "flag type", lambda: expert_linear(**_expert(), validate_ids="yes"), Raises(TypeError, "validate_ids must be a bool"))
 
 # -------------------------------------------------------------------------------------- cogvlm_expert_ids
 T = "cogvlm_expert_ids"
@@ -305,6 +310,9 @@ for T, fn, ref_fn, gelu in (("gather_linear", gather_linear, ref_packing.gather_
     case(T, "int32 overflow", lambda fn=fn: fn(m(4, 2**28).t(), m(3, 2, dtype=torch.long), m(5, 8), m(5)), shape_is(3, 5))
     case(T, "keyword", lambda fn=fn: fn(**{k: v for k, v in _gat().items() if k != "fill"}, validate=False), Raises(TypeError, "validate"))
     case(T, "type", _ga(index=[[0, 1]]), Raises(TypeError, "index must be a torch.Tensor"))
+case("gather_linear", "flag type", lambda: gather_linear(**_gat(), gelu="no"), Raises(TypeError, "gelu must be a bool"))
+case("gather_linear", "flag type", lambda: gather_linear(**_gat(), validate_values=1),
+     Raises(TypeError, "validate_values must be a bool"))
 case("gather_linear", "out-of-range ids", lambda: gather_linear(**{**_gat(), "fill": None}),
      Raises(ValueError, "-1 marks a fill row, which needs fill="))
 

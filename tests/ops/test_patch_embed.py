@@ -209,6 +209,26 @@ def test_kept_scalar_normalisation_follows_the_values():
             _norm_lists(float("nan"), 0.5, 3)
 
 
+@pytest.mark.parametrize("name, bad", [("mean", "x"), ("std", None), ("mean", True), ("std", [0.5, True, 0.5]),
+                                       ("mean", [0.5, "a", 0.5])])
+def test_mean_and_std_of_another_type_are_named(name, bad):
+    """A string, None, a bool (not a mean) or a list holding one: TypeError naming the argument, on both ops."""
+    pixels, w = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8), torch.randn(4, 48)
+    with pytest.raises(TypeError, match=f"{name} must be a float, a sequence of floats or a tensor"):
+        ops.patch_embed(pixels, w, patch_size=4, **{name: bad})
+    with pytest.raises(TypeError, match=f"{name} must be a float, a sequence of floats or a tensor"):
+        ops.patchify(pixels, patch_size=4, **{name: bad})
+
+
+def test_mean_and_std_take_arrays_and_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    pixels, w = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8), torch.randn(4, 48)
+    want = ops.patch_embed(pixels, w, patch_size=4, mean=[0.4, 0.5, 0.6], std=0.25)
+    got = ops.patch_embed(pixels, w, patch_size=4, mean=np.array([0.4, 0.5, 0.6], dtype=np.float64),
+                          std=np.float32(0.25))
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 @pytest.mark.parametrize("hw", [(1080, 1920), (480, 640), (301, 299)])

@@ -336,6 +336,30 @@ def test_opcheck(backend, device):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
+def test_opcheck_backward_op(backend, device):
+    """The backward op's results are dense on every backend, as its fake says (torch's CPU flash backward,
+    which the reference takes for unmasked long keys, returns q / k / v-strided gradients). No double backward:
+    inputs without grad."""
+    q, k, v, tm = _op_args(device, requires_grad=False)
+    out, lse = attn_ops._qformer_attention_op(q, k, v, tm, 8, int(QFormerMode.UNIMODAL), 0.2, 0.0, None)
+    args = (torch.randn_like(out), q, k, v, out, lse, tm, 8, int(QFormerMode.UNIMODAL), 0.2, 0.0, None)
+    for g in attn_ops._masked_attention_backward_op(*args):
+        assert g.is_contiguous()
+    torch.library.opcheck(attn_ops._masked_attention_backward_op, args)
+    q, k, v = (t[:, :, :5] for t in (q, k, v))           # no mask, few keys: the flash branch where it applies
+    out, lse = attn_ops._qformer_attention_op(q, k, v, None, 0, int(QFormerMode.BIDIRECTIONAL), 0.2, 0.0, None)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, 0, int(QFormerMode.BIDIRECTIONAL), 0.2, 0.0, None)
+    torch.library.opcheck(attn_ops._masked_attention_backward_op, args)
+
+
+def test_reference_takes_head_dim_zero():
+    q = torch.randn(2, 2, 5, 0)
+    for out in (ref_attention.cross_attention(q, q, q), ref_attention.qformer_attention(q, q, q, num_query=2,
+                                                                                          mode="bidirectional")):
+        assert out.shape == (2, 2, 5, 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"], indirect=True)
 def test_torch_compile_fullgraph(backend, device):
     q, k, v, tm = _op_args(device)
 

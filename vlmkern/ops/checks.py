@@ -127,6 +127,13 @@ def check_finite_scalar(value, name: str, *, minimum: float | None = None) -> fl
     return float(value)
 
 
+def check_flag(value, name: str, *, optional: bool = False) -> None:
+    """A boolean switch: a ``bool`` (None too with ``optional``), else TypeError naming it (a string such as
+    ``"False"`` or a float would otherwise switch by its truth value)."""
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise TypeError(f"{name} must be a bool{' or None' if optional else ''}, got {value!r}")
+
+
 def check_dropout_p(dropout_p) -> None:
     """A dropout probability: a real number in [0, 1] (bools refused), else ValueError."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:

@@ -77,6 +77,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     ``dropout``: multiplier of the probabilities (``keep / (1 - p)``, :func:`dropout_multiplier`), applied
     after the softmax as the originals' ``nn.Dropout`` is.
     """
+    if q.shape[-1] == 0:      # no features: the empty (B, H, Lq, 0) result, as F.scaled_dot_product_attention
+        return q.new_zeros(q.shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if bool(mask.all()):                                   # nothing masked: plain softmax

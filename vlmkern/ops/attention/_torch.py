@@ -115,7 +115,8 @@ def backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale, dropout_
     if _cpu_flash(q, k) and dropout_p == 0.0:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=additive(mask, q.dtype), scale=scale)
-        return dq, dk, dv
+        # dense, as the fake declares and the Triton backward gives (torch's follow q / k / v's strides)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
     ct = _compute_dtype(q.dtype)
     qc, kc, vc, g = q.to(ct), k.to(ct), v.to(ct), grad.to(ct)
     has_key = mask.any(-1, keepdim=True)
@@ -129,4 +130,4 @@ def backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale, dropout_
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     dq = ds @ kc * scale
     dk = ds.transpose(-1, -2) @ qc * scale
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+    return dq.to(q.dtype).contiguous(), dk.to(q.dtype).contiguous(), dv.to(q.dtype).contiguous()

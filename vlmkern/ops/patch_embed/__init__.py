@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -43,12 +44,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # --------------------------------------------------------------------------------------------- checks
+def _real(v) -> bool:
+    """A real number that is not a bool (numpy scalars included)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _norm_list(value, name: str, channels: int) -> list[float]:
     if isinstance(value, Tensor):
         if value.device.type == "meta":
             raise ValueError(f"{name} must hold values (a float, a sequence or a tensor with data), got a meta tensor")
         value = value.detach().cpu().reshape(-1).tolist()
-    vals = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
+    iterable = hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
+    items = [value] if _real(value) else list(value) if iterable else None     # a sequence, an array
+    if items is None or not all(_real(v) for v in items):
+        raise TypeError(f"{name} must be a float, a sequence of floats or a tensor, got {value!r}")
+    vals = [float(v) for v in items]
     if len(vals) == 1:
         vals = vals * channels
     if len(vals) != channels:

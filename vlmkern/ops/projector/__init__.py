@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, as_dtype, autocast_inputs, check_same_device,
+from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, as_dtype, autocast_inputs, check_flag, check_same_device,
                                 check_tensor, int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
@@ -290,6 +290,8 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     ``validate_values`` checks the index values (one host sync on a GPU index; out-of-range entries raise
     ``ValueError``); a model whose index it built itself passes False.
     """
+    check_flag(gelu, "gelu")
+    check_flag(validate_values, "validate_values")
     x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
     _check_gather_linear(x, index, weight, bias, extra, fill)
     # x and index share a device (checked above): index alone says whether values can be read

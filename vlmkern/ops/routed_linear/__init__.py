@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch as _dispatch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, as_dtype, autocast_inputs, check_dropout_p,
-                                check_same_device, check_tensor, int32_offset_reasons, once_per_key,
+                                check_flag, check_same_device, check_tensor, int32_offset_reasons, once_per_key,
                                 rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.routed_linear import _torch
@@ -112,6 +112,9 @@ def _check_expert_linear(x, ws, expert_ids) -> None:
                          f"in_features={ws[0].shape[1]}")
     _check_same_dtype("x", x, weights=ws[0], **{f"weights[{i}]": w for i, w in enumerate(ws)})
     check_tensor(expert_ids, "expert_ids", dtypes=_ID_DTYPES)
+    if expert_ids.dtype == torch.bool and len(ws) < 2:     # True is expert 1, which does not exist
+        raise ValueError(f"expert_ids is bool (True = expert 1) but weights hold {len(ws)} expert: give two "
+                         f"experts or integer ids")
     if tuple(expert_ids.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"expert_ids must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one expert per token), "
                          f"got {tuple(expert_ids.shape)}")
@@ -329,6 +332,7 @@ def partial_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_
     The adapter runs on image rows only — exactly the base GEMM when there are none — and nothing
     synchronises with the host. Differentiable in x, weight, bias, lora_a and lora_b.
     """
+    check_flag(training, "training")
     x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p)
     if im_mask is None:
@@ -360,6 +364,7 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
 
     Differentiable in x and weights; no host synchronisation in forward or backward.
     """
+    check_flag(validate_ids, "validate_ids", optional=True)
     ws = _expert_weights(weights)
     x, ws = autocast_inputs(x, ws)
     _check_expert_linear(x, ws, expert_ids)
