@@ -250,3 +250,24 @@ def test_bad_input_dtype_and_op_args():
 @pytest.mark.parametrize("M,L", [(8, 576), (4, 576), (2, 64)])
 def test_module_matches_original_bf16_real_shapes(M, L):
     _check_module("cuda", torch.bfloat16, 2, math.isqrt(L), M, C=1024, C_aux=2880 if M == 8 else 1536)
+
+
+def test_fp16_large_key_bias_keeps_the_originals_logits():
+    """fp16 with a key bias whose row constant q·bk exceeds fp16's range before the 1/sqrt(C') scale but not
+    after it (the original scales its keys first): the logits stay finite, as the original's, so no row falls
+    back to uniform weights (before: error 1.6 against fp64, against 9e-4 for the original)."""
+    import copy
+    torch.manual_seed(0)
+    C, C_aux = 64, 32
+    orig = original.UniModules(C, C_aux)
+    with torch.no_grad():
+        orig.vlm_uni_query_projector[1].bias.fill_(3.0)
+        orig.vlm_uni_aux_projector[1].weight.mul_(20)
+        orig.vlm_uni_aux_projector[1].bias.fill_(400.0)      # q·bk ≈ 3·400·64 = 76800 > 65504
+    ours = PatchInfoMining(C, C_aux)
+    ours.load_state_dict(orig.state_dict(), strict=True)
+    x, aux = torch.randn(2, 4, C), torch.randn(2, C_aux, 8, 8)
+    exact = copy.deepcopy(orig).double()(x.double(), aux.double())[1]
+    base = copy.deepcopy(orig).half()(x.half(), aux.half())[1]
+    got = copy.deepcopy(ours).half()(x.half(), aux.half())[1]
+    assert_close(got, base, exact, name="embed_feat fp16")

@@ -241,10 +241,13 @@ def patch_info_mining(images: Tensor, images_aux: Tensor, query_params, key_para
     q = F.linear(F.layer_norm(images, (C,), ln_qw, ln_qb, eps_q), wq, bq)          # (B, N, C')
     ln_kw, ln_kb, wk, bk = key_params
     ct = _torch.compute_dtype(images_aux)
-    q_aux = q @ wk                                                                # Wkᵀ q   (B, N, C_aux)
-    u = q_aux.to(ct) * (ln_kw.to(ct) / math.sqrt(C_out))
+    # Scaled first, as the original scales its keys before the product, and in the compute dtype: Wkᵀ q and the
+    # row constant are partial sums of the logits, which in fp16 would overflow where the logits do not.
+    qs = q.to(ct) / math.sqrt(C_out)
+    q_aux = qs @ wk.to(ct)                                                        # Wkᵀ q / sqrt(C')  (B, N, C_aux)
+    u = q_aux * ln_kw.to(ct)
     # βk and bk shift every logit of a row by the same amount (the softmax ignores it) unless it is not finite.
-    shift = (q_aux * ln_kb).sum(-1, keepdim=True) + q @ bk.unsqueeze(-1)
+    shift = (q_aux * ln_kb.to(ct)).sum(-1, keepdim=True) + qs @ bk.to(ct).unsqueeze(-1)
     u = torch.where(torch.isfinite(shift), u, 0.0)
     s, _ = window_attention(u, images_aux, eps_k)
     ln_vw, ln_vb, wv, bv = value_params
