@@ -688,3 +688,36 @@ if __name__ == "__main__":
     for target, (n, k) in counts().items():
         print(f"{target:64s} {n:3d} cases {k:3d} classes")
     print(f"{'total':64s} {len(CASES):3d} cases")
+
+
+@pytest.mark.parametrize("op", ["partial_lora_linear", "gather_linear_gelu", "linear_gelu", "patch_embed"])
+def test_float64_bias_gradients_accumulate_in_float64(op):
+    """float64 runs the reference math and its gradients are exact: a bias gradient summed in float32 (1.6e-7
+    relative) would not be. The bias gradient is the row sum of the output gradient (times GELU' before fill)."""
+    g = torch.Generator().manual_seed(0)
+    big = (1 + 1e-12 * torch.arange(64, dtype=torch.float64))[:, None] * 1e4     # rows fp32 cannot sum exactly
+    if op == "patch_embed":
+        w, b = torch.randn(5, 48, dtype=torch.float64, generator=g), torch.zeros(5, dtype=torch.float64)
+        b.requires_grad_(True)
+        y = ops.patch_embed(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g), w, b, patch_size=4)
+        grad = big.expand(64, 5).reshape(1, 64, 5)
+    else:
+        x = torch.randn(64, 8, dtype=torch.float64, generator=g)
+        w, b = torch.randn(5, 8, dtype=torch.float64, generator=g), torch.zeros(5, dtype=torch.float64, requires_grad=True)
+        if op == "partial_lora_linear":
+            y = partial_lora_linear(x, w, b, torch.randn(2, 8, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64),
+                                    torch.arange(64) % 2 == 0, 2.0)
+        elif op == "linear_gelu":
+            y = ops.linear_gelu(x, w, b)
+        else:
+            y = gather_linear_gelu(x, torch.arange(64)[:, None], w, b)
+        grad = big.expand(64, 5)
+    (y * grad).sum().backward()
+    assert b.grad.dtype == torch.float64
+    if op in ("partial_lora_linear", "patch_embed"):
+        torch.testing.assert_close(b.grad, grad.reshape(-1, 5).sum(0), rtol=1e-15, atol=0)
+    else:  # GELU'(pre) weights the rows: the oracle is autograd through the float64 reference math
+        b2 = b.detach().clone().requires_grad_(True)
+        ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b2))
+        (ref * grad).sum().backward()
+        torch.testing.assert_close(b.grad, b2.grad, rtol=1e-15, atol=0)

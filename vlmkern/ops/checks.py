@@ -101,6 +101,11 @@ def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What sums of ``dtype`` values accumulate in: float32, float64 for float64 (its gradients stay exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def is_meta(*tensors) -> bool:
     """Whether any of ``tensors`` lives on the meta device (values can't be read: value checks are skipped)."""
     return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vlmkern import _ext
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, as_dtype, autocast_inputs, check_finite_scalar, check_same_device,
+from vlmkern.ops.checks import (FLOATS, accumulate_dtype, as_dtype, autocast_inputs, check_finite_scalar, check_same_device,
                                 check_tensor, int32_count_reasons, int32_offset_reasons, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.patch_embed import _cpp, _torch
@@ -259,7 +259,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         d_weight = _patch_embed_grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std)
     if ctx.needs_input_grad[2]:
-        d_bias = grad.sum(dim=(0, 1), dtype=torch.float32)
+        d_bias = grad.sum(dim=(0, 1), dtype=accumulate_dtype(weight.dtype))
         d_bias = as_dtype(d_bias, weight.dtype)
     return d_pixels, d_weight, d_bias, None, None, None, None, None
 

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, as_dtype, autocast_inputs, check_flag, check_same_device,
-                                check_tensor, int32_offset_reasons, once_per_key, rows_2d)
+from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, accumulate_dtype, as_dtype, autocast_inputs, check_flag,
+                                check_same_device, check_tensor, int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
 
@@ -188,7 +188,7 @@ def _linear_gelu_backward(ctx, grad_out, _grad_pre):
     if need_w:
         dw = d2.t().matmul(rows_2d(x))
     if ctx.has_bias and need_b:
-        db = as_dtype(d2.sum(0, dtype=torch.float32), weight.dtype)
+        db = as_dtype(d2.sum(0, dtype=accumulate_dtype(weight.dtype)), weight.dtype)
     return dx, dw, db, None
 
 
@@ -234,7 +234,8 @@ def _gather_backward(ctx, grad_out, _grad_pre):
     if ctx.has_fill:
         is_fill = index[:, :1] < 0
         if need_f:
-            dfill = as_dtype(grad_out.masked_fill(~is_fill, 0).sum(0, dtype=torch.float32), grad_out.dtype)
+            dfill = as_dtype(grad_out.masked_fill(~is_fill, 0).sum(0, dtype=accumulate_dtype(grad_out.dtype)),
+                             grad_out.dtype)
         dpre = dpre.masked_fill(is_fill, 0)
         src = _torch.source_index(index, is_fill)
     else:  # no fill rows: every entry is a source row (what the value check guarantees)
@@ -244,8 +245,9 @@ def _gather_backward(ctx, grad_out, _grad_pre):
     M = math.prod(x.shape[:-1])
     dx = dw = db = dextra = None
     if need_x or need_e:
-        acc = torch.zeros((M + (0 if extra is None else extra.shape[0]), C), device=x.device, dtype=torch.float32)
-        acc.index_add_(0, src.reshape(-1), dpre.matmul(weight).reshape(R * P, C).float())
+        acc = torch.zeros((M + (0 if extra is None else extra.shape[0]), C), device=x.device,
+                          dtype=accumulate_dtype(x.dtype))
+        acc.index_add_(0, src.reshape(-1), dpre.matmul(weight).reshape(R * P, C).to(acc.dtype))
         if need_x:
             dx = as_dtype(acc if extra is None else acc[:M], x.dtype)
             dx = dx if x.dim() == 2 else dx.reshape(x.shape)
@@ -253,7 +255,7 @@ def _gather_backward(ctx, grad_out, _grad_pre):
     if need_w:
         dw = dpre.t().matmul(_torch.source_rows(x, extra)[src].reshape(R, P * C))
     if ctx.has_bias and need_b:
-        db = as_dtype(dpre.sum(0, dtype=torch.float32), weight.dtype)
+        db = as_dtype(dpre.sum(0, dtype=accumulate_dtype(weight.dtype)), weight.dtype)
     return dx, None, dw, db, dextra, dfill, None, None
 
 

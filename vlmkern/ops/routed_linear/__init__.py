@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from vlmkern.ops import dispatch as _dispatch
-from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, as_dtype, autocast_inputs, check_dropout_p,
-                                check_flag, check_same_device, check_tensor, int32_offset_reasons, once_per_key,
+from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, accumulate_dtype, as_dtype,
+                                autocast_inputs, check_dropout_p, check_flag, check_same_device, check_tensor, int32_offset_reasons, once_per_key,
                                 rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.routed_linear import _torch
@@ -243,7 +243,7 @@ def _plora_backward(ctx, grad, _grad_u):
     if need[1]:
         dw = g.t().matmul(x)
     if need[2]:
-        db = as_dtype(g.sum(dim=0, dtype=torch.float32), x.dtype)
+        db = as_dtype(g.sum(dim=0, dtype=accumulate_dtype(x.dtype)), x.dtype)
     if need[3]:
         da = _routed_tn(gm, x, im_mask, 1, 1, keep, 1.0, ctx.keep_scale).squeeze(0)
     if need[4]:
