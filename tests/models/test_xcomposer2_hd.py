@@ -184,3 +184,37 @@ def test_bad_hd_arguments():
         ixc.hd_geometry(100, 100, 0)
     with pytest.raises(ValueError, match="multiples of 336"):
         ixc.tower_inputs(torch.randn(3, 336, 400))
+
+
+def test_packer_saves_the_original_keys():
+    """The original's ``vision_proj`` is ``nn.Sequential(Linear, GELU, Linear)``: the packer loads its keys and
+    saves them (before: ``vision_proj.linear_1.*``, which the original could not load)."""
+    from torch import nn
+
+    from vlmkern.models.internlm_xcomposer2_hd import InternLMXComposer2HDImagePacker
+
+    class Original(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_proj = nn.Sequential(nn.Linear(32, 24), nn.GELU(), nn.Linear(24, 24))
+            self.plora_glb_GN = nn.Parameter(torch.randn(1, 1, 32))
+            self.plora_sub_GN = nn.Parameter(torch.randn(1, 1, 1, 32))
+
+    orig, packer = Original(), InternLMXComposer2HDImagePacker(8, 24)
+    packer.load_state_dict(orig.state_dict(), strict=True)
+    assert list(packer.state_dict()) == list(orig.state_dict())
+    back = Original()
+    back.load_state_dict(packer.state_dict(), strict=True)
+    for (name, a), b in zip(orig.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_projector_layouts():
+    from vlmkern.nn import MLPProjector
+    hf_keys = list(MLPProjector(4, 6, 5).state_dict())
+    assert hf_keys == ["linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"]
+    llava = MLPProjector(4, 6, 5, saved_layout="llava")
+    assert list(llava.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    MLPProjector(4, 6, 5).load_state_dict(llava.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="saved_layout"):
+        MLPProjector(4, 6, 5, saved_layout="sequential")

@@ -294,7 +294,8 @@ def unfused_project_and_pack(features, grids, glb_GN: Tensor, sub_GN: Tensor,
 # ----------------------------------------------------------------------------------------------- module
 class InternLMXComposer2HDImagePacker(nn.Module):
     """``vision_proj`` + ``plora_glb_GN`` + ``plora_sub_GN`` of ``InternLMXComposer2ForCausalLM`` (4KHD), same
-    names and shapes, so those checkpoint keys load (``vision_proj.0.*``/``2.*`` map onto ``MLPProjector``).
+    names and shapes: those checkpoint keys load (``vision_proj.0.*``/``2.*`` map onto ``MLPProjector``) and are
+    the keys it saves.
 
     ``forward(features, grids) -> (list of (L_i, D), [L_i])`` = ``project_and_pack``.
     """
@@ -302,7 +303,8 @@ class InternLMXComposer2HDImagePacker(nn.Module):
     def __init__(self, vit_hidden_size: int = 1024, hidden_size: int = 4096, device=None, dtype=None):
         super().__init__()
         merged = 4 * vit_hidden_size
-        self.vision_proj = MLPProjector(merged, hidden_size, hidden_size, device=device, dtype=dtype)
+        self.vision_proj = MLPProjector(merged, hidden_size, hidden_size, device=device, dtype=dtype,
+                                        saved_layout="llava")
         self.plora_glb_GN = nn.Parameter(torch.zeros(1, 1, merged, device=device, dtype=dtype))
         self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, merged, device=device, dtype=dtype))
 
