@@ -148,7 +148,11 @@ class InternLM2Attention(nn.Module):
         present = (k, v) if use_cache else None
         kr = k[:, :, None].expand(B, self.num_key_value_heads, G, L, d).reshape(B, self.num_heads, L, d)
         vr = v[:, :, None].expand(B, self.num_key_value_heads, G, L, d).reshape(B, self.num_heads, L, d)
-        mask = None if attention_mask is None else attention_mask.to(q.dtype)
+        mask = attention_mask
+        if mask is not None and mask.dtype != q.dtype:
+            # e.g. an fp32 mask (its finfo.min) with a bf16 model: the cast would make it -inf, and a row with no
+            # visible key NaN-free only by accident; the original adds the fp32 mask (its sum promotes to fp32)
+            mask = mask.to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
         weights = None
         if output_attentions:  # explicit scores, fp32 softmax, as the original's eager path
             scores = torch.matmul(q, kr.transpose(2, 3)) / math.sqrt(d)
