@@ -218,3 +218,13 @@ def test_projector_layouts():
     MLPProjector(4, 6, 5).load_state_dict(llava.state_dict(), strict=True)
     with pytest.raises(ValueError, match="saved_layout"):
         MLPProjector(4, 6, 5, saved_layout="sequential")
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P"])
+def test_hd_transform_takes_rgb_only(mode):
+    """The original pads with fill=[255, 255, 255], which torchvision refuses for other modes (a palette image
+    would otherwise be padded with index 255, not white)."""
+    Image = pytest.importorskip("PIL.Image")
+    from vlmkern.models.internlm_xcomposer2_hd import HD_transform
+    with pytest.raises(ValueError, match=f"img must be an RGB PIL image, got mode '{mode}'"):
+        HD_transform(Image.new(mode, (500, 300)), 16)

@@ -88,6 +88,9 @@ def HD_transform(img, hd_num: int = HD_NUM_FINETUNE):
 
     transpose = getattr(Image, "Transpose", Image).TRANSPOSE
     bilinear = getattr(Image, "Resampling", Image).BILINEAR
+    if getattr(img, "mode", None) != "RGB":   # the original pads with fill=[255, 255, 255], which only RGB takes
+        raise ValueError(f"img must be an RGB PIL image, got mode {getattr(img, 'mode', type(img).__name__)!r}: "
+                         f"convert it first (img.convert('RGB')), as InternLM-XComposer2 does")
     width, height = img.size
     hd_geometry(width, height, hd_num)  # argument checks
     trans = width < height
@@ -97,8 +100,7 @@ def HD_transform(img, hd_num: int = HD_NUM_FINETUNE):
     new_w, new_h, padded_h = _landscape_scale(width, height, hd_num)
     img = img.resize((new_w, new_h), bilinear)
     top = int((padded_h - new_h) / 2)
-    fill = (255,) * len(img.getbands()) if len(img.getbands()) > 1 else 255
-    img = ImageOps.expand(img, border=(0, top, 0, padded_h - new_h - top), fill=fill)
+    img = ImageOps.expand(img, border=(0, top, 0, padded_h - new_h - top), fill=(255, 255, 255))
     if trans:
         img = img.transpose(transpose)
     return img
