@@ -132,7 +132,11 @@ def test_bad_input():
     with pytest.raises(ValueError, match="cross_hidden_size is 64"):
         m(torch.zeros(1, 2, 64), torch.zeros(1, 5, 65))
     with pytest.raises(ValueError, match="batch"):
-        m(torch.zeros(2, 2, 64), torch.zeros(1, 5, 64))
+        m(torch.zeros(2, 2, 64), torch.zeros(3, 5, 64))
+    with pytest.raises(TypeError, match="hidden_states has dtype torch.bfloat16 but the module's weights are"):
+        m(torch.zeros(1, 2, 64, dtype=torch.bfloat16), torch.zeros(1, 5, 64))
+    with pytest.raises(TypeError, match="encoder_outputs has dtype torch.float64"):
+        m(torch.zeros(1, 2, 64), torch.zeros(1, 5, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="encoder_outputs is required"):
         m(torch.zeros(1, 2, 64), None)
     with pytest.raises(ValueError, match="past_key_value key_states"):
@@ -148,3 +152,18 @@ def test_bad_input():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_original_real_shape_gpu(dtype):
     _check("cuda", dtype, 1, 257, 6400, cfg=original.make_config(hidden=4096, heads=32, head_dim=32))
+
+
+def test_one_image_for_every_row():
+    """A batch-1 ``encoder_outputs`` (or cached K/V) with a batch-B ``hidden_states``: broadcast, as the
+    original's SDPA does; the returned cache stays batch 1."""
+    torch.manual_seed(0)
+    m = CrossAttention(original.make_config())
+    h, enc = torch.randn(3, 4, 64), torch.randn(1, 7, 64)
+    with torch.no_grad():
+        out, _, cache = m(h, enc, use_cache=True)
+        want = m(h, enc.expand(3, -1, -1))[0]
+        again = m(h, None, past_key_value=cache)[0]
+    assert cache[0].shape[0] == 1
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(again, want)

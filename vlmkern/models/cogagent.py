@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vlmkern.models._config import positive_int
 from vlmkern.ops.attention import cross_attention
+from vlmkern.ops.checks import autocasting
 
 
 @dataclass
@@ -48,6 +49,13 @@ class CogAgentCrossAttentionConfig:
 
 def _cfg(config, name: str) -> int:
     return positive_int(config, name, CogAgentCrossAttentionConfig)
+
+
+def _check_dtype(t: Tensor, name: str, weight: Tensor) -> None:
+    """``t`` in the weights' dtype (any under ``torch.autocast``, whose Linears cast), else TypeError naming it."""
+    if t.dtype != weight.dtype and not autocasting(t):
+        raise TypeError(f"{name} has dtype {t.dtype} but the module's weights are {weight.dtype}: cast one of "
+                        f"them, or run under torch.autocast")
 
 
 class CrossAttention(nn.Module):
@@ -90,6 +98,7 @@ class CrossAttention(nn.Module):
         if encoder_outputs.device != self.key_value.weight.device:
             raise ValueError(f"encoder_outputs is on {encoder_outputs.device} but the module's weights are on "
                              f"{self.key_value.weight.device}")
+        _check_dtype(encoder_outputs, "encoder_outputs", self.key_value.weight)
         kv = self.key_value(encoder_outputs)
         k, v = kv.split(self.cross_compute_hidden_size, dim=-1)
         return self._heads(k), self._heads(v)
@@ -103,16 +112,18 @@ class CrossAttention(nn.Module):
                              f"{self.hidden_size}")
         if not hidden_states.is_floating_point():
             raise TypeError(f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
+        _check_dtype(hidden_states, "hidden_states", self.query.weight)
         if past_key_value is not None:
             if not isinstance(past_key_value, (tuple, list)) or len(past_key_value) != 2:
                 raise ValueError("past_key_value must be the (key_states, value_states) pair returned with "
                                  "use_cache=True")
             k, v = past_key_value
-            want = (hidden_states.shape[0], self.num_heads, k.shape[2] if k.dim() == 4 else -1, self.cross_head_dim)
+            batch = k.shape[0] if k.dim() == 4 and k.shape[0] == 1 else hidden_states.shape[0]   # 1: broadcast
+            want = (batch, self.num_heads, k.shape[2] if k.dim() == 4 else -1, self.cross_head_dim)
             for name, t in (("key_states", k), ("value_states", v)):
                 if t.dim() != 4 or tuple(t.shape) != want:
-                    raise ValueError(f"past_key_value {name} must have shape (batch, heads, image_tokens, head_dim) "
-                                     f"= {want}, got {tuple(t.shape)}")
+                    raise ValueError(f"past_key_value {name} must have shape (batch or 1, heads, image_tokens, "
+                                     f"head_dim) = {want}, got {tuple(t.shape)}")
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
         if attention_mask is None or attention_mask.is_meta:   # meta: no values to choose a path by, same shape
@@ -151,13 +162,17 @@ class CrossAttention(nn.Module):
         if past_key_value is None:
             if encoder_outputs is None:
                 raise ValueError("encoder_outputs is required when past_key_value is not given")
-            if encoder_outputs.shape[0] != bsz:
-                raise ValueError(f"encoder_outputs has batch {encoder_outputs.shape[0]} but hidden_states has {bsz}")
+            if encoder_outputs.dim() == 3 and encoder_outputs.shape[0] not in (bsz, 1):
+                raise ValueError(f"encoder_outputs has batch {encoder_outputs.shape[0]} but hidden_states has {bsz} "
+                                 f"(or give one image, batch 1, for every row)")
             key_states, value_states = self.cross_kv(encoder_outputs)
         else:
             key_states, value_states = past_key_value
         query_states = self._heads(self.query(hidden_states))
         past_key_value = (key_states, value_states) if use_cache else None
+        if key_states.shape[0] != bsz:     # one image for every row, as the original's SDPA broadcasts it
+            key_states = key_states.expand(bsz, *key_states.shape[1:])
+            value_states = value_states.expand(bsz, *value_states.shape[1:])
         context = self._attention(query_states, key_states, value_states, attention_mask)
         # the original reshapes to cross_hidden_size; equal to cross_compute_hidden_size in every release
         context = context.transpose(1, 2).reshape(bsz, q_len, self.cross_compute_hidden_size)
