@@ -221,7 +221,7 @@ def test_module_hypothesis_shapes_triton(backend, B, pn, M, C_aux):
     ((1, 9, 8), (1, 12, 6, 9), ValueError, "square"),
     ((1, 9, 6), (1, 12, 6, 6), ValueError, "mm_hidden_size is 8"),
     ((1, 9, 8), (1, 10, 6, 6), ValueError, "mm_hidden_size_aux is 12"),
-    ((2, 9, 8), (1, 12, 6, 6), ValueError, "batch"),
+    ((2, 9, 8), (3, 12, 6, 6), ValueError, "batch"),
     ((9, 8), (1, 12, 6, 6), ValueError, "images must be 3-D"),
     ((1, 0, 8), (1, 12, 0, 0), ValueError, "perfect square"),
 ])
@@ -271,3 +271,14 @@ def test_fp16_large_key_bias_keeps_the_originals_logits():
     base = copy.deepcopy(orig).half()(x.half(), aux.half())[1]
     got = copy.deepcopy(ours).half()(x.half(), aux.half())[1]
     assert_close(got, base, exact, name="embed_feat fp16")
+
+
+def test_one_hr_map_for_every_row():
+    """A batch-1 ``images_aux`` with batch-B ``images``: broadcast (stride-0 batch), as the original's matmuls do."""
+    torch.manual_seed(0)
+    ours = PatchInfoMining(16, 8)
+    images, aux = torch.randn(3, 4, 16), torch.randn(1, 8, 8, 8)
+    with torch.no_grad():
+        got = ours(images, aux)[1]
+        want = ours(images, aux.expand(3, -1, -1, -1).contiguous())[1]
+    torch.testing.assert_close(got, want)

@@ -224,3 +224,12 @@ def test_get_abs_pos_matches_original():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_matches_original_real_shape_gpu(dtype):
     _check("cuda", dtype, 16, 4096, 32, 1664, 1024, B=2)
+
+
+def test_dtype_mismatch_is_named():
+    from vlmkern.models.qwen_vl import Resampler
+    r = Resampler(grid_size=2, embed_dim=32, num_heads=2, kv_dim=24)
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16 but the resampler's parameters are torch.float32"):
+        r(torch.randn(1, 4, 24, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert r(torch.randn(1, 4, 24, dtype=torch.bfloat16)).shape == (1, 4, 32)

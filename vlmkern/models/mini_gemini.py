@@ -54,7 +54,7 @@ class PatchInfoMining(nn.Module):
         Args:
             images: ``(B, N, C)`` low-resolution tokens, ``N = PN²`` (576 = 24² for CLIP ViT-L/14-336),
                 ``C = mm_hidden_size``.
-            images_aux: ``(B, C_aux, PN·M, PN·M)`` high-resolution feature map, ``C_aux = mm_hidden_size_aux``
+            images_aux: ``(B or 1, C_aux, PN·M, PN·M)`` high-resolution feature map, ``C_aux = mm_hidden_size_aux``
                 (2880 for ConvNeXt-L at 768 px: a 192² map, ``M = 8``), any strides, same dtype as ``images``.
 
         Returns:
@@ -62,6 +62,8 @@ class PatchInfoMining(nn.Module):
             single-head attention (scale ``1/sqrt(C)``) over its own ``M x M`` window of ``images_aux``.
         """
         self._check(images, images_aux)
+        if images_aux.shape[0] == 1 and images.shape[0] > 1:   # one HR map for every row, as the original broadcasts
+            images_aux = images_aux.expand(images.shape[0], *images_aux.shape[1:])
         lns = (self.vlm_uni_query_projector[0], self.vlm_uni_aux_projector[0], self.vlm_uni_val_projector[0])
         embed_feat = patch_info_mining(
             images, images_aux, _params(self.vlm_uni_query_projector), _params(self.vlm_uni_aux_projector),
