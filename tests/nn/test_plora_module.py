@@ -291,3 +291,31 @@ def test_rope_angles_stay_fp32_after_a_bf16_cast():
     assert rope.inv_freq.dtype == torch.bfloat16        # the buffer is cast, as transformers casts buffers
     cos, sin = rope(pos, torch.bfloat16)
     assert torch.equal(cos, want_cos.to(torch.bfloat16)) and torch.equal(sin, want_sin.to(torch.bfloat16))
+
+
+def test_fp32_mask_in_a_bf16_layer_keeps_pad_rows_as_the_original():
+    """An HF-style fp32 mask (finfo(fp32).min, a left-padded sample whose first rows see no key) into a bf16 layer:
+    the original adds it in fp32; cast to bf16 its minimum became -inf (pad rows 0.39 off, the original 0.02)."""
+    c = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                        rms_norm_eps=1e-6, bias=False, hidden_act="silu", rope_theta=10000,
+                        max_position_embeddings=2048)
+    lora = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    torch.manual_seed(0)
+    ours = InternLM2DecoderLayer(c, **lora).eval()
+    orig = OrigInternLM2Layer(c, **lora).eval()
+    orig.load_state_dict(ours.state_dict(), strict=True)
+    exact = OrigInternLM2Layer(c, **lora).double().eval()
+    exact.load_state_dict(ours.state_dict(), strict=True)
+    B, L, pad = 2, 11, 3
+    x, pos = torch.randn(B, L, 64), torch.arange(L)[None].repeat(B, 1)
+    im = torch.zeros(B, L, dtype=torch.bool)
+    im[0, 2:7] = True
+    low = torch.finfo(torch.float32).min
+    mask = torch.full((L, L), low).triu(1)[None, None].repeat(B, 1, 1, 1)
+    mask[1, :, :, :pad] = low
+    with torch.no_grad():
+        got = ours.to(torch.bfloat16)(x.bfloat16(), mask, pos, im_mask=im)[0]
+        base = orig.to(torch.bfloat16)(x.bfloat16(), mask, pos, im_mask=im)[0]
+        ref = exact(x.double(), mask.double(), pos, im_mask=im)[0]
+    assert_close(got[1, :pad], base[1, :pad], ref[1, :pad], name="pad rows")
+    assert_close(got, base, ref, name="y")
