@@ -228,3 +228,16 @@ def test_hd_transform_takes_rgb_only(mode):
     from vlmkern.models.internlm_xcomposer2_hd import HD_transform
     with pytest.raises(ValueError, match=f"img must be an RGB PIL image, got mode '{mode}'"):
         HD_transform(Image.new(mode, (500, 300)), 16)
+
+
+def test_grids_take_numpy_and_tensor_integers():
+    np = pytest.importorskip("numpy")
+    from vlmkern.models.internlm_xcomposer2_hd import _grids
+    want = ((2, 3), (1, 1))
+    assert _grids([(2, 3), (1, 1)]) == want
+    assert _grids([(np.int64(2), np.int32(3)), (torch.tensor(1), 1)]) == want
+    assert _grids(torch.tensor([[2, 3], [1, 1]])) == want
+    assert _grids((2, 3)) == ((2, 3),)
+    for bad in ([(2, True)], [(2.0, 3)], [(0, 3)], [(torch.tensor(True), 3)]):
+        with pytest.raises(ValueError, match=r"grids\[0\] must be an \(h, w\) pair"):
+            _grids(bad)

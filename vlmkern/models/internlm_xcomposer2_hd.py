@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from typing import NamedTuple, Sequence
 
 import torch
@@ -167,20 +168,30 @@ def _batch_index(grids: tuple[tuple[int, int], ...], side: int, device: str) -> 
     return torch.cat(parts).to(device)
 
 
+def _count(v) -> int | None:
+    """An integer (Python, numpy, a 0-d integer tensor; not a bool) as an int, else None."""
+    if isinstance(v, bool) or getattr(v, "dtype", None) == torch.bool:
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def _grids(grids, n_images: int | None = None) -> tuple[tuple[int, int], ...]:
     if isinstance(grids, Tensor):
         if grids.is_meta:  # the grids choose the layout: meta features are fine, meta grids are not
             raise ValueError("grids is on meta: its values choose the layout; pass (h, w) pairs or a tensor "
                              "holding values")
         grids = grids.tolist()
-    if (isinstance(grids, (tuple, list)) and len(grids) == 2 and all(isinstance(v, int) for v in grids)):
+    if isinstance(grids, (tuple, list)) and len(grids) == 2 and all(_count(v) is not None for v in grids):
         grids = [grids]
     out = []
     for k, g in enumerate(grids if isinstance(grids, (tuple, list)) else [None]):
-        if (not isinstance(g, (tuple, list)) or len(g) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g)):
+        pair = [_count(v) for v in g] if isinstance(g, (tuple, list)) and len(g) == 2 else [None]
+        if not all(v is not None and v > 0 for v in pair):
             raise ValueError(f"grids[{k}] must be an (h, w) pair of positive tile counts, got {g!r}")
-        out.append((int(g[0]), int(g[1])))
+        out.append((pair[0], pair[1]))
     if not out:
         raise ValueError("grids must name at least one image's (h, w)")
     if n_images is not None and len(out) != n_images:
