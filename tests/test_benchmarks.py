@@ -320,3 +320,45 @@ def test_resampler_is_measured_against_its_unavoidable_gemms():
         assert not case.targets                                     # CPU: no target
     gpu = [c for c in sca.cases("cuda") if c.name.startswith("resampler")]
     assert gpu and all(c.targets == {"unavoidable GEMMs": 1 / 1.1, "original": 1.2} for c in gpu)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["fwd", "fwd+bwd"])
+def test_whole_qformer_flops_are_what_autograd_runs(train):
+    """The declared count equals torch's FlopCounterMode over transformers' Q-Former (eager attention, image tokens
+    without gradient, as in the benchmark): the image K/V GEMMs get no input gradient (they were counted 3x)."""
+    transformers = pytest.importorskip("transformers")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.ops import qformer as bq
+    cfg = transformers.Blip2QFormerConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                          intermediate_size=128, encoder_hidden_size=48, use_qformer_text_input=True,
+                                          cross_attention_frequency=2)
+    cfg._attn_implementation = "eager"
+    model = transformers.Blip2QFormerModel(cfg)
+    rows, t, lk = 3, 5, 17
+    x = torch.randn(rows, bq.NQ + t, 64, requires_grad=train)
+    with FlopCounterMode(display=False) as counter:
+        out = model(query_embeds=x, query_length=bq.NQ, encoder_hidden_states=torch.randn(rows, lk, 48))
+        if train:
+            out.last_hidden_state.sum().backward()
+    assert bq._qformer_counts(cfg, rows, rows, t, lk, train, 4)[0] == counter.get_total_flops()
+
+
+def test_cogagent_and_mining_bytes_count_each_weight_once():
+    """Minimal bytes of one forward: inputs, output and every weight matrix once (CogAgent counted its
+    hidden x Cc weights twice, the mining case one C_aux x C weight too many)."""
+    from types import SimpleNamespace
+
+    from benchmarks.ops import structured_cross_attention as sca
+    from vlmkern.models.cogagent import CrossAttention
+    from vlmkern.models.mini_gemini import PatchInfoMining
+    B, Lq, Lk, hidden, H, d = 2, 5, 7, 48, 2, 16
+    case = sca._cogagent_case("cpu", torch.float32, False, B, Lq, Lk, hidden, H, d)
+    cfg = SimpleNamespace(hidden_size=hidden, cross_hidden_size=H * d, cross_compute_hidden_size=H * d,
+                          num_attention_heads=H)
+    weights = sum(p.numel() for p in CrossAttention(cfg).parameters())
+    assert case.bytes == 4 * (2 * B * Lq * hidden + B * Lk * H * d + weights)
+    B, pn, M, C, C_aux = 2, 3, 2, 16, 8
+    case = sca._mining_case("cpu", torch.float32, False, B, pn, M, C, C_aux)
+    linears = sum(m.weight.numel() for m in PatchInfoMining(C, C_aux).modules() if isinstance(m, torch.nn.Linear))
+    assert case.bytes == 4 * (2 * B * pn * pn * C + B * C_aux * (pn * M) ** 2 + linears)

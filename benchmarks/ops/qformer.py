@@ -262,13 +262,17 @@ def _qformer_counts(cfg, rows: int, images: int, t: int, lk: int, train: bool, e
     Dm, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.encoder_hidden_size
     L = NQ + t
     per_layer = 2 * rows * L * Dm * 3 * Dm + 4 * rows * L * L * Dm + 2 * rows * L * Dm * Dm + 4 * rows * L * Dm * F
-    cross = 2 * rows * NQ * Dm * Dm * 2 + 2 * images * lk * E * 2 * Dm + 4 * rows * NQ * lk * Dm
+    image_kv = 2 * images * lk * E * 2 * Dm          # the image K/V projections: no gradient to the image tokens
+    cross = 2 * rows * NQ * Dm * Dm * 2 + image_kv + 4 * rows * NQ * lk * Dm
     n_cross = len(range(0, cfg.num_hidden_layers, cfg.cross_attention_frequency))
     fwd = cfg.num_hidden_layers * per_layer + n_cross * cross
     params = (cfg.num_hidden_layers * (4 * Dm * Dm + 2 * Dm * F + (2 * Dm * F if t else 0))
               + n_cross * (2 * Dm * Dm + 2 * E * Dm))
     io = rows * L * Dm * 2 + images * lk * E
-    return (3 * fwd if train else fwd), elem * ((3 if train else 1) * params + (2 if train else 1) * io)
+    # training: 3x the forward (forward, input and weight gradients), but 2x for the image K/V GEMMs, whose
+    # inputs (the frozen vision tower's tokens) need no gradient
+    flops = 3 * fwd - n_cross * image_kv if train else fwd
+    return flops, elem * ((3 if train else 1) * params + (2 if train else 1) * io)
 
 
 def _qformer_case(device: str, pairs: int, t: int, lk: int, train: bool, layers: int = 12,

@@ -116,7 +116,8 @@ def _mining_case(device, dtype, train, B, pn, M, C, C_aux, compile_ref=False) ->
     N = B * pn * pn
     flops = N * (2 * C * C + 2 * C * C_aux + 6 * M * M * C_aux + 2 * C_aux * C) * (3 if train else 1)
     wb = torch.finfo(dtype).bits // 8
-    nbytes = wb * (2 * N * C + B * C_aux * (pn * M) ** 2 + 3 * C_aux * C + C * C) * (2 if train else 1)
+    # weights: query (C, C), key and value (C_aux, C) each
+    nbytes = wb * (2 * N * C + B * C_aux * (pn * M) ** 2 + 2 * C_aux * C + C * C) * (2 if train else 1)
 
     def setup(case: Case) -> None:
         from vlmkern.models.mini_gemini import PatchInfoMining
@@ -155,7 +156,8 @@ def _cogagent_case(device, dtype, train, B, Lq, Lk, hidden, H, d) -> Case:
     flops = (2 * B * Lq * hidden * Cc + 2 * B * Lk * Cc * 2 * Cc + 4 * B * H * Lq * Lk * d + 2 * B * Lq * Cc * hidden)
     flops *= 3 if train else 1
     wb = torch.finfo(dtype).bits // 8
-    nbytes = wb * (2 * B * Lq * hidden + B * Lk * Cc + 4 * hidden * Cc + 2 * Cc * Cc) * (2 if train else 1)
+    # weights: query (hidden, Cc), key_value (Cc, 2 Cc) (cross_hidden_size = Cc here), dense (Cc, hidden)
+    nbytes = wb * (2 * B * Lq * hidden + B * Lk * Cc + 2 * hidden * Cc + 2 * Cc * Cc) * (2 if train else 1)
 
     def setup(case: Case) -> None:
         from vlmkern.models.cogagent import CrossAttention
