@@ -3,8 +3,8 @@
 Computed the way the originals compute (``q @ k^T * scale``, an additive mask, softmax, ``@ v``, all in the
 input dtype), with the Q-Former mask built in its smallest broadcast shape. Masked keys are excluded (``-inf``)
 rather than pushed down by the originals' additive ``-10000``: the two agree to the input precision
-except for a row whose keys are all masked, which the originals turn into a uniform average and which
-here (as in ``vlmkern.ops``) returns zeros.
+except for a row whose keys are all masked, where the originals' ``-10000`` (the same on every key) cancels in
+the softmax, leaving the unmasked softmax over every key, and which here (as in ``vlmkern.ops``) returns zeros.
 
 Attention-probability dropout (:func:`dropout_keep_mask`) draws its keep mask from a counter-based generator
 keyed by a ``(seed, offset)`` pair, bit for bit the mask the Triton kernels regenerate in their backward.

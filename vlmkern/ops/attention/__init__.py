@@ -290,8 +290,9 @@ def qformer_attention(q: Tensor, k: Tensor, v: Tensor, *, num_query: int, mode: 
 
     Masked keys are excluded exactly; the originals add ``-10000`` instead, which gives the same result to
     the input precision unless a row has no visible key. Such a row (e.g. a text row whose text is all
-    padding in ``"unimodal"``) returns zeros with zero gradients here, where the originals would return the
-    uniform average of the values.
+    padding in ``"unimodal"``) returns zeros with zero gradients here, where the originals' ``-10000``, added
+    to every key of the row alike, cancels in the softmax: they return the row's unmasked softmax over all keys
+    (padding included) times the values (transformers' masks of ``finfo.min`` give the uniform average).
     """
     _check_qkv(q, k, v)
     if isinstance(num_query, bool) or not isinstance(num_query, int):
