@@ -567,8 +567,10 @@ def git_state() -> dict[str, Any]:
                                 timeout=10).stdout.strip() or None
         dirty = None
         if commit:
-            st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=10)
+            # untracked files count: a new, not yet added module is code the commit does not hold (ignored
+            # outputs, .gitignore's results/quick and the like, do not)
+            st = subprocess.run(["git", "status", "--porcelain"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10)
             dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
     except Exception:
         commit, dirty = None, None

@@ -148,6 +148,22 @@ def test_git_commit_from_environment_when_no_repo(monkeypatch, tmp_path):
     assert state == {"git_commit": "abc123", "git_dirty": True, "git_source": "VLMKERN_GIT_COMMIT"}
 
 
+def test_dirty_flag_counts_untracked_files(monkeypatch, tmp_path):
+    """An untracked (not yet added) file is code the recorded commit does not hold: the results say dirty."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t"})
+    git("init", "-q")
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    git("add", "kernel.py")
+    git("commit", "-q", "-m", "one")
+    monkeypatch.setattr(harness, "REPO_ROOT", tmp_path)
+    assert harness.git_state()["git_dirty"] is False
+    (tmp_path / "new_kernel.py").write_text("y = 2\n")
+    assert harness.git_state()["git_dirty"] is True
+
+
 def test_discover_finds_patch_embed():
     from benchmarks import run
     assert "patch_embed" in run.discover()

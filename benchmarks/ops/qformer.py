@@ -206,7 +206,8 @@ def _self_attn_case(device: str, batch: int, mode: str, train: bool, with_flex: 
     return Case(name=f"{MODE_LABEL[mode]} B={batch}", group=f"self-attn {tag}", flops=flops, bytes=nbytes, setup=setup,
                 shape=f"(B={batch}, H={H}, L={NQ}+{T_TEXT}, d={D}) {str(dtype).replace('torch.', '')} {mode}",
                 targets=targets,
-                notes=["SDPA gets the dense (B,1,L,L) bool mask prebuilt (not timed); flex rows: mask prebuilt, "
+                notes=["FLOPs count every score entry, masked ones too (dense attention)",
+                       "SDPA gets the dense (B,1,L,L) bool mask prebuilt (not timed); flex rows: mask prebuilt, "
                        "build included, build alone (create_block_mask(_compile=True))"])
 
 
