@@ -1,7 +1,7 @@
 """Host (Python) overhead per call of every public op, with the Triton kernel launches stubbed out (or made).
 
-    python -m benchmarks.host_overhead [--device cpu|cuda] [--launches stubbed|real] [--calls N] [--rounds R] [--only NAME]
-                                       [--json PATH] [--profile NAME]
+    python -m benchmarks.host_overhead [--device cpu|cuda] [--launches stubbed|real] [--calls N] [--rounds R]
+                                       [--only NAME] [--json PATH] [--profile NAME]
 
 What it measures: the CPU time of one forward (inputs without grad) and of one forward + backward (inputs
 with grad, ``torch.autograd.backward`` with a preallocated gradient) of each public op on its Triton path, on
@@ -107,8 +107,8 @@ def _t(*shape, dtype=torch.float32, grad=False, gen=None, device="cpu") -> torch
 
 
 # Each case: name -> builder(grad) returning (call, tensors that receive gradients). Tiny shapes: the host
-# path does not depend on them, and torch work inside the ops layer (if any) stays negligible. patchify has no Triton path (its
-# backends are the C++ / CUDA extensions), so it is not among them.
+# path does not depend on them, and torch work inside the ops layer (if any) stays negligible. patchify has no
+# Triton path (its backends are the C++ / CUDA extensions), so it is not among them.
 def _cases(device: str = "cpu") -> dict[str, Callable[[bool], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]]]:
     from vlmkern import ops
     g = torch.Generator().manual_seed(0)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from vlmkern.models._config import positive_int
 from vlmkern.ops.attention import cross_attention
-from vlmkern.ops.checks import autocasting
+from vlmkern.ops.checks import check_weight_dtype
 
 
 @dataclass
@@ -49,13 +49,6 @@ class CogAgentCrossAttentionConfig:
 
 def _cfg(config, name: str) -> int:
     return positive_int(config, name, CogAgentCrossAttentionConfig)
-
-
-def _check_dtype(t: Tensor, name: str, weight: Tensor) -> None:
-    """``t`` in the weights' dtype (any under ``torch.autocast``, whose Linears cast), else TypeError naming it."""
-    if t.dtype != weight.dtype and not autocasting(t):
-        raise TypeError(f"{name} has dtype {t.dtype} but the module's weights are {weight.dtype}: cast one of "
-                        f"them, or run under torch.autocast")
 
 
 class CrossAttention(nn.Module):
@@ -98,7 +91,7 @@ class CrossAttention(nn.Module):
         if encoder_outputs.device != self.key_value.weight.device:
             raise ValueError(f"encoder_outputs is on {encoder_outputs.device} but the module's weights are on "
                              f"{self.key_value.weight.device}")
-        _check_dtype(encoder_outputs, "encoder_outputs", self.key_value.weight)
+        check_weight_dtype(encoder_outputs, "encoder_outputs", self.key_value.weight)
         kv = self.key_value(encoder_outputs)
         k, v = kv.split(self.cross_compute_hidden_size, dim=-1)
         return self._heads(k), self._heads(v)
@@ -112,7 +105,7 @@ class CrossAttention(nn.Module):
                              f"{self.hidden_size}")
         if not hidden_states.is_floating_point():
             raise TypeError(f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
-        _check_dtype(hidden_states, "hidden_states", self.query.weight)
+        check_weight_dtype(hidden_states, "hidden_states", self.query.weight)
         if past_key_value is not None:
             if not isinstance(past_key_value, (tuple, list)) or len(past_key_value) != 2:
                 raise ValueError("past_key_value must be the (key_states, value_states) pair returned with "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkern.ops.attention import cross_attention
-from vlmkern.ops.checks import autocasting
+from vlmkern.ops.checks import check_weight_dtype
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
@@ -108,9 +108,7 @@ class Resampler(nn.Module):
             raise ValueError(f"x is on {x.device} but the resampler's parameters are on {w.device}")
         if x.shape[-1] != self.kv_dim:
             raise ValueError(f"x has last dim {x.shape[-1]} but the resampler was built for kv_dim={self.kv_dim}")
-        if x.dtype != w.dtype and not autocasting(x):
-            raise TypeError(f"x has dtype {x.dtype} but the resampler's parameters are {w.dtype}: cast one of them, "
-                            f"or run under torch.autocast")
+        check_weight_dtype(x, "x", w, "the resampler's parameters")
         L = x.shape[1]
         side = math.isqrt(L)
         if L == 0 or side * side != L:

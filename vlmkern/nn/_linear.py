@@ -5,12 +5,16 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` itself has forward, forward-pre or backward hooks (a call of it runs them)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def plain_linear(m: nn.Module) -> bool:
     """Whether calling ``m`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (not a subclass
     such as a quantised linear, nor a wrapper such as PEFT's ``lora.Linear``, whose ``weight`` is its base layer's)
     with no hook of its own or global ones. A fused op that reads the weights may stand in for such a module only;
     any other must be called, or the adapter's term, the quantisation or the hook would be skipped silently."""
-    return (type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
-            and not m._backward_pre_hooks and not _module._global_forward_hooks
+    return (type(m) is nn.Linear and not has_hooks(m) and not _module._global_forward_hooks
             and not _module._global_forward_pre_hooks and not _module._global_backward_hooks
             and not _module._global_backward_pre_hooks)

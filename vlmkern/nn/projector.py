@@ -32,7 +32,8 @@ class MLPProjector(nn.Module):
 
     Loads both the transformers layout (``linear_1.*``, ``linear_2.*``) and LLaVA's ``mm_projector`` layout
     (``0.*``, ``2.*``) with ``strict=True``; a state_dict holding both is an error naming the keys. Saves the
-    transformers layout, or LLaVA's with ``saved_layout="llava"`` (standing in for an ``nn.Sequential``). Under ``torch.autocast``, ``.double()`` and ``.half()`` it behaves as the original
+    transformers layout, or LLaVA's with ``saved_layout="llava"`` (standing in for an ``nn.Sequential``). Under
+    ``torch.autocast``, ``.double()`` and ``.half()`` it behaves as the original
     ``nn.Sequential(Linear, GELU, Linear)``.
 
     Shapes: ``forward(x (..., in)) -> (..., out)``.

@@ -396,8 +396,9 @@ class QFormerTextEmbeddings(nn.Module):
             T = input_ids.shape[1]
             if position_ids is None:
                 if cache_length + T > self.position_embeddings.num_embeddings:
-                    raise ValueError(f"input_ids has {T} tokens{f' after {cache_length} cached' if cache_length else ''}"
-                                     f", more than the {self.position_embeddings.num_embeddings} positions of "
+                    cached = f" after {cache_length} cached" if cache_length else ""
+                    raise ValueError(f"input_ids has {T} tokens{cached}, more than the "
+                                     f"{self.position_embeddings.num_embeddings} positions of "
                                      f"config.max_position_embeddings: shorten the text or pass position_ids")
                 position_ids = torch.arange(cache_length, cache_length + T,
                                             device=self.position_embeddings.weight.device)[None]

@@ -132,6 +132,15 @@ def check_finite_scalar(value, name: str, *, minimum: float | None = None) -> fl
     return float(value)
 
 
+def check_weight_dtype(t: torch.Tensor, name: str, weight: torch.Tensor,
+                       owner: str = "the module's weights") -> None:
+    """``t`` in ``weight``'s dtype (any under ``torch.autocast``, whose Linears cast), else TypeError naming it
+    (instead of torch's matmul dtype error)."""
+    if t.dtype != weight.dtype and not autocasting(t):
+        raise TypeError(f"{name} has dtype {t.dtype} but {owner} are {weight.dtype}: cast one of them, or run "
+                        f"under torch.autocast")
+
+
 def check_flag(value, name: str, *, optional: bool = False) -> None:
     """A boolean switch: a ``bool`` (None too with ``optional``), else TypeError naming it (a string such as
     ``"False"`` or a float would otherwise switch by its truth value)."""

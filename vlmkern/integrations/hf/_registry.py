@@ -16,6 +16,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from vlmkern.nn._linear import has_hooks
+
 
 class Replaced(NamedTuple):
     """One swapped submodule: qualified name in the patched model, original and new class names."""
@@ -105,8 +107,7 @@ def copy_dropout(original: nn.Module, new: nn.Module) -> nn.Module:
 
 def hooked_modules(module: nn.Module) -> list[str]:
     """Names of ``module``'s submodules (``""``: itself) with forward, forward-pre or backward hooks."""
-    return [name for name, m in module.named_modules()
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    return [name for name, m in module.named_modules() if has_hooks(m)]
 
 
 def convert(swap: "Swap", child: nn.Module) -> "nn.Module | str":

@@ -59,9 +59,8 @@ def _fused_pack_image_features(model: nn.Module, image_features, image_sizes, vi
     feats = list(image_features)
     if isinstance(projector, PackingProjector) and projector.deferred:
         projector.deferred = False
-        if (vision_feature_select_strategy == "default" and plain_linear(projector.linear_1)
-                and plain_linear(projector.linear_2)
-                and all(f.dim() == 3 and f.shape[-1] == projector.linear_1.in_features for f in feats)):
+        if vision_feature_select_strategy == "default" and all(   # deferred: both layers were plain (above)
+                f.dim() == 3 and f.shape[-1] == projector.linear_1.in_features for f in feats):
             return packing.project_and_pack(
                 feats, image_sizes, projector, image_newline, image_grid_pinpoints=config.image_grid_pinpoints,
                 tile_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size)

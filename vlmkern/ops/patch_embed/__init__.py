@@ -23,8 +23,9 @@ from torch import Tensor
 
 from vlmkern import _ext
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, accumulate_dtype, as_dtype, autocast_inputs, check_finite_scalar, check_same_device,
-                                check_tensor, int32_count_reasons, int32_offset_reasons, once_per_key)
+from vlmkern.ops.checks import (FLOATS, accumulate_dtype, as_dtype, autocast_inputs, check_finite_scalar,
+                                check_same_device, check_tensor, int32_count_reasons, int32_offset_reasons,
+                                once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.patch_embed import _cpp, _torch
 

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, accumulate_dtype, as_dtype, autocast_inputs, check_flag,
-                                check_same_device, check_tensor, int32_offset_reasons, once_per_key, rows_2d)
+from vlmkern.ops.checks import (FLOATS, INDEX_DTYPES, MAX_BLOCK, accumulate_dtype, as_dtype, autocast_inputs,
+                                check_flag, check_same_device, check_tensor, int32_offset_reasons, once_per_key,
+                                rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.projector import _torch
 

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch as _dispatch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, accumulate_dtype, as_dtype,
-                                autocast_inputs, check_dropout_p, check_flag, check_same_device, check_tensor, int32_offset_reasons, once_per_key,
-                                rows_2d)
+                                autocast_inputs, check_dropout_p, check_flag, check_same_device, check_tensor,
+                                int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.routed_linear import _torch
 
