@@ -145,6 +145,27 @@ def test_eager_call_conditions():
     assert not dispatch.eager_call(x, [x.as_subclass(Sub)])
 
 
+def test_a_subclass_takes_the_custom_op_after_a_plain_call_of_its_layout():
+    """The eager path remembers its choice per signature: a tensor's type is part of it, so a subclass with the
+    layout of an earlier plain call still goes through the dispatcher (its ``__torch_function__`` sees the op)."""
+    class Seen(torch.Tensor):
+        calls: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    x, w, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    for arg in (0, 1):
+        ops_projector._linear_gelu(x, w, b, True)           # remembered for plain tensors of these layouts
+        args = [x, w, b]
+        args[arg] = args[arg].as_subclass(Seen)
+        Seen.calls.clear()
+        ops_projector._linear_gelu(*args, True)
+        assert "vlmkern.linear_gelu.default" in Seen.calls
+
+
 def test_fake_tensors_take_the_ops_fake():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():

@@ -308,12 +308,13 @@ def lazy(module: str, name: str) -> Callable:
 
 
 def signature(values: tuple):
-    """What backend selection can depend on in ``values``: a tensor's dtype, shape, strides and device; the
+    """What backend selection can depend on in ``values``: a tensor's type, dtype, shape, strides and device; the
     value itself for scalars, dtypes and None; the same, item by item, for a list or tuple (one of scalars, as
     an op's ``float[]`` / ``int[]`` argument, as a tuple without a recursion)."""
-    return tuple([(v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)   # a list: no generator
+    # a list comprehension, not a generator: no frame resumed per item
+    return tuple([(type(v), v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)
                   else (signature(v) if v and isinstance(v[0], (torch.Tensor, tuple, list)) else (type(v), *v))
-                  if isinstance(v, (tuple, list)) else v for v in values])     # resumed per item
+                  if isinstance(v, (tuple, list)) else v for v in values])
 
 
 def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Callable[..., tuple]) -> None:
@@ -364,12 +365,21 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def eager_call(*args) -> bool:
     """Whether a call with ``args`` may run an op's kernel without the dispatcher: not under ``torch.compile``
     or ``torch.jit.trace``, no torch function or dispatch mode (``FakeTensorMode``, ``make_fx``, ``FlopCounterMode``,
-    ``torch.device(...)`` as a context) and no functorch transform active, and every tensor argument a plain
-    ``torch.Tensor`` or ``nn.Parameter`` (no subclass such as ``DTensor``). Those all need the custom op."""
-    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-            or torch._C._get_tracing_state() is not None):
-        return False
+    ``torch.device(...)`` as a context) and no functorch transform active (:func:`eager_mode`), and every tensor
+    argument a plain ``torch.Tensor`` or ``nn.Parameter`` (no subclass such as ``DTensor``; :func:`plain_tensors`).
+    Those all need the custom op."""
+    return eager_mode() and plain_tensors(args)
+
+
+def eager_mode() -> bool:
+    """The part of :func:`eager_call` that does not depend on the arguments."""
+    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
+                or torch._C._get_tracing_state() is not None)
+
+
+def plain_tensors(args: tuple) -> bool:
+    """Whether every tensor in ``args`` (or in a list argument) is a plain ``torch.Tensor`` or ``nn.Parameter``."""
     for a in args:
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN:
@@ -398,11 +408,11 @@ class EagerOp:
         self._chosen: dict = {}
 
     def __call__(self, *args):
-        if not eager_call(*args):        # first: torch.compile must not trace what follows
+        if not eager_mode():        # first: torch.compile must not trace what follows
             return self.op(*args)
         impl = self._implementation(args)
-        if impl is None:   # a device without a kernel of its own (meta: the fake; others: the reference body)
-            return self.op(*args)
+        if impl is None:   # a tensor subclass, or a device without a kernel of its own (meta: the fake; others:
+            return self.op(*args)                                                       # the reference body)
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             if self._function is None:       # no autograd formula: the custom op says so on backward
                 return self.op(*args)
@@ -413,16 +423,18 @@ class EagerOp:
         return impl(*args)
 
     def _implementation(self, args) -> Callable | None:
-        """The chosen backend's implementation for ``args``, or None for a device without a kernel."""
+        """The chosen backend's implementation for ``args``, or None for a tensor subclass among them
+        (:func:`plain_tensors`, checked once per signature: a tensor's type is part of it) or a device without
+        a kernel."""
         kernels = self._kernels if self._kernels is not None else self._resolve()
         if (debug := _debug_cached()) or (debug is None and _debug_logging()):   # logged: computed every call
             choose = kernels.get(args[0].device.type)
-            return None if choose is None else choose(*args)
+            return None if choose is None or not plain_tensors(args) else choose(*args)
         key = (_forced_raw(), _interpret_raw(), signature(args))
         impl = self._chosen.get(key, _UNSEEN)
         if impl is _UNSEEN:
             choose = kernels.get(args[0].device.type)
-            impl = None if choose is None else choose(*args)
+            impl = None if choose is None or not plain_tensors(args) else choose(*args)
             impl = getattr(impl, "resolve", lambda: impl)()     # a lazy backend room: the function itself
             if len(self._chosen) >= _MAX_REMEMBERED:
                 self._chosen.clear()
