@@ -4,7 +4,8 @@
                                        [--only NAME] [--json PATH] [--profile NAME]
 
 What it measures: the CPU time of one forward (inputs without grad) and of one forward + backward (inputs
-with grad, ``torch.autograd.backward`` with a preallocated gradient) of each public op on its Triton path, on
+with grad, ``torch.autograd.backward`` with a preallocated gradient into leaves whose ``.grad`` is None, as after
+``optimizer.zero_grad()``: stored, not added to an earlier one) of each public op on its Triton path, on
 tiny tensors, with every ``kernel[grid](...)`` replaced by a no-op: argument checks, backend selection, the
 eager path or the dispatcher, autograd, output allocation and launch-parameter computation; no kernel work.
 ``--device cpu`` (default, any machine) runs the Triton path on CPU tensors the way the tests do
@@ -12,8 +13,9 @@ eager path or the dispatcher, autograd, output allocation and launch-parameter c
 (a GPU host, what users run) uses CUDA tensors with the compiled kernels' launch replaced. Outputs are the
 kernels' uninitialised buffers; nothing is checked for values.
 
-Reported: per op the best and the median over ``R`` rounds of the mean CPU time (of the calling thread; the
-wall clock of a shared machine mostly measures waiting for a core) of ``N`` back-to-back calls, in microseconds,
+Reported: per op the best and the median over ``R`` rounds of the mean CPU time (the wall clock of a shared
+machine mostly measures waiting for a core; on the CPU the calling thread's, on CUDA the process's, which holds
+autograd's device thread that runs a CUDA backward) of ``N`` back-to-back calls, in microseconds,
 next to the targets (<= 40 us per forward, <= 120 us per forward + backward; issue 15), judged on the best round:
 the cost of the code itself, as ``timeit`` reports it (other processes only ever add to a round, never take
 away). Rounds go round-robin over every row, so load that comes and goes on a shared machine hits all rows alike.
@@ -41,6 +43,7 @@ import platform
 import pstats
 import statistics
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -273,14 +276,23 @@ def _recorded_op_call(call: Callable[[], torch.Tensor]):
     return seen[0] if seen else None
 
 
-def _timed_round(step: Callable[[], None], calls: int) -> float:
-    """Mean per-call CPU time of this thread over ``calls`` back-to-back calls, in microseconds. Thread CPU
-    time, not wall time: on a shared machine the wall clock mostly measures the wait for a core, and the host
-    overhead is the CPU work the call itself does."""
-    t0 = time.thread_time_ns()
+def _timed_round(step: Callable[[], None], calls: int, device: str = "cpu") -> float:
+    """Mean per-call CPU time over ``calls`` back-to-back calls, in microseconds: CPU time, not wall time (on a
+    shared machine the wall clock mostly measures the wait for a core; the host overhead is the CPU work the call
+    itself does). :func:`_cpu_clock` says whose."""
+    clock = _cpu_clock(device)
+    t0 = clock()
     for _ in range(calls):
         step()
-    return (time.thread_time_ns() - t0) / calls / 1e3
+    return (clock() - t0) / calls / 1e3
+
+
+def _cpu_clock(device: str) -> Callable[[], int]:
+    """The CPU-time clock (ns) that holds a call's host work. On the CPU, this thread's: autograd runs a CPU
+    graph's backward on the calling thread, and the process clock would add the intra-op pool's spinning. On
+    CUDA, the process's: autograd runs a CUDA graph's backward on its own device thread while the caller waits
+    (no CPU time), so the calling thread's clock would leave the backward out."""
+    return time.thread_time_ns if device == "cpu" else time.process_time_ns
 
 
 def _steps(build, train: bool, floor: bool = False) -> Optional[Callable[[], None]]:
@@ -302,6 +314,8 @@ def _steps(build, train: bool, floor: bool = False) -> Optional[Callable[[], Non
     grad = torch.ones_like(call())
 
     def fwd_bwd() -> None:
+        for t in leaves:     # as after optimizer.zero_grad(): a leaf's gradient is stored, not added to an old one
+            t.grad = None
         torch.autograd.backward(call(), grad)
     return fwd_bwd
 
@@ -329,11 +343,11 @@ def measure(calls: int = 200, rounds: int = 15, only: Optional[str] = None, devi
                     for _ in range(max(3, calls // 10)):   # warm: first-call imports, selection memo, caches
                         step()
                     if not floor:
-                        row[f"{key}_py"], row[f"{key}_vlmkern"] = count_calls(step)
+                        row[f"{key}_py"], row[f"{key}_vlmkern"] = count_calls(step, device)
                     steps.append((row, key + "_floor" if floor else key, step, []))
         for _ in range(rounds):
             for row, key, step, times in steps:
-                times.append(_timed_round(step, calls))
+                times.append(_timed_round(step, calls, device))
                 if device == "cuda":
                     torch.cuda.synchronize()
         for row, key, step, times in steps:
@@ -350,21 +364,24 @@ def _in_vlmkern(code) -> bool:
     return code.co_filename.startswith(_VLMKERN_DIR)
 
 
-def count_calls(step: Callable[[], None]) -> tuple[int, int]:
+def count_calls(step: Callable[[], None], device: str = "cpu") -> tuple[int, int]:
     """``(python, vlmkern)``: the Python function calls (frames entered; a generator's resumptions count) of
     one ``step()``, all of them and those in vlmkern's own files. The same on every machine and under any load:
-    the part of the host overhead that code changes move."""
+    the part of the host overhead that code changes move. On CUDA the backward's calls happen on autograd's device
+    thread: counted there too where Python can profile every thread (3.12+, after a warm call has started it)."""
     counts = [0, 0]
 
     def on_event(frame, event, arg):
         if event == "call":
             counts[0] += 1
             counts[1] += _in_vlmkern(frame.f_code)
-    sys.setprofile(on_event)
+    every_thread = device != "cpu" and hasattr(threading, "setprofile_all_threads")
+    set_profile = threading.setprofile_all_threads if every_thread else sys.setprofile
+    set_profile(on_event)
     try:
         step()
     finally:
-        sys.setprofile(None)
+        set_profile(None)
     return counts[0], counts[1]
 
 
@@ -429,7 +446,8 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def profile(name: str, train: bool, calls: int = 300, top: int = 25, device: str = "cpu") -> str:
-    """cProfile of ``calls`` stubbed calls of op ``name``: the functions with the most own time."""
+    """cProfile of ``calls`` stubbed calls of op ``name``: the functions with the most own time. cProfile sees
+    the calling thread only: on CUDA a backward runs on autograd's device thread and is not in it."""
     torch.set_num_threads(1)
     with stubbed_launches(device):
         step = _steps(_cases(device)[name], train)

@@ -32,6 +32,30 @@ def test_measure_reports_forward_and_backward_per_op():
     assert "expert_linear" in table and ("met" in table or "MISSED" in table)
 
 
+def test_cuda_rounds_count_work_done_on_another_thread():
+    """A CUDA backward runs on autograd's device thread while the caller waits: the CUDA clock must count what
+    another thread does for the call, the CPU clock (calling thread only) must not."""
+    import threading
+
+    def step():   # the caller waits (no CPU time) while another thread works
+        t = threading.Thread(target=lambda: sum(i * i for i in range(20_000)))
+        t.start()
+        t.join()
+    own = min(host._timed_round(step, 3, "cpu") for _ in range(3))
+    every = min(host._timed_round(step, 3, "cuda") for _ in range(3))
+    assert every > 5 * own
+
+
+def test_a_leaf_gradient_is_stored_not_accumulated():
+    """Each measured backward starts from ``.grad = None`` (as after ``zero_grad()``): no accumulation add."""
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    step = host._steps(lambda train: (lambda: torch.nn.functional.linear(x, w), [x, w]), train=True)
+    step()
+    first = [x.grad.clone(), w.grad.clone()]
+    step()
+    assert torch.equal(x.grad, first[0]) and torch.equal(w.grad, first[1])
+
+
 def test_backend_choice_is_restored(monkeypatch):
     import os
     monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
