@@ -168,3 +168,25 @@ def test_fullgraph_forward_backward(name):
             assert g is None or not g.any(), n
         else:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} grad {n}: {m}")
+
+
+@pytest.mark.parametrize("name", _params(PARTS))
+def test_dynamic_fullgraph_forward(name):
+    """``dynamic=True`` makes every size and float default symbolic, as ``torch.compile``'s default does for a
+    size that changed between calls (a new image resolution): the checks must trace them in one graph."""
+    module, args, kwargs = PARTS[name]()
+    eager = _tensors(module(*args, **kwargs))
+    out = _tensors(torch.compile(module, dynamic=True, fullgraph=True, backend="aot_eager")(*args, **kwargs))
+    assert len(out) == len(eager)
+    for a, b in zip(out, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_resolution_recompiles_in_one_graph():
+    """The resampler's second resolution under ``fullgraph=True`` (the default ``dynamic=None`` marks the token
+    count dynamic on the second size)."""
+    module = qwen_vl.Resampler(4, 32, 4, 24)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for L in (36, 64, 100):
+        x = torch.randn(2, L, 24)
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)

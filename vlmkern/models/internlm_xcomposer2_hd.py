@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from vlmkern.models.llava_next import projector_parameters
 from vlmkern.nn.projector import MLPProjector
-from vlmkern.ops.checks import FLOATS, autocasting, check_same_device, check_tensor
+from vlmkern.ops.checks import FLOATS, autocasting, check_same_device, check_tensor, square_side
 from vlmkern.ops import gather_linear
 
 TILE = 336
@@ -170,6 +170,8 @@ def _batch_index(grids: tuple[tuple[int, int], ...], side: int, device: str) -> 
 
 def _count(v) -> int | None:
     """An integer (Python, numpy, a 0-d integer tensor; not a bool) as an int, else None."""
+    if isinstance(v, int) and not isinstance(v, bool):   # first: a symbolic int (torch.compile) has no getattr
+        return v
     if isinstance(v, bool) or getattr(v, "dtype", None) == torch.bool:
         return None
     try:
@@ -227,7 +229,7 @@ def _features(features, grids) -> tuple[Tensor, tuple[tuple[int, int], ...]]:
             raise ValueError(f"features has {features.shape[0]} tiles but grids {list(grids)} need {need} "
                              f"(a global view + h*w tiles each)")
         x = features
-    side = math.isqrt(x.shape[1])
+    side = square_side(x.shape[1])
     if side * side != x.shape[1] or side % 2:
         raise ValueError(f"features must have an even square number of tokens per tile (576 = 24x24; CLS "
                          f"dropped), got {x.shape[1]}")
@@ -261,7 +263,7 @@ def project_and_pack(features, grids, glb_GN: Tensor, sub_GN: Tensor,
         raise TypeError(f"features dtype {x.dtype} must match the projector's dtype {W1.dtype}")
     extra = _separators(glb_GN, sub_GN, C, x.dtype)
     check_same_device(features=x, projector=W1, glb_GN=glb_GN, sub_GN=sub_GN)
-    side = math.isqrt(x.shape[1])
+    side = square_side(x.shape[1])
     index = _batch_index(grids, side, str(x.device))
     h = gather_linear(x, index, W1, b1, extra=extra, gelu=True, validate_values=False)
     out = F.linear(h, W2, b2)
@@ -275,7 +277,7 @@ def layout_tokens(features, grids, glb_GN: Tensor, sub_GN: Tensor) -> Tensor:
     x, grids = _features(features, grids)
     C = x.shape[-1]
     extra = _separators(glb_GN, sub_GN, C, x.dtype)
-    index = _batch_index(grids, math.isqrt(x.shape[1]), str(x.device)).long()
+    index = _batch_index(grids, square_side(x.shape[1]), str(x.device)).long()
     rows = torch.cat([x.reshape(-1, C), extra])
     return rows[index].reshape(index.shape[0], 4 * C)
 
@@ -286,7 +288,7 @@ def unfused_project_and_pack(features, grids, glb_GN: Tensor, sub_GN: Tensor,
     projector): same arguments and result as ``project_and_pack``; the baseline for benchmarks."""
     x, grids = _features(features, grids)
     _, N, C = x.shape
-    S = math.isqrt(N)
+    S = square_side(N)
     s = S // 2
     glb_GN = glb_GN.reshape(1, 1, 4 * C).to(x.dtype)
     sub_GN = sub_GN.reshape(1, 1, 1, 4 * C).to(x.dtype)

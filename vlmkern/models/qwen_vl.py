@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmkern.ops.attention import cross_attention
-from vlmkern.ops.checks import check_weight_dtype
+from vlmkern.ops.checks import check_weight_dtype, square_side
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
@@ -110,7 +110,7 @@ class Resampler(nn.Module):
             raise ValueError(f"x has last dim {x.shape[-1]} but the resampler was built for kv_dim={self.kv_dim}")
         check_weight_dtype(x, "x", w, "the resampler's parameters")
         L = x.shape[1]
-        side = math.isqrt(L)
+        side = square_side(L)
         if L == 0 or side * side != L:
             raise ValueError(f"x must hold a square grid of image tokens (L = side²), got L = {L}")
         return L

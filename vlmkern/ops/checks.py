@@ -123,9 +123,23 @@ def autocasting(x) -> bool:
     return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
 
 
+def square_side(n) -> int:
+    """The side of a square count ``n``: ``round(sqrt(n))``, exact for the perfect squares below 2**52 (callers
+    check ``side * side == n``). Unlike ``math.isqrt`` it takes a symbolic size, as ``torch.compile`` makes a
+    size that changed between calls (``dynamic=None``) or every size (``dynamic=True``)."""
+    return round(n ** 0.5)
+
+
+def is_finite(value) -> bool:
+    """``math.isfinite(value)`` for a real number, in comparisons: ``torch.compile(dynamic=True)`` makes a float
+    default argument symbolic, and ``math.isfinite`` of it cannot be traced (a graph break, an error with
+    ``fullgraph=True``); a comparison can (NaN compares false)."""
+    return -math.inf < value < math.inf
+
+
 def check_finite_scalar(value, name: str, *, minimum: float | None = None) -> float:
     """``value`` as a float: a real, finite number (TypeError otherwise, as for a wrong type), ``>= minimum`` when given (ValueError)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")

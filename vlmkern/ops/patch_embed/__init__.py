@@ -25,7 +25,7 @@ from vlmkern import _ext
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, accumulate_dtype, as_dtype, autocast_inputs, check_finite_scalar,
                                 check_same_device, check_tensor, int32_count_reasons, int32_offset_reasons,
-                                once_per_key)
+                                is_finite, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.patch_embed import _cpp, _torch
 
@@ -55,8 +55,12 @@ def _norm_list(value, name: str, channels: int) -> list[float]:
         if value.device.type == "meta":
             raise ValueError(f"{name} must hold values (a float, a sequence or a tensor with data), got a meta tensor")
         value = value.detach().cpu().reshape(-1).tolist()
-    iterable = hasattr(value, "__iter__") and not isinstance(value, (str, bytes))
-    items = [value] if _real(value) else list(value) if iterable else None     # a sequence, an array
+    if _real(value):      # first: under torch.compile(dynamic=True) a float default is symbolic, without hasattr
+        items = [value]
+    elif hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):   # a sequence, an array
+        items = list(value)
+    else:
+        items = None
     if items is None or not all(_real(v) for v in items):
         raise TypeError(f"{name} must be a float, a sequence of floats or a tensor, got {value!r}")
     vals = [float(v) for v in items]
@@ -64,7 +68,7 @@ def _norm_list(value, name: str, channels: int) -> list[float]:
         vals = vals * channels
     if len(vals) != channels:
         raise ValueError(f"{name} must be a float or a sequence of {channels} floats (one per channel), got {len(vals)}")
-    if not all(math.isfinite(v) for v in vals):
+    if not all(is_finite(v) for v in vals):
         raise ValueError(f"{name} must be finite, got {vals}")
     return vals
 
@@ -72,8 +76,9 @@ def _norm_list(value, name: str, channels: int) -> list[float]:
 def _norm_lists(mean, std, channels: int) -> tuple[list[float], list[float]]:
     """``mean`` and ``std`` as per-channel float lists (checked); the lists of scalar arguments (every model
     call passes the same pair) are kept, the kernels and the backward only read them."""
-    if type(mean) in _SCALARS and type(std) in _SCALARS:
-        # 0.0 and -0.0 are one key to the cache but give different lists: their signs are key parts
+    if type(mean) in _SCALARS and type(std) in _SCALARS and not torch.compiler.is_compiling():
+        # 0.0 and -0.0 are one key to the cache but give different lists: their signs are key parts (a traced call
+        # runs once per graph: no cache, and a symbolic float default has no math.copysign)
         return _scalar_norm_lists(mean, std, channels, math.copysign(1.0, mean), math.copysign(1.0, std))
     return _checked_norm_lists(mean, std, channels)
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, as_dtype, autocasting, check_finite_scalar, check_same_device, check_tensor,
-                                int32_count_reasons, int32_offset_reasons, once_per_key)
+                                int32_count_reasons, int32_offset_reasons, once_per_key, square_side)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.window_attention import _torch
 
@@ -42,7 +42,7 @@ TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32))
 # --------------------------------------------------------------------------------------------- checks
 def window_grid(num_tokens: int, aux_shape: Sequence[int], *, name: str = "images_aux") -> tuple[int, int]:
     """``(PN, M)`` for ``num_tokens = PN²`` LR tokens and an HR map ``(..., PN·M, PN·M)``; ``ValueError`` otherwise."""
-    pn = math.isqrt(num_tokens)
+    pn = square_side(num_tokens)
     if pn * pn != num_tokens or num_tokens == 0:
         raise ValueError(f"the number of low-resolution tokens must be a positive perfect square (a PN x PN grid), "
                          f"got {num_tokens}")
