@@ -143,6 +143,8 @@ def test_bad_input():
         m(torch.zeros(1, 2, 64), None, past_key_value=(torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16)))
     with pytest.raises(ValueError, match="3-D"):
         m(torch.zeros(2, 64), torch.zeros(1, 5, 64))
+    with pytest.raises(ValueError, match="attention_mask is on meta"):   # not read as "attend to every key"
+        m(torch.zeros(1, 2, 64), torch.zeros(1, 5, 64), attention_mask=torch.zeros(1, 1, 1, 5, device="meta"))
     with pytest.raises(ValueError, match="divisible"):
         CrossAttention(SimpleNamespace(hidden_size=64, cross_hidden_size=64, cross_compute_hidden_size=60,
                                        num_attention_heads=8))

@@ -143,6 +143,16 @@ def test_flattened_mask_and_dropout_zero(backend, device):
         torch.testing.assert_close(ours(x, mask.reshape(-1)), orig(x, mask))
 
 
+@pytest.mark.parametrize("shape", [(7, 2), (1, 14), (14, 1)])
+def test_a_mask_of_another_shape_with_as_many_elements_is_refused(shape):
+    """Only ``(B, N)`` or the flattened ``(B*N,)``: a sequence-first ``(N, B)`` mask read in memory order would
+    route other tokens than the original's ``x[im_mask]`` (which raises there)."""
+    ours, _ = _pair(16, 24, 16, torch.float32, "cpu", dropout=0.0)
+    mask = _mask("some", 2, 7, "cpu").t().contiguous().reshape(shape)
+    with pytest.raises(ValueError, match="im_mask"):
+        ours(torch.randn(2, 7, 16), mask)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
 def test_compile_fullgraph(backend, device):
     torch._dynamo.reset()

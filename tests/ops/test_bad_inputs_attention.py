@@ -248,7 +248,7 @@ def _pim_rows():
         (n, "non-finite tensor", _pim_inf_key_bias, DOCUMENTED, bool),
         (n, "out-of-range", lambda: pim(*_pim_args(), eps=(1e-5, 1e-5)), TypeError, "eps must be a tuple of 3"),
         (n, "out-of-range", lambda: pim(*_pim_args(), eps=(1e-5, 1e-5, 1e-6)), ValueError, "eps"),
-        (n, "out-of-range", lambda: pim(torch.zeros(1, 5, 8), *_pim_args()[1:]), ValueError, "perfect square"),
+        (n, "out-of-range", lambda: pim(torch.zeros(1, 5, 8), *_pim_args()[1:]), ValueError, "images must hold a number"),
         (n, "int32", lambda: pim(*_pim_args(device="meta")[:1], _meta(1, 6, 2 ** 15, 2 ** 15),
                                  *_pim_args(device="meta")[2:]), DOCUMENTED, _shape(1, 4, 8)),
         (n, "keyword", lambda: pim(*_pim_args(), eps_k=1e-5), TypeError, "eps_k"),
@@ -291,7 +291,7 @@ def _pe_rows():
         (n, "rank", lambda: _pe(w=_w()[0]), ValueError, "weight must be 2-D"),
         (n, "shape", lambda: _pe(w=_w(C=4)), ValueError, "weight must have C*patch_size**2 = 48 columns"),
         (n, "shape", lambda: ops.patch_embed(_px(), _w(), torch.zeros(7), patch_size=4), ValueError, "bias must have"),
-        (n, "zero-size", lambda: _pe(_px(B=0)), ValueError, "pixels must hold at least one non-empty image"),
+        (n, "zero-size", lambda: _pe(_px(B=0)), DOCUMENTED, lambda r: tuple(r.shape) == (0, 4, 8)),   # nn.Linear's
         (n, "zero-size", lambda: _pe(w=_w(out=0)), DOCUMENTED, lambda r: tuple(r.shape) == (1, 4, 0)),
         (n, "device", lambda: _pe(w=_w().to(META)), ValueError, "weight is on meta"),
         (n, "meta", lambda: _pe(_px(device="meta"), _w().to(META)), DOCUMENTED, _shape(1, 4, 8)),
@@ -674,7 +674,8 @@ def _pel_rows():
         (n, "rank", lambda: f(_px()[0, 0]), ValueError, "pixels must be (B, C, H, W) or (C, H, W)"),
         (n, "shape", lambda: f(_px(C=4)), ValueError, "pixels has C=4 channels"),
         (n, "shape", lambda: _pel()(torch.zeros(2, 4, 47)), ValueError, "in_features=48"),
-        (n, "zero-size", lambda: f(_px(B=0)), ValueError, "non-empty image"),
+        (n, "zero-size", lambda: f(_px(B=0)), DOCUMENTED, lambda r: tuple(r.shape) == (0, 4, 8)),   # nn.Linear's
+        (n, "zero-size", lambda: f(_px(W=0)), ValueError, "non-empty images"),
         (n, "device", lambda: f(_px(device="meta")), ValueError, "is on"),
         (n, "meta", lambda: f(_px(device="meta"), "meta"), DOCUMENTED, _shape(1, 4, 8)),
         (n, "non-finite scalar", lambda: f(_px(), rescale=float("nan")), TypeError, "rescale"),

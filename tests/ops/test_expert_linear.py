@@ -268,6 +268,13 @@ def test_bad_input_names_the_argument(bad, exc, match):
         expert_linear(**args)
 
 
+def test_cogvlm_expert_ids_take_bool_types_as_the_original():
+    """``get_expert_mask`` compares ``token_type_ids == VISION_TOKEN_TYPE`` (1), which a bool tensor takes."""
+    types = torch.rand(3, 11, generator=torch.Generator().manual_seed(2)) > 0.4
+    assert torch.equal(cogvlm_expert_ids(types), cogvlm_expert_ids(types.long()))
+    assert torch.equal(cogvlm_expert_ids(types).bool(), _original_get_expert_mask(types)[0])
+
+
 def test_cogvlm_expert_ids_bad_input():
     with pytest.raises(ValueError, match="token_type_ids must be 2-D"):
         cogvlm_expert_ids(torch.zeros(5, dtype=torch.long))

@@ -119,7 +119,9 @@ class CrossAttention(nn.Module):
                                      f"head_dim) = {want}, got {tuple(t.shape)}")
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-        if attention_mask is None or attention_mask.is_meta:   # meta: no values to choose a path by, same shape
+        if attention_mask is not None and attention_mask.device != q.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but hidden_states is on {q.device}")
+        if attention_mask is None or attention_mask.is_meta:   # meta (all inputs): no values to choose a path by
             return cross_attention(q, k, v)
         keep = attention_mask == 0
         is_full = bool(keep.all())

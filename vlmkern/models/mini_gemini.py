@@ -46,7 +46,7 @@ class PatchInfoMining(nn.Module):
         if images_aux.shape[1] != self.mm_hidden_size_aux:
             raise ValueError(f"images_aux has {images_aux.shape[1]} channels but mm_hidden_size_aux is "
                              f"{self.mm_hidden_size_aux}")
-        window_grid(images.shape[1], images_aux.shape)
+        window_grid(images.shape[1], images_aux.shape, tokens_name="images")
 
     def forward(self, images: Tensor, images_aux: Tensor) -> tuple[Tensor, Tensor]:
         """The original ``unified_resampler(images, images_aux)``.

@@ -40,8 +40,10 @@ class PLoRA(nn.Linear):
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
 
     def forward(self, x: Tensor, im_mask: Tensor | None = None) -> Tensor:
-        """``x (B, N, in)`` (any leading dims), ``im_mask`` bool ``(B, N)`` or flattened ``(B*N,)``."""
-        if isinstance(im_mask, Tensor) and isinstance(x, Tensor) and tuple(im_mask.shape) != tuple(x.shape[:-1]) \
+        """``x (B, N, in)`` (any leading dims), ``im_mask`` bool ``(B, N)`` or flattened ``(B*N,)``; any other
+        shape is refused (ValueError naming ``im_mask``), even one with as many elements: ``(N, B)`` read in
+        memory order would route other tokens than the original's ``x[im_mask]``."""
+        if isinstance(im_mask, Tensor) and isinstance(x, Tensor) and im_mask.dim() == 1 and x.dim() > 2 \
                 and im_mask.numel() == math.prod(x.shape[:-1]):
             im_mask = im_mask.reshape(x.shape[:-1])  # the IXC2.5 variant passes the mask flattened
         return partial_lora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight, im_mask,

@@ -99,13 +99,14 @@ def _checked_norm_lists(mean, std, channels: int) -> tuple[list[float], list[flo
 
 
 def check_pixels(pixels, patch_size) -> None:
-    """``pixels (B, C, H, W)`` with at least one non-empty image, and a positive int ``patch_size``."""
+    """``pixels (B, C, H, W)`` with non-empty images (B may be 0: an empty batch), and a positive int
+    ``patch_size``."""
     check_tensor(pixels, "pixels", ndim=4, dtypes=PIXEL_DTYPES, shape_doc="(B, C, H, W)")
     if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size <= 0:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
     B, C, H, W = pixels.shape
-    if B == 0 or H == 0 or W == 0:
-        raise ValueError(f"pixels must hold at least one non-empty image, got shape {tuple(pixels.shape)}")
+    if H == 0 or W == 0:
+        raise ValueError(f"pixels must hold non-empty images (H, W > 0), got shape {tuple(pixels.shape)}")
     if C == 0:
         raise ValueError("pixels must have at least one channel")
 
@@ -319,6 +320,8 @@ def patchify(pixels: Tensor, patch_size: int = 30, *, pad_value: float = 1.0, re
     """
     _check_patchify(pixels, patch_size, pad_value, rescale, out_dtype)
     mean_l, std_l = _norm_lists(mean, std, pixels.shape[1])
+    if pixels.shape[0] == 0:          # an empty batch: no launch (a zero-size grid is an error)
+        return _empty_patches(pixels, patch_size).to(out_dtype)
     return _patchify(pixels, patch_size, float(pad_value), float(rescale), mean_l, std_l, out_dtype)
 
 
@@ -343,7 +346,14 @@ def patch_embed(pixels: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     check_scalars(pad_value, rescale)
     _, weight, bias = autocast_inputs(pixels, weight, bias)   # the Linear runs as F.linear would
     mean_l, std_l = _norm_lists(mean, std, pixels.shape[1])
+    if pixels.shape[0] == 0:          # an empty batch: nn.Linear on no patches (weight and bias get zero grads)
+        return F.linear(_empty_patches(pixels, patch_size).to(weight.dtype), weight, bias)
     return _patch_embed(pixels, weight, bias, patch_size, float(pad_value), float(rescale), mean_l, std_l)
+
+
+def _empty_patches(pixels: Tensor, patch_size: int) -> Tensor:
+    """The ``(0, nP, C*p*p)`` patches of an empty batch, a view of ``pixels`` (which holds no element)."""
+    return pixels.reshape(0, _n_patches(pixels, patch_size), pixels.shape[1] * patch_size * patch_size)
 
 
 __all__ = ["PATCH_EMBED", "PATCHIFY", "check_pixels", "check_scalars", "patch_embed", "patchify"]

@@ -28,7 +28,7 @@ from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.routed_linear import _torch
 
 _ID_DTYPES = MASK_DTYPES                # expert ids: any integer, or bool (two experts)
-_TYPE_ID_DTYPES = MASK_DTYPES[1:]       # token types: integers
+_TYPE_ID_DTYPES = MASK_DTYPES           # token types: integers, or bool (True = vision, as the original compares)
 VISION_TOKEN_TYPE = 1                   # CogVLM's token_type_ids value of an image token
 
 
@@ -399,7 +399,7 @@ def _check_token_types(token_type_ids) -> None:
 def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
     """CogVLM routing: expert 1 (vision) iff a token and the next are vision-type (``get_expert_mask``), else 0.
 
-    ``token_type_ids (B, L)`` integer -> int32 ``(B, L)``, computed on device without a sync: the ``eoi``
+    ``token_type_ids (B, L)`` integer or bool (True = vision) -> int32 ``(B, L)``, computed on device without a sync: the ``eoi``
     token and a vision-type token in the last position use the language expert.
     """
     _check_token_types(token_type_ids)

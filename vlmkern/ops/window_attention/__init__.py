@@ -40,12 +40,14 @@ TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------- checks
-def window_grid(num_tokens: int, aux_shape: Sequence[int], *, name: str = "images_aux") -> tuple[int, int]:
-    """``(PN, M)`` for ``num_tokens = PN²`` LR tokens and an HR map ``(..., PN·M, PN·M)``; ``ValueError`` otherwise."""
+def window_grid(num_tokens: int, aux_shape: Sequence[int], *, name: str = "images_aux",
+                tokens_name: str = "u") -> tuple[int, int]:
+    """``(PN, M)`` for ``num_tokens = PN²`` LR tokens (dim 1 of the argument ``tokens_name``) and an HR map
+    ``name`` ``(..., PN·M, PN·M)``; ``ValueError`` naming the argument otherwise."""
     pn = square_side(num_tokens)
     if pn * pn != num_tokens or num_tokens == 0:
-        raise ValueError(f"the number of low-resolution tokens must be a positive perfect square (a PN x PN grid), "
-                         f"got {num_tokens}")
+        raise ValueError(f"{tokens_name} must hold a number of low-resolution tokens (dim 1) that is a positive "
+                         f"perfect square (a PN x PN grid), got {num_tokens}")
     hh, wh = aux_shape[-2], aux_shape[-1]
     if hh != wh or wh % pn or wh == 0:
         raise ValueError(f"{name} must be a square (PN·M, PN·M) map divisible into the {pn}x{pn} low-resolution "
@@ -203,7 +205,7 @@ def _check_patch_info_mining(images, images_aux, query_params, key_params, value
         raise TypeError(f"images_aux dtype {images_aux.dtype} must match images dtype {images.dtype}")
     if images_aux.shape[0] != images.shape[0]:
         raise ValueError(f"images_aux has batch {images_aux.shape[0]} but images has batch {images.shape[0]}")
-    window_grid(images.shape[1], images_aux.shape)
+    window_grid(images.shape[1], images_aux.shape, tokens_name="images")
     C, C_aux = images.shape[2], images_aux.shape[1]
     _check_params(query_params, "query_params", C, None, dtype, images.device)
     C_out = query_params[2].shape[0]
