@@ -121,7 +121,7 @@ def test_bad_config_and_input():
     mlp = VisionExpertMLP(CONFIG)
     with pytest.raises(ValueError, match="token_type_ids must be 2-D"):
         mlp(torch.randn(2, 5, 64), torch.zeros(10, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"expert_ids must have shape x.shape\[:-1\]"):
+    with pytest.raises(ValueError, match=r"token_type_ids must have shape \(batch, tokens\) = \(2, 5\)"):
         mlp(torch.randn(2, 5, 64), torch.zeros(2, 6, dtype=torch.long))
 
 

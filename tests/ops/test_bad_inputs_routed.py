@@ -400,8 +400,10 @@ for T, mk in (("models.cogvlm.VisionExpertMLP", _mlp),
     case(T, "float64", lambda mk=mk, call=call: call(mk(torch.float64), H.double()), Gives(
         lambda y: torch.testing.assert_close(y, y.double()) or None), float64=True)
     case(T, "rank", lambda mk=mk, call=call: call(mk(), H, TYPES[0]), Raises(ValueError, "token_type_ids must be 2-D"))
-    case(T, "shape", lambda mk=mk, call=call: call(mk(), H[..., :7], TYPES), Raises(ValueError, "in_features=8"))
-    case(T, "shape", lambda mk=mk, call=call: call(mk(), H, TYPES[:, :4]), Raises(ValueError, "expert_ids must have shape"))
+    case(T, "shape", lambda mk=mk, call=call: call(mk(), H[..., :7], TYPES), Raises(ValueError, "hidden_states has last dim 7"))
+    case(T, "shape", lambda mk=mk, call=call: call(mk(), H, TYPES[:, :4]), Raises(ValueError, "token_type_ids must have shape"))
+    case(T, "rank", lambda mk=mk, call=call: call(mk(), H[0], TYPES), Raises(ValueError, "hidden_states must be 3-D"))
+    case(T, "dtype", lambda mk=mk, call=call: call(mk(), H.int(), TYPES), Raises(TypeError, "hidden_states must be a floating"))
     case(T, "zero-size", lambda mk=mk, call=call: call(mk(), H[:0], TYPES[:0]), shape_is(0, 5, 8, device="cpu"))
     case(T, "device", lambda mk=mk, call=call: call(mk(), H, TYPES.to(META)), Raises(ValueError, "is on meta"))
     case(T, "meta", lambda mk=mk, call=call: call(mk().to(META), H.to(META), TYPES.to(META)), shape_is(2, 5, 8))
@@ -411,6 +413,14 @@ for T, mk in (("models.cogvlm.VisionExpertMLP", _mlp),
          Gives(lambda y: torch.isfinite(y).all() or None))   # unknown token types route to the language expert
     case(T, "keyword", lambda mk=mk, call=call: call(mk(), H, TYPES, token_types=TYPES), Raises(TypeError, "token_types"))
     case(T, "type", lambda mk=mk, call=call: call(mk(), H, TYPES.tolist()), Raises(TypeError, "token_type_ids must be a torch.Tensor"))
+
+
+_A = "models.cogvlm.VisionExpertAttention"
+_POS = torch.arange(5).expand(2, -1)
+case(_A, "shape", lambda: _attn()(H, TYPES, _POS[:, :4])[0], Raises(ValueError, "position_ids must have shape"))
+case(_A, "shape", lambda: _attn()(H, TYPES, _POS, torch.zeros(2, 1, 5, 4))[0], Raises(ValueError, "attention_mask must"))
+case(_A, "rank", lambda: _attn()(H, TYPES, _POS, torch.zeros(2, 5, 5))[0], Raises(ValueError, "attention_mask must be 4-D"))
+case(_A, "device", lambda: _attn()(H, TYPES, _POS.to(META))[0], Raises(ValueError, "position_ids is on meta"))
 
 
 def _attn(dtype=torch.float32):

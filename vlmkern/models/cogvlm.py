@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from vlmkern.models._config import positive_int
 from vlmkern.models.cogagent import CrossAttention  # noqa: F401  (CogAgent layers live beside CogVLM's)
 from vlmkern.nn._linear import plain_linear
+from vlmkern.ops.checks import check_same_device, check_tensor, check_weight_dtype
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear
 
 
@@ -59,6 +60,42 @@ def _routed(x: Tensor, language: nn.Module, vision: nn.Module, ids: Tensor) -> T
     out[~on_vision] = text
     out[on_vision] = image.to(out.dtype)
     return out
+
+
+def _check_tokens(hidden_states, token_type_ids, weight: Tensor) -> None:
+    """``hidden_states (B, L, D)`` floating in ``weight``'s dtype and device (``D = weight.shape[1]``) and
+    ``token_type_ids (B, L)``, with errors naming them (the routed op's would name its own ``x`` / ``expert_ids``)."""
+    check_tensor(hidden_states, "hidden_states", ndim=3, shape_doc="(batch, tokens, hidden_size)")
+    if not hidden_states.is_floating_point():
+        raise TypeError(f"hidden_states must be a floating-point tensor, got {hidden_states.dtype}")
+    if hidden_states.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden_states has last dim {hidden_states.shape[-1]} but hidden_size is {weight.shape[1]}")
+    check_tensor(token_type_ids, "token_type_ids", ndim=2, shape_doc="(batch, tokens)")
+    if tuple(token_type_ids.shape) != tuple(hidden_states.shape[:2]):
+        raise ValueError(f"token_type_ids must have shape (batch, tokens) = {tuple(hidden_states.shape[:2])}, "
+                         f"got {tuple(token_type_ids.shape)}")
+    check_same_device(hidden_states=hidden_states, token_type_ids=token_type_ids)
+    if hidden_states.device != weight.device:
+        raise ValueError(f"hidden_states is on {hidden_states.device} but the module's weights are on {weight.device}")
+    check_weight_dtype(hidden_states, "hidden_states", weight)
+
+
+def _check_attention_inputs(hidden_states, position_ids, attention_mask, heads: int) -> None:
+    """``position_ids (B or 1, L)`` and ``attention_mask (B or 1, 1 or heads, L, >= L)`` or None, for
+    ``hidden_states (B, L, D)``: ValueError naming them (the original fails inside torch)."""
+    B, L = hidden_states.shape[:2]
+    check_tensor(position_ids, "position_ids", ndim=2, shape_doc=f"(batch or 1, tokens) = ({B} or 1, {L})")
+    if position_ids.shape[0] not in (1, B) or position_ids.shape[1] != L:
+        raise ValueError(f"position_ids must have shape (batch or 1, tokens) = ({B} or 1, {L}), got "
+                         f"{tuple(position_ids.shape)}")
+    check_same_device(hidden_states=hidden_states, position_ids=position_ids, attention_mask=attention_mask)
+    if attention_mask is None:
+        return
+    check_tensor(attention_mask, "attention_mask", ndim=4, shape_doc="(batch, 1, tokens, tokens), additive")
+    b, h, rows, cols = attention_mask.shape
+    if b not in (1, B) or h not in (1, heads) or rows != L or cols < L:
+        raise ValueError(f"attention_mask must have shape (batch or 1, 1 or heads, tokens, >= tokens) = "
+                         f"({B} or 1, 1 or {heads}, {L}, >= {L}), got {tuple(attention_mask.shape)}")
 
 
 def _cfg(config, name: str) -> int:
@@ -104,6 +141,7 @@ class VisionExpertMLP(nn.Module):
 
     def forward(self, hidden_states: Tensor, token_type_ids: Tensor) -> Tensor:
         """``hidden_states (B, L, D)``, ``token_type_ids (B, L)`` (0 language, 1 vision) -> ``(B, L, D)``."""
+        _check_tokens(hidden_states, token_type_ids, self.language_mlp.gate_proj.weight)
         ids = cogvlm_expert_ids(token_type_ids)  # in [0, 2) by construction: no value check needed
         lang, vis = self.language_mlp, self.vision_mlp
         gate = _routed(hidden_states, lang.gate_proj, vis.gate_proj, ids)
@@ -176,6 +214,8 @@ class VisionExpertAttention(nn.Module):
         if past_key_value is not None:
             raise NotImplementedError("VisionExpertAttention implements the training / prefill path: "
                                       "past_key_value must be None")
+        _check_tokens(hidden_states, token_type_ids, self.language_expert_query_key_value.weight)
+        _check_attention_inputs(hidden_states, position_ids, attention_mask, self.num_heads)
         B, L, D = hidden_states.shape
         ids = cogvlm_expert_ids(token_type_ids)
         qkv = _routed(hidden_states, self.language_expert_query_key_value, self.vision_expert_query_key_value, ids)
