@@ -85,7 +85,8 @@ def _check_attention_inputs(hidden_states, position_ids, attention_mask, heads: 
     ``hidden_states (B, L, D)``: ValueError naming them (the original fails inside torch)."""
     B, L = hidden_states.shape[:2]
     check_tensor(position_ids, "position_ids", ndim=2, shape_doc=f"(batch or 1, tokens) = ({B} or 1, {L})")
-    if position_ids.shape[0] not in (1, B) or position_ids.shape[1] != L:
+    # comparisons, not ``in (1, B)``: a traced symbolic size is not found in a tuple by ``in``
+    if (position_ids.shape[0] != 1 and position_ids.shape[0] != B) or position_ids.shape[1] != L:
         raise ValueError(f"position_ids must have shape (batch or 1, tokens) = ({B} or 1, {L}), got "
                          f"{tuple(position_ids.shape)}")
     check_same_device(hidden_states=hidden_states, position_ids=position_ids, attention_mask=attention_mask)
@@ -93,7 +94,7 @@ def _check_attention_inputs(hidden_states, position_ids, attention_mask, heads: 
         return
     check_tensor(attention_mask, "attention_mask", ndim=4, shape_doc="(batch, 1, tokens, tokens), additive")
     b, h, rows, cols = attention_mask.shape
-    if b not in (1, B) or h not in (1, heads) or rows != L or cols < L:
+    if (b != 1 and b != B) or (h != 1 and h != heads) or rows != L or cols < L:
         raise ValueError(f"attention_mask must have shape (batch or 1, 1 or heads, tokens, >= tokens) = "
                          f"({B} or 1, 1 or {heads}, {L}, >= {L}), got {tuple(attention_mask.shape)}")
 
