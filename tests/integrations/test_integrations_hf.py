@@ -57,6 +57,21 @@ def test_gradient_checkpointing_carries_over():
     assert model.qformer.encoder.gradient_checkpointing
 
 
+@pytest.mark.parametrize("before_apply", [True, False])
+def test_checkpointing_options_reach_the_patched_qformer(before_apply):
+    """transformers' checkpoint function (with the caller's ``use_reentrant``) runs the patched layers, whether
+    checkpointing was enabled before or after ``apply``."""
+    model, _ = tiny.tiny_blip2()
+    enable = lambda: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # noqa
+    if before_apply:
+        enable()
+    hf.apply(model)
+    if not before_apply:
+        enable()
+    func = model.qformer.encoder._gradient_checkpointing_func
+    assert model.qformer.encoder.gradient_checkpointing and func.keywords == {"use_reentrant": True}
+
+
 def test_blip2_model_classes_are_all_patched():
     for kind in ("Blip2Model", "Blip2ForImageTextRetrieval"):
         model, _ = tiny.tiny_blip2(kind)

@@ -4,6 +4,7 @@ Oracle: a float64 copy of the transformers model; baseline for the tolerance rul
 the tested dtype. Weights are random (every parameter, biases and LayerNorms included), text is padded.
 """
 import copy
+import sys
 
 import pytest
 import torch
@@ -374,6 +375,37 @@ def test_gradient_checkpointing_matches():
     torch.testing.assert_close(out_ck, out)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_options_are_honoured(monkeypatch, reentrant):
+    """``use_reentrant`` reaches ``torch.utils.checkpoint`` and ``every_n_layers`` picks the layers, as
+    transformers' ``activation_checkpointing_enable``; the gradients are those without checkpointing."""
+    import torch.utils.checkpoint as ckpt
+    from vlmkern.nn import qformer as nn_qformer
+    hf = hf_model(make_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_hidden_layers=3))
+    ours = Blip2QFormerModel.from_transformers(hf).train()
+    x = cast_inputs(itm_inputs(), torch.float32)
+    x["query_embeds"].requires_grad_(True)     # a reentrant checkpoint needs an input that requires grad
+
+    def grads():      # .backward(): a reentrant checkpoint refuses torch.autograd.grad
+        ours.zero_grad(set_to_none=True)
+        ours(**x).last_hidden_state.sum().backward()
+        return [p.grad for p in ours.parameters()]
+    g1 = grads()
+    seen = []
+    real = ckpt.checkpoint
+    monkeypatch.setattr(nn_qformer, "checkpoint", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(sys.modules[Blip2QFormerModel.__module__], "checkpoint",
+                        lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    ours.activation_checkpointing_enable({"use_reentrant": reentrant}, every_n_layers=2)
+    assert ours.is_gradient_checkpointing
+    g2 = grads()
+    assert [kw["use_reentrant"] for kw in seen] == [reentrant] * 2        # layers 0 and 2 of 3
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+    ours.gradient_checkpointing_disable()
+    assert not ours.is_gradient_checkpointing
 
 
 def test_gradient_checkpointing_recomputes_the_same_dropout_masks():

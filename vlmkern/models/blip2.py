@@ -27,12 +27,14 @@ Differences from transformers, all documented where they occur:
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
 from vlmkern.ops.checks import FLOATS, check_tensor
@@ -135,6 +137,9 @@ class QFormerModelBase(nn.Module):
     """What both Q-Former models share: the encoder run, masks, outputs and ``from_transformers``."""
 
     encoder: QFormerEncoder
+    # Class attributes of transformers' Q-Former models that user code and trainers read.
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
 
     @classmethod
     def from_transformers(cls, hf_model: nn.Module) -> "QFormerModelBase":
@@ -177,11 +182,32 @@ class QFormerModelBase(nn.Module):
             if m is not self and hasattr(m, "reset_buffers"):
                 m.reset_buffers()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1) -> None:
+        """transformers' ``activation_checkpointing_enable``: in training, every ``every_n_layers``-th encoder
+        layer (from the first) recomputes its activations in backward, through
+        ``torch.utils.checkpoint.checkpoint(**activation_checkpointing_kwargs)`` (default ``use_reentrant=False``)."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
+        self.encoder._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
+        self.encoder.checkpoint_every = every_n_layers
         self.encoder.gradient_checkpointing = True
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         self.encoder.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
+        """The older name of :meth:`activation_checkpointing_enable` (transformers keeps both)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """``PreTrainedModel.is_gradient_checkpointing``."""
+        return self.encoder.gradient_checkpointing
 
     def _run(self, embedding_output: Tensor, query_length: int, attention_mask, encoder_hidden_states,
              encoder_attention_mask, encoder_batch_index, output_attentions, output_hidden_states, return_dict,

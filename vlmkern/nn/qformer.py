@@ -23,12 +23,14 @@ when the kernels cannot reproduce the call: attention weights requested or a 3-D
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from vlmkern import ops
 from vlmkern.nn._linear import plain_linear
@@ -330,13 +332,20 @@ class EncoderOutput:
 
 
 class QFormerEncoder(nn.Module):
-    """``Blip2QFormerEncoder``: ``layer`` = ``num_hidden_layers`` × :class:`QFormerLayer`."""
+    """``Blip2QFormerEncoder``: ``layer`` = ``num_hidden_layers`` × :class:`QFormerLayer`.
+
+    Activation checkpointing as transformers sets it on a module with a ``gradient_checkpointing`` flag: when
+    on (in training, with grad), every ``checkpoint_every``-th layer runs through ``_gradient_checkpointing_func``
+    (what transformers' ``activation_checkpointing_enable`` assigns, e.g. ``checkpoint`` with the caller's
+    ``use_reentrant``), else ``checkpoint(use_reentrant=False)``."""
 
     def __init__(self, config, text_ffn: bool = True):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList([QFormerLayer(config, i, text_ffn) for i in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False
+        self.checkpoint_every = 1
+        self._gradient_checkpointing_func = _CHECKPOINT
 
     def forward(self, hidden_states: Tensor, self_mask: AttentionMask = AttentionMask(),
                 encoder_hidden_states: Optional[Tensor] = None, cross_mask: AttentionMask = AttentionMask(),
@@ -346,12 +355,12 @@ class QFormerEncoder(nn.Module):
         weights in execution order (self, then cross where the layer has it), as transformers v5 records them."""
         all_hidden = [hidden_states] if output_hidden_states else None
         attentions, cross = ([], []) if output_attentions else (None, None)
-        for layer in self.layer:
+        for i, layer in enumerate(self.layer):
             args = (hidden_states, self_mask, encoder_hidden_states, cross_mask, query_length, encoder_batch_index,
                     output_attentions)
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                from torch.utils.checkpoint import checkpoint
-                out = checkpoint(layer, *args, use_reentrant=False)
+            if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+                    and i % self.checkpoint_every == 0):
+                out = LayerOutput(*self._gradient_checkpointing_func(_layer_tensors, layer, *args))
             else:
                 out = layer(*args)
             hidden_states = out.hidden_states
@@ -364,6 +373,15 @@ class QFormerEncoder(nn.Module):
                     cross.append(out.cross_attention)
         return EncoderOutput(hidden_states, None if all_hidden is None else tuple(all_hidden),
                              None if attentions is None else tuple(attentions), None if cross is None else tuple(cross))
+
+
+_CHECKPOINT = functools.partial(checkpoint, use_reentrant=False)
+
+
+def _layer_tensors(layer: QFormerLayer, *args) -> tuple:
+    """``layer(*args)`` as a tuple of tensors (or None): a reentrant checkpoint tracks tensor outputs only."""
+    out = layer(*args)
+    return out.hidden_states, out.self_attention, out.cross_attention
 
 
 class QFormerTextEmbeddings(nn.Module):

@@ -15,9 +15,14 @@ from vlmkern.integrations.hf._registry import Family, Swap, copy_dropout, regist
 
 
 def _finish(original: nn.Module, new: nn.Module) -> nn.Module:
-    """Dropout probabilities and gradient checkpointing carry over (neither is in the state dict)."""
-    if getattr(getattr(original, "encoder", None), "gradient_checkpointing", False):
+    """Dropout probabilities and gradient checkpointing (with its checkpoint function, which holds e.g.
+    ``use_reentrant``) carry over (neither is in the state dict)."""
+    encoder = getattr(original, "encoder", None)
+    if getattr(encoder, "gradient_checkpointing", False):
         new.gradient_checkpointing_enable()
+        func = getattr(encoder, "_gradient_checkpointing_func", None)
+        if callable(func):
+            new.encoder._gradient_checkpointing_func = func
     return copy_dropout(original, new)
 
 
