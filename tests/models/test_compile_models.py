@@ -190,3 +190,39 @@ def test_a_new_resolution_recompiles_in_one_graph():
     for L in (36, 64, 100):
         x = torch.randn(2, L, 24)
         torch.testing.assert_close(compiled(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", _params(PARTS))
+def test_torch_export_gives_the_eager_result(name):
+    """Exported first, so that every cache a part keeps is first reached inside the trace (with fake tensors):
+    the eager calls after it must neither get those fakes nor see a different result."""
+    from vlmkern.models import internlm_xcomposer2_hd as hd, llava_next as nxt
+    for cache in (hd._plan, hd._batch_index, nxt._plan, nxt._batch_index):
+        cache.cache_clear()
+    module, args, kwargs = PARTS[name]()
+    module.eval()
+    exported = torch.export.export(module, args, kwargs).module()
+    out, eager = _tensors(exported(*args, **kwargs)), _tensors(module(*args, **kwargs))
+    assert len(out) == len(eager)
+    for a, b in zip(out, eager):
+        assert not isinstance(b, torch._subclasses.FakeTensor)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_qformer_exports_in_a_process_that_never_imported_transformers_outputs():
+    """transformers registers its output classes as pytree nodes on import; an import first made inside the
+    export trace came too late for the export to flatten the output (the model imports it when built)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, torch\n"
+        "from types import SimpleNamespace\n"
+        "from vlmkern.models.blip2 import Blip2QFormerModel\n"
+        "assert 'transformers.modeling_outputs' not in sys.modules\n"
+        f"m = Blip2QFormerModel(SimpleNamespace(**{vars(QFORMER)!r})).eval()\n"
+        "x, enc = torch.randn(2, 8, 32), torch.randn(2, 17, 24)\n"
+        "kw = dict(query_length=8, encoder_hidden_states=enc)\n"
+        "out = torch.export.export(m, (x,), kw).module()(x, **kw).last_hidden_state\n"
+        "torch.testing.assert_close(out, m(x, **kw).last_hidden_state)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -61,7 +61,10 @@ class QFormerModelOutput:
         return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
 
 
+@functools.lru_cache(maxsize=None)
 def _output_class():
+    """transformers' output class (imported by the model's constructor: a first import inside a
+    ``torch.export`` trace would register its pytree node too late for the export to flatten the output)."""
     try:
         from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
         return BaseModelOutputWithPoolingAndCrossAttentions
@@ -137,6 +140,11 @@ class QFormerModelBase(nn.Module):
     """What both Q-Former models share: the encoder run, masks, outputs and ``from_transformers``."""
 
     encoder: QFormerEncoder
+
+    def __init__(self) -> None:
+        super().__init__()
+        _output_class()
+
     # Class attributes of transformers' Q-Former models that user code and trainers read.
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True

@@ -17,7 +17,6 @@ depends only on the grid: built once per ``(h, w)`` on the CPU, moved to the dev
 """
 from __future__ import annotations
 
-import functools
 import math
 import operator
 from typing import NamedTuple, Sequence
@@ -30,6 +29,7 @@ from vlmkern.models.llava_next import projector_parameters
 from vlmkern.nn.projector import MLPProjector
 from vlmkern.ops.checks import FLOATS, autocasting, check_same_device, check_tensor, square_side
 from vlmkern.ops import gather_linear
+from vlmkern.ops.dispatch import eager_cache
 
 TILE = 336
 VIT_SIDE = 24            # CLIP ViT-L/14-336: 24x24 patch tokens per tile (12x12 after the 2x2 merge)
@@ -134,7 +134,7 @@ _SUB_GN = (-1, -2, -3, -4)
 _GLB_GN = (-5, -6, -7, -8)
 
 
-@functools.lru_cache(maxsize=128)
+@eager_cache(maxsize=128)
 def _plan(h: int, w: int, side: int) -> Tensor:
     """``(L, 4)`` int32 source rows of one image's sequence, relative to its global-view tile (row 0)."""
     s = side // 2
@@ -157,7 +157,7 @@ def _plan(h: int, w: int, side: int) -> Tensor:
     return plan
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def _batch_index(grids: tuple[tuple[int, int], ...], side: int, device: str) -> Tensor:
     M = sum(1 + h * w for h, w in grids) * side * side
     parts, row0 = [], 0

@@ -18,7 +18,6 @@ The two index vectors depend only on image sizes: built once per (size, grid) on
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -29,6 +28,7 @@ from vlmkern.nn._linear import plain_linear
 from vlmkern.nn.projector import MLPProjector
 from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
 from vlmkern.ops import gather_linear
+from vlmkern.ops.dispatch import eager_cache
 
 # llava-hf/llava-v1.6-* config: image_grid_pinpoints, vision_config.image_size, vision_config.patch_size.
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -178,7 +178,7 @@ class PackPlan(NamedTuple):
     feature_rows: int     # rows of features[i] (tiles x tokens_per_tile)
 
 
-@functools.lru_cache(maxsize=256)
+@eager_cache(maxsize=256)
 def _plan(image_size: tuple[int, int], n_tiles: int, tokens: int, side: int, pinpoints: tuple, tile_size: int,
           newline: bool) -> PackPlan:
     T = tokens
@@ -207,7 +207,7 @@ def _plan(image_size: tuple[int, int], n_tiles: int, tokens: int, side: int, pin
     return PackPlan(kept, torch.cat([base, grid_src.reshape(-1)]), n_tiles * T)
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(maxsize=64)
 def _batch_index(keys: tuple[tuple, ...], device: str) -> tuple[Tensor, Tensor]:
     """Both index columns for a batch of images (``keys``: ``_plan`` arguments per image), on ``device``."""
     kept, src, row0, kept0 = [], [], 0, 0

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from vlmkern.ops.attention import cross_attention
 from vlmkern.ops.checks import check_weight_dtype, square_side
+from vlmkern.ops.dispatch import eager_mode
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
@@ -122,10 +123,11 @@ class Resampler(nn.Module):
         The cache holds a copy of the table it was computed from and is used only while ``pos_embed`` still
         equals it: ``data_ptr``/``_version`` miss writes through ``.data`` (its own version counter) and hooks
         miss ``.data`` assignment, a comparison misses nothing. Comparing ``Q x D`` values costs less than
-        resizing (``16 L x D`` multiply-adds). Under ``torch.compile`` the table is recomputed (no graph break).
+        resizing (``16 L x D`` multiply-adds). Under ``torch.compile``, ``torch.export`` or a fake-tensor trace the
+        table is recomputed (no graph break, no fake tensor kept for a later eager call).
         """
         pos = self.pos_embed
-        if (pos.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling() or pos.is_meta:
+        if (pos.requires_grad and torch.is_grad_enabled()) or not eager_mode() or pos.is_meta:
             return get_abs_pos(pos, L)
         entry = self._cache.get(L)
         with torch.no_grad():

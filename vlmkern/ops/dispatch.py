@@ -378,6 +378,21 @@ def eager_mode() -> bool:
                 or torch._C._get_tracing_state() is not None)
 
 
+def eager_cache(maxsize: int) -> Callable:
+    """``functools.lru_cache(maxsize)`` that is neither read nor filled outside :func:`eager_mode`: a call traced by
+    ``torch.export``, ``make_fx`` or under a ``FakeTensorMode`` builds its tensors as fakes (which a later eager
+    call must not get), and ``torch.compile`` traces the function itself."""
+    def decorate(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return cached(*args) if eager_mode() else fn(*args)
+        call.cache_clear, call.cache_info = cached.cache_clear, cached.cache_info
+        return call
+    return decorate
+
+
 def plain_tensors(args: tuple) -> bool:
     """Whether every tensor in ``args`` (or in a list argument) is a plain ``torch.Tensor`` or ``nn.Parameter``."""
     for a in args:
