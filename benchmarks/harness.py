@@ -542,7 +542,8 @@ def _fill_ratios(rows: list[Measurement], case: Case) -> None:
 
 
 # ---------------------------------------------------------------------------------------- environment
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -587,7 +588,7 @@ def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -39,7 +39,6 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -494,7 +493,8 @@ def main(argv=None) -> int:
         return 0
     stub = args.launches == "stubbed"
     rows = measure(args.calls, args.rounds, args.only, args.device, stub)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    from benchmarks.harness import cpu_model
+    machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, "
                f"load {os.getloadavg()[0]:.1f}, {args.device} tensors"
                + (f" on {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
     print(f"Host overhead per call, kernel launches {args.launches} ({machine}; torch {torch.__version__}):")
