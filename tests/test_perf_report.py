@@ -153,3 +153,15 @@ def test_routed_tn_sm90_main_loop_is_async_on_wgmma():
     [row] = perf_report.make_rows(report, {b.label: b.num_warps})
     assert row.ok, row.problems
     assert row.async_loads and row.wgmma and row.spills == 0 and row.ctas_per_sm >= 1
+
+
+def test_attention_floor_is_the_benchmarks_cuda_case():
+    """The roofline row sits beside a measured row of the same case: Q-Former cross-attention at the CUDA
+    benchmark's batch, heads, queries, keys and head dim, with the benchmark's FLOP count."""
+    qformer = pytest.importorskip("benchmarks.ops.qformer")
+    (shape, flops, _), = perf_report.workloads()["masked_attention_fwd"]
+    cross = [c for c in qformer.cases("cuda") if c.name.startswith("Lk=257 ")]
+    batch = int(cross[0].name.split("B=")[1])
+    assert f"B={batch}" in shape
+    import torch
+    assert flops == qformer._attention_counts(batch, qformer.NQ, 257, torch.bfloat16, False)[0]
