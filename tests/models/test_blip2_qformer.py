@@ -619,3 +619,15 @@ def test_repeated_images_exact_match_only(dtype):
     assert repeated_images(x[:1], None) is None
     assert repeated_images(x, mask[:1]) is None
     assert repeated_images(torch.randn(3, 4, 8), None) is None   # all distinct
+
+
+def test_pretrained_model_attributes_user_code_reads():
+    """Class attributes and embedding accessors of transformers' Q-Former that trainers and tests read."""
+    hf = hf_model(make_config())
+    ours = Blip2QFormerModel.from_transformers(hf)
+    for name in ("main_input_name", "supports_gradient_checkpointing", "_supports_sdpa"):
+        assert getattr(ours, name) == getattr(hf, name), name
+    assert ours.get_input_embeddings() is None and hf.get_input_embeddings() is None
+    for model in (hf, ours):
+        with pytest.raises(NotImplementedError, match="does not own input embeddings"):
+            model.set_input_embeddings(torch.nn.Embedding(2, 2))

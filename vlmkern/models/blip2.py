@@ -148,6 +148,10 @@ class QFormerModelBase(nn.Module):
     # Class attributes of transformers' Q-Former models that user code and trainers read.
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # What transformers' attention-implementation checks read (the kernels run in place of any implementation).
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
 
     @classmethod
     def from_transformers(cls, hf_model: nn.Module) -> "QFormerModelBase":
@@ -340,6 +344,9 @@ class Blip2QFormerModel(QFormerModelBase):
 
     def get_input_embeddings(self):
         return None  # as transformers: the Q-Former owns no input embeddings
+
+    def set_input_embeddings(self, value) -> None:
+        raise NotImplementedError("Blip2QFormerModel does not own input embeddings and cannot set them.")
 
     def forward(self, query_embeds: Tensor, query_length: Optional[int] = None,
                 attention_mask: Optional[Tensor] = None, encoder_hidden_states: Optional[Tensor] = None,
