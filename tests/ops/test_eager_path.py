@@ -230,3 +230,45 @@ def test_forget_selections_clears_every_remembered_choice():
     assert ops_projector._linear_gelu._chosen and ops_projector.LINEAR_GELU._chosen
     dispatch.forget_selections()
     assert not ops_projector._linear_gelu._chosen and not ops_projector.LINEAR_GELU._chosen
+
+
+def _forward_ad_cases():
+    from vlmkern import reference
+    g = torch.Generator().manual_seed(3)
+    w, b, idx = torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.tensor([[0], [3]])
+    a, lb, m = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), torch.arange(5) < 3
+    kv = torch.randn(1, 2, 7, 32, generator=g)
+    return {
+        "gather_linear": ((lambda x: ops.gather_linear(x, idx, w, b)), (lambda x: reference.gather_linear(x, idx, w, b)),
+                          torch.randn(5, 8, generator=g)),
+        "linear_gelu": ((lambda x: ops.linear_gelu(x, w, b)), (lambda x: reference.linear_gelu(x, w, b)),
+                        torch.randn(5, 8, generator=g)),
+        "partial_lora_linear": ((lambda x: ops.partial_lora_linear(x, w, b, a, lb, m, 2.0)),
+                                (lambda x: reference.partial_lora_linear(x, w, b, a, lb, m, 2.0)),
+                                torch.randn(5, 8, generator=g)),
+        "cross_attention": ((lambda q: ops.cross_attention(q, kv, kv)), (lambda q: reference.cross_attention(q, kv, kv)),
+                            torch.randn(1, 2, 4, 32, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+@pytest.mark.parametrize("case", ["gather_linear", "linear_gelu", "partial_lora_linear", "cross_attention"])
+@pytest.mark.parametrize("how", ["jvp", "dual"])
+def test_forward_mode_ad_is_right_or_refused(backend, case, how):
+    """The ops have reverse-mode formulas only, and the dispatcher gives a custom op without a forward-mode one a
+    zero tangent: forward-mode AD must either give the reference's tangent (eager CPU calls that run the
+    reference math under plain autograd) or raise, never a silent zero."""
+    import torch.autograd.forward_ad as fwad
+    fn, ref, x = _forward_ad_cases()[case]
+    t = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    expected = torch.func.jvp(ref, (x,), (t,))[1]
+    try:
+        if how == "jvp":
+            tangent = torch.func.jvp(fn, (x,), (t,))[1]
+        else:
+            with fwad.dual_level():
+                tangent = fwad.unpack_dual(fn(fwad.make_dual(x, t))).tangent
+    except NotImplementedError as e:
+        assert "forward-mode AD" in str(e) and case in str(e)
+        return
+    torch.testing.assert_close(tangent, expected, rtol=1e-4, atol=1e-4)

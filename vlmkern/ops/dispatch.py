@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from vlmkern import _ext
 
@@ -424,7 +425,11 @@ class EagerOp:
 
     def __call__(self, *args):
         if not eager_mode():        # first: torch.compile must not trace what follows
+            if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+                _refuse_forward_ad(self.op, args)
             return self.op(*args)
+        if _forward_ad._current_level >= 0:     # a dual level is open: do the inputs carry tangents?
+            _refuse_forward_ad(self.op, args)
         impl = self._implementation(args)
         if impl is None:   # a tensor subclass, or a device without a kernel of its own (meta: the fake; others:
             return self.op(*args)                                                       # the reference body)
@@ -469,6 +474,26 @@ class EagerOp:
         self._kernels = _DEVICE_KERNELS[self.op]
         _EAGER_OPS.append(self)
         return self._kernels
+
+
+def _refuse_forward_ad(op, args) -> None:
+    """NotImplementedError when forward-mode AD would run through ``op``: the ops have reverse-mode formulas
+    only, and the dispatcher gives a custom op without a forward-mode formula a zero tangent, silently."""
+    how = None
+    if torch._C._are_functorch_transforms_active():
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+            how = "torch.func.jvp / jacfwd / hessian"
+    if how is None and _forward_ad._current_level >= 0:
+        for a in args:
+            for t in (a if type(a) is list else (a,)):
+                if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
+                    how = "a torch.autograd.forward_ad dual tensor"
+    if how is not None:
+        raise NotImplementedError(
+            f"vlmkern::{op._qualname.split('::')[-1]} has no forward-mode AD formula ({how}): its tangent would "
+            f"be zero. Use reverse mode (backward, torch.func.vjp / grad / jacrev).")
 
 
 _UNSEEN = object()
