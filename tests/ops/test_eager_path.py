@@ -238,6 +238,7 @@ def _forward_ad_cases():
     w, b, idx = torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.tensor([[0], [3]])
     a, lb, m = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g), torch.arange(5) < 3
     kv = torch.randn(1, 2, 7, 32, generator=g)
+    ids, pw, hr = (torch.arange(5) % 2).to(torch.int32), torch.randn(6, 8, generator=g), torch.randn(1, 16, 4, 4, generator=g)
     return {
         "gather_linear": ((lambda x: ops.gather_linear(x, idx, w, b)), (lambda x: reference.gather_linear(x, idx, w, b)),
                           torch.randn(5, 8, generator=g)),
@@ -248,27 +249,42 @@ def _forward_ad_cases():
                                 torch.randn(5, 8, generator=g)),
         "cross_attention": ((lambda q: ops.cross_attention(q, kv, kv)), (lambda q: reference.cross_attention(q, kv, kv)),
                             torch.randn(1, 2, 4, 32, generator=g)),
+        "expert_linear": ((lambda x: ops.expert_linear(x, [w, 2 * w], ids)),
+                          (lambda x: reference.expert_linear(x, [w, 2 * w], ids)), torch.randn(5, 8, generator=g)),
+        "patch_embed": ((lambda px: ops.patch_embed(px, pw, b, patch_size=2)),
+                        (lambda px: reference.patch_embed(px, pw, b, patch_size=2)),
+                        torch.rand(1, 2, 3, 5, generator=g) * 255),
+        "window_attention": ((lambda u: ops.window_attention(u, hr)[0]), (lambda u: reference.window_attention(u, hr)[0]),
+                             torch.randn(1, 4, 16, generator=g)),
     }
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
-@pytest.mark.parametrize("case", ["gather_linear", "linear_gelu", "partial_lora_linear", "cross_attention"])
-@pytest.mark.parametrize("how", ["jvp", "dual"])
-def test_forward_mode_ad_is_right_or_refused(backend, case, how):
-    """The ops have reverse-mode formulas only, and the dispatcher gives a custom op without a forward-mode one a
-    zero tangent: forward-mode AD must either give the reference's tangent (eager CPU calls that run the
-    reference math under plain autograd) or raise, never a silent zero."""
+@pytest.mark.parametrize("case", ["gather_linear", "linear_gelu", "partial_lora_linear", "cross_attention",
+                                  "expert_linear", "patch_embed", "window_attention"])
+@pytest.mark.parametrize("how", ["jvp", "dual", "grad", "vmap"])
+def test_functorch_and_forward_ad_give_the_reference_results(backend, case, how):
+    """The custom ops have reverse-mode formulas only (the dispatcher gives a custom op without a forward-mode one
+    a zero tangent, silently), no batching rule and an autograd functorch's grad refuses: under a transform or
+    with forward-AD tangents the reference math runs, and the results are the reference's."""
     import torch.autograd.forward_ad as fwad
     fn, ref, x = _forward_ad_cases()[case]
     t = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
-    expected = torch.func.jvp(ref, (x,), (t,))[1]
-    try:
-        if how == "jvp":
-            tangent = torch.func.jvp(fn, (x,), (t,))[1]
-        else:
-            with fwad.dual_level():
-                tangent = fwad.unpack_dual(fn(fwad.make_dual(x, t))).tangent
-    except NotImplementedError as e:
-        assert "forward-mode AD" in str(e) and case in str(e)
-        return
-    torch.testing.assert_close(tangent, expected, rtol=1e-4, atol=1e-4)
+    if how in ("jvp", "dual"):
+        expected = torch.func.jvp(ref, (x,), (t,))[1]
+        try:
+            if how == "jvp":
+                got = torch.func.jvp(fn, (x,), (t,))[1]
+            else:
+                with fwad.dual_level():
+                    got = fwad.unpack_dual(fn(fwad.make_dual(x, t))).tangent
+        except NotImplementedError as e:   # torch's own refusal, e.g. SDPA's CPU flash kernel: clear, not silent
+            assert "forward AD" in str(e)
+            return
+    elif how == "grad":
+        got = torch.func.grad(lambda v: fn(v).square().sum())(x)
+        expected = torch.func.grad(lambda v: ref(v).square().sum())(x)
+    else:
+        xs = torch.stack([x, t, x - t])
+        got, expected = torch.func.vmap(fn)(xs), torch.stack([ref(v) for v in xs])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

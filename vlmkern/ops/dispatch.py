@@ -328,6 +328,7 @@ def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Calla
     order = [b for b in dispatch.backends if b in impls]
     devices = {d for b in order for d in BACKEND_DEVICES[b] if d != "*"}
     kernels = _DEVICE_KERNELS.setdefault(op, {})
+    _REFERENCE[op] = impls["reference"]
     for device in sorted(devices):
         names = tuple(b for b in order if device in BACKEND_DEVICES[b] or "*" in BACKEND_DEVICES[b])
         if names == ("reference",):
@@ -359,6 +360,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
 
 # op -> device type -> its chooser (:func:`_chooser`) for the kernel :func:`implement` registered
 _DEVICE_KERNELS: dict = {}
+_REFERENCE: dict = {}    # op -> its reference implementation (pure PyTorch, the op's signature)
 _AUTOGRAD: dict = {}     # op -> (backward, setup_context) given to :func:`register_autograd`
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -414,7 +416,12 @@ class EagerOp:
     and backward (:func:`register_autograd`) when a gradient is needed; otherwise, and for anything eager mode
     can't promise, the custom op ``op`` itself. Same kernels, same saved tensors, same gradients; only the
     dispatcher's and ``torch.library``'s per-call cost (~100 us of host time per fwd+bwd on a small CPU) is
-    saved. Arguments as ``op``'s, positional; the first is a tensor on the device that decides the kernel."""
+    saved. Arguments as ``op``'s, positional; the first is a tensor on the device that decides the kernel.
+
+    Under a functorch transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ``jacfwd``), and for inputs that carry
+    ``torch.autograd.forward_ad`` tangents, the op's reference implementation runs instead (pure PyTorch, the
+    same math): the custom op has no batching rule, no forward-mode formula (the dispatcher would give it a
+    zero tangent, silently) and an autograd that functorch's ``grad`` refuses."""
 
     def __init__(self, op):
         self.op = op
@@ -426,10 +433,10 @@ class EagerOp:
     def __call__(self, *args):
         if not eager_mode():        # first: torch.compile must not trace what follows
             if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-                _refuse_forward_ad(self.op, args)
+                return _REFERENCE[self.op](*args)
             return self.op(*args)
-        if _forward_ad._current_level >= 0:     # a dual level is open: do the inputs carry tangents?
-            _refuse_forward_ad(self.op, args)
+        if _forward_ad._current_level >= 0 and _has_tangent(args):    # a dual level is open
+            return _REFERENCE[self.op](*args)
         impl = self._implementation(args)
         if impl is None:   # a tensor subclass, or a device without a kernel of its own (meta: the fake; others:
             return self.op(*args)                                                       # the reference body)
@@ -476,24 +483,17 @@ class EagerOp:
         return self._kernels
 
 
-def _refuse_forward_ad(op, args) -> None:
-    """NotImplementedError when forward-mode AD would run through ``op``: the ops have reverse-mode formulas
-    only, and the dispatcher gives a custom op without a forward-mode formula a zero tangent, silently."""
-    how = None
-    if torch._C._are_functorch_transforms_active():
-        from torch._C._functorch import TransformType
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
-            how = "torch.func.jvp / jacfwd / hessian"
-    if how is None and _forward_ad._current_level >= 0:
-        for a in args:
-            for t in (a if type(a) is list else (a,)):
-                if isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None:
-                    how = "a torch.autograd.forward_ad dual tensor"
-    if how is not None:
-        raise NotImplementedError(
-            f"vlmkern::{op._qualname.split('::')[-1]} has no forward-mode AD formula ({how}): its tangent would "
-            f"be zero. Use reverse mode (backward, torch.func.vjp / grad / jacrev).")
+def transformed() -> bool:
+    """Whether a functorch transform (``vmap``, ``grad``, ``jvp``, ...) or forward-mode AD sees this call: the
+    reference math then runs (:class:`EagerOp`), and must avoid in-place and ``out=`` writes into tensors the
+    transform does not track, and shapes that depend on values."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def _has_tangent(args) -> bool:
+    """Whether a tensor in ``args`` (or in a list argument) carries a ``torch.autograd.forward_ad`` tangent."""
+    return any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None
+               for a in args for t in (a if type(a) is list else (a,)))
 
 
 _UNSEEN = object()

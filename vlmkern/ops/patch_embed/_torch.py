@@ -7,7 +7,10 @@ Patch layout (Fuyu's): ``P[b, i*nW + j, (r*p + c)*C + ch] = norm(pixels[b, ch, p
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from vlmkern.ops.dispatch import transformed
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,6 +31,11 @@ def patchify(pixels: Tensor, patch_size: int, pad_value: float, rescale: float, 
     B, C, H, W = pixels.shape
     p = patch_size
     nH, nW = -(-H // p), -(-W // p)
+    if transformed():   # out of place (same float ops, same values): a transform does not track in-place writes
+        canvas = F.pad(pixels.to(compute_dtype(pixels.dtype)), (0, nW * p - W, 0, nH * p - H), value=pad_value)
+        canvas = (canvas * rescale - _per_channel(mean, canvas)) / _per_channel(std, canvas)
+        patches = canvas.view(B, C, nH, p, nW, p).permute(0, 2, 4, 3, 5, 1).to(out_dtype)
+        return patches.reshape(B, nH * nW, p * p * C)
     canvas = torch.full((B, C, nH * p, nW * p), pad_value, dtype=compute_dtype(pixels.dtype), device=pixels.device)
     canvas[:, :, :H, :W] = pixels
     canvas.mul_(rescale).sub_(_per_channel(mean, canvas)).div_(_per_channel(std, canvas))

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlmkern.ops.dispatch import transformed
+
 _MAX_RUNS = 32
 
 
@@ -28,8 +30,9 @@ def _drop(t: Tensor, keep: Optional[Tensor], keep_scale: float) -> Tensor:
 def _cpu_rows(mask: Tensor) -> Optional[list[slice] | Tensor]:
     """The routed rows of a CPU ``mask`` ``(M,)``, where reading them costs no device sync: a list of slices
     when they form at most ``_MAX_RUNS`` contiguous runs (the products then run on row views), else an
-    index tensor. None off the CPU (masked full-size products there)."""
-    if mask.device.type != "cpu":
+    index tensor. None off the CPU (masked full-size products there), and under a functorch transform or
+    forward-mode AD (which the row-view writes would escape)."""
+    if mask.device.type != "cpu" or transformed():
         return None
     m = mask.to(torch.int8)
     zero = m.new_zeros(1)
@@ -107,7 +110,7 @@ def routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
 def expert_linear(x, weights, expert_ids) -> Tensor:
     """``y[m] = weights[ids[m]] x[m]``, (M, N); rows with an id outside ``[0, E)`` come out NaN."""
     out = x.new_empty((x.shape[0], weights[0].shape[0]))
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or transformed():        # masked full-size products: no row-view writes
         out.fill_(float("nan"))
         for e, w in enumerate(weights):
             out = torch.where((expert_ids == e)[:, None], F.linear(x, w), out)
