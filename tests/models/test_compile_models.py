@@ -226,3 +226,41 @@ def test_qformer_exports_in_a_process_that_never_imported_transformers_outputs()
         "torch.testing.assert_close(out, m(x, **kw).last_hidden_state)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", _params(PARTS))
+def test_fake_tensor_mode_gives_the_eager_shapes(name):
+    """Under FakeTensorMode (what shape inference and meta tools use) no part reads values: the eager-only paths
+    (repeated-image detection, value checks, the CPU attention path's mask reads) step aside."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    module, args, kwargs = PARTS[name]()
+    eager = _tensors(module(*args, **kwargs))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = _tensors(module(*args, **kwargs))
+    assert [tuple(t.shape) for t in fake] == [tuple(t.shape) for t in eager]
+
+
+def test_qformer_functorch_grad_with_repeated_frozen_images():
+    """torch.func.grad through a batch whose frozen images repeat (the eager path's repeated-image detection
+    reads values, which a functorch transform does not have) gives autograd's gradient."""
+    module, args, kwargs = _blip2()
+    images = kwargs["encoder_hidden_states"]
+    kwargs = dict(kwargs, encoder_hidden_states=images[:1].expand_as(images).contiguous())
+    x = args[0]
+    got = torch.func.grad(lambda q: module(q, **kwargs).last_hidden_state.square().sum())(x)
+    leaf = x.clone().requires_grad_(True)
+    module(leaf, **kwargs).last_hidden_state.square().sum().backward()
+    torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_jit_trace_over_weights_that_require_grad_raises_torchs_error():
+    """torch's own refusal (a tensor requiring grad as a trace constant), not a crash: once_per_key used to catch
+    the tracer's error and run the check again on the broken trace (the process died)."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom vlmkern import ops\n"
+            "w = torch.randn(6, 8, requires_grad=True)\n"
+            "try:\n    torch.jit.trace(lambda x: ops.linear_gelu(x, w), (torch.randn(4, 8),))\n"
+            "except RuntimeError as e:\n    assert 'requires grad' in str(e), e\n    print('refused')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "refused" in done.stdout, (done.returncode, done.stderr[-2000:])

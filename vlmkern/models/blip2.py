@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
 from vlmkern.ops.checks import FLOATS, check_tensor
+from vlmkern.ops.dispatch import eager_mode
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -105,7 +106,7 @@ def _check_query_length(query_length, length: int) -> int:
 def check_ids(ids: Tensor, name: str, bound: int, bound_name: str) -> None:
     """Ids in ``[0, bound)`` (read unless on meta): an index out of range would otherwise surface deep inside
     as an IndexError on the CPU or a device-side assert on CUDA, neither naming the argument."""
-    if ids.is_meta or ids.numel() == 0 or torch.compiler.is_compiling():   # compiled: no data-dependent break
+    if ids.is_meta or ids.numel() == 0 or not eager_mode():   # traced / fake / transformed: no values to read
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= bound:
@@ -300,7 +301,9 @@ def repeated_images(images: Tensor, mask: Optional[Tensor]
     the images, and the per-row gradients of ``images`` do not exist to be routed.
     """
     B = images.shape[0]
-    if (B < 2 or images.device.type != "cpu" or images.requires_grad or torch.compiler.is_compiling()
+    # eager_mode(): not under torch.compile, jit.trace, a fake-tensor / dispatch mode or a functorch transform,
+    # where the values are not there to read
+    if (B < 2 or images.device.type != "cpu" or images.requires_grad or not eager_mode()
             or (mask is not None and (mask.dim() != 2 or mask.shape[0] != B))):
         return None
     flat = images.reshape(B, -1)

@@ -8,6 +8,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from vlmkern.ops.dispatch import eager_mode
+
 
 def check_tensor(t, name: str, *, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None,
                  shape_doc: str = "") -> None:
@@ -126,7 +128,10 @@ def autocasting(x) -> bool:
 def square_side(n) -> int:
     """The side of a square count ``n``: ``round(sqrt(n))``, exact for the perfect squares below 2**52 (callers
     check ``side * side == n``). Unlike ``math.isqrt`` it takes a symbolic size, as ``torch.compile`` makes a
-    size that changed between calls (``dynamic=None``) or every size (``dynamic=True``)."""
+    size that changed between calls (``dynamic=None``) or every size (``dynamic=True``); a size that
+    ``torch.jit.trace`` records (a tensor) is read as an int."""
+    if isinstance(n, torch.Tensor):
+        n = int(n)
     return round(n ** 0.5)
 
 
@@ -183,13 +188,14 @@ def once_per_key(check: Callable[..., None]) -> Callable[..., None]:
     """``check`` run once per :func:`argument_key` of its arguments: a key that passed is remembered and not
     checked again (the checks cost several microseconds per call, more than the rest of an op's host path);
     a failing key raises every time. Only for checks that read nothing else: value checks (index ranges,
-    expert ids) and checks that read global state (autocast) stay outside. Under ``torch.compile`` the check
-    runs as written (a mutable global memo has no place in a traced graph)."""
+    expert ids) and checks that read global state (autocast) stay outside. Outside eager mode (``torch.compile``,
+    ``jit.trace``, a fake-tensor or dispatch mode, a functorch transform) the check runs as written: a mutable
+    global memo has no place in a traced graph, and a traced tensor's key may not be computable."""
     passed: set = set()
 
     @functools.wraps(check)
     def run(*args, **kwargs) -> None:
-        if torch.compiler.is_compiling():
+        if not eager_mode():
             return check(*args, **kwargs)
         try:
             key = (argument_key(args), argument_key(tuple(kwargs.items()))) if kwargs else argument_key(args)

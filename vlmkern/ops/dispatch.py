@@ -583,8 +583,9 @@ def _eager_list_function(name: str, backward: Callable, setup_context: Callable)
 def eager_cpu_reference(dispatch: OpDispatch, x: torch.Tensor, *args) -> bool:
     """Whether an eager call on CPU tensors dispatches to the reference. Such calls run the reference math
     under plain autograd, as the originals do (autograd keeps what backward needs instead of the op's
-    recompute-friendly saves): the fastest CPU path. Compiled graphs and GPU tensors keep the custom op."""
-    if not x.is_cpu or torch.compiler.is_compiling():
+    recompute-friendly saves): the fastest CPU path. Compiled graphs and GPU tensors keep the custom op, and so
+    does anything outside eager mode (fake tensors, dispatch modes, jit.trace: the CPU path reads values)."""
+    if not x.is_cpu or not eager_mode():
         return False
     forced = forced_backend()      # a forced backend decides alone (one that can't run raises in the op)
     return forced == "reference" if forced is not None else dispatch.select(x, *args) == "reference"

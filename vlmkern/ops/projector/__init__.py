@@ -298,7 +298,7 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
     _check_gather_linear(x, index, weight, bias, extra, fill)
     # x and index share a device (checked above): index alone says whether values can be read
-    if validate_values and index.shape[0] and not torch.compiler.is_compiling() and not index.is_meta:
+    if validate_values and index.shape[0] and dispatch.eager_mode() and not index.is_meta:   # values to read
         _check_index_values(index, math.prod(x.shape[:-1]) + (0 if extra is None else extra.shape[0]), fill)
     save_pre = gelu and dispatch.needs_grad(x, weight, bias, extra)
     return _gather_linear(x, index, weight, bias, extra, fill, gelu, save_pre)[0]

@@ -358,8 +358,9 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
             stacked), in ``x.dtype``; no bias.
         expert_ids: integer or bool ``x.shape[:-1]`` with values in ``[0, E)``.
         validate_ids: check the id values (raises ValueError). Default: only when ids are on the CPU
-            (where it costs no sync) and not under ``torch.compile``; on CUDA a row with an out-of-range
-            id comes out NaN instead (never an out-of-bounds read). ``True`` on CUDA synchronises once.
+            (where it costs no sync) and in eager mode (not traced, fake or transformed); on CUDA a row with an
+            out-of-range id comes out NaN instead (never an out-of-bounds read). ``True`` on CUDA synchronises
+            once.
 
     Differentiable in x and weights; no host synchronisation in forward or backward.
     """
@@ -368,7 +369,7 @@ def expert_linear(x: Tensor, weights: Tensor | Sequence[Tensor], expert_ids: Ten
     x, ws = autocast_inputs(x, ws)
     _check_expert_linear(x, ws, expert_ids)
     if validate_ids is None:  # free on the CPU; a data-dependent check would break a compiled graph
-        validate_ids = expert_ids.is_cpu and not torch.compiler.is_compiling()
+        validate_ids = expert_ids.is_cpu and _dispatch.eager_mode()
     if validate_ids:
         _check_ids_in_range(expert_ids, len(ws))
     x2 = rows_2d(x)
