@@ -264,3 +264,18 @@ def test_jit_trace_over_weights_that_require_grad_raises_torchs_error():
             "except RuntimeError as e:\n    assert 'requires grad' in str(e), e\n    print('refused')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "refused" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("name", ["llava_next.LlavaNextImagePacker",
+                                  "internlm_xcomposer2_hd.InternLMXComposer2HDImagePacker"])
+def test_packers_run_under_flop_counter_with_the_same_result(name):
+    """FlopCounterMode adds global module hooks: the packers then call their projector (the hooks run) instead of
+    refusing it, with the fused path's result."""
+    from torch.utils.flop_counter import FlopCounterMode
+    module, args, kwargs = PARTS[name]()
+    eager = _tensors(module(*args, **kwargs))
+    with FlopCounterMode(display=False) as counter:
+        hooked = _tensors(module(*args, **kwargs))
+    assert counter.get_total_flops() > 0
+    for a, b in zip(hooked, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

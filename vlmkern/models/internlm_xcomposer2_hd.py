@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmkern.models.llava_next import projector_parameters
+from vlmkern.models.llava_next import projector_parameters, reads_projector_weights
 from vlmkern.nn.projector import MLPProjector
 from vlmkern.ops.checks import FLOATS, autocasting, check_same_device, check_tensor, square_side
 from vlmkern.ops import gather_linear
@@ -324,7 +324,8 @@ class InternLMXComposer2HDImagePacker(nn.Module):
         self.plora_sub_GN = nn.Parameter(torch.zeros(1, 1, 1, merged, device=device, dtype=dtype))
 
     def forward(self, features, grids) -> tuple[list[Tensor], list[int]]:
-        return project_and_pack(features, grids, self.plora_glb_GN, self.plora_sub_GN, self.vision_proj)
+        pack = project_and_pack if reads_projector_weights(self.vision_proj) else unfused_project_and_pack
+        return pack(features, grids, self.plora_glb_GN, self.plora_sub_GN, self.vision_proj)
 
 
 # ------------------------------------------------------------------------------------------- benchmarks

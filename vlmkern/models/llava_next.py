@@ -265,6 +265,20 @@ def projector_work(image_size, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_s
 
 
 # --------------------------------------------------------------------------------------------- projector
+def reads_projector_weights(projector: nn.Module) -> bool:
+    """Whether the fused packing may read ``projector``'s weights: False when its two Linears are there but are
+    not plain (an adapter, a quantised subclass, a hook of their own or a global one such as ``FlopCounterMode``
+    adds): then the packer modules call the projector instead (``unfused_project_and_pack``), so that what is
+    attached to it runs. True otherwise, also for a projector ``projector_parameters`` refuses (its error)."""
+    if isinstance(projector, nn.Sequential) and len(projector) == 3:
+        l1, l2 = projector[0], projector[2]
+    elif hasattr(projector, "linear_1") and hasattr(projector, "linear_2"):
+        l1, l2 = projector.linear_1, projector.linear_2
+    else:
+        return True
+    return not (isinstance(l1, nn.Linear) and isinstance(l2, nn.Linear)) or (plain_linear(l1) and plain_linear(l2))
+
+
 def projector_parameters(projector: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """``(W1, b1, W2, b2)`` of ``Linear -> exact GELU -> Linear``: ``MLPProjector``, transformers'
     ``LlavaNextMultiModalProjector`` (``linear_1``/``act``/``linear_2``) or LLaVA's ``nn.Sequential``."""
@@ -444,9 +458,9 @@ class LlavaNextImagePacker(nn.Module):
                    getattr(config, "multimodal_projector_bias", True), device=device, dtype=dtype)
 
     def forward(self, features, image_sizes) -> tuple[list[Tensor], Tensor]:
-        return project_and_pack(features, image_sizes, self.multi_modal_projector, self.image_newline,
-                                image_grid_pinpoints=self.image_grid_pinpoints, tile_size=self.tile_size,
-                                patch_size=self.patch_size)
+        pack = project_and_pack if reads_projector_weights(self.multi_modal_projector) else unfused_project_and_pack
+        return pack(features, image_sizes, self.multi_modal_projector, self.image_newline,
+                    image_grid_pinpoints=self.image_grid_pinpoints, tile_size=self.tile_size, patch_size=self.patch_size)
 
 
 # ------------------------------------------------------------------------------------------- benchmarks
