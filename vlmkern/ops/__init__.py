@@ -6,6 +6,7 @@ from vlmkern.ops.patch_embed import patch_embed, patchify
 from vlmkern.ops.projector import gather_linear, gather_linear_gelu, linear_gelu
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear, partial_lora_linear
 from vlmkern.ops.window_attention import patch_info_mining, window_attention
+from vlmkern.ops import flops  # noqa: F401,E402  (FlopCounterMode formulas of the ops above)
 
 __all__ = ["cogvlm_expert_ids", "cross_attention", "expert_linear", "gather_linear", "gather_linear_gelu",
            "linear_gelu", "partial_lora_linear", "patch_embed", "patch_info_mining",
