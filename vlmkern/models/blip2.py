@@ -34,7 +34,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
 from vlmkern.ops.checks import FLOATS, check_tensor
@@ -200,12 +199,7 @@ class QFormerModelBase(nn.Module):
         """transformers' ``activation_checkpointing_enable``: in training, every ``every_n_layers``-th encoder
         layer (from the first) recomputes its activations in backward, through
         ``torch.utils.checkpoint.checkpoint(**activation_checkpointing_kwargs)`` (default ``use_reentrant=False``)."""
-        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
-        kwargs = {"use_reentrant": False} if activation_checkpointing_kwargs is None else activation_checkpointing_kwargs
-        self.encoder._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
-        self.encoder.checkpoint_every = every_n_layers
-        self.encoder.gradient_checkpointing = True
+        self.encoder.enable_checkpointing(activation_checkpointing_kwargs, every_n_layers)
 
     def activation_checkpointing_disable(self) -> None:
         self.encoder.gradient_checkpointing = False

@@ -40,8 +40,9 @@ def _check_call(hidden_size: int, hidden_states, attention_mask, position_ids, k
                              f"got {tuple(attention_mask.shape)}")
     if position_ids is not None:
         check_tensor(position_ids, "position_ids")
-        if position_ids.dim() != 2 or position_ids.shape[1] != L or (position_ids.shape[0] != 1   # not `in`: a
-                                                                    and position_ids.shape[0] != B):  # symbolic size
+        rows = position_ids.shape[0] if position_ids.dim() == 2 else -1
+        # comparisons, not ``in (1, B)``: a traced symbolic size is not found in a tuple by ``in``
+        if position_ids.dim() != 2 or position_ids.shape[1] != L or (rows != 1 and rows != B):
             raise ValueError(f"position_ids must have shape (batch or 1, seq) with batch={B}, seq={L}, "
                              f"got {tuple(position_ids.shape)}")
 

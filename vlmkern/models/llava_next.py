@@ -265,32 +265,37 @@ def projector_work(image_size, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_s
 
 
 # --------------------------------------------------------------------------------------------- projector
+def _projector_layers(projector: nn.Module) -> tuple | None:
+    """``(first Linear, activation or None, last Linear)`` of an ``nn.Sequential`` of three or a module with
+    ``linear_1`` / ``linear_2`` (``act``); None for anything else."""
+    if isinstance(projector, nn.Sequential) and len(projector) == 3:
+        return tuple(projector)
+    if hasattr(projector, "linear_1") and hasattr(projector, "linear_2"):
+        return projector.linear_1, getattr(projector, "act", None), projector.linear_2
+    return None
+
+
 def reads_projector_weights(projector: nn.Module) -> bool:
     """Whether the fused packing may read ``projector``'s weights: False when its two Linears are there but are
     not plain (an adapter, a quantised subclass, a hook of their own or a global one such as ``FlopCounterMode``
     adds): then the packer modules call the projector instead (``unfused_project_and_pack``), so that what is
     attached to it runs. True otherwise, also for a projector ``projector_parameters`` refuses (its error)."""
-    if isinstance(projector, nn.Sequential) and len(projector) == 3:
-        l1, l2 = projector[0], projector[2]
-    elif hasattr(projector, "linear_1") and hasattr(projector, "linear_2"):
-        l1, l2 = projector.linear_1, projector.linear_2
-    else:
+    layers = _projector_layers(projector)
+    if layers is None or not (isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)):
         return True
-    return not (isinstance(l1, nn.Linear) and isinstance(l2, nn.Linear)) or (plain_linear(l1) and plain_linear(l2))
+    return plain_linear(layers[0]) and plain_linear(layers[2])
 
 
 def projector_parameters(projector: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """``(W1, b1, W2, b2)`` of ``Linear -> exact GELU -> Linear``: ``MLPProjector``, transformers'
     ``LlavaNextMultiModalProjector`` (``linear_1``/``act``/``linear_2``) or LLaVA's ``nn.Sequential``."""
-    if isinstance(projector, nn.Sequential):
-        if len(projector) != 3:
-            raise TypeError(f"projector nn.Sequential must be (Linear, GELU, Linear), got {len(projector)} modules")
-        l1, act, l2 = projector
-    elif hasattr(projector, "linear_1") and hasattr(projector, "linear_2"):
-        l1, l2, act = projector.linear_1, projector.linear_2, getattr(projector, "act", None)
-    else:
+    if isinstance(projector, nn.Sequential) and len(projector) != 3:
+        raise TypeError(f"projector nn.Sequential must be (Linear, GELU, Linear), got {len(projector)} modules")
+    layers = _projector_layers(projector)
+    if layers is None:
         raise TypeError(f"projector must be an MLPProjector, an HF LlavaNextMultiModalProjector or "
                         f"nn.Sequential(Linear, GELU, Linear), got {type(projector).__name__}")
+    l1, act, l2 = layers
     if not plain_linear(l1) or not plain_linear(l2):
         raise TypeError("projector's first and last modules must be plain nn.Linear without hooks: their weights "
                         "are read, so an adapter (e.g. PEFT LoRA), a quantised subclass or a hook would be skipped; "
@@ -460,7 +465,8 @@ class LlavaNextImagePacker(nn.Module):
     def forward(self, features, image_sizes) -> tuple[list[Tensor], Tensor]:
         pack = project_and_pack if reads_projector_weights(self.multi_modal_projector) else unfused_project_and_pack
         return pack(features, image_sizes, self.multi_modal_projector, self.image_newline,
-                    image_grid_pinpoints=self.image_grid_pinpoints, tile_size=self.tile_size, patch_size=self.patch_size)
+                    image_grid_pinpoints=self.image_grid_pinpoints, tile_size=self.tile_size,
+                    patch_size=self.patch_size)
 
 
 # ------------------------------------------------------------------------------------------- benchmarks

@@ -347,6 +347,16 @@ class QFormerEncoder(nn.Module):
         self.checkpoint_every = 1
         self._gradient_checkpointing_func = _CHECKPOINT
 
+    def enable_checkpointing(self, checkpoint_kwargs: Optional[dict] = None, every_n_layers: int = 1) -> None:
+        """Checkpoint every ``every_n_layers``-th layer (from the first) in training, through
+        ``torch.utils.checkpoint.checkpoint(**checkpoint_kwargs)`` (default ``use_reentrant=False``)."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+        self._gradient_checkpointing_func = (_CHECKPOINT if checkpoint_kwargs is None
+                                             else functools.partial(checkpoint, **checkpoint_kwargs))
+        self.checkpoint_every = every_n_layers
+        self.gradient_checkpointing = True
+
     def forward(self, hidden_states: Tensor, self_mask: AttentionMask = AttentionMask(),
                 encoder_hidden_states: Optional[Tensor] = None, cross_mask: AttentionMask = AttentionMask(),
                 query_length: int = 0, encoder_batch_index: Optional[Tensor] = None,

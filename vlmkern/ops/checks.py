@@ -142,9 +142,14 @@ def is_finite(value) -> bool:
     return -math.inf < value < math.inf
 
 
+def finite_number(value) -> bool:
+    """Whether ``value`` is a finite ``int`` or ``float`` (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and is_finite(value)
+
+
 def check_finite_scalar(value, name: str, *, minimum: float | None = None) -> float:
     """``value`` as a float: a real, finite number (TypeError otherwise, as for a wrong type), ``>= minimum`` when given (ValueError)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not is_finite(value):
+    if not finite_number(value):
         raise TypeError(f"{name} must be a finite float, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")

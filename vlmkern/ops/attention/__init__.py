@@ -26,7 +26,7 @@ from vlmkern.masks import QFormerMode
 from vlmkern.ops import dispatch
 from vlmkern.ops.attention import _dropout, _torch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, autocast_inputs, check_dropout_p, check_same_device,
-                                check_tensor, int32_offset_reasons, is_finite, once_per_key)
+                                check_tensor, finite_number, int32_offset_reasons, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 
 TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(32, 64, 128))
@@ -64,7 +64,7 @@ def _check_key_mask(mask, name: str, batch: int, length: int, q: Tensor) -> None
 def _check_scale(scale) -> None:
     if scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not is_finite(scale):
+    if not finite_number(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from vlmkern.ops import dispatch as _dispatch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, accumulate_dtype, as_dtype,
                                 autocast_inputs, check_dropout_p, check_flag, check_same_device, check_tensor,
-                                int32_offset_reasons, is_finite, once_per_key, rows_2d)
+                                finite_number, int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.routed_linear import _torch
 
@@ -74,7 +74,7 @@ def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropo
         if tuple(im_mask.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"im_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one flag per token), "
                              f"got {tuple(im_mask.shape)}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not is_finite(scaling):
+    if not finite_number(scaling):
         raise ValueError(f"scaling must be a finite float (lora_alpha / lora_r), got {scaling!r}")
     check_dropout_p(dropout_p)
     check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, im_mask=im_mask)
@@ -400,8 +400,8 @@ def _check_token_types(token_type_ids) -> None:
 def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
     """CogVLM routing: expert 1 (vision) iff a token and the next are vision-type (``get_expert_mask``), else 0.
 
-    ``token_type_ids (B, L)`` integer or bool (True = vision) -> int32 ``(B, L)``, computed on device without a sync: the ``eoi``
-    token and a vision-type token in the last position use the language expert.
+    ``token_type_ids (B, L)`` integer or bool (True = vision) -> int32 ``(B, L)``, computed on device without
+    a sync: the ``eoi`` token and a vision-type token in the last position use the language expert.
     """
     _check_token_types(token_type_ids)
     vision = token_type_ids.eq(VISION_TOKEN_TYPE)
