@@ -24,6 +24,9 @@ dispatch mode or functorch transform active, an op's public function runs the sa
 under a ``torch.autograd.Function`` built from the same setup-context and backward functions when a gradient
 is needed. ``torch.compile``, ``make_fx``, ``FakeTensorMode``, ``opcheck``, tensor subclasses and the
 functorch transforms see the ``torch.library`` custom op itself.
+
+On CUDA both paths run an implementation with its input's device current (:func:`on_device`): Triton launches on
+the current device, and a Python custom op gets no device guard.
 """
 from __future__ import annotations
 
@@ -334,9 +337,12 @@ def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Calla
         if names == ("reference",):
             continue
         choose = _chooser(dispatch, names, impls, probe)
-
-        def kernel(*args, _choose=choose):
-            return _choose(*args)(*args)
+        if device == "cuda":
+            def kernel(*args, _choose=choose):
+                return _run_on_cuda(_choose(*args), args[0].device.index, *args)
+        else:
+            def kernel(*args, _choose=choose):
+                return _choose(*args)(*args)
         op.register_kernel(device)(kernel)
         kernels[device] = choose
 
@@ -350,6 +356,24 @@ def _chooser(dispatch: OpDispatch, names: tuple[str, ...], impls: dict[str, Call
                   else dispatch.select_among(names, *read))
         return impls[chosen]
     return choose
+
+
+def on_device(impl: Callable, device: torch.device) -> Callable:
+    """``impl``, run with ``device`` as the current CUDA device when it is not (other devices: ``impl`` itself).
+
+    Triton launches on the *current* device and its current stream, not on the tensors' device, and a Python
+    custom op gets no device guard from the dispatcher: a layer on ``cuda:1`` called while ``cuda:0`` is current
+    (a model split over GPUs, e.g. ``device_map="auto"``) would launch its kernels on the wrong GPU."""
+    if device.type != "cuda":
+        return impl
+    return functools.partial(_run_on_cuda, impl, device.index)
+
+
+def _run_on_cuda(impl: Callable, index: int, *args):
+    if torch.cuda.current_device() == index:    # the common case: no guard entered
+        return impl(*args)
+    with torch.cuda.device(index):
+        return impl(*args)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
@@ -456,13 +480,14 @@ class EagerOp:
         kernels = self._kernels if self._kernels is not None else self._resolve()
         if (debug := _debug_cached()) or (debug is None and _debug_logging()):   # logged: computed every call
             choose = kernels.get(args[0].device.type)
-            return None if choose is None or not plain_tensors(args) else choose(*args)
+            return None if choose is None or not plain_tensors(args) else on_device(choose(*args), args[0].device)
         key = (_forced_raw(), _interpret_raw(), signature(args))
         impl = self._chosen.get(key, _UNSEEN)
         if impl is _UNSEEN:
             choose = kernels.get(args[0].device.type)
             impl = None if choose is None or not plain_tensors(args) else choose(*args)
             impl = getattr(impl, "resolve", lambda: impl)()     # a lazy backend room: the function itself
+            impl = None if impl is None else on_device(impl, args[0].device)    # the device is part of the key
             if len(self._chosen) >= _MAX_REMEMBERED:
                 self._chosen.clear()
             self._chosen[key] = impl

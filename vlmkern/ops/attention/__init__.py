@@ -97,7 +97,7 @@ def _dropout_args(q: Tensor, k: Tensor, dropout_p, dropout_rng: Optional[Tensor]
 def dropout_keep_mask_triton(dropout_rng: Tensor, shape: tuple[int, int, int, int], dropout_p: float) -> Tensor:
     """The keep mask ``(B, H, Lq, Lk)`` bool as the Triton kernels draw it (compiled, or interpreted on CPU
     tensors), for checking them against ``vlmkern.reference.attention.dropout_keep_mask``."""
-    return _triton_keep_mask(dropout_rng, shape, dropout_p)
+    return dispatch.on_device(_triton_keep_mask, dropout_rng.device)(dropout_rng, shape, dropout_p)
 
 
 # ------------------------------------------------------------------------------------------- dispatch
