@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
 from vlmkern.ops.checks import FLOATS, check_tensor
-from vlmkern.ops.dispatch import eager_mode
+from vlmkern.ops.dispatch import eager_mode, values_readable
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -105,7 +105,7 @@ def _check_query_length(query_length, length: int) -> int:
 def check_ids(ids: Tensor, name: str, bound: int, bound_name: str) -> None:
     """Ids in ``[0, bound)`` (read unless on meta): an index out of range would otherwise surface deep inside
     as an IndexError on the CPU or a device-side assert on CUDA, neither naming the argument."""
-    if ids.is_meta or ids.numel() == 0 or not eager_mode():   # traced / fake / transformed: no values to read
+    if ids.numel() == 0 or not values_readable(ids):   # traced / fake / transformed / graph capture: not read
         return
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= bound:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vlmkern import ops
 from vlmkern.nn.patch_embed import PatchEmbedLinear
 from vlmkern.ops.checks import FLOATS, check_same_device, check_tensor
-from vlmkern.ops.dispatch import eager_mode
+from vlmkern.ops.dispatch import values_readable
 from vlmkern.ops.patch_embed import PIXEL_DTYPES
 
 PATCH_SIZE = 30
@@ -279,7 +279,7 @@ def scatter_image_embeddings(inputs_embeds: Tensor, input_ids: Tensor, patch_emb
     check_same_device(inputs_embeds=inputs_embeds, input_ids=input_ids, patch_embeddings=patch_embeddings)
     E = patch_embeddings.reshape(-1, D).to(inputs_embeds.dtype)
     mask = input_ids == image_token_id
-    if check and eager_mode():      # values to read: not traced, fake or transformed
+    if check and values_readable(mask):      # values to read: not traced, fake, transformed or captured
         n = int(mask.sum())
         if n != E.shape[0]:
             raise ValueError(f"input_ids hold {n} image placeholders (id {image_token_id}) but patch_embeddings "
@@ -319,7 +319,7 @@ def scatter_by_patch_indices(inputs_embeds: Tensor, patch_indices: Tensor,
         raise ValueError(f"patch_embeddings must have last dim D={D}")
     check_same_device(inputs_embeds=inputs_embeds, patch_indices=patch_indices, patch_embeddings=per_image[0])
     counts = [e.shape[0] for e in per_image]
-    if check and eager_mode():      # values to read: not traced, fake or transformed
+    if check and values_readable(idx):       # values to read: not traced, fake, transformed or captured
         over = (idx >= torch.tensor(counts, device=idx.device)[:, None]).any(dim=1)
         if bool(over.any()):
             b = int(over.nonzero()[0, 0])

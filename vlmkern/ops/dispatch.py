@@ -405,6 +405,16 @@ def eager_mode() -> bool:
                 or torch._C._get_tracing_state() is not None)
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a value check (ids or indices in range, counts that must match) may read ``t``'s values: in eager
+    mode (:func:`eager_mode`), not a meta tensor, and no CUDA graph being captured on the current stream, where
+    a host read fails the capture (the originals, which read no values there, capture fine). Outside these the
+    check steps aside, as under ``torch.compile``."""
+    if t.is_meta or not eager_mode():
+        return False
+    return not t.is_cuda or not torch.cuda.is_current_stream_capturing()
+
+
 def eager_cache(maxsize: int) -> Callable:
     """``functools.lru_cache(maxsize)`` that is neither read nor filled outside :func:`eager_mode`: a call traced by
     ``torch.export``, ``make_fx`` or under a ``FakeTensorMode`` builds its tensors as fakes (which a later eager

@@ -291,14 +291,15 @@ def gather_linear(x: Tensor, index: Tensor, weight: Tensor, bias: Optional[Tenso
     ``x (..., C)``, ``index (R, P)``, ``weight (N, P·C)``, ``bias``/``fill (N,)``, ``extra (E, C)`` -> ``(R, N)``.
     ``gelu=True`` applies exact GELU (``act``; identity otherwise) in the epilogue, before ``fill``.
     ``validate_values`` checks the index values (one host sync on a GPU index; out-of-range entries raise
-    ``ValueError``); a model whose index it built itself passes False.
+    ``ValueError``); a model whose index it built itself passes False. Not under ``torch.compile`` or while a
+    CUDA graph is captured, where no value can be read.
     """
     check_flag(gelu, "gelu")
     check_flag(validate_values, "validate_values")
     x, weight, bias, extra, fill = autocast_inputs(x, weight, bias, extra, fill)
     _check_gather_linear(x, index, weight, bias, extra, fill)
     # x and index share a device (checked above): index alone says whether values can be read
-    if validate_values and index.shape[0] and dispatch.eager_mode() and not index.is_meta:   # values to read
+    if validate_values and index.shape[0] and dispatch.values_readable(index):
         _check_index_values(index, math.prod(x.shape[:-1]) + (0 if extra is None else extra.shape[0]), fill)
     save_pre = gelu and dispatch.needs_grad(x, weight, bias, extra)
     return _gather_linear(x, index, weight, bias, extra, fill, gelu, save_pre)[0]
