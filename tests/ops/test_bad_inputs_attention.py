@@ -128,6 +128,13 @@ def _attention_rows(name, fn, mask_kw, mask_len):
                                          *[_meta(1, 1, 1, 32).expand(1, 1, 2 ** 26 + 1, 32)] * 2), DOCUMENTED, bool),
         (name, "int32", lambda: fn(_huge_rows(), *[_meta(1, 1, 2 ** 26 + 1, 32)] * 2), DOCUMENTED,
          _shape(1, 1, 2 ** 26 + 1, 32)),
+        # B and H are grid axes 1 and 2, each capped at 65535 by CUDA: more goes to the reference, which gives the
+        # result's shape (meta tensors: no values), B * H beyond the cap launches fine
+        (name, "grid", _reasons_mention(dispatch, "grid axis", *[_meta(65536, 1, 8, 32)] * 3), DOCUMENTED, bool),
+        (name, "grid", _reasons_mention(dispatch, "grid axis", *[_meta(1, 65536, 8, 32)] * 3), DOCUMENTED, bool),
+        (name, "grid", lambda: not _reasons_mention(dispatch, "grid axis", *[_meta(4096, 32, 8, 32)] * 3)(),
+         DOCUMENTED, bool),
+        (name, "grid", lambda: fn(*[_meta(65536, 1, 8, 32)] * 3), DOCUMENTED, _shape(65536, 1, 8, 32)),
         (name, "keyword", lambda: fn(*_qkv(), attn_mask=bool_mask()), TypeError, "attn_mask"),
     ]
 
@@ -193,6 +200,8 @@ def _window_rows():
         (n, "int32", _reasons_mention(wa_ops.WINDOW_ATTENTION, "int32", _meta(1, 4, 8),
                                       _meta(1, 8, 2 ** 14, 2 ** 14)), DOCUMENTED, bool),
         (n, "int32", lambda: wa(_meta(1, 4, 8), _meta(1, 8, 2 ** 14, 2 ** 14))[0], DOCUMENTED, _shape(1, 4, 8)),
+        (n, "grid", _reasons_mention(wa_ops.WINDOW_ATTENTION, "grid axis", _meta(65536, 4, 8), _meta(65536, 8, 4, 4)),
+         DOCUMENTED, bool),
         (n, "keyword", lambda: wa(*_wa_inputs(), epsilon=1e-5), TypeError, "epsilon"),
     ]
 

@@ -129,9 +129,9 @@ def _masked_attn_fwd_kernel(
     ``qk_scale`` = scale * log2(e) (the softmax runs in base 2). ``lse`` is ``(B*H, Lq)`` fp32, contiguous.
     """
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = tl.program_id(1)        # batch and head on grid axes 1 and 2: CUDA caps each at 65535, B * H may pass it
+    h = tl.program_id(2)
+    bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -189,9 +189,9 @@ def _masked_attn_bwd_delta_kernel(
 ):
     """delta[bh, r] = sum_d dO * O (fp32), the softmax-backward row term; ``delta`` is ``(B*H, Lq)``."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = tl.program_id(1)        # batch and head on grid axes 1 and 2: CUDA caps each at 65535, B * H may pass it
+    h = tl.program_id(2)
+    bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = (offs_m < Lq)[:, None]
@@ -218,9 +218,9 @@ def _masked_attn_bwd_dkdv_kernel(
     ``dV`` and ``V dO^T`` are both multiplied by ``Z^T / (1 - p)``.
     """
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = tl.program_id(1)        # batch and head on grid axes 1 and 2: CUDA caps each at 65535, B * H may pass it
+    h = tl.program_id(2)
+    bh = b * H + h
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -280,9 +280,9 @@ def _masked_attn_bwd_dq_kernel(
 ):
     """dQ = scale * dS K for one (batch*head, block of BLOCK_M rows), over the same keys as the forward."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b = tl.program_id(1)        # batch and head on grid axes 1 and 2: CUDA caps each at 65535, B * H may pass it
+    h = tl.program_id(2)
+    bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -38,8 +38,16 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 INT32_MAX = 2**31 - 1
+CUDA_GRID_YZ_MAX = 65535     # a CUDA grid's second and third axes (the first takes 2**31-1)
 # The largest tile edge any shipped config uses: an index runs up to size + block before its mask applies.
 MAX_BLOCK = 128
+
+
+def grid_axis_reasons(**sizes: int) -> list[str]:
+    """Why a launch that puts ``sizes`` (name -> count) on its grid's second or third axis cannot run: CUDA caps
+    those axes at :data:`CUDA_GRID_YZ_MAX` blocks (a launch past it fails). Empty list: it can."""
+    return [f"{name} = {n} is launched over a CUDA grid axis of at most {CUDA_GRID_YZ_MAX} blocks"
+            for name, n in sizes.items() if n > CUDA_GRID_YZ_MAX]
 
 
 def int32_offset_reasons(dims: Iterable[int] | None = None, *, margin: int = 0, **tensors) -> list[str]:

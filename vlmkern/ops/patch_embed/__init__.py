@@ -23,7 +23,7 @@ from torch import Tensor
 
 from vlmkern import _ext
 from vlmkern.ops import dispatch
-from vlmkern.ops.checks import (FLOATS, accumulate_dtype, as_dtype, autocast_inputs, check_finite_scalar,
+from vlmkern.ops.checks import (CUDA_GRID_YZ_MAX, FLOATS, accumulate_dtype, as_dtype, autocast_inputs, check_finite_scalar,
                                 check_same_device, check_tensor, int32_count_reasons, int32_offset_reasons,
                                 is_finite, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
@@ -37,7 +37,7 @@ PATCHIFY_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float
 TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32))
 EXT_PIXELS = (torch.uint8, torch.float32)
 EXT_OUT = (torch.float32, torch.float16, torch.bfloat16)
-CUDA_MAX_PADDED_HEIGHT = 65535                         # the CUDA patchify puts padded rows on grid.y
+CUDA_MAX_PADDED_HEIGHT = CUDA_GRID_YZ_MAX             # the CUDA patchify puts padded rows on grid.y
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from vlmkern.ops import dispatch
 from vlmkern.ops.checks import (FLOATS, as_dtype, autocasting, check_finite_scalar, check_same_device, check_tensor,
-                                int32_count_reasons, int32_offset_reasons, once_per_key, square_side)
+                                grid_axis_reasons, int32_count_reasons, int32_offset_reasons, once_per_key,
+                                square_side)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 from vlmkern.ops.window_attention import _torch
 
@@ -75,7 +76,8 @@ def _triton_reasons(u, images_aux, *_, **__) -> list[str]:
     why = dispatch.triton_env_reasons(u.device) + TRITON.reasons(images_aux.dtype)
     # Batch and token bases are 64-bit; offsets inside one batch element of the map (and of its dense
     # gradient) and along a channel row are 32-bit.
-    return (why + int32_count_reasons(images_aux, 1, "one images_aux batch element of its gradient")
+    return (why + grid_axis_reasons(images=u.shape[0])         # one grid column per image
+            + int32_count_reasons(images_aux, 1, "one images_aux batch element of its gradient")
             + int32_offset_reasons((1, 2, 3), images_aux=images_aux) + int32_offset_reasons((2,), u=u))
 
 
