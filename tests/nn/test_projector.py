@@ -113,3 +113,87 @@ def test_projector_matches_transformers_llava_projector():
     (gx_hf,) = torch.autograd.grad(out_hf, x, g)
     (gx,) = torch.autograd.grad(out, x, g)
     torch.testing.assert_close(gx, gx_hf)
+
+
+# ------------------------------------------------------------------------------------ construction parity
+def _hf_config(feature_layer=-2, act="gelu", bias=True):
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, vocab_size=64),
+        projector_hidden_act=act, vision_feature_layer=feature_layer, multimodal_projector_bias=bias)
+
+
+@pytest.mark.parametrize("feature_layer, act, bias", [(-2, "gelu", True), ([-2, -5], "gelu", False),
+                                                      (-2, "gelu_pytorch_tanh", True)])
+def test_built_from_a_transformers_config_as_llava_multimodal_projector(feature_layer, act, bias):
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+    cfg = _hf_config(feature_layer, act, bias)
+    torch.manual_seed(0)
+    hf = LlavaMultiModalProjector(cfg)
+    torch.manual_seed(0)
+    ours = MLPProjector(cfg)
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in hf.named_modules()]
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    for k, v in hf.state_dict().items():      # same draws in the same order
+        assert torch.equal(ours.state_dict()[k], v), k
+    x = torch.randn(2, 5, hf.linear_1.in_features)
+    torch.testing.assert_close(ours(x), hf(x))
+    assert type(MLPProjector.from_config(cfg)) is MLPProjector
+
+
+def test_built_from_an_original_llava_config_in_its_layout():
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(mm_hidden_size=24, hidden_size=32, mm_projector_type="mlp2x_gelu")
+    ours = MLPProjector(cfg)
+    original = _llava_projector(24, 32, 32)      # LLaVA's build_vision_projector for mlp2x_gelu
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in original.named_parameters()]
+    assert [type(m) for m in ours] == [type(m) for m in original] and len(ours) == 3
+    with pytest.raises(ValueError, match="mm_projector_type"):
+        MLPProjector(SimpleNamespace(mm_hidden_size=24, hidden_size=32, mm_projector_type="linear"))
+    with pytest.raises(TypeError, match="in_features"):
+        MLPProjector("24", 32)
+
+
+def test_llava_layout_names_index_and_saves_what_llava_loads():
+    """LLaVA's trainer saves ``mm_projector.bin`` from ``named_parameters()`` and loads it into the
+    ``nn.Sequential`` strictly; freezing by name prefix must find the same parameters."""
+    ours = MLPProjector(24, 40, 32, saved_layout="llava")
+    assert [n for n, _ in ours.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert ours[0] is ours.linear_1 and ours[2] is ours.linear_2 and isinstance(ours[1], nn.GELU)
+    original = _llava_projector(24, 40, 32)
+    original.load_state_dict({n: p.detach() for n, p in ours.named_parameters()}, strict=True)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(ours(x), original(x))
+    for n, p in ours.named_parameters():
+        p.requires_grad_(not n.startswith("0."))
+    assert not ours[0].weight.requires_grad and ours[2].weight.requires_grad
+    hf = MLPProjector(24, 40, 32)                 # the other layout loads it, and back
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(hf.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("layout", ["transformers", "llava"])
+def test_a_replaced_or_hooked_activation_is_called(layout):
+    ours = MLPProjector(24, 40, 32, saved_layout=layout)
+    x = torch.randn(3, 24)
+    name = "act" if layout == "transformers" else "1"
+    setattr(ours, name, nn.ReLU())
+    torch.testing.assert_close(ours(x), ours.linear_2(torch.relu(ours.linear_1(x))))
+    setattr(ours, name, nn.GELU())
+    seen = []
+    ours.act.register_forward_hook(lambda m, i, o: seen.append(o.shape) or o * 0)
+    torch.testing.assert_close(ours(x), ours.linear_2(torch.zeros(3, 40)).expand(3, 32))
+    assert seen == [(3, 40)]
+
+
+def test_copies_and_pickles():
+    import copy
+    import pickle
+    ours = MLPProjector(24, 40, 32, saved_layout="llava")
+    x = torch.randn(2, 24)
+    for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
+        torch.testing.assert_close(twin(x), ours(x))
+        assert [n for n, _ in twin.named_parameters()] == [n for n, _ in ours.named_parameters()]

@@ -24,7 +24,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from vlmkern.nn._linear import plain_linear
+from vlmkern.nn._linear import plain_gelu, plain_linear
 from vlmkern.nn.projector import MLPProjector
 from vlmkern.ops.checks import autocasting, check_same_device, check_tensor
 from vlmkern.ops import gather_linear
@@ -278,12 +278,13 @@ def _projector_layers(projector: nn.Module) -> tuple | None:
 def reads_projector_weights(projector: nn.Module) -> bool:
     """Whether the fused packing may read ``projector``'s weights: False when its two Linears are there but are
     not plain (an adapter, a quantised subclass, a hook of their own or a global one such as ``FlopCounterMode``
-    adds): then the packer modules call the projector instead (``unfused_project_and_pack``), so that what is
-    attached to it runs. True otherwise, also for a projector ``projector_parameters`` refuses (its error)."""
+    adds) or its activation is not a plain exact GELU: then the packer modules call the projector instead
+    (``unfused_project_and_pack``), so that what is attached to it runs. True otherwise, also for a projector
+    ``projector_parameters`` refuses (its error)."""
     layers = _projector_layers(projector)
     if layers is None or not (isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)):
         return True
-    return plain_linear(layers[0]) and plain_linear(layers[2])
+    return plain_linear(layers[0]) and plain_linear(layers[2]) and (layers[1] is None or plain_gelu(layers[1]))
 
 
 def projector_parameters(projector: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
@@ -300,9 +301,9 @@ def projector_parameters(projector: nn.Module) -> tuple[Tensor, Tensor | None, T
         raise TypeError("projector's first and last modules must be plain nn.Linear without hooks: their weights "
                         "are read, so an adapter (e.g. PEFT LoRA), a quantised subclass or a hook would be skipped; "
                         "run the projector, then pack_image_features, for such a projector")
-    if act is not None and not (type(act).__name__ in ("GELU", "GELUActivation")
-                                and getattr(act, "approximate", "none") == "none"):
-        raise TypeError(f"projector activation must be exact GELU, got {act!r}")
+    if act is not None and not plain_gelu(act):
+        raise TypeError(f"projector activation must be exact GELU without hooks (it is fused, not called), got "
+                        f"{act!r}")
     if l2.in_features != l1.out_features:
         raise ValueError(f"projector's second Linear takes {l2.in_features} features but the first gives "
                          f"{l1.out_features}")

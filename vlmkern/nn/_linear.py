@@ -10,11 +10,30 @@ def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
+def global_hooks() -> bool:
+    """Whether a global module hook is set (``register_module_forward_hook`` & co., e.g. ``FlopCounterMode``'s):
+    it runs on every module call, so a module read as weights instead of called would miss it."""
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def exact_gelu(act: nn.Module) -> bool:
+    """Whether module ``act`` computes exact (erf) GELU: ``nn.GELU()`` or transformers' ``ACT2FN["gelu"]``
+    (``GELUActivation``, whose python variant computes the same erf formula)."""
+    if type(act) is nn.GELU:
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation"
+
+
+def plain_gelu(act: nn.Module) -> bool:
+    """Whether calling ``act`` is exactly ``F.gelu(x)`` with nothing attached: :func:`exact_gelu` without hooks
+    of its own or global ones, so a kernel's fused GELU may stand in for it."""
+    return exact_gelu(act) and not has_hooks(act) and not global_hooks()
+
+
 def plain_linear(m: nn.Module) -> bool:
     """Whether calling ``m`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (not a subclass
     such as a quantised linear, nor a wrapper such as PEFT's ``lora.Linear``, whose ``weight`` is its base layer's)
     with no hook of its own or global ones. A fused op that reads the weights may stand in for such a module only;
     any other must be called, or the adapter's term, the quantisation or the hook would be skipped silently."""
-    return (type(m) is nn.Linear and not has_hooks(m) and not _module._global_forward_hooks
-            and not _module._global_forward_pre_hooks and not _module._global_backward_hooks
-            and not _module._global_backward_pre_hooks)
+    return type(m) is nn.Linear and not has_hooks(m) and not global_hooks()

@@ -5,68 +5,127 @@ import torch
 from torch import nn
 
 from vlmkern import ops
-from vlmkern.nn._linear import plain_linear
+from vlmkern.nn._linear import plain_gelu, plain_linear
 
-# LLaVA stores the projector as nn.Sequential(Linear, GELU, Linear): keys "0.*" and "2.*".
-_LLAVA_TO_HF = {"0.": "linear_1.", "2.": "linear_2."}
-_LAYOUTS = ("transformers", "llava")
+# Submodule names per layout: transformers' LlavaMultiModalProjector (linear_1, act, linear_2) and LLaVA's /
+# InternLM-XComposer2's nn.Sequential(Linear, GELU, Linear) (0, 1, 2). The names are the state-dict keys.
+_NAMES = {"transformers": ("linear_1", "act", "linear_2"), "llava": ("0", "1", "2")}
+_ALIASES = {"linear_1": 0, "act": 1, "linear_2": 2}      # transformers' names, answered in either layout
 
 
-def _save_in_layout(module: "MLPProjector", state_dict, prefix: str, local_metadata) -> None:
-    """State-dict post hook: the projector's keys in its ``saved_layout`` (order kept)."""
-    if getattr(module, "saved_layout", "transformers") != "llava":
-        return
-    names = {prefix + hf: prefix + llava for llava, hf in _LLAVA_TO_HF.items()}
-    items = list(state_dict.items())
-    state_dict.clear()
-    for key, value in items:
-        for hf, llava in names.items():
-            if key.startswith(hf):
-                key = llava + key[len(hf):]
-                break
-        state_dict[key] = value
+def _activation(name: str) -> nn.Module:
+    """``nn.GELU()`` for "gelu" (exact, what both originals use); any other name: transformers' ``ACT2FN``."""
+    if name == "gelu":
+        return nn.GELU()
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError:
+        raise ValueError(f"act={name!r} needs transformers' ACT2FN (not importable); 'gelu' does not") from None
+    if name not in ACT2FN:
+        raise ValueError(f"act must be 'gelu' or a transformers ACT2FN name, got {name!r}")
+    return ACT2FN[name]
+
+
+def _sizes_from_config(config) -> tuple[tuple[int, int, int], dict]:
+    """``(in, hidden, out)`` and keyword arguments from a transformers ``LlavaConfig`` / ``LlavaNextConfig``
+    (``vision_config``, ``text_config``, ``vision_feature_layer``, ``projector_hidden_act``,
+    ``multimodal_projector_bias``) or an original LLaVA config (``mm_hidden_size``, ``hidden_size``,
+    ``mm_projector_type="mlp2x_gelu"``: LLaVA's layout)."""
+    if hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        layers = getattr(config, "vision_feature_layer", -2)
+        width = config.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+        hidden = config.text_config.hidden_size
+        return (width, hidden, hidden), dict(bias=getattr(config, "multimodal_projector_bias", True),
+                                             act=getattr(config, "projector_hidden_act", "gelu"))
+    if hasattr(config, "mm_hidden_size") and hasattr(config, "hidden_size"):
+        kind = getattr(config, "mm_projector_type", "linear")
+        if kind != "mlp2x_gelu":
+            raise ValueError(f"config.mm_projector_type must be 'mlp2x_gelu' (Linear -> GELU -> Linear), got {kind!r}")
+        return (config.mm_hidden_size, config.hidden_size, config.hidden_size), dict(saved_layout="llava")
+    raise TypeError(f"in_features must be an int or a LLaVA config (transformers' LlavaConfig, or LLaVA's with "
+                    f"mm_hidden_size / hidden_size), got {type(config).__name__}")
 
 
 class MLPProjector(nn.Module):
-    """``Linear(in, hidden) -> exact GELU -> Linear(hidden, out)``; the first GEMM's epilogue applies bias+GELU.
+    """``Linear(in, hidden) -> act -> Linear(hidden, out)``; with exact GELU (the default, and both originals')
+    the first GEMM's epilogue applies bias + GELU.
 
-    Loads both the transformers layout (``linear_1.*``, ``linear_2.*``) and LLaVA's ``mm_projector`` layout
-    (``0.*``, ``2.*``) with ``strict=True``; a state_dict holding both is an error naming the keys. Saves the
-    transformers layout, or LLaVA's with ``saved_layout="llava"`` (standing in for an ``nn.Sequential``). Under
-    ``torch.autocast``, ``.double()`` and ``.half()`` it behaves as the original
-    ``nn.Sequential(Linear, GELU, Linear)``.
+    Built from sizes, or from a config as the originals are: ``MLPProjector(llava_config)`` (transformers'
+    ``LlavaMultiModalProjector(config)``; LLaVA's ``build_vision_projector(config)`` for ``mlp2x_gelu``).
+
+    ``saved_layout`` names the submodules and so the state-dict keys: ``"transformers"`` (``linear_1``, ``act``,
+    ``linear_2``) or ``"llava"`` (``0``, ``1``, ``2``, standing in for LLaVA's / InternLM-XComposer2's
+    ``nn.Sequential``: indexing, ``len`` and iteration work as on it). Either layout loads both key layouts with
+    ``strict=True`` (a state_dict holding both is an error naming the keys), and answers ``linear_1`` / ``act`` /
+    ``linear_2``. A Linear that is not a plain ``nn.Linear`` (an adapter such as PEFT LoRA, a quantised one, a hook)
+    or an activation that is not a plain exact GELU is called, as in the original. Under ``torch.autocast``,
+    ``.double()`` and ``.half()`` it behaves as the original.
 
     Shapes: ``forward(x (..., in)) -> (..., out)``.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
-                 device=None, dtype=None, *, saved_layout: str = "transformers"):
+    def __init__(self, in_features, hidden_features: int | None = None, out_features: int | None = None,
+                 bias: bool = True, device=None, dtype=None, *, saved_layout: str | None = None, act: str = "gelu"):
         super().__init__()
-        if saved_layout not in _LAYOUTS:
-            raise ValueError(f"saved_layout must be one of {_LAYOUTS}, got {saved_layout!r}")
+        if not isinstance(in_features, int) or isinstance(in_features, bool):
+            (in_features, hidden_features, out_features), kw = _sizes_from_config(in_features)
+            bias, act = kw.get("bias", bias), kw.get("act", act)
+            saved_layout = saved_layout or kw.get("saved_layout")
+        elif hidden_features is None:
+            raise TypeError("hidden_features is required when in_features is a size (or pass a LLaVA config)")
+        saved_layout = saved_layout or "transformers"
+        if saved_layout not in _NAMES:
+            raise ValueError(f"saved_layout must be one of {tuple(_NAMES)}, got {saved_layout!r}")
         out_features = hidden_features if out_features is None else out_features
-        self.linear_1 = nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype)
-        self.linear_2 = nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype)
-        # "llava": state_dict() writes LLaVA's / InternLM-XComposer2's nn.Sequential keys (0.*, 2.*), so that the
-        # original module loads what a drop-in standing in its place saves
         self.saved_layout = saved_layout
-        self.register_state_dict_post_hook(_save_in_layout)
+        self._names = _NAMES[saved_layout]
+        for name, module in zip(self._names, (
+                nn.Linear(in_features, hidden_features, bias=bias, device=device, dtype=dtype), _activation(act),
+                nn.Linear(hidden_features, out_features, bias=bias, device=device, dtype=dtype))):
+            self._modules[name] = module
+
+    @classmethod
+    def from_config(cls, config, device=None, dtype=None) -> "MLPProjector":
+        """From a transformers ``LlavaConfig`` / ``LlavaNextConfig`` or an original LLaVA config."""
+        return cls(config, device=device, dtype=dtype)
+
+    def __getattr__(self, name: str):
+        modules = self.__dict__.get("_modules")   # absent while copy / pickle rebuild the module
+        if modules is not None and name in modules:     # the common case first: a submodule by its own name
+            return modules[name]
+        index = _ALIASES.get(name)
+        if index is not None and modules is not None and "_names" in self.__dict__:
+            return modules[self.__dict__["_names"][index]]
+        return super().__getattr__(name)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[self._names[index]]
+
+    def __len__(self) -> int:
+        return 3
+
+    def __iter__(self):
+        return iter(self._modules[name] for name in self._names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if plain_linear(self.linear_1):
-            h = ops.linear_gelu(x, self.linear_1.weight, self.linear_1.bias)
-        else:      # an adapter / hook on linear_1 (e.g. PEFT LoRA): called, as the original
-            h = torch.nn.functional.gelu(self.linear_1(x))
-        return self.linear_2(h)
+        modules, (n1, na, n2) = self._modules, self._names
+        first, act, second = modules[n1], modules[na], modules[n2]
+        if plain_linear(first) and plain_gelu(act):
+            h = ops.linear_gelu(x, first.weight, first.bias)
+        else:      # an adapter / hook on the Linear (e.g. PEFT LoRA) or another activation: called, as the original
+            h = act(first(x))
+        return second(h)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        other = _NAMES["llava" if self.saved_layout == "transformers" else "transformers"]
         renames = {k: prefix + new + k[len(prefix + old):]
-                   for old, new in _LLAVA_TO_HF.items() for k in state_dict if k.startswith(prefix + old)}
+                   for old, new in ((other[i] + ".", self._names[i] + ".") for i in (0, 2))
+                   for k in state_dict if k.startswith(prefix + old)}
         both = sorted(k for k in renames if renames[k] in state_dict)
         if both:  # which layout is meant is unknowable: say so instead of silently picking one
-            error_msgs.append(f"state_dict holds both the LLaVA layout ({', '.join(both)}) and the transformers "
-                              f"layout ({', '.join(renames[k] for k in both)}) of the projector: keep one")
+            error_msgs.append(f"state_dict holds both layouts of the projector ({', '.join(both)} and "
+                              f"{', '.join(renames[k] for k in both)}): keep one")
         else:
             for key, new_key in renames.items():
                 state_dict[new_key] = state_dict.pop(key)

@@ -5,13 +5,7 @@ from torch import nn
 
 from vlmkern.integrations.hf._registry import load_into_empty, meta_init
 from vlmkern.nn import MLPProjector
-
-
-def exact_gelu(act) -> bool:
-    if isinstance(act, nn.GELU):
-        return act.approximate == "none"
-    # transformers' ACT2FN["gelu"]; its python variant computes the same erf formula.
-    return type(act).__name__ == "GELUActivation"
+from vlmkern.nn._linear import exact_gelu
 
 
 def mlp_projector(original: nn.Module):
