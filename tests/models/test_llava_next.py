@@ -82,6 +82,72 @@ def test_unpad_bounds_match_transformers_unpad_image():
         torch.testing.assert_close(grid[:, r0:r1, c0:c1], hf.unpad_image(grid, (oh, ow)))
 
 
+def _sweep(step_h=7, step_w=5, top=1500):
+    return [(h, w) for h in range(1, top, step_h) for w in range(1, top, step_w)]
+
+
+def test_llava_convention_matches_the_original_llava():
+    """``convention="llava"``: (width, height) sizes and pinpoints and ``int(x)`` unpadding, as LLaVA's own
+    ``mm_utils.py`` / ``llava_arch.py``. The default convention differs from it on some of these sizes (ties,
+    rounding), which is what the option is for."""
+    from vlmkern.reference.originals import llava as orig
+    pins = [list(p) for p in ln.LLAVA_NEXT_PINPOINTS]        # the config's list, read as (W, H) by LLaVA
+    differs = 0
+    for wh in _sweep(13, 11) + [(336, 336), (88, 55)]:
+        W, H = orig.select_best_resolution(wh, pins)
+        assert ln.select_best_resolution(wh, pins, convention="llava") == (W, H), wh
+        assert ln.anyres_grid_shape(wh, pins, 336, convention="llava") == orig.get_anyres_image_grid_shape(wh, pins,
+                                                                                                            336)
+        assert ln.num_tiles(wh, pins, 336, convention="llava") == (W // 336) * (H // 336) + 1
+        grid = torch.arange((H // 14) * (W // 14)).reshape(1, H // 14, W // 14)
+        r0, r1, c0, c1 = ln.unpad_bounds(wh, grid.shape[1:], convention="llava")
+        assert torch.equal(grid[:, r0:r1, c0:c1], orig.unpad_image(grid, wh)), wh
+        hf_way = ln.select_best_resolution(wh[::-1], pins)
+        differs += hf_way != (H, W) or ln.unpad_bounds(wh[::-1], grid.shape[1:]) != (r0, r1, c0, c1)
+    assert differs
+    with pytest.raises(ValueError, match="convention"):
+        ln.unpad_bounds((1, 1), (24, 24), convention="hf")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+def test_pack_in_the_llava_convention_matches_the_original_llava(backend, device):
+    """Sizes where the conventions disagree: a square image (a tie between 336x672 and 672x336) and sizes whose
+    unpadding rounds differently; the fused and unfused packing against the original's spatial_unpad merge."""
+    from vlmkern.reference.originals import llava as orig
+    pins = [list(p) for p in ln.LLAVA_NEXT_PINPOINTS]
+    def grid(wh):
+        W, H = orig.select_best_resolution(wh, pins)
+        return H // 14, W // 14
+    rounding = [wh for wh in _sweep(1, 1, 120)
+                if ln.unpad_bounds(wh, grid(wh), convention="llava") != ln.unpad_bounds(wh[::-1], grid(wh))][:2]
+    sizes = [(336, 336)] + rounding + [(300, 200)]           # (width, height), as PIL's image.size
+    assert len(sizes) == 4
+    interpreted = backend == "triton" and device == "cpu"
+    sizes = sizes[:2] if interpreted else sizes               # the interpreter's time: the two disputed sizes
+    torch.manual_seed(0)
+    proj = MLPProjector(8, 16, 16).to(device)
+    newline = torch.randn(16, device=device)
+    counts = [ln.num_tiles(s, pins, convention="llava") for s in sizes]
+    feats = torch.randn(sum(counts), 576, 8, device=device)
+    with torch.no_grad():
+        original = nn.Sequential(proj.linear_1, nn.GELU(), proj.linear_2)     # LLaVA's mm_projector, plain torch
+        want = orig.pack_spatial_unpad(torch.split(original(feats), counts), sizes, pins, 336, newline)
+        packs = (ln.project_and_pack,) if interpreted else (ln.project_and_pack, ln.unfused_project_and_pack)
+        for pack in packs:
+            out, lens = pack(feats, sizes, proj, newline, image_grid_pinpoints=pins, convention="llava")
+            assert lens.tolist() == [w.shape[0] for w in want]
+            for o, w in zip(out, want):
+                torch.testing.assert_close(o, w, atol=1e-5, rtol=1e-5)
+        if interpreted:
+            return
+        hf_lens = ln.project_and_pack(feats, [s[::-1] for s in sizes], proj, newline, image_grid_pinpoints=pins)[1]
+        assert hf_lens.tolist() != lens.tolist()       # rounding: another row count in transformers' way
+        packer = ln.LlavaNextImagePacker(8, 16, convention="llava").to(device)
+        packer.multi_modal_projector.load_state_dict(proj.state_dict())
+        packer.image_newline.data.copy_(newline)
+        assert [o.shape[0] for o in packer(feats, sizes)[0]] == lens.tolist()
+
+
 def test_real_config_token_counts_and_projector_work():
     # LLaVA-NeXT: 640x480 -> 2340, 1920x1080 -> 1948, 1000x667 -> 2144, max 2928 (sizes are (height, width)).
     expect = {(480, 640): (2340, 576), (1080, 1920): (1948, 960), (667, 1000): (2144, 768), (672, 672): (2928, 0)}

@@ -1,6 +1,10 @@
 """LLaVA-NeXT (1.6) AnyRes image path with the projector fused into the packing (HF ``llava_next``).
 
-Conventions are transformers' (v5): image sizes and grid pinpoints are ``(height, width)``.
+Conventions are transformers' (v5) by default: image sizes and grid pinpoints are ``(height, width)``, and unpadding
+rounds ``int(round(x, 7))``. ``convention="llava"`` takes the original LLaVA's instead (``llava/mm_utils.py``,
+``llava_arch.py``): sizes and pinpoints ``(width, height)`` (``image.size``, the config's list as the original reads
+it) and ``int(x)``; the two differ on exact ties of the pinpoint choice and by one feature row or column on sizes
+where ``x`` falls just below an integer.
 
 Data side, CPU, exactly as ``LlavaNextImageProcessorPil`` (PIL backend):
 ``select_best_resolution`` -> ``resize_and_pad`` (aspect-preserving bicubic resize, centred on a black canvas)
@@ -53,6 +57,32 @@ def _pinpoints(image_grid_pinpoints) -> tuple[tuple[int, int], ...]:
     return tuple(_size_pair(p, f"image_grid_pinpoints[{i}]") for i, p in enumerate(image_grid_pinpoints))
 
 
+CONVENTIONS = ("transformers", "llava")
+
+
+def _is_llava(convention) -> bool:
+    """Whether ``convention`` is the original LLaVA's ``(width, height)`` / ``int(x)`` (ValueError if neither)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    return convention == "llava"
+
+
+def _swap(pair) -> tuple[int, int]:
+    return pair[1], pair[0]
+
+
+def _hf_order(convention, image_sizes, image_grid_pinpoints, name: str | None = None) -> tuple[list, tuple, bool]:
+    """``(sizes, pinpoints, exact)`` in transformers' ``(height, width)`` order (checked; errors name
+    ``image_sizes[i]``, or ``name``), and whether unpadding rounds as transformers (``int(round(x, 7))``) rather
+    than as the original LLaVA (``int(x)``)."""
+    llava = _is_llava(convention)
+    pins = _pinpoints(image_grid_pinpoints)
+    sizes = [_size_pair(s, name or f"image_sizes[{i}]") for i, s in enumerate(image_sizes)]
+    if llava:
+        pins, sizes = tuple(_swap(p) for p in pins), [_swap(s) for s in sizes]
+    return sizes, pins, not llava
+
+
 def _positive(value, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -60,9 +90,13 @@ def _positive(value, name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------- resolution, grid
-def select_best_resolution(image_size, image_grid_pinpoints) -> tuple[int, int]:
+def select_best_resolution(image_size, image_grid_pinpoints, *, convention: str = "transformers") -> tuple[int, int]:
     """transformers' ``select_best_resolution``: the pinpoint ``(H, W)`` keeping the most pixels after an
-    aspect-preserving downscale (``min(int(w·s)·int(h·s), w·h)``), ties -> least waste, then first listed."""
+    aspect-preserving downscale (``min(int(w·s)·int(h·s), w·h)``), ties -> least waste, then first listed.
+    ``convention="llava"``: the original's, on ``(width, height)`` pairs, returning ``(W, H)``."""
+    if _is_llava(convention):
+        return _swap(select_best_resolution(_swap(_size_pair(image_size, "image_size")),
+                                            [_swap(p) for p in _pinpoints(image_grid_pinpoints)]))
     h, w = _size_pair(image_size, "image_size")
     best, best_eff, best_waste = None, 0, float("inf")
     for H, W in _pinpoints(image_grid_pinpoints):
@@ -74,16 +108,18 @@ def select_best_resolution(image_size, image_grid_pinpoints) -> tuple[int, int]:
     return best
 
 
-def anyres_grid_shape(image_size, image_grid_pinpoints, tile_size: int = TILE_SIZE) -> tuple[int, int]:
-    """``(tiles down, tiles across)`` = ``get_anyres_image_grid_shape`` (HF passes ``vision_config.image_size``)."""
-    H, W = select_best_resolution(image_size, image_grid_pinpoints)
+def anyres_grid_shape(image_size, image_grid_pinpoints, tile_size: int = TILE_SIZE, *,
+                      convention: str = "transformers") -> tuple[int, int]:
+    """``(tiles down, tiles across)`` = ``get_anyres_image_grid_shape`` (HF passes ``vision_config.image_size``);
+    ``convention="llava"``: the original's ``(tiles across, tiles down)`` of a ``(width, height)`` size."""
+    a, b = select_best_resolution(image_size, image_grid_pinpoints, convention=convention)
     _positive(tile_size, "tile_size")
-    return H // tile_size, W // tile_size
+    return a // tile_size, b // tile_size
 
 
-def num_tiles(image_size, image_grid_pinpoints, tile_size: int = TILE_SIZE) -> int:
+def num_tiles(image_size, image_grid_pinpoints, tile_size: int = TILE_SIZE, *, convention: str = "transformers") -> int:
     """Tiles the processor makes for one image, base included (``image_size_to_num_patches``)."""
-    H, W = select_best_resolution(image_size, image_grid_pinpoints)
+    H, W = select_best_resolution(image_size, image_grid_pinpoints, convention=convention)
     _positive(tile_size, "tile_size")
     return math.ceil(H / tile_size) * math.ceil(W / tile_size) + 1
 
@@ -145,28 +181,37 @@ def divide_to_tiles(image: Tensor, tile_size: int = TILE_SIZE) -> Tensor:
     return image.reshape(C, H // t, t, W // t, t).permute(1, 3, 0, 2, 4).reshape(-1, C, t, t)
 
 
-def image_tiles(image: Tensor, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = TILE_SIZE) -> Tensor:
+def image_tiles(image: Tensor, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = TILE_SIZE, *,
+                convention: str = "transformers") -> Tensor:
     """``[base resized to tile x tile (aspect not kept)] + tiles`` of one uint8 ``(C, H, W)`` image:
-    ``(1 + n, C, tile, tile)`` uint8, the processor's ``get_image_patches`` before rescale/normalise."""
+    ``(1 + n, C, tile, tile)`` uint8, the processor's ``get_image_patches`` before rescale/normalise
+    (``convention="llava"``: pinpoints as the original reads them, ``(width, height)``)."""
     image = _check_image(image)
-    target = select_best_resolution(image.shape[1:], image_grid_pinpoints)
+    pins = _pinpoints(image_grid_pinpoints)
+    target = select_best_resolution(image.shape[1:], [_swap(p) for p in pins] if _is_llava(convention) else pins)
     tiles = divide_to_tiles(resize_and_pad(image, target), tile_size)
     base = _pil_resize(image, (tile_size, tile_size))
     return torch.cat([base[None], tiles])
 
 
 # -------------------------------------------------------------------------------------------- unpadding
-def unpad_bounds(image_size, grid_size) -> tuple[int, int, int, int]:
+def unpad_bounds(image_size, grid_size, *, convention: str = "transformers") -> tuple[int, int, int, int]:
     """``(row0, row1, col0, col1)`` of the ``(grid_h, grid_w)`` feature grid that ``unpad_image`` keeps
-    (v5 arithmetic: ``int(round(x, 7))``)."""
-    oh, ow = _size_pair(image_size, "image_size")
-    ch, cw = _size_pair(grid_size, "grid_size")
+    (v5 arithmetic: ``int(round(x, 7))``; ``convention="llava"``: the original's ``int(x)`` on a
+    ``(width, height)`` image size)."""
+    size = _size_pair(image_size, "image_size")
+    llava = _is_llava(convention)
+    return _unpad(_swap(size) if llava else size, _size_pair(grid_size, "grid_size"), not llava)
+
+
+def _unpad(image_size: tuple[int, int], grid_size: tuple[int, int], exact: bool) -> tuple[int, int, int, int]:
+    """:func:`unpad_bounds` of a ``(height, width)`` size; ``exact``: transformers' rounding, else ``int(x)``."""
+    (oh, ow), (ch, cw) = image_size, grid_size
+    cut = (lambda x: int(round(x, 7))) if exact else int
     if ow / oh > cw / ch:
-        new_h = int(round(oh * (cw / ow), 7))
-        pad = (ch - new_h) // 2
+        pad = (ch - cut(oh * (cw / ow))) // 2
         return pad, ch - pad, 0, cw
-    new_w = int(round(ow * (ch / oh), 7))
-    pad = (cw - new_w) // 2
+    pad = (cw - cut(ow * (ch / oh))) // 2
     return 0, ch, pad, cw - pad
 
 
@@ -180,14 +225,14 @@ class PackPlan(NamedTuple):
 
 @eager_cache(maxsize=256)
 def _plan(image_size: tuple[int, int], n_tiles: int, tokens: int, side: int, pinpoints: tuple, tile_size: int,
-          newline: bool) -> PackPlan:
+          newline: bool, exact: bool) -> PackPlan:
     T = tokens
     base = torch.arange(T, dtype=torch.int32)
     if n_tiles == 1:  # HF's single-tile fallback: base then one newline
         src = torch.cat([base, torch.full((1,), -1, dtype=torch.int32)]) if newline else base
         return PackPlan(base, src, T)
     nph, npw = anyres_grid_shape(image_size, list(pinpoints), tile_size)
-    r0, r1, c0, c1 = unpad_bounds(image_size, (nph * side, npw * side))
+    r0, r1, c0, c1 = _unpad(image_size, (nph * side, npw * side), exact)
     ys = torch.arange(r0, r1, dtype=torch.int32)[:, None]
     xs = torch.arange(c0, c1, dtype=torch.int32)[None, :]
     tile = (ys // side) * npw + xs // side
@@ -220,7 +265,7 @@ def _batch_index(keys: tuple[tuple, ...], device: str) -> tuple[Tensor, Tensor]:
     return torch.cat(kept)[:, None].to(device), torch.cat(src)[:, None].to(device)
 
 
-def _plan_key(image_size, n_tiles, tokens, pinpoints, tile_size, patch_size, newline, name) -> tuple:
+def _plan_key(image_size, n_tiles, tokens, pinpoints, tile_size, patch_size, newline, name, exact) -> tuple:
     """Checks one image's features against its grid; the ``_plan`` arguments for it."""
     side = tile_size // patch_size
     if side * patch_size != tile_size:
@@ -233,7 +278,7 @@ def _plan_key(image_size, n_tiles, tokens, pinpoints, tile_size, patch_size, new
         if n_tiles != 1 + nph * npw:
             raise ValueError(f"{name} has {n_tiles} tiles but image size {tuple(image_size)} selects a "
                              f"{nph}x{npw} grid: expected 1 + {nph * npw} = {1 + nph * npw} tiles (base first)")
-    return (tuple(image_size), n_tiles, tokens, side, pinpoints, tile_size, newline)
+    return (tuple(image_size), n_tiles, tokens, side, pinpoints, tile_size, newline, exact)
 
 
 def _plan_for(*args) -> PackPlan:
@@ -241,24 +286,22 @@ def _plan_for(*args) -> PackPlan:
 
 
 def packed_length(image_size, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = TILE_SIZE,
-                  patch_size: int = PATCH_SIZE) -> int:
+                  patch_size: int = PATCH_SIZE, *, convention: str = "transformers") -> int:
     """Tokens one image becomes: ``side² + h'(w'+1)`` (e.g. 2340 for 480x640 with the v1.6 config)."""
-    size = _size_pair(image_size, "image_size")
-    pins = _pinpoints(image_grid_pinpoints)
+    (size,), pins, exact = _hf_order(convention, [image_size], image_grid_pinpoints, "image_size")
     side = tile_size // patch_size
     return _plan_for(size, num_tiles(size, pins, tile_size), side * side, pins, tile_size, patch_size, True,
-                     "features").source.numel()
+                     "features", exact).source.numel()
 
 
 def projector_work(image_size, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = TILE_SIZE,
-                   patch_size: int = PATCH_SIZE) -> dict[str, int]:
+                   patch_size: int = PATCH_SIZE, *, convention: str = "transformers") -> dict[str, int]:
     """Projector rows for one image: ``reference`` (every tile, as transformers projects them), ``projected``
     (base + the rows unpadding keeps, what ``project_and_pack`` projects), ``skipped`` = the difference."""
-    size = _size_pair(image_size, "image_size")
-    pins = _pinpoints(image_grid_pinpoints)
+    (size,), pins, exact = _hf_order(convention, [image_size], image_grid_pinpoints, "image_size")
     side = tile_size // patch_size
     n = num_tiles(size, pins, tile_size)
-    plan = _plan_for(size, n, side * side, pins, tile_size, patch_size, True, "features")
+    plan = _plan_for(size, n, side * side, pins, tile_size, patch_size, True, "features", exact)
     total = n * side * side
     return {"reference": total, "projected": plan.kept.numel(), "skipped": total - plan.kept.numel(),
             "packed_tokens": plan.source.numel()}
@@ -331,7 +374,7 @@ def _features_source(features, name: str = "features") -> tuple[Tensor, list[int
 # ------------------------------------------------------------------------------------------ fused packing
 def project_and_pack(features, image_sizes, projector: nn.Module, image_newline: Tensor | None, *,
                      image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = TILE_SIZE,
-                     patch_size: int = PATCH_SIZE) -> tuple[list[Tensor], Tensor]:
+                     patch_size: int = PATCH_SIZE, convention: str = "transformers") -> tuple[list[Tensor], Tensor]:
     """``pack_image_features(projector(features), image_sizes, image_newline)`` without projecting dropped rows.
 
     Args:
@@ -343,13 +386,14 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
         image_newline: ``(D,)`` vector written after every grid row (and after the base of a single-tile image);
             ``None`` packs without newlines.
         image_grid_pinpoints: ``(height, width)`` candidates; ``tile_size`` = ``vision_config.image_size``.
+        convention: ``"transformers"``, or ``"llava"``: the original LLaVA's ``(width, height)`` image sizes and
+            pinpoints and its ``int(x)`` unpadding (``llava_arch.py``), e.g. ``image_sizes=[img.size]``.
 
     Returns:
         ``(list of (len_i, D) tensors, feature_lens (num_images,) int64)``, like transformers.
     """
     x, counts = _features_source(features)
     W1, b1, W2, b2 = projector_parameters(projector)
-    pins = _pinpoints(image_grid_pinpoints)
     _positive(tile_size, "tile_size")
     _positive(patch_size, "patch_size")
     if isinstance(image_sizes, Tensor):
@@ -358,7 +402,7 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
             raise ValueError("image_sizes is on meta: its values choose the layout; pass them as a list of "
                              "(height, width) pairs or a tensor holding values")
         image_sizes = image_sizes.tolist()
-    sizes = [_size_pair(s, f"image_sizes[{i}]") for i, s in enumerate(image_sizes)]
+    sizes, pins, exact = _hf_order(convention, image_sizes, image_grid_pinpoints)
     if not sizes:
         raise ValueError("image_sizes must name at least one image's (height, width)")
     G, T, C = x.shape
@@ -380,7 +424,7 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
             raise ValueError(f"image_newline must have the projector's output width D={D}, "
                              f"got {image_newline.shape[0]}")
     check_same_device(features=x, projector=W1, image_newline=image_newline)
-    keys = tuple(_plan_key(s, n, T, pins, tile_size, patch_size, image_newline is not None, f"features[{i}]")
+    keys = tuple(_plan_key(s, n, T, pins, tile_size, patch_size, image_newline is not None, f"features[{i}]", exact)
                  for i, (s, n) in enumerate(zip(sizes, counts)))
     kept, source = _batch_index(keys, str(x.device))
     h = gather_linear(x, kept, W1, b1, gelu=True, validate_values=False)
@@ -392,14 +436,13 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
 
 def unfused_project_and_pack(features, image_sizes, projector: nn.Module, image_newline: Tensor | None, *,
                              image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = TILE_SIZE,
-                             patch_size: int = PATCH_SIZE) -> tuple[list[Tensor], Tensor]:
+                             patch_size: int = PATCH_SIZE, convention: str = "transformers") -> tuple[list[Tensor], Tensor]:
     """The transformers computation in plain PyTorch (projector on every tile, then reshape, unpad, newline):
     same arguments and result as ``project_and_pack``; the baseline for benchmarks."""
     x, counts = _features_source(features)
     if isinstance(image_sizes, Tensor):
         image_sizes = image_sizes.tolist()
-    sizes = [_size_pair(s, f"image_sizes[{i}]") for i, s in enumerate(image_sizes)]
-    pins = _pinpoints(image_grid_pinpoints)
+    sizes, pins, exact = _hf_order(convention, image_sizes, image_grid_pinpoints)
     if counts is None:
         counts = [num_tiles(s, pins, tile_size) for s in sizes]
     side = tile_size // patch_size
@@ -408,7 +451,7 @@ def unfused_project_and_pack(features, image_sizes, projector: nn.Module, image_
         if f.shape[0] > 1:
             nph, npw = anyres_grid_shape(size, list(pins), tile_size)
             g = f[1:].view(nph, npw, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
-            r0, r1, c0, c1 = unpad_bounds(size, g.shape[1:])
+            r0, r1, c0, c1 = _unpad(size, tuple(g.shape[1:]), exact)
             g = g[:, r0:r1, c0:c1]
             if image_newline is not None:
                 g = torch.cat([g, image_newline[:, None, None].expand(*g.shape[:-1], 1).to(g.dtype)], -1)
@@ -444,7 +487,8 @@ class LlavaNextImagePacker(nn.Module):
 
     def __init__(self, vision_hidden_size: int, text_hidden_size: int,
                  image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = TILE_SIZE,
-                 patch_size: int = PATCH_SIZE, bias: bool = True, device=None, dtype=None):
+                 patch_size: int = PATCH_SIZE, bias: bool = True, device=None, dtype=None, *,
+                 convention: str = "transformers"):
         super().__init__()
         self.multi_modal_projector = MLPProjector(vision_hidden_size, text_hidden_size, text_hidden_size, bias,
                                                   device=device, dtype=dtype)
@@ -453,6 +497,8 @@ class LlavaNextImagePacker(nn.Module):
         self.image_grid_pinpoints = [list(p) for p in _pinpoints(image_grid_pinpoints)]
         self.tile_size = _positive(tile_size, "tile_size")
         self.patch_size = _positive(patch_size, "patch_size")
+        _is_llava(convention)
+        self.convention = convention
 
     @classmethod
     def from_config(cls, config, device=None, dtype=None) -> "LlavaNextImagePacker":
@@ -467,7 +513,7 @@ class LlavaNextImagePacker(nn.Module):
         pack = project_and_pack if reads_projector_weights(self.multi_modal_projector) else unfused_project_and_pack
         return pack(features, image_sizes, self.multi_modal_projector, self.image_newline,
                     image_grid_pinpoints=self.image_grid_pinpoints, tile_size=self.tile_size,
-                    patch_size=self.patch_size)
+                    patch_size=self.patch_size, convention=self.convention)
 
 
 # ------------------------------------------------------------------------------------------- benchmarks

@@ -9,7 +9,9 @@ One module per original, each naming the repository and file it ports:
 * ``internlm_xcomposer2_hd``: InternLM-XComposer2-4KHD ``HD_transform`` and ``CLIPVisionTower.forward``'s layout;
 * ``cogvlm``: CogVLM ``modeling_cogvlm.py`` visual-expert MLP / attention (+ ``build_position_ids``);
 * ``cogagent``: CogAgent ``modeling_cogagent.py`` high-resolution ``CrossAttention`` + ``attention_fn``;
-* ``mini_gemini``: Mini-Gemini ``mgm_arch.py`` ``unified_resampler`` and its three projectors.
+* ``mini_gemini``: Mini-Gemini ``mgm_arch.py`` ``unified_resampler`` and its three projectors;
+* ``llava``: the original LLaVA-NeXT AnyRes packing (``mm_utils.py``, ``llava_arch.py``), whose size conventions and
+  rounding transformers changed.
 
 The ports compute what the originals compute, in the same order of operations (quirks included: the PLoRA
 ``× 0`` branch, CogVLM's boolean gather / scatter, Mini-Gemini's softmax in the input dtype). They are plain
