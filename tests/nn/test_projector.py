@@ -197,3 +197,14 @@ def test_copies_and_pickles():
     for twin in (copy.deepcopy(ours), pickle.loads(pickle.dumps(ours))):
         torch.testing.assert_close(twin(x), ours(x))
         assert [n for n, _ in twin.named_parameters()] == [n for n, _ in ours.named_parameters()]
+
+
+def test_a_linear_whose_forward_was_wrapped_on_the_instance_is_called():
+    """accelerate's hooks (device_map dispatch, offloading) replace ``module.forward`` on the instance instead of
+    registering torch hooks; an offloaded Linear's weight stays on meta until that wrapper runs."""
+    ours = MLPProjector(24, 40, 32)
+    x = torch.randn(3, 24)
+    want = ours.linear_2(nn.functional.gelu(ours.linear_1(x) * 2))
+    first, plain_forward = ours.linear_1, ours.linear_1.forward
+    first.forward = lambda t: plain_forward(t) * 2           # what accelerate's add_hook_to_module does
+    torch.testing.assert_close(ours(x), want)

@@ -6,8 +6,11 @@ from torch.nn.modules import module as _module
 
 
 def has_hooks(m: nn.Module) -> bool:
-    """Whether ``m`` itself has forward, forward-pre or backward hooks (a call of it runs them)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+    """Whether ``m`` itself has forward, forward-pre or backward hooks (a call of it runs them), or a ``forward``
+    of its own set on the instance, as accelerate's hooks are (``device_map`` dispatch and offloading: the
+    wrapper moves inputs and loads offloaded weights, which are on ``meta`` until it runs)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__)
 
 
 def global_hooks() -> bool:
