@@ -14,7 +14,9 @@ so neither the ``(L, N, D)`` sequence-first copy nor the ``(256, N, D)`` repeate
 attention weights exist, and ``F.interpolate`` runs once per grid and table value instead of every call (the
 cache compares ``pos_embed`` with the copy it was built from, so writes through ``.data`` are seen; nothing that
 depends on a projection weight is cached). Every gradient reaches its parameter.
-With an ``attn_mask`` the original computation runs (``nn.MultiheadAttention``).
+With an ``attn_mask``, or when ``attn`` is not a plain ``nn.MultiheadAttention`` as the original builds it (a
+hook on it, on its ``out_proj`` or a global one, a wrapper such as PEFT's, another layout, attention dropout while
+training), the original computation runs (``forward_original``: ``attn`` is called, so hooks and wrappers act).
 """
 from __future__ import annotations
 
@@ -25,29 +27,65 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from vlmkern.nn._linear import plain_module
 from vlmkern.ops.attention import cross_attention
 from vlmkern.ops.checks import check_weight_dtype, square_side
 from vlmkern.ops.dispatch import eager_mode
+
+try:
+    import numpy as _np
+except ImportError:  # numpy is not a hard dependency of torch: fall back to the same float32 steps in torch
+    _np = None
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> Tensor:
     """MAE 2-D sin-cos table ``(grid_size², embed_dim)`` float32 (``visual.py``): token ``t = h*G + w``; channels
     ``[0, D/2)`` encode the column ``w``, ``[D/2, D)`` the row ``h``; each half ``[sin(p ω_i)] ++ [cos(p ω_i)]``,
-    ``ω_i = 10000^{-i/(D/4)}``."""
+    ``ω_i = 10000^{-i/(D/4)}``.
+
+    Computed as ``visual.py`` does, in numpy float32 (``ω``, ``p ω``, numpy's sin and cos), so the table is
+    bit-identical to the original's: ``pos_embed`` is saved in the state dict. Without numpy the same float32 steps
+    run in torch, whose sin and cos may differ from numpy's by an ulp. The tensor is made on the default device
+    (``meta`` under ``torch.device("meta")``)."""
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be divisible by 4 for the 2-D sin-cos table, got {embed_dim}")
-    omega = torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4.0)
+    xp = _np if _np is not None else _TorchAsNumpy
+    omega = xp.arange(embed_dim // 4, dtype=xp.float32)
+    omega /= embed_dim / 4.0                          # in place, as visual.py: stays float32
     omega = 1.0 / 10000 ** omega
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    w = coords.repeat(grid_size)                      # t = h*G + w
-    h = coords.repeat_interleave(grid_size)
+    coords = xp.arange(grid_size, dtype=xp.float32)
+    w = xp.tile(coords, grid_size)                    # t = h*G + w (visual.py's meshgrid, flattened)
+    h = xp.repeat(coords, grid_size)
 
     def one_d(pos):
-        out = pos[:, None] * omega[None, :]
-        return torch.cat([out.sin(), out.cos()], dim=1)
+        out = xp.einsum("m,d->md", pos, omega)
+        return xp.concatenate([xp.sin(out), xp.cos(out)], axis=1)
 
-    return torch.cat([one_d(w), one_d(h)], dim=1).float()
+    return torch.as_tensor(xp.concatenate([one_d(w), one_d(h)], axis=1), dtype=torch.float32)
+
+
+class _TorchAsNumpy:
+    """The numpy functions :func:`get_2d_sincos_pos_embed` uses, in torch on the CPU (when numpy is missing)."""
+    float32 = torch.float32
+    sin, cos, einsum = staticmethod(torch.sin), staticmethod(torch.cos), staticmethod(torch.einsum)
+
+    @staticmethod
+    def arange(n, dtype):
+        return torch.arange(n, dtype=dtype, device="cpu")
+
+    @staticmethod
+    def tile(t, n):
+        return t.repeat(n)
+
+    @staticmethod
+    def repeat(t, n):
+        return t.repeat_interleave(n)
+
+    @staticmethod
+    def concatenate(ts, axis):
+        return torch.cat(ts, dim=axis)
 
 
 def get_abs_pos(abs_pos: Tensor, tgt_size: int) -> Tensor:
@@ -104,7 +142,7 @@ class Resampler(nn.Module):
             raise ValueError(f"x must be 3-D (batch, L, kv_dim), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-        w = self.attn.in_proj_weight
+        w = self.query  # not attn's weights: a wrapper standing in for attn may not expose them
         if x.is_meta != w.is_meta:
             raise ValueError(f"x is on {x.device} but the resampler's parameters are on {w.device}")
         if x.shape[-1] != self.kv_dim:
@@ -139,7 +177,7 @@ class Resampler(nn.Module):
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         L = self._check(x)
-        if attn_mask is not None:
+        if attn_mask is not None or not self._plain_attention():
             return self.forward_original(x, attn_mask)
         N = x.shape[0]
         D, H = self.embed_dim, self.num_heads
@@ -159,6 +197,16 @@ class Resampler(nn.Module):
         out = cross_attention(qh, k, v)                                      # (N, H, Q, d)
         out = out.transpose(1, 2).reshape(N, self.num_queries, D)
         return F.linear(out, self.attn.out_proj.weight, self.attn.out_proj.bias)
+
+    def _plain_attention(self) -> bool:
+        """Whether the fused path computes exactly what calling ``self.attn`` does: an ``nn.MultiheadAttention``
+        itself and its ``out_proj`` of their exact types without hooks (nor global ones), in the layout the
+        original builds (packed ``in_proj``, sequence-first, no ``bias_k``/``bias_v``, no zero attention), and no
+        attention dropout in play (the fused path has none)."""
+        a = self.attn
+        return (plain_module(a, nn.MultiheadAttention) and plain_module(a.out_proj, NonDynamicallyQuantizableLinear)
+                and a._qkv_same_embed_dim and not a.batch_first and a.bias_k is None and a.bias_v is None
+                and not a.add_zero_attn and not (self.training and a.dropout > 0))
 
     def forward_original(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
         """The original computation (``nn.MultiheadAttention``, per-call interpolation)."""

@@ -1,4 +1,4 @@
-"""When a module's ``nn.Linear`` may be read as weights instead of called."""
+"""When a module's submodules (an ``nn.Linear``, a dropout, an attention) may be read as weights instead of called."""
 from __future__ import annotations
 
 from torch import nn
@@ -31,7 +31,13 @@ def exact_gelu(act: nn.Module) -> bool:
 def plain_gelu(act: nn.Module) -> bool:
     """Whether calling ``act`` is exactly ``F.gelu(x)`` with nothing attached: :func:`exact_gelu` without hooks
     of its own or global ones, so a kernel's fused GELU may stand in for it."""
-    return exact_gelu(act) and not has_hooks(act) and not global_hooks()
+    return exact_gelu(act) and plain_module(act, type(act))
+
+
+def plain_module(m: nn.Module, *types: type) -> bool:
+    """Whether ``m`` is exactly one of ``types`` (not a subclass or a wrapper) with no hook of its own and no global
+    one: then calling ``m`` is exactly its class's math, and a fused op may stand in for the call."""
+    return type(m) in types and not has_hooks(m) and not global_hooks()
 
 
 def plain_linear(m: nn.Module) -> bool:
@@ -39,4 +45,4 @@ def plain_linear(m: nn.Module) -> bool:
     such as a quantised linear, nor a wrapper such as PEFT's ``lora.Linear``, whose ``weight`` is its base layer's)
     with no hook of its own or global ones. A fused op that reads the weights may stand in for such a module only;
     any other must be called, or the adapter's term, the quantisation or the hook would be skipped silently."""
-    return type(m) is nn.Linear and not has_hooks(m) and not global_hooks()
+    return plain_module(m, nn.Linear)

@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmkern.ops.routed_linear import partial_lora_linear
+from vlmkern.nn._linear import plain_linear, plain_module
+from vlmkern.ops.routed_linear import check_im_mask, partial_lora_linear
 
 
 class PLoRA(nn.Linear):
@@ -19,8 +21,17 @@ class PLoRA(nn.Linear):
     Args as the original: ``lora_r`` rank, ``lora_alpha`` (scaling ``α/r``), ``lora_dropout`` (adapter input
     only, training only), ``lora_len`` (kept, unused in forward as in the original). Differences from the
     original, none visible after loading a checkpoint: ``weight``/``bias`` get ``nn.Linear``'s default
-    init (the original leaves them uninitialised), and the dropout mask is drawn for all rows from the
-    torch generator (see ``vlmkern.reference.routed_linear``) instead of for the gathered image rows.
+    init (the original leaves them uninitialised), and ``reset_parameters()`` re-draws them (the original's
+    does nothing); since they are drawn first, a seeded construction does not reproduce the original's
+    draws: its ``Plora_A`` is the first draw after the seed, here the third (same distributions, other
+    values). The dropout mask is drawn for all rows from the torch generator (see
+    ``vlmkern.reference.routed_linear``) instead of for the gathered image rows.
+
+    The fused op reads ``Plora_A.weight`` / ``Plora_B.weight`` and the dropout's ``p`` only while both adapter
+    layers are plain ``nn.Linear`` and ``lora_dropout`` a plain ``nn.Dropout`` / ``nn.Identity`` (exact types, no
+    hooks of their own, no global hooks). Otherwise (a hook, a PEFT or quantised wrapper, another dropout
+    module) the modules are called as the original calls them, on the gathered image rows, with its host
+    synchronisation; see :meth:`forward_modules`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
@@ -46,8 +57,31 @@ class PLoRA(nn.Linear):
         if isinstance(im_mask, Tensor) and isinstance(x, Tensor) and im_mask.dim() == 1 and x.dim() > 2 \
                 and im_mask.numel() == math.prod(x.shape[:-1]):
             im_mask = im_mask.reshape(x.shape[:-1])  # the IXC2.5 variant passes the mask flattened
-        return partial_lora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight, im_mask,
-                                   self.lora_scaling, self.lora_dropout_p, self.training)
+        if plain_linear(self.Plora_A) and plain_linear(self.Plora_B) \
+                and plain_module(self.lora_dropout, nn.Dropout, nn.Identity):
+            return partial_lora_linear(x, self.weight, self.bias, self.Plora_A.weight, self.Plora_B.weight,
+                                       im_mask, self.lora_scaling, self.lora_dropout_p, self.training)
+        return self.forward_modules(x, im_mask)
+
+    def forward_modules(self, x: Tensor, im_mask: Tensor | None = None) -> Tensor:
+        """The original's forward, calling ``lora_dropout``, ``Plora_A`` and ``Plora_B`` on the image rows
+        ``x[im_mask]`` (so their hooks fire and wrappers act); shapes as :meth:`forward`. Where no token is an
+        image token the original still runs the adapter on ``x[:, :1]`` and adds it times 0; so does this, but
+        non-finite adapter values are zeroed first, so an fp16 overflow there does not turn the output into NaN
+        (as the fused op, unlike the original)."""
+        if isinstance(x, Tensor):
+            check_im_mask(x, im_mask)
+        res = F.linear(x, self.weight, self.bias)
+        if im_mask is None:
+            return res
+        if im_mask.any():  # a host synchronisation, as the original's torch.sum(im_mask) > 0
+            res[im_mask] += self._adapter(x[im_mask])
+        elif x.dim() > 1:
+            res[..., :1, :] += self._adapter(x[..., :1, :]).nan_to_num(0.0, 0.0, 0.0) * 0
+        return res
+
+    def _adapter(self, rows: Tensor) -> Tensor:
+        return self.Plora_B(self.Plora_A(self.lora_dropout(rows))) * self.lora_scaling
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, "

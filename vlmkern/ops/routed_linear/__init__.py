@@ -41,6 +41,21 @@ def _check_same_dtype(first_name: str, first: Tensor, **tensors) -> None:
 
 
 @once_per_key
+def check_im_mask(x: Tensor, im_mask: Optional[Tensor]) -> None:
+    """``im_mask`` None or a bool ``x.shape[:-1]`` tensor (one flag per token of ``x``); errors name ``im_mask``.
+    Also used by ``nn.PLoRA`` when it calls its adapter modules instead of this op."""
+    if im_mask is None:
+        return
+    if not isinstance(im_mask, Tensor):
+        raise TypeError(f"im_mask must be a bool torch.Tensor or None, got {type(im_mask).__name__}")
+    if im_mask.dtype != torch.bool:
+        raise TypeError(f"im_mask must have dtype bool (True = image token), got "
+                        f"{str(im_mask.dtype).replace('torch.', '')}")
+    if tuple(im_mask.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"im_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one flag per token), "
+                         f"got {tuple(im_mask.shape)}")
+
+
 def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p) -> None:
     check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:
@@ -65,15 +80,7 @@ def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropo
         if bias.shape[0] != out_f:
             raise ValueError(f"bias must have out_features={out_f} elements, got {bias.shape[0]}")
     _check_same_dtype("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
-    if im_mask is not None:
-        if not isinstance(im_mask, Tensor):
-            raise TypeError(f"im_mask must be a bool torch.Tensor or None, got {type(im_mask).__name__}")
-        if im_mask.dtype != torch.bool:
-            raise TypeError(f"im_mask must have dtype bool (True = image token), got "
-                            f"{str(im_mask.dtype).replace('torch.', '')}")
-        if tuple(im_mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"im_mask must have shape x.shape[:-1] = {tuple(x.shape[:-1])} (one flag per token), "
-                             f"got {tuple(im_mask.shape)}")
+    check_im_mask(x, im_mask)
     if not finite_number(scaling):
         raise ValueError(f"scaling must be a finite float (lora_alpha / lora_r), got {scaling!r}")
     check_dropout_p(dropout_p)

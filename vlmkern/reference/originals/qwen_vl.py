@@ -40,7 +40,9 @@ def get_abs_pos(abs_pos, tgt_size):
 
 
 class Resampler(nn.Module):
-    """``forward(x (N, L, kv_dim), attn_mask=None) -> (N, grid_size², embed_dim)``."""
+    """``forward(x (N, L, kv_dim), attn_mask=None) -> (N, grid_size², embed_dim)``. ``__init__`` ends with
+    ``self.apply(self._init_weights)`` as ``visual.py``'s does (trunc-normal std .02 Linear weights, zero biases,
+    LayerNorm 1/0)."""
 
     def __init__(self, grid_size, embed_dim, num_heads, kv_dim=None, norm_layer=nn.LayerNorm):
         super().__init__()
@@ -56,6 +58,16 @@ class Resampler(nn.Module):
         self.attn = nn.MultiheadAttention(embed_dim, num_heads)
         self.ln_q = norm_layer(embed_dim)
         self.ln_kv = norm_layer(embed_dim)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=.02)  # visual.py: trunc_normal_ from torch.nn.init
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
 
     def forward(self, x, attn_mask=None):
         pos_embed = get_abs_pos(self.pos_embed, x.size(1))
