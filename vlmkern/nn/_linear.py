@@ -1,4 +1,4 @@
-"""When a module's submodules (``nn.Linear``, ``nn.LayerNorm``, ...) may be read as weights instead of called."""
+"""When a module's submodules (an ``nn.Linear``, a dropout, an attention) may be read as weights instead of called."""
 from __future__ import annotations
 
 from torch import nn
@@ -10,17 +10,17 @@ def has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
-def global_hooks() -> bool:
-    """Whether module hooks registered for every module (``nn.modules.module.register_module_*_hook``) are set."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+def no_global_hooks() -> bool:
+    """Whether no global module hook is registered (``nn.modules.module.register_module_forward_hook`` etc.): such a
+    hook runs on every module call, so a module read as weights instead of called would skip it."""
+    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
-def plain_module(m: nn.Module, cls: type) -> bool:
-    """Whether ``m`` is a ``cls`` itself (not a subclass, nor a wrapper standing in its place) with no hook of its
-    own or global ones: then calling it is exactly ``cls.forward`` on its own tensors, and a fused op that reads
-    those tensors may stand in for the call. Any other module must be called, or what it adds would be skipped."""
-    return type(m) is cls and not has_hooks(m) and not global_hooks()
+def plain_module(m: nn.Module, *types: type) -> bool:
+    """Whether ``m`` is exactly one of ``types`` (not a subclass or a wrapper) with no hook of its own and no global
+    one: then calling ``m`` is exactly its class's math, and a fused op may stand in for the call."""
+    return type(m) in types and not has_hooks(m) and no_global_hooks()
 
 
 def plain_linear(m: nn.Module) -> bool:
