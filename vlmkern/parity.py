@@ -185,6 +185,7 @@ def case_plora():
 
 
 def case_cogvlm_mlp():
+    _need("transformers.activations")   # the original's MLP builds its act_fn with ACT2FN
     from vlmkern.models.cogvlm import VisionExpertMLP
     cfg = cogvlm.tiny_config()
     types, _, _ = cogvlm.example_inputs("cpu")

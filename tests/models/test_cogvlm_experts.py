@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlmkern.models.cogvlm import VisionExpertAttention, VisionExpertMLP
+from vlmkern.ops.routed_linear import expert_linear
 from vlmkern.reference.originals import cogvlm as original
 from vlmkern.testing import assert_close, assert_no_host_sync
 
@@ -115,7 +116,8 @@ def test_compile_fullgraph(backend, device):
 
 def test_bad_config_and_input():
     with pytest.raises(ValueError, match="hidden_act"):
-        VisionExpertMLP(SimpleNamespace(hidden_size=8, intermediate_size=8, num_attention_heads=2, hidden_act="tanh"))
+        VisionExpertMLP(SimpleNamespace(hidden_size=8, intermediate_size=8, num_attention_heads=2,
+                                        hidden_act="not_an_act"))
     with pytest.raises(ValueError, match="divisible by num_attention_heads"):
         VisionExpertAttention(SimpleNamespace(hidden_size=10, intermediate_size=8, num_attention_heads=4))
     mlp = VisionExpertMLP(CONFIG)
@@ -164,3 +166,109 @@ def test_adapted_expert_layers_are_called_as_the_original_calls_them(backend, de
         torch.testing.assert_close(y, y_orig, atol=1e-5, rtol=1e-5)
         for g, g_orig in zip(grads, grads_orig):
             torch.testing.assert_close(g, g_orig, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------ containers, activations, hooks
+def _doubling_hook(module, args, out):
+    return out * 2
+
+
+def _mlp_pair(config=CONFIG):
+    torch.manual_seed(0)
+    orig = original.VisionExpertMLP(config)
+    ours = VisionExpertMLP(config)
+    ours.load_state_dict(orig.state_dict(), strict=True)
+    return ours, orig
+
+
+@pytest.mark.parametrize("name", ["language_mlp", "vision_mlp", "language_mlp.act_fn", "vision_mlp.act_fn"])
+def test_hook_on_an_expert_container_or_activation_fires_and_acts_as_in_the_original(name):
+    """A hook on an expert MLP container (or its activation) fires on that expert's tokens, as in the original,
+    and an output-changing one changes the result the same way (the routed path skipped the containers)."""
+    ours, orig = _mlp_pair()
+    types, _, _ = original.example_inputs("cpu")
+    x = torch.randn(2, 29, 64)
+    calls = {}
+    for key, m in (("orig", orig), ("ours", ours)):
+        calls[key] = []
+        m.get_submodule(name).register_forward_hook(lambda mod, a, out, c=calls[key]: c.append(tuple(a[0].shape)))
+        m.get_submodule(name).register_forward_hook(_doubling_hook)
+    with torch.no_grad():
+        want, got = orig(x, types), ours(x, types)
+    assert calls["ours"] == calls["orig"] and calls["orig"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_global_forward_hooks_fire_as_in_the_original():
+    from torch.nn.modules.module import register_module_forward_hook
+    ours, orig = _mlp_pair()
+    types, _, _ = original.example_inputs("cpu")
+    x = torch.randn(2, 29, 64)
+    names = {}
+    for key, m in (("orig", orig), ("ours", ours)):
+        seen = []
+        handle = register_module_forward_hook(lambda mod, a, out: seen.append(mod))
+        try:
+            with torch.no_grad():
+                m(x, types)
+        finally:
+            handle.remove()
+        names[key] = sorted(n for n, sub in m.named_modules() if any(s is sub for s in seen))
+    assert names["ours"] == names["orig"]
+    assert {"language_mlp", "vision_mlp", "vision_mlp.act_fn"} <= set(names["orig"])
+
+
+def test_each_expert_applies_its_own_activation():
+    """A replaced ``vision_mlp.act_fn`` acts on the vision tokens only, as in the original (before, the language
+    expert's activation was applied to both)."""
+    from torch import nn
+    ours, orig = _mlp_pair()
+    types, _, _ = original.example_inputs("cpu")
+    x = torch.randn(2, 29, 64)
+    for m in (orig, ours):
+        m.vision_mlp.act_fn = nn.ReLU()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, types), orig(x, types), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu"])
+def test_activation_is_transformers_module_and_stays_routed(hidden_act, monkeypatch):
+    """``act_fn`` is the original's ``ACT2FN[config.hidden_act]`` module (any ACT2FN name, in named_modules());
+    the routed path (three ``expert_linear`` calls, no gather) is kept for two equal plain activations."""
+    import vlmkern.models.cogvlm as cog
+    from transformers.activations import ACT2FN
+    config = SimpleNamespace(**{**vars(CONFIG), "hidden_act": hidden_act})
+    ours, orig = _mlp_pair(config)
+    for m in (ours, orig):
+        assert type(m.language_mlp.act_fn) is type(ACT2FN[hidden_act])
+        assert isinstance(m.vision_mlp.act_fn, torch.nn.Module)
+    assert {n for n, _ in ours.named_modules()} == {n for n, _ in orig.named_modules()}
+    routed = []
+    monkeypatch.setattr(cog, "expert_linear", lambda *a, **k: routed.append(1) or expert_linear(*a, **k))
+    types, _, _ = original.example_inputs("cpu")
+    x = torch.randn(2, 29, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, types), orig(x, types), atol=1e-5, rtol=1e-5)
+    assert len(routed) == 3
+
+
+def test_activation_fallback_without_transformers(monkeypatch):
+    """Without transformers the local table gives modules for the names CogVLM uses; other names are refused."""
+    import sys
+    monkeypatch.setitem(sys.modules, "transformers.activations", None)   # import raises ImportError
+    m = VisionExpertMLP(CONFIG)
+    assert type(m.language_mlp.act_fn) is torch.nn.SiLU and m._routable()
+    with pytest.raises(ValueError, match="config.hidden_act must be one of"):
+        VisionExpertMLP(SimpleNamespace(**{**vars(CONFIG), "hidden_act": "gelu_new"}))
+
+
+def test_mlp_construction_matches_the_original():
+    """The original ``MLP`` keeps ``hidden_size``, ``intermediate_size`` and an ``act_fn`` module; the port and the
+    drop-in both do (same module names, same attribute values, same activation type)."""
+    ours, orig = _mlp_pair()
+    for name in ("language_mlp", "vision_mlp"):
+        o, m = orig.get_submodule(name), ours.get_submodule(name)
+        assert (o.hidden_size, o.intermediate_size) == (CONFIG.hidden_size, CONFIG.intermediate_size)
+        assert (m.hidden_size, m.intermediate_size) == (o.hidden_size, o.intermediate_size)
+        assert isinstance(o.act_fn, torch.nn.Module) and type(m.act_fn) is type(o.act_fn)
+    assert {n for n, _ in ours.named_modules()} == {n for n, _ in orig.named_modules()}

@@ -282,3 +282,94 @@ def test_one_hr_map_for_every_row():
         got = ours(images, aux)[1]
         want = ours(images, aux.expand(3, -1, -1, -1).contiguous())[1]
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------ hooks, wrappers, replaced layers
+PROJECTOR_NAMES = [f"vlm_uni_{p}_projector{s}" for p in ("query", "aux", "val") for s in ("", ".0", ".1")]
+
+
+def _doubling_hook(module, args, out):
+    return out * 2
+
+
+def _plain_pair_and_inputs():
+    torch.manual_seed(0)
+    orig, ours = _pair(16, 24, "cpu", torch.float32)
+    images, images_aux, _ = _inputs(2, 2, 3, 16, 24, "cpu", torch.float32)
+    return orig, ours, images, images_aux
+
+
+@pytest.mark.parametrize("name", PROJECTOR_NAMES)
+def test_forward_hook_on_a_projector_fires_and_acts_as_in_the_original(name):
+    """A hook on a projector or its LayerNorm / Linear (steering, ablation): the original calls that module, so
+    the drop-in must too; reading its tensors instead skipped the hook silently (0.2-0.6 off)."""
+    orig, ours, images, images_aux = _plain_pair_and_inputs()
+    calls = []
+    for m in (orig, ours):
+        m.get_submodule(name).register_forward_hook(lambda mod, a, out: calls.append(tuple(a[0].shape)))
+        m.get_submodule(name).register_forward_hook(_doubling_hook)
+    want = orig(images, images_aux)[1]
+    n_orig = len(calls)
+    got = ours(images, images_aux)[1]
+    assert calls[n_orig:] == calls[:n_orig]             # fired as often, on the same shapes
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_wrapped_or_replaced_projector_layers_act_as_in_the_original():
+    """A PEFT-style adapter on a projector Linear and a LayerNorm subclass in a projector: called as the original
+    calls them, so the output and the adapter's gradients are the original's."""
+    from vlmkern.testing import adapt_
+
+    class ShiftedLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) + 0.5
+
+    orig, ours, images, images_aux = _plain_pair_and_inputs()
+    runs = []
+    for m in (orig, ours):
+        torch.manual_seed(1)                            # the same adapter weights in both
+        adapter = adapt_(m, "vlm_uni_aux_projector.1")
+        with torch.no_grad():
+            adapter.lora_B.weight.normal_()
+        old = m.vlm_uni_val_projector[0]
+        m.vlm_uni_val_projector[0] = ShiftedLayerNorm(old.normalized_shape, eps=old.eps)
+        m.vlm_uni_val_projector[0].load_state_dict(old.state_dict())
+        out = m(images, images_aux)[1]
+        out.square().mean().backward()
+        runs.append((out.detach(), adapter.lora_A.weight.grad, adapter.lora_B.weight.grad))
+    for got, want in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_global_forward_hooks_fire_as_in_the_original():
+    """``register_module_forward_hook`` (every module): each projector module the original calls is called."""
+    from torch.nn.modules.module import register_module_forward_hook
+    orig, ours, images, images_aux = _plain_pair_and_inputs()
+    seen = []
+    handle = register_module_forward_hook(lambda mod, a, out: seen.append(mod))
+    try:
+        orig(images, images_aux)
+        names_orig = sorted(n for n, m in orig.named_modules() if any(s is m for s in seen))
+        seen.clear()
+        ours(images, images_aux)
+        names_ours = sorted(n for n, m in ours.named_modules() if any(s is m for s in seen))
+    finally:
+        handle.remove()
+    assert names_orig == sorted([""] + PROJECTOR_NAMES)
+    assert names_ours == names_orig
+
+
+def test_fused_op_only_for_plain_projectors(monkeypatch):
+    """The fused op stands in for plain projectors (the fast path stays), and not once one is hooked."""
+    import vlmkern.models.mini_gemini as mgm
+    calls = []
+    monkeypatch.setattr(mgm, "patch_info_mining", lambda *a, **k: calls.append(1) or ops_patch_info_mining(*a, **k))
+    orig, ours, images, images_aux = _plain_pair_and_inputs()
+    torch.testing.assert_close(ours(images, images_aux)[1], orig(images, images_aux)[1], atol=1e-5, rtol=1e-4)
+    assert calls == [1]
+    handle = ours.vlm_uni_query_projector.register_forward_pre_hook(lambda mod, a: None)
+    ours(images, images_aux)
+    assert calls == [1]
+    handle.remove()
+    ours(images, images_aux)
+    assert calls == [1, 1]

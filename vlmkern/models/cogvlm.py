@@ -5,13 +5,16 @@ original gathers each modality with a boolean mask and scatters back (a host syn
 linear is ``vlmkern.ops.expert_linear`` keyed by a per-token expert id, computed on device with
 ``cogvlm_expert_ids`` (vision expert iff a token and the next one are vision-type: ``boi`` + patches; the
 ``eoi`` token uses the language expert). The two experts' ``nn.Linear`` weights are used in place (an expert
-layer wrapped by an adapter or hooked is called instead, as the original calls it), so the state-dict keys are
-the original's (``{language,vision}_mlp.{gate,up,down}_proj.weight``,
+layer wrapped by an adapter or hooked is called instead, as the original calls it; ``VisionExpertMLP`` calls its
+two expert containers on their own tokens, as the original, when one is hooked or replaced or their activations
+differ), so the state-dict keys are the original's (``{language,vision}_mlp.{gate,up,down}_proj.weight``,
 ``{language,vision}_expert_{query_key_value,dense}.weight``, ``rotary_emb.inv_freq``).
 """
 from __future__ import annotations
 
+import functools
 import math
+import types
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +24,7 @@ from torch import Tensor, nn
 
 from vlmkern.models._config import positive_int
 from vlmkern.models.cogagent import CrossAttention  # noqa: F401  (CogAgent layers live beside CogVLM's)
-from vlmkern.nn._linear import plain_linear
+from vlmkern.nn._linear import has_hooks, plain_linear, plain_module
 from vlmkern.ops.checks import check_same_device, check_tensor, check_weight_dtype
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear
 
@@ -36,7 +39,8 @@ class CogVLMConfig:
         intermediate_size: SwiGLU MLP width (11008); read by ``VisionExpertMLP``.
         num_attention_heads: attention heads, ``hidden_size`` must be divisible by it (32 heads of 128); read by
             ``VisionExpertAttention``.
-        hidden_act: MLP activation, one of ``silu`` (= ``swish``), ``gelu``, ``relu`` (``silu``).
+        hidden_act: MLP activation, a name of transformers' ``ACT2FN`` (``silu``); without transformers one of
+            ``silu`` (= ``swish``), ``gelu``, ``relu``.
         max_position_embeddings: kept on the attention module as the original does (2048).
     """
 
@@ -47,6 +51,16 @@ class CogVLMConfig:
     max_position_embeddings: int = 2048
 
 
+def _per_expert(x: Tensor, language, vision, on_vision: Tensor) -> Tensor:
+    """The original's boolean gather and scatter (a host synchronisation): ``vision`` called on the tokens where
+    ``on_vision`` (``x.shape[:-1]``, bool) holds, then ``language`` on the others."""
+    image, text = vision(x[on_vision]), language(x[~on_vision])
+    out = text.new_empty(*x.shape[:-1], text.shape[-1])
+    out[on_vision] = image.to(out.dtype)
+    out[~on_vision] = text
+    return out
+
+
 def _routed(x: Tensor, language: nn.Module, vision: nn.Module, ids: Tensor) -> Tensor:
     """Token ``t`` through ``language`` (``ids[t] == 0``) or ``vision`` (1): one ``expert_linear`` over their
     weights. An expert layer that is not a plain ``nn.Linear`` without hooks (an adapter such as PEFT LoRA, a
@@ -54,12 +68,7 @@ def _routed(x: Tensor, language: nn.Module, vision: nn.Module, ids: Tensor) -> T
     synchronisation): reading its weights would skip what is attached to it."""
     if plain_linear(language) and plain_linear(vision):
         return expert_linear(x, [language.weight, vision.weight], ids, validate_ids=False)
-    on_vision = ids.bool()
-    text, image = language(x[~on_vision]), vision(x[on_vision])
-    out = text.new_empty(*x.shape[:-1], text.shape[-1])
-    out[~on_vision] = text
-    out[on_vision] = image.to(out.dtype)
-    return out
+    return _per_expert(x, language, vision, ids.bool())
 
 
 def _check_tokens(hidden_states, token_type_ids, weight: Tensor) -> None:
@@ -103,18 +112,66 @@ def _cfg(config, name: str) -> int:
     return positive_int(config, name, CogVLMConfig)
 
 
-_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+# Without transformers: the activations CogVLM releases use (all silu), as modules like ACT2FN's.
+_ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def _activation(config):
+def _activation(config) -> nn.Module:
+    """The original's ``ACT2FN[config.hidden_act]`` (a module, any name transformers knows), or the local table's
+    module when transformers is not importable. ValueError naming ``config.hidden_act`` for an unknown name."""
     name = getattr(config, "hidden_act", "silu")
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"config.hidden_act must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
-    return _ACTIVATIONS[name]
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError:
+        ACT2FN = None
+    table = _ACTIVATIONS if ACT2FN is None else ACT2FN
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"config.hidden_act must be one of {sorted(table)}, got {name!r}")
+    return _ACTIVATIONS[name]() if ACT2FN is None else ACT2FN[name]
+
+
+# Parameter-free elementwise activations (with transformers' own, ``transformers.activations``): one call on every
+# token's gate computes what each expert's call on its own tokens does.
+_ELEMENTWISE = (nn.SiLU, nn.GELU, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Mish)
+
+
+def _setting(value):
+    """A comparable form of an activation's attribute: ``partial`` and bound methods compare by what they call."""
+    if isinstance(value, functools.partial):
+        return value.func, value.args, tuple(sorted(value.keywords.items()))
+    if isinstance(value, types.MethodType):
+        return value.__func__
+    return value
+
+
+def _settings(act: nn.Module) -> Optional[dict]:
+    """``act``'s public attributes (``approximate``, ``act``, ...) or None where one is a tensor (not comparable)."""
+    items = {}
+    for k, v in vars(act).items():
+        if k[0] != "_" and k != "training":
+            if isinstance(v, Tensor):
+                return None
+            items[k] = _setting(v)
+    return items
+
+
+def _same_elementwise_activation(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` are one known parameter-free elementwise activation with the same settings and
+    nothing attached (hooks; the caller checks global ones): then the routed path may apply ``a`` once to every
+    token's gate, where the original applies each expert's own to its tokens."""
+    kind = type(a)
+    if kind is not type(b) or not (kind in _ELEMENTWISE or kind.__module__ == "transformers.activations"):
+        return False
+    if (a._parameters or b._parameters or a._buffers or b._buffers or a._modules or b._modules
+            or has_hooks(a) or has_hooks(b)):
+        return False
+    settings = _settings(a)
+    return settings is not None and settings == _settings(b)
 
 
 class ExpertMLP(nn.Module):
-    """One expert's SwiGLU MLP weights (``CogvlmMLP`` layout: ``gate_proj``, ``up_proj``, ``down_proj``)."""
+    """One expert's SwiGLU MLP, the original ``MLP``: ``gate_proj``, ``up_proj``, ``down_proj`` and
+    ``act_fn = ACT2FN[config.hidden_act]`` (a module; the local table's without transformers)."""
 
     def __init__(self, config: CogVLMConfig):
         super().__init__()
@@ -145,9 +202,18 @@ class VisionExpertMLP(nn.Module):
         _check_tokens(hidden_states, token_type_ids, self.language_mlp.gate_proj.weight)
         ids = cogvlm_expert_ids(token_type_ids)  # in [0, 2) by construction: no value check needed
         lang, vis = self.language_mlp, self.vision_mlp
+        if not self._routable():
+            return _per_expert(hidden_states, lang, vis, ids.bool())
         gate = _routed(hidden_states, lang.gate_proj, vis.gate_proj, ids)
         up = _routed(hidden_states, lang.up_proj, vis.up_proj, ids)
         return _routed(lang.act_fn(gate) * up, lang.down_proj, vis.down_proj, ids)
+
+    def _routable(self) -> bool:
+        """Whether the routed path computes what calling the two containers would: both plain ``ExpertMLP``s (no
+        hook, wrapper or replacement, no global hooks) with the same known elementwise activation."""
+        lang, vis = self.language_mlp, self.vision_mlp
+        return (plain_module(lang, ExpertMLP) and plain_module(vis, ExpertMLP)
+                and _same_elementwise_activation(lang.act_fn, vis.act_fn))
 
 
 class RotaryEmbedding(nn.Module):
