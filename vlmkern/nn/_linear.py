@@ -40,19 +40,6 @@ def plain_module(m: nn.Module, *types: type) -> bool:
     return type(m) in types and not has_hooks(m) and not global_hooks()
 
 
-def no_global_hooks() -> bool:
-    """Whether no global module hook is registered (``nn.modules.module.register_module_forward_hook`` etc.): such a
-    hook runs on every module call, so a module read as weights instead of called would skip it."""
-    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks
-                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
-
-
-def plain_module(m: nn.Module, *types: type) -> bool:
-    """Whether ``m`` is exactly one of ``types`` (not a subclass or a wrapper) with no hook of its own and no global
-    one: then calling ``m`` is exactly its class's math, and a fused op may stand in for the call."""
-    return type(m) in types and not has_hooks(m) and no_global_hooks()
-
-
 def plain_linear(m: nn.Module) -> bool:
     """Whether calling ``m`` is exactly ``F.linear(x, m.weight, m.bias)``: an ``nn.Linear`` itself (not a subclass
     such as a quantised linear, nor a wrapper such as PEFT's ``lora.Linear``, whose ``weight`` is its base layer's)
