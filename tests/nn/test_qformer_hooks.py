@@ -14,7 +14,6 @@ from transformers.activations import GELUActivation  # noqa: E402
 from vlmkern import ops  # noqa: E402
 from vlmkern.models.blip2 import Blip2QFormerModel  # noqa: E402
 from vlmkern.models.instructblip import InstructBlipQFormerModel  # noqa: E402
-from vlmkern.nn.qformer import exact_gelu  # noqa: E402
 from vlmkern.testing import randomize_  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")   # transformers' deprecation chatter
@@ -108,6 +107,8 @@ def test_other_activations_match(hidden_act):
 
 def test_fused_gelu_runs_only_for_plain_exact_gelu(monkeypatch):
     """The default activation still takes ``vlmkern::linear_gelu``; any change to it is called instead."""
+    from vlmkern.nn.qformer import exact_gelu
+
     hf, ours = blip2_pair()
     fused = []
     real = ops.linear_gelu

@@ -254,15 +254,6 @@ def _activation(hidden_act) -> nn.Module:
     return ACT2FN[hidden_act]
 
 
-@functools.lru_cache(maxsize=None)
-def _hf_gelu_type() -> Optional[type]:
-    try:
-        from transformers.activations import GELUActivation
-        return GELUActivation
-    except Exception:  # transformers is optional
-        return None
-
-
 def exact_gelu(act) -> bool:
     """Whether calling ``act`` is exactly ``F.gelu(x)`` (erf), so that ``vlmkern::linear_gelu`` may stand in for
     it: transformers' ``GELUActivation`` with ``F.gelu`` (not its Python variant) or ``nn.GELU()`` (not tanh), of
@@ -271,8 +262,8 @@ def exact_gelu(act) -> bool:
     kind = type(act)
     if kind is nn.GELU:
         exact = act.approximate == "none"
-    elif kind is _hf_gelu_type():
-        exact = act.__dict__.get("act") is F.gelu
+    elif kind.__qualname__ == "GELUActivation" and kind.__module__ == "transformers.activations":
+        exact = act.__dict__.get("act") is F.gelu      # by name: no transformers import (optional) per call
     else:
         return False
     return exact and not has_hooks(act) and "forward" not in act.__dict__
