@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_weights
+from vlmkern.nn.qformer import AttentionMask, QFormerEncoder, init_qformer_module
 from vlmkern.ops.checks import FLOATS, check_tensor
 from vlmkern.ops.dispatch import eager_mode, values_readable
 
@@ -136,6 +136,19 @@ def _select(hidden_states: Optional[tuple], selection: Optional[set[int]]) -> Op
     return tuple(h if i in selection else None for i, h in enumerate(hidden_states))
 
 
+def _floating_dtype(dtype, model_name: str) -> Optional[torch.dtype]:
+    """``dtype`` (a ``torch.dtype``, its name such as ``"bfloat16"``, or ``None``) as a floating ``torch.dtype``."""
+    if dtype is None:
+        return None
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
+    if not resolved.is_floating_point:
+        raise ValueError(f"{model_name} cannot be instantiated under dtype={resolved} as it's not a floating-point "
+                         f"dtype")
+    return resolved
+
+
 class QFormerModelBase(nn.Module):
     """What both Q-Former models share: the encoder run, masks, outputs and ``from_transformers``."""
 
@@ -166,6 +179,54 @@ class QFormerModelBase(nn.Module):
         model.reset_buffers()
         model.load_state_dict(hf_model.state_dict(), strict=True)
         return model.train(hf_model.training)
+
+    @classmethod
+    def _from_config(cls, config, **kwargs) -> "QFormerModelBase":
+        """transformers' ``PreTrainedModel._from_config`` (how ``Blip2ForConditionalGeneration`` builds its
+        Q-Former): ``cls(config)`` built with torch's default dtype set to ``dtype`` (default ``config.dtype``;
+        the deprecated ``torch_dtype`` is taken where ``dtype`` is not given), which is recorded on
+        ``config.dtype``; ``attn_implementation`` is recorded on the config (the kernels run in place of any)."""
+        dtype = kwargs.pop("dtype", getattr(config, "dtype", None))
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        if torch_dtype is not None and dtype == getattr(config, "dtype", None):
+            dtype = torch_dtype
+        dtype = _floating_dtype(dtype, cls.__name__)
+        config.dtype = dtype
+        for name in getattr(config, "sub_configs", None) or {}:
+            if getattr(config, name, None) is not None:
+                getattr(config, name).dtype = dtype
+        if "attn_implementation" in kwargs:
+            config._attn_implementation = kwargs.pop("attn_implementation")
+        if dtype is None:
+            return cls(config, **kwargs)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return cls(config, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    @classmethod
+    def from_config(cls, config, **kwargs) -> "QFormerModelBase":
+        """``AutoModel.from_config``-style construction: :meth:`_from_config`."""
+        return cls._from_config(config, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """transformers' ``_init_weights`` for one module: Linear/Embedding ``N(0, config.initializer_range)``,
+        zero biases and padding row, LayerNorm ``(1, 0)``."""
+        init_qformer_module(module, getattr(self.config, "initializer_range", None) or 0.02)
+
+    def init_weights(self) -> None:
+        """transformers' ``init_weights``: :meth:`_init_weights` on every module, children before parents (its
+        order: a seed gives its values), then the computed buffers (:meth:`reset_buffers`). What a model built
+        on the meta device needs after ``to_empty()``. Unlike transformers, which skips modules it initialised
+        before (``_is_hf_initialized``), every call initialises every module again."""
+        self.apply(self._init_weights)
+        self.reset_buffers()
+
+    def post_init(self) -> None:
+        """transformers' ``post_init``, which the constructor runs last: :meth:`init_weights`."""
+        self.init_weights()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -337,7 +398,7 @@ class Blip2QFormerModel(QFormerModelBase):
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.encoder = QFormerEncoder(config, text_ffn=bool(getattr(config, "use_qformer_text_input", False)))
-        init_qformer_weights(self, config.initializer_range)
+        self.post_init()
 
     def get_input_embeddings(self):
         return None  # as transformers: the Q-Former owns no input embeddings

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from vlmkern.models.blip2 import QFormerModelBase, check_ids
-from vlmkern.nn.qformer import QFormerEncoder, QFormerTextEmbeddings, init_qformer_weights
+from vlmkern.nn.qformer import QFormerEncoder, QFormerTextEmbeddings
 from vlmkern.ops.checks import FLOATS, check_tensor
 
 _ID_DTYPES = (torch.int64, torch.int32)
@@ -29,7 +29,7 @@ class InstructBlipQFormerModel(QFormerModelBase):
         self.config = config
         self.embeddings = QFormerTextEmbeddings(config)
         self.encoder = QFormerEncoder(config, text_ffn=True)
-        init_qformer_weights(self, config.initializer_range)
+        self.post_init()
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings

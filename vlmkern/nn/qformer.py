@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmkern import ops
-from vlmkern.nn._linear import plain_linear
+from vlmkern.nn._linear import has_hooks, plain_linear
 from vlmkern.ops.checks import check_tensor
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -155,6 +155,7 @@ class QFormerMultiHeadAttention(nn.Module):
         self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.all_head_size = self.num_attention_heads * self.attention_head_size
         self.scaling = self.attention_head_size ** -0.5
+        self.is_causal = False          # read by transformers' attention interfaces, as on the original
         self.attention_dropout = config.attention_probs_dropout_prob
         kv_in = config.encoder_hidden_size if is_cross_attention else config.hidden_size
         self.query = nn.Linear(config.hidden_size, self.all_head_size)
@@ -223,33 +224,65 @@ class QFormerAttention(nn.Module):
 
     def forward(self, hidden_states: Tensor, mask: AttentionMask = AttentionMask(),
                 encoder_hidden_states: Optional[Tensor] = None, encoder_batch_index: Optional[Tensor] = None,
-                need_weights: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        attn, probs = self.attention(hidden_states, mask, encoder_hidden_states, encoder_batch_index, need_weights)
-        return self.output(attn, hidden_states), probs
+                attentions: Optional[list] = None) -> Tensor:
+        """``hidden_states (B, L, D)`` -> ``(B, L, D)``, a tensor as transformers v5 returns (a forward hook
+        written for it, e.g. ``lambda m, i, o: o * 2``, works here too).
+
+        ``attentions``: the side channel for the weights (transformers captures them with hooks on the inner
+        ``attention``): a list to which ``probs (B, H, L, Lk)`` is appended; ``None`` (default) does not compute
+        them."""
+        attn, probs = self.attention(hidden_states, mask, encoder_hidden_states, encoder_batch_index,
+                                     attentions is not None)
+        if attentions is not None:
+            attentions.append(probs)
+        return self.output(attn, hidden_states)
 
 
-def _activation(name_or_fn):
-    if callable(name_or_fn):
-        return name_or_fn
-    from transformers.activations import ACT2FN  # only for activations other than exact GELU
-    return ACT2FN[name_or_fn]
+def _activation(hidden_act) -> nn.Module:
+    """The original's ``intermediate_act_fn``: transformers' ``ACT2FN[hidden_act]`` (a module of its own, listed
+    in ``named_modules()``) for a name, the object itself otherwise; ``nn.GELU()`` for ``"gelu"`` without
+    transformers."""
+    if not isinstance(hidden_act, str):
+        return hidden_act
+    try:
+        from transformers.activations import ACT2FN
+    except Exception as exc:  # transformers is an optional dependency
+        if hidden_act == "gelu":
+            return nn.GELU()
+        raise ValueError(f"hidden_act={hidden_act!r} needs transformers' ACT2FN (only 'gelu' works without "
+                         f"transformers): {exc}") from exc
+    return ACT2FN[hidden_act]
+
+
+def exact_gelu(act) -> bool:
+    """Whether calling ``act`` is exactly ``F.gelu(x)`` (erf), so that ``vlmkern::linear_gelu`` may stand in for
+    it: transformers' ``GELUActivation`` with ``F.gelu`` (not its Python variant) or ``nn.GELU()`` (not tanh), of
+    that exact type (not a subclass), with no hooks of its own and no ``forward`` replaced on the instance (hub
+    kernels); global hooks are :func:`plain_linear`'s check. Any other activation is called."""
+    kind = type(act)
+    if kind is nn.GELU:
+        exact = act.approximate == "none"
+    elif kind.__qualname__ == "GELUActivation" and kind.__module__ == "transformers.activations":
+        exact = act.__dict__.get("act") is F.gelu      # by name: no transformers import (optional) per call
+    else:
+        return False
+    return exact and not has_hooks(act) and "forward" not in act.__dict__
 
 
 class QFormerIntermediate(nn.Module):
-    """``BertIntermediate``: ``act(dense(h))``; exact GELU (``hidden_act="gelu"``, every released Q-Former) runs
-    as one ``vlmkern::linear_gelu``."""
+    """``BertIntermediate``: ``intermediate_act_fn(dense(h))``. While ``dense`` is a plain ``nn.Linear`` and the
+    activation exact GELU (``hidden_act="gelu"``, every released Q-Former; see :func:`exact_gelu`), both run as
+    one ``vlmkern::linear_gelu``; a replaced activation, an adapter or a hook on either is called as in the
+    original."""
 
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fused_gelu = config.hidden_act == "gelu"
-        self.intermediate_act_fn = None if self.fused_gelu else _activation(config.hidden_act)
+        self.intermediate_act_fn = _activation(config.hidden_act)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        if self.fused_gelu:
-            if plain_linear(self.dense):
-                return ops.linear_gelu(hidden_states, self.dense.weight, self.dense.bias)
-            return F.gelu(self.dense(hidden_states))    # an adapter / hook on dense: called, as the original
+        if plain_linear(self.dense) and exact_gelu(self.intermediate_act_fn):
+            return ops.linear_gelu(hidden_states, self.dense.weight, self.dense.bias)
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
@@ -264,13 +297,6 @@ class QFormerOutput(nn.Module):
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
-
-
-@dataclass
-class LayerOutput:
-    hidden_states: Tensor
-    self_attention: Optional[Tensor] = None
-    cross_attention: Optional[Tensor] = None
 
 
 class QFormerLayer(nn.Module):
@@ -306,21 +332,24 @@ class QFormerLayer(nn.Module):
     def forward(self, hidden_states: Tensor, self_mask: AttentionMask = AttentionMask(),
                 encoder_hidden_states: Optional[Tensor] = None, cross_mask: AttentionMask = AttentionMask(),
                 query_length: int = 0, encoder_batch_index: Optional[Tensor] = None,
-                need_weights: bool = False) -> LayerOutput:
-        """``hidden_states (B, L, D)``, rows ``[:query_length]`` are the learned queries -> ``(B, L, D)``."""
-        x, self_probs = self.attention(hidden_states, self_mask, need_weights=need_weights)
+                attentions: Optional[list] = None) -> Tensor:
+        """``hidden_states (B, L, D)``, rows ``[:query_length]`` are the learned queries -> ``(B, L, D)`` (a tensor,
+        as transformers v5's layer returns).
+
+        ``attentions``: a list to which the self-attention weights, then (query rows present and the layer has
+        cross-attention) the cross-attention weights are appended; ``None`` computes no weights."""
+        x = self.attention(hidden_states, self_mask, attentions=attentions)
         if query_length <= 0:
-            return LayerOutput(self._text_ffn(x), self_probs)
-        xq, cross_probs = x[:, :query_length], None
+            return self._text_ffn(x)
+        xq = x[:, :query_length]
         if self.has_cross_attention:
             if encoder_hidden_states is None:
                 raise ValueError(f"encoder_hidden_states must be given: layer {self.layer_idx} has cross-attention")
-            xq, cross_probs = self.crossattention(xq, cross_mask, encoder_hidden_states, encoder_batch_index,
-                                                  need_weights)
+            xq = self.crossattention(xq, cross_mask, encoder_hidden_states, encoder_batch_index, attentions)
         out = self._query_ffn(xq)
         if x.shape[1] > query_length:
             out = torch.cat([out, self._text_ffn(x[:, query_length:])], dim=1)
-        return LayerOutput(out, self_probs, cross_probs)
+        return out
 
 
 @dataclass
@@ -366,21 +395,19 @@ class QFormerEncoder(nn.Module):
         all_hidden = [hidden_states] if output_hidden_states else None
         attentions, cross = ([], []) if output_attentions else (None, None)
         for i, layer in enumerate(self.layer):
-            args = (hidden_states, self_mask, encoder_hidden_states, cross_mask, query_length, encoder_batch_index,
-                    output_attentions)
+            args = (hidden_states, self_mask, encoder_hidden_states, cross_mask, query_length, encoder_batch_index)
             if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
                     and i % self.checkpoint_every == 0):
-                out = LayerOutput(*self._gradient_checkpointing_func(_layer_tensors, layer, *args))
+                hidden_states, *probs = self._gradient_checkpointing_func(_layer_tensors, layer, output_attentions,
+                                                                          *args)
             else:
-                out = layer(*args)
-            hidden_states = out.hidden_states
+                probs = [] if output_attentions else None
+                hidden_states = layer(*args, attentions=probs)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             if output_attentions:
-                attentions.append(out.self_attention)
-                if out.cross_attention is not None:
-                    attentions.append(out.cross_attention)
-                    cross.append(out.cross_attention)
+                attentions.extend(probs)
+                cross.extend(probs[1:])             # the layer's cross-attention, where it ran
         return EncoderOutput(hidden_states, None if all_hidden is None else tuple(all_hidden),
                              None if attentions is None else tuple(attentions), None if cross is None else tuple(cross))
 
@@ -388,10 +415,12 @@ class QFormerEncoder(nn.Module):
 _CHECKPOINT = functools.partial(checkpoint, use_reentrant=False)
 
 
-def _layer_tensors(layer: QFormerLayer, *args) -> tuple:
-    """``layer(*args)`` as a tuple of tensors (or None): a reentrant checkpoint tracks tensor outputs only."""
-    out = layer(*args)
-    return out.hidden_states, out.self_attention, out.cross_attention
+def _layer_tensors(layer: QFormerLayer, need_weights: bool, *args) -> tuple:
+    """``(hidden_states, *attention weights)`` of ``layer(*args)``: a checkpoint function returns tensors (a
+    reentrant checkpoint tracks tensor outputs only), so the weights come back as outputs, not in a list."""
+    probs = [] if need_weights else None
+    out = layer(*args, attentions=probs)
+    return (out, *probs) if need_weights else (out,)
 
 
 class QFormerTextEmbeddings(nn.Module):
@@ -439,10 +468,10 @@ class QFormerTextEmbeddings(nn.Module):
         return self.dropout(self.layernorm(embeddings))
 
 
-def init_qformer_weights(module: nn.Module, std: float) -> None:
-    """transformers' ``_init_weights`` for these modules: Linear/Embedding ``N(0, std)``, zero bias and padding
-    row, LayerNorm ``(1, 0)``."""
-    for m in module.modules():
+def init_qformer_module(m: nn.Module, std: float) -> None:
+    """transformers' ``_init_weights`` for one module (its own parameters only): Linear/Embedding ``N(0, std)``,
+    zero bias and padding row, LayerNorm ``(1, 0)``; any other module is left as it is."""
+    with torch.no_grad():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
@@ -450,13 +479,18 @@ def init_qformer_weights(module: nn.Module, std: float) -> None:
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.padding_idx is not None:
-                with torch.no_grad():
-                    m.weight[m.padding_idx].zero_()
+                m.weight[m.padding_idx].zero_()
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
 
+def init_qformer_weights(module: nn.Module, std: float) -> None:
+    """:func:`init_qformer_module` on every submodule of ``module``, children before parents (transformers' order,
+    so a seed gives transformers' values)."""
+    module.apply(functools.partial(init_qformer_module, std=std))
+
+
 __all__ = ["AttentionMask", "QFormerAttention", "QFormerEncoder", "QFormerIntermediate", "QFormerLayer",
            "QFormerMultiHeadAttention", "QFormerOutput", "QFormerSelfOutput", "QFormerTextEmbeddings",
-           "eager_attention", "init_qformer_weights"]
+           "eager_attention", "exact_gelu", "init_qformer_module", "init_qformer_weights"]
