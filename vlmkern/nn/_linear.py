@@ -1,6 +1,7 @@
 """When a module's submodules (an ``nn.Linear``, a dropout, an attention) may be read as weights instead of called."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -21,17 +22,21 @@ def global_hooks() -> bool:
 
 
 def exact_gelu(act: nn.Module) -> bool:
-    """Whether module ``act`` computes exact (erf) GELU: ``nn.GELU()`` or transformers' ``ACT2FN["gelu"]``
-    (``GELUActivation``, whose python variant computes the same erf formula)."""
-    if type(act) is nn.GELU:
+    """Whether module ``act`` is ``F.gelu`` (erf): ``nn.GELU()`` (not tanh) or transformers' ``ACT2FN["gelu"]``
+    (``GELUActivation`` with ``F.gelu``, not its Python variant), of that exact type (not a subclass). Recognised
+    by name: no transformers import (optional) per call."""
+    kind = type(act)
+    if kind is nn.GELU:
         return act.approximate == "none"
-    return type(act).__name__ == "GELUActivation"
+    if kind.__qualname__ == "GELUActivation" and kind.__module__ == "transformers.activations":
+        return act.__dict__.get("act") is F.gelu
+    return False
 
 
 def plain_gelu(act: nn.Module) -> bool:
     """Whether calling ``act`` is exactly ``F.gelu(x)`` with nothing attached: :func:`exact_gelu` without hooks
     of its own or global ones, so a kernel's fused GELU may stand in for it."""
-    return exact_gelu(act) and plain_module(act, type(act))
+    return exact_gelu(act) and not has_hooks(act) and not global_hooks()
 
 
 def plain_module(m: nn.Module, *types: type) -> bool:

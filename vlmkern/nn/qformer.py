@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmkern import ops
-from vlmkern.nn._linear import has_hooks, plain_linear
+from vlmkern.nn._linear import plain_gelu, plain_linear
 from vlmkern.ops.checks import check_tensor
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -254,24 +254,9 @@ def _activation(hidden_act) -> nn.Module:
     return ACT2FN[hidden_act]
 
 
-def exact_gelu(act) -> bool:
-    """Whether calling ``act`` is exactly ``F.gelu(x)`` (erf), so that ``vlmkern::linear_gelu`` may stand in for
-    it: transformers' ``GELUActivation`` with ``F.gelu`` (not its Python variant) or ``nn.GELU()`` (not tanh), of
-    that exact type (not a subclass), with no hooks of its own and no ``forward`` replaced on the instance (hub
-    kernels); global hooks are :func:`plain_linear`'s check. Any other activation is called."""
-    kind = type(act)
-    if kind is nn.GELU:
-        exact = act.approximate == "none"
-    elif kind.__qualname__ == "GELUActivation" and kind.__module__ == "transformers.activations":
-        exact = act.__dict__.get("act") is F.gelu      # by name: no transformers import (optional) per call
-    else:
-        return False
-    return exact and not has_hooks(act) and "forward" not in act.__dict__
-
-
 class QFormerIntermediate(nn.Module):
     """``BertIntermediate``: ``intermediate_act_fn(dense(h))``. While ``dense`` is a plain ``nn.Linear`` and the
-    activation exact GELU (``hidden_act="gelu"``, every released Q-Former; see :func:`exact_gelu`), both run as
+    activation exact GELU (``hidden_act="gelu"``, every released Q-Former; see ``nn._linear.plain_gelu``), both run as
     one ``vlmkern::linear_gelu``; a replaced activation, an adapter or a hook on either is called as in the
     original."""
 
@@ -281,7 +266,7 @@ class QFormerIntermediate(nn.Module):
         self.intermediate_act_fn = _activation(config.hidden_act)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        if plain_linear(self.dense) and exact_gelu(self.intermediate_act_fn):
+        if plain_linear(self.dense) and plain_gelu(self.intermediate_act_fn):
             return ops.linear_gelu(hidden_states, self.dense.weight, self.dense.bias)
         return self.intermediate_act_fn(self.dense(hidden_states))
 
@@ -493,4 +478,4 @@ def init_qformer_weights(module: nn.Module, std: float) -> None:
 
 __all__ = ["AttentionMask", "QFormerAttention", "QFormerEncoder", "QFormerIntermediate", "QFormerLayer",
            "QFormerMultiHeadAttention", "QFormerOutput", "QFormerSelfOutput", "QFormerTextEmbeddings",
-           "eager_attention", "exact_gelu", "init_qformer_module", "init_qformer_weights"]
+           "eager_attention", "init_qformer_module", "init_qformer_weights"]
