@@ -28,6 +28,7 @@ Differences from transformers, all documented where they occur:
 from __future__ import annotations
 
 import functools
+import importlib
 import operator
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -179,6 +180,36 @@ class QFormerModelBase(nn.Module):
         model.reset_buffers()
         model.load_state_dict(hf_model.state_dict(), strict=True)
         return model.train(hf_model.training)
+
+    # the transformers class this model stands in for (``module:Class``; transformers is imported on use only)
+    _transformers_class = ""
+
+    @classmethod
+    def _original_class(cls):
+        module, name = cls._transformers_class.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "QFormerModelBase":
+        """transformers' ``from_pretrained`` of the original class (config, weights, ``dtype``, ``device_map`` and
+        the rest of its arguments, as it takes them), then :meth:`from_transformers`: a directory or hub
+        checkpoint of the original loads as it would into the original."""
+        return cls.from_transformers(cls._original_class().from_pretrained(pretrained_model_name_or_path, *args,
+                                                                           **kwargs))
+
+    def to_transformers(self) -> nn.Module:
+        """The original transformers model with this one's config, weights (copied), dtype, device and mode."""
+        p = next(self.parameters())
+        with torch.device("meta"):
+            original = self._original_class()(self.config)
+        original = original.to_empty(device=p.device).to(p.dtype)
+        original.load_state_dict(self.state_dict(), strict=True)
+        return original.train(self.training)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Saved by the original class (``config.json`` + weights, its arguments), so that both it and
+        :meth:`from_pretrained` load the directory."""
+        self.to_transformers().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def _from_config(cls, config, **kwargs) -> "QFormerModelBase":
@@ -391,6 +422,8 @@ class Blip2QFormerModel(QFormerModelBase):
     The text FFN (``intermediate``/``output``) exists only with ``config.use_qformer_text_input``, as in
     transformers; text rows without it raise a ``ValueError``.
     """
+
+    _transformers_class = "transformers:Blip2QFormerModel"
 
     def __init__(self, config):
         super().__init__()

@@ -24,6 +24,8 @@ _ID_DTYPES = (torch.int64, torch.int32)
 class InstructBlipQFormerModel(QFormerModelBase):
     """Drop-in for ``transformers.InstructBlipQFormerModel(config)``: ``embeddings`` + ``encoder``."""
 
+    _transformers_class = "transformers:InstructBlipQFormerModel"
+
     def __init__(self, config):
         super().__init__()
         self.config = config
