@@ -118,6 +118,25 @@ def cast_inputs(inputs: dict, dtype: torch.dtype, no_grad=()) -> dict:
     return out
 
 
+def run_module(module: torch.nn.Module, x: torch.Tensor, *args) -> tuple:
+    """``(output, dx, {name: grad})`` of ``module(x, *args)`` with the loss ``sum(output²)``, from zero gradients
+    (parameters that do not require grad are left out)."""
+    module.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x, *args)
+    y.square().sum().backward()
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+
+
+def assert_same_run(a: tuple, b: tuple) -> None:
+    """Two :func:`run_module` results agree: output, input gradient and every parameter's gradient."""
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    assert set(a[2]) == set(b[2])
+    for name in a[2]:
+        torch.testing.assert_close(a[2][name], b[2][name], msg=lambda m: f"d{name}: {m}")
+
+
 def assert_no_host_sync(step) -> None:
     """``step()`` twice on CUDA: a warm-up (compiles, allocates), then under ``torch.cuda.set_sync_debug_mode
     ("error")``, so that any host synchronisation in it raises."""

@@ -11,6 +11,7 @@ from torch.nn.modules.module import register_module_forward_hook
 from vlmkern.models import qwen_vl
 from vlmkern.models.qwen_vl import Resampler, get_2d_sincos_pos_embed
 from vlmkern.reference.originals import qwen_vl as original
+from vlmkern.testing import assert_same_run, run_module
 
 G, D, H, KV = 3, 32, 4, 24
 
@@ -29,22 +30,6 @@ def _pair():
     ours = Resampler(G, D, H, KV)
     ours.load_state_dict(orig.state_dict(), strict=True)
     return ours.eval(), orig.eval()
-
-
-def _run(module, x):
-    module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    y.square().sum().backward()
-    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
-
-
-def _assert_same(a, b):
-    torch.testing.assert_close(a[0], b[0])
-    torch.testing.assert_close(a[1], b[1])
-    assert set(a[2]) == set(b[2])
-    for name in a[2]:
-        torch.testing.assert_close(a[2][name], b[2][name], msg=lambda m: f"d{name}: {m}")
 
 
 # ------------------------------------------------------------------------------------------- construction
@@ -114,7 +99,7 @@ def test_output_changing_hook_on_attn_acts_as_in_the_original():
     ours.attn.register_forward_hook(doubling)
     orig.attn.register_forward_hook(doubling)
     x = torch.randn(2, 16, KV)
-    _assert_same(_run(ours, x), _run(orig, x))
+    assert_same_run(run_module(ours, x), run_module(orig, x))
     assert calls == [ours.attn, orig.attn]
 
 
@@ -135,8 +120,8 @@ def test_a_wrapped_attn_takes_effect_as_in_the_original():
         shifted = ShiftedAttention(D, H)
         shifted.load_state_dict(m.attn.state_dict())
         m.attn = shifted
-    got = _run(ours, x)
-    _assert_same(got, _run(orig, x))
+    got = run_module(ours, x)
+    assert_same_run(got, run_module(orig, x))
     assert not torch.allclose(got[0], plain, atol=1e-3)
 
 
@@ -170,9 +155,9 @@ def test_other_attention_settings_run_the_original_computation(change):
             m.attn.out_proj.register_forward_hook(lambda mod, a, o: o * 2)
     x = torch.randn(3, 9, KV)
     torch.manual_seed(7)
-    got = _run(ours, x)
+    got = run_module(ours, x)
     torch.manual_seed(7)
-    _assert_same(got, _run(orig, x))
+    assert_same_run(got, run_module(orig, x))
 
 
 def test_plain_attn_takes_the_fused_path(monkeypatch):

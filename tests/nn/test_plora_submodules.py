@@ -11,6 +11,7 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from vlmkern.nn.plora import PLoRA
 from vlmkern.reference.originals.internlm_xcomposer2 import PLoRA as OriginalPLoRA
+from vlmkern.testing import assert_same_run, run_module
 
 IN, OUT, R = 24, 20, 4
 
@@ -29,22 +30,6 @@ def _inputs(kind):
     x = torch.randn(2, 5, IN)
     mask = torch.tensor([[1, 1, 0, 0, 1], [0, 0, 0, 0, 1]], dtype=torch.bool)
     return x, mask if kind == "some" else torch.zeros_like(mask)
-
-
-def _run(module, x, mask):
-    module.zero_grad(set_to_none=True)
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x, mask)
-    y.square().sum().backward()
-    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
-
-
-def _assert_same(a, b):
-    torch.testing.assert_close(a[0], b[0])
-    torch.testing.assert_close(a[1], b[1])
-    assert set(a[2]) == set(b[2])
-    for name in a[2]:
-        torch.testing.assert_close(a[2][name], b[2][name], msg=lambda m: f"d{name}: {m}")
 
 
 class LoraWrapped(nn.Module):
@@ -80,7 +65,7 @@ def test_output_changing_hook_on_an_adapter_layer_acts_as_in_the_original(name, 
 
     getattr(ours, name).register_forward_hook(doubling("ours"))
     getattr(orig, name).register_forward_hook(doubling("orig"))
-    _assert_same(_run(ours, x, mask), _run(orig, x, mask))
+    assert_same_run(run_module(ours, x, mask), run_module(orig, x, mask))
     assert calls["ours"] == calls["orig"] == 1
 
 
@@ -93,8 +78,8 @@ def test_a_wrapped_adapter_layer_takes_effect_as_in_the_original(name):
     wrapped = LoraWrapped(getattr(ours, name))
     setattr(ours, name, wrapped)
     setattr(orig, name, copy.deepcopy(wrapped))
-    got = _run(ours, x, mask)
-    _assert_same(got, _run(orig, x, mask))
+    got = run_module(ours, x, mask)
+    assert_same_run(got, run_module(orig, x, mask))
     assert not torch.allclose(got[0][mask], plain[mask])      # the wrapper's term is there
     torch.testing.assert_close(got[0][~mask], plain[~mask])   # text rows: the base linear only
 
