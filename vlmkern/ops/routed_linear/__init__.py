@@ -56,6 +56,7 @@ def check_im_mask(x: Tensor, im_mask: Optional[Tensor]) -> None:
                          f"got {tuple(im_mask.shape)}")
 
 
+@once_per_key
 def _check_partial_lora(x, weight, bias, lora_a, lora_b, im_mask, scaling, dropout_p) -> None:
     check_tensor(x, "x", dtypes=FLOATS)
     if x.dim() < 1:
