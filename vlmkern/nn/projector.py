@@ -124,8 +124,10 @@ class MLPProjector(nn.Module):
                    for k in state_dict if k.startswith(prefix + old)}
         both = sorted(k for k in renames if renames[k] in state_dict)
         if both:  # which layout is meant is unknowable: say so instead of silently picking one
-            error_msgs.append(f"state_dict holds both layouts of the projector ({', '.join(both)} and "
-                              f"{', '.join(renames[k] for k in both)}): keep one")
+            mine = sorted(renames[k] for k in both)
+            llava, hf = (both, mine) if self.saved_layout == "transformers" else (mine, both)
+            error_msgs.append(f"state_dict holds both the LLaVA layout ({', '.join(llava)}) and the transformers "
+                              f"layout ({', '.join(hf)}) of the projector: keep one")
         else:
             for key, new_key in renames.items():
                 state_dict[new_key] = state_dict.pop(key)
