@@ -93,6 +93,7 @@ def test_cpu_extension_was_built():
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda_ext
 def test_cuda_extension_was_built():
     """With a CUDA torch the install must have built vlmkern._cuda; a skipped build is a warning, not silence."""
     assert torch.version.cuda is not None

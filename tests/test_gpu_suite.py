@@ -178,3 +178,23 @@ def test_headline_runs_a_tiny_spec_and_summarizes(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (line,) = headline.summarize_jsonl(path, "projector")
     assert "fastest alternative eager x1.50" in line and "MISSED eager x1.50<x2" in line
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_t1_selects_what_can_run_on_the_host(monkeypatch, cuda):
+    """On a GPU host a test that forces Triton on CPU tensors (``backend`` without ``device``) cannot run (no
+    interpreter there) and the ``cuda_ext`` tests wait for T3 (the extension is built in the background)."""
+    from types import SimpleNamespace
+
+    import _gpu_suite_plugin as plugin
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+
+    def item(*fixtures, marks=()):
+        return SimpleNamespace(fixturenames=fixtures, get_closest_marker=lambda m: m if m in marks else None)
+
+    assert plugin.is_kernel_test(item("device"))
+    assert plugin.is_kernel_test(item("backend", "device"))
+    assert plugin.is_kernel_test(item("backend", marks=("cuda",)))
+    assert plugin.is_kernel_test(item("backend")) is not cuda
+    assert not plugin.is_kernel_test(item("backend", marks=("cuda", "cuda_ext")))
+    assert not plugin.is_kernel_test(item())

@@ -234,12 +234,12 @@ def test_pack_gradients_match_transformers(backend, device):
     feats, counts = _features(sizes, PIN)
 
     def run(fn, dtype):
-        proj = _double(model.model.multi_modal_projector).to(dtype)
-        newline = model.model.image_newline.detach().to(dtype).requires_grad_(True)
-        x = feats.detach().to(dtype).requires_grad_(True)
+        proj = _double(model.model.multi_modal_projector).to(device=device, dtype=dtype)
+        newline = model.model.image_newline.detach().to(device=device, dtype=dtype).requires_grad_(True)
+        x = feats.detach().to(device=device, dtype=dtype).requires_grad_(True)
         out = fn(x, proj, newline)
         g = torch.Generator().manual_seed(1)
-        loss = sum((o * torch.randn(o.shape, generator=g).to(dtype)).sum() for o in out)
+        loss = sum((o * torch.randn(o.shape, generator=g).to(device=device, dtype=dtype)).sum() for o in out)
         loss.backward()
         return [x.grad, newline.grad] + [p.grad for p in proj.parameters()]
 
@@ -286,9 +286,10 @@ def test_inputs_embeds_match_transformers(backend, device):
 def test_single_tile_fallback_and_no_newline(backend, device):
     # features[i] with one tile = HF's fallback (base + newline), whatever the grid; list input.
     model = _hf_model(tuple(map(tuple, PIN)))
-    proj, newline = model.model.multi_modal_projector, model.model.image_newline
+    proj = _double(model.model.multi_modal_projector).float().to(device)     # a copy: the model is shared
+    newline = model.model.image_newline.detach().to(device)
     feats, counts = _features([(10, 50), (30, 40)], PIN)
-    parts = list(torch.split(feats, counts))
+    parts = list(torch.split(feats.to(device), counts))
     parts[0] = parts[0][:1]
     with torch.no_grad():
         for nl in (newline, None):

@@ -107,7 +107,7 @@ def test_bad_input(device):
     with pytest.raises(TypeError, match="pixels"):
         layer.forward_images(torch.zeros(1, 3, 30, 30, dtype=torch.int32, device=device))
     with pytest.raises(TypeError, match="pixels"):
-        layer.forward_images(torch.zeros(1, 3, 30, 30, device=device).numpy())
+        layer.forward_images(torch.zeros(1, 3, 30, 30).numpy())     # an array, not a tensor (made on the host)
     with pytest.raises(ValueError, match="pixels"):
         layer.forward_images(torch.zeros(1, 3, 0, 30, dtype=torch.uint8, device=device))
     with pytest.raises(ValueError, match="pixels"):

@@ -212,6 +212,7 @@ def test_compile_fullgraph(backend):
 
 # ------------------------------------------------------------------------------------------- CUDA path
 @pytest.mark.cuda
+@pytest.mark.cuda_ext
 @pytest.mark.parametrize("backend", ["cuda"], indirect=True)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
@@ -224,6 +225,7 @@ def test_cuda_matches_reference(backend, dtype, out_dtype, shape, p):
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda_ext
 @pytest.mark.parametrize("backend", ["cuda"], indirect=True)
 def test_cuda_non_contiguous_and_side_stream(backend):
     base = _pixels((2, 3, 64, 70), torch.uint8, "cuda")
@@ -236,6 +238,7 @@ def test_cuda_non_contiguous_and_side_stream(backend):
 
 
 @pytest.mark.cuda
+@pytest.mark.cuda_ext
 def test_cuda_is_the_default_on_cuda(monkeypatch):
     monkeypatch.delenv("VLMKERN_BACKEND", raising=False)
     px = _pixels((1, 3, 8, 8), torch.uint8, "cuda")

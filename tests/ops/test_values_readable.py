@@ -27,6 +27,7 @@ def test_cpu_tensors_are_readable_meta_and_traced_ones_are_not():
 @pytest.mark.parametrize("capturing", [False, True])
 def test_a_cuda_tensor_is_not_read_while_a_graph_is_captured(monkeypatch, capturing):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(dispatch, "_HAS_CUDA", True)
     t = torch.Tensor._make_subclass(_CudaLooking, torch.zeros(3))
     assert dispatch.values_readable(t) is not capturing
     assert dispatch.values_readable(torch.zeros(3))      # CPU tensors: no capture to break
@@ -70,3 +71,29 @@ def test_ops_and_value_checks_capture_in_a_cuda_graph():
         out = step()
     graph.replay()
     torch.testing.assert_close(out, want)
+
+
+def test_cached_device_tensors_a_captured_graph_reads_are_never_freed(monkeypatch):
+    """A captured CUDA graph reads cached tensors by address on every replay: what a cache hands out while a
+    capture runs stays alive after the cache evicts it (an LRU of index tensors, a size-capped dict)."""
+    from vlmkern.ops.patch_embed import _triton as pe_triton
+    monkeypatch.setattr(dispatch, "_HAS_CUDA", True)
+    monkeypatch.setattr(dispatch, "_GRAPH_KEPT", [])
+    calls = []
+
+    @dispatch.eager_cache(maxsize=1)
+    def table(n):
+        calls.append(n)
+        return torch.arange(n)
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    table(3)
+    assert dispatch._GRAPH_KEPT == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = table(3)
+    pair = pe_triton._scale_shift(1 / 255, [0.5] * 3, [0.5] * 3, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    table(4)                                                  # evicts n=3 from the LRU
+    pe_triton._SCALE_SHIFT.clear()
+    assert any(v is captured for v in dispatch._GRAPH_KEPT) and any(v is pair for v in dispatch._GRAPH_KEPT)
+    assert calls == [3, 4]

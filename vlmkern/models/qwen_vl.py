@@ -32,7 +32,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from vlmkern.nn._linear import plain_module
 from vlmkern.ops.attention import cross_attention
 from vlmkern.ops.checks import check_weight_dtype, square_side
-from vlmkern.ops.dispatch import eager_mode
+from vlmkern.ops.dispatch import values_readable
 
 try:
     import numpy as _np
@@ -165,8 +165,8 @@ class Resampler(nn.Module):
         table is recomputed (no graph break, no fake tensor kept for a later eager call).
         """
         pos = self.pos_embed
-        if (pos.requires_grad and torch.is_grad_enabled()) or not eager_mode() or pos.is_meta:
-            return get_abs_pos(pos, L)
+        if (pos.requires_grad and torch.is_grad_enabled()) or not values_readable(pos):
+            return get_abs_pos(pos, L)     # traced, fake or meta, or a CUDA graph being captured: no comparison
         entry = self._cache.get(L)
         with torch.no_grad():
             if (entry is None or entry[0].shape != pos.shape or entry[0].dtype != pos.dtype

@@ -412,7 +412,27 @@ def values_readable(t: torch.Tensor) -> bool:
     check steps aside, as under ``torch.compile``."""
     if t.is_meta or not eager_mode():
         return False
-    return not t.is_cuda or not torch.cuda.is_current_stream_capturing()
+    return not t.is_cuda or not capturing()
+
+
+_GRAPH_KEPT: list = []      # cached values a captured CUDA graph reads (by address): never freed
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (False without CUDA)."""
+    return _HAS_CUDA and torch.cuda.is_current_stream_capturing()
+
+
+_HAS_CUDA = torch.cuda.is_available()
+
+
+def keep_for_graphs(value):
+    """``value``, kept alive for the rest of the process when a CUDA graph is being captured: the graph reads a
+    cached device tensor by address on every replay, so a cache that later evicts it (an LRU, a clear at a size
+    cap) must not let the allocator hand its memory to something else."""
+    if capturing():
+        _GRAPH_KEPT.append(value)
+    return value
 
 
 def eager_cache(maxsize: int) -> Callable:
@@ -424,7 +444,7 @@ def eager_cache(maxsize: int) -> Callable:
 
         @functools.wraps(fn)
         def call(*args):
-            return cached(*args) if eager_mode() else fn(*args)
+            return keep_for_graphs(cached(*args)) if eager_mode() else fn(*args)
         call.cache_clear, call.cache_info = cached.cache_clear, cached.cache_info
         return call
     return decorate

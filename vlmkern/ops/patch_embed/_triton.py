@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vlmkern.kernels.patch_embed import (_patch_embed_bwd_pixels_kernel, _patch_embed_bwd_weight_kernel,
                                          _patchify_kernel)
+from vlmkern.ops.dispatch import keep_for_graphs
 from vlmkern.ops.launch import (KernelBuild, LaunchPlan, build_from_args, cdiv, host_dots, launch, meta_tensor,
                                 plan_from_args, register_builds, triton_type)
 
@@ -92,7 +93,7 @@ def _scale_shift(rescale: float, mean: list[float], std: list[float], device) ->
         if len(_SCALE_SHIFT) >= 64:
             _SCALE_SHIFT.clear()
         pair = _SCALE_SHIFT[key] = (scale.to(device), shift.to(device))
-    return pair
+    return keep_for_graphs(pair)
 
 
 # --------------------------------------------------------------------------------------------- launch plans
