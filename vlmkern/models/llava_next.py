@@ -253,16 +253,19 @@ def _plan(image_size: tuple[int, int], n_tiles: int, tokens: int, side: int, pin
 
 
 @eager_cache(maxsize=64)
-def _batch_index(keys: tuple[tuple, ...], device: str) -> tuple[Tensor, Tensor]:
-    """Both index columns for a batch of images (``keys``: ``_plan`` arguments per image), on ``device``."""
-    kept, src, row0, kept0 = [], [], 0, 0
+def _batch_index(keys: tuple[tuple, ...], device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Both index columns for a batch of images (``keys``: ``_plan`` arguments per image) and the packed lengths
+    ``(num_images,)`` int64, on ``device``: a call copies nothing from the host (no sync; a CUDA graph captures)."""
+    kept, src, lens, row0, kept0 = [], [], [], 0, 0
     for key in keys:
         p = _plan(*key)
         kept.append(p.kept + row0)
         src.append(torch.where(p.source >= 0, p.source + kept0, p.source))
+        lens.append(p.source.numel())
         row0 += p.feature_rows
         kept0 += p.kept.numel()
-    return torch.cat(kept)[:, None].to(device), torch.cat(src)[:, None].to(device)
+    return (torch.cat(kept)[:, None].to(device), torch.cat(src)[:, None].to(device),
+            torch.tensor(lens, dtype=torch.long).to(device))
 
 
 def _plan_key(image_size, n_tiles, tokens, pinpoints, tile_size, patch_size, newline, name, exact) -> tuple:
@@ -426,12 +429,12 @@ def project_and_pack(features, image_sizes, projector: nn.Module, image_newline:
     check_same_device(features=x, projector=W1, image_newline=image_newline)
     keys = tuple(_plan_key(s, n, T, pins, tile_size, patch_size, image_newline is not None, f"features[{i}]", exact)
                  for i, (s, n) in enumerate(zip(sizes, counts)))
-    kept, source = _batch_index(keys, str(x.device))
+    kept, source, feature_lens = _batch_index(keys, str(x.device))
     h = gather_linear(x, kept, W1, b1, gelu=True, validate_values=False)
     fill = None if image_newline is None else image_newline.to(h.dtype)
     out = gather_linear(h, source, W2, b2, fill=fill, validate_values=False)
     lens = [_plan(*k).source.numel() for k in keys]
-    return list(torch.split(out, lens)), torch.tensor(lens, dtype=torch.long, device=x.device)
+    return list(torch.split(out, lens)), feature_lens.clone()     # a copy on the device: the cache keeps its own
 
 
 def unfused_project_and_pack(features, image_sizes, projector: nn.Module, image_newline: Tensor | None, *,
