@@ -128,13 +128,14 @@ def _attention_rows(name, fn, mask_kw, mask_len):
                                          *[_meta(1, 1, 1, 32).expand(1, 1, 2 ** 26 + 1, 32)] * 2), DOCUMENTED, bool),
         (name, "int32", lambda: fn(_huge_rows(), *[_meta(1, 1, 2 ** 26 + 1, 32)] * 2), DOCUMENTED,
          _shape(1, 1, 2 ** 26 + 1, 32)),
-        # B and H are grid axes 1 and 2, each capped at 65535 by CUDA: more goes to the reference, which gives the
-        # result's shape (meta tensors: no values), B * H beyond the cap launches fine
-        (name, "grid", _reasons_mention(dispatch, "grid axis", *[_meta(65536, 1, 8, 32)] * 3), DOCUMENTED, bool),
-        (name, "grid", _reasons_mention(dispatch, "grid axis", *[_meta(1, 65536, 8, 32)] * 3), DOCUMENTED, bool),
-        (name, "grid", lambda: not _reasons_mention(dispatch, "grid axis", *[_meta(4096, 32, 8, 32)] * 3)(),
+        # one grid axis of blocks * B * H programs: B * H past a 2-D grid's 65535 cap launches; past 2**31-1
+        # programs the reference runs (meta tensors: the result's shape, no values)
+        (name, "grid", lambda: not _reasons_mention(dispatch, "grid", *[_meta(4096, 32, 8, 32)] * 3)(),
          DOCUMENTED, bool),
-        (name, "grid", lambda: fn(*[_meta(65536, 1, 8, 32)] * 3), DOCUMENTED, _shape(65536, 1, 8, 32)),
+        (name, "grid", _reasons_mention(dispatch, "grid", *[_meta(2 ** 16, 2 ** 10, 2 ** 6, 32)] * 3),
+         DOCUMENTED, bool),
+        (name, "grid", lambda: fn(*[_meta(2 ** 16, 2 ** 10, 2 ** 6, 32)] * 3), DOCUMENTED,
+         _shape(2 ** 16, 2 ** 10, 2 ** 6, 32)),
         (name, "keyword", lambda: fn(*_qkv(), attn_mask=bool_mask()), TypeError, "attn_mask"),
     ]
 
