@@ -59,7 +59,7 @@ def _configs(q, kernel, kpm, mode, dropout_p):
 
 def _expected_forward(q, k, v, kpm, num_query, mode, scale, dropout_p, rng, out, lse):
     cfg, meta = _configs(q, "fwd", kpm, mode, dropout_p)
-    grid = (attn.cdiv(q.shape[2], cfg["BLOCK_M"]) * q.shape[0] * q.shape[1],)     # blocks * B * H programs
+    grid = (attn.cdiv(q.shape[2], cfg["BLOCK_M"]), q.shape[0] * q.shape[1])
     return [(attn.K._masked_attn_fwd_kernel, grid,
              attn._fwd_args(q, k, v, out, lse, kpm, num_query, scale, dropout_p, rng), meta)]
 
@@ -69,11 +69,11 @@ def _expected_backward(grad, q, k, v, out, lse, kpm, num_query, mode, scale, dro
     inputs = (q, k, v, kpm, num_query, scale, dropout_p, rng)
     (dkdv_cfg, dkdv_meta), (dq_cfg, dq_meta) = (_configs(q, n, kpm, mode, dropout_p) for n in ("dkdv", "dq"))
     return [
-        (attn.K._masked_attn_bwd_delta_kernel, (attn.cdiv(Lq, attn.DELTA_CONFIG["BLOCK_M"]) * B * H,),
+        (attn.K._masked_attn_bwd_delta_kernel, (attn.cdiv(Lq, attn.DELTA_CONFIG["BLOCK_M"]), B * H),
          attn._delta_args(out, grad, delta), dict(HEAD_DIM=d, **attn.DELTA_CONFIG)),
-        (attn.K._masked_attn_bwd_dkdv_kernel, (attn.cdiv(k.shape[2], dkdv_cfg["BLOCK_N"]) * B * H,),
+        (attn.K._masked_attn_bwd_dkdv_kernel, (attn.cdiv(k.shape[2], dkdv_cfg["BLOCK_N"]), B * H),
          attn._dkdv_args(grad, lse, delta, dk, dv, *inputs), dkdv_meta),
-        (attn.K._masked_attn_bwd_dq_kernel, (attn.cdiv(Lq, dq_cfg["BLOCK_M"]) * B * H,),
+        (attn.K._masked_attn_bwd_dq_kernel, (attn.cdiv(Lq, dq_cfg["BLOCK_M"]), B * H),
          attn._dq_args(grad, lse, delta, dq, *inputs), dq_meta),
     ]
 

@@ -70,14 +70,6 @@ def _dropout_keep(seed, offset, bh, rows, cols, Lk, thresh):
 
 
 @triton.jit
-def _block_and_bh(L, BLOCK: tl.constexpr):
-    """``(block, b * H + h)`` of this program on a one-axis grid of ``cdiv(L, BLOCK) * B * H`` programs, blocks of
-    one (batch, head) consecutive (a 2-D grid's ``B * H`` axis is capped at 65535 by CUDA)."""
-    blocks = tl.cdiv(L, BLOCK)
-    return tl.program_id(0) % blocks, tl.program_id(0) // blocks
-
-
-@triton.jit
 def _dropout_mask_kernel(rng_ptr, keep_ptr, Lq, Lk, thresh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep mask ``(B*H, Lq, Lk)`` uint8 as the attention kernels draw it, for tests against the
     reference generator. Compiled and interpreted ``tl.philox`` are assumed to be the same Philox4x32-10 (the
@@ -136,7 +128,8 @@ def _masked_attn_fwd_kernel(
 
     ``qk_scale`` = scale * log2(e) (the softmax runs in base 2). ``lse`` is ``(B*H, Lq)`` fp32, contiguous.
     """
-    pid_m, bh = _block_and_bh(Lq, BLOCK_M)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,7 +188,8 @@ def _masked_attn_bwd_delta_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta[bh, r] = sum_d dO * O (fp32), the softmax-backward row term; ``delta`` is ``(B*H, Lq)``."""
-    pid_m, bh = _block_and_bh(Lq, BLOCK_M)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -223,7 +217,8 @@ def _masked_attn_bwd_dkdv_kernel(
     ``dV = P^T dO``, ``dS^T = P^T * (V dO^T - delta)``, ``dK = scale * dS^T Q``; with dropout ``P^T`` in
     ``dV`` and ``V dO^T`` are both multiplied by ``Z^T / (1 - p)``.
     """
-    pid_n, bh = _block_and_bh(Lk, BLOCK_N)
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -284,7 +279,8 @@ def _masked_attn_bwd_dq_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ = scale * dS K for one (batch*head, block of BLOCK_M rows), over the same keys as the forward."""
-    pid_m, bh = _block_and_bh(Lq, BLOCK_M)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -26,7 +26,7 @@ from vlmkern.masks import QFormerMode
 from vlmkern.ops import dispatch
 from vlmkern.ops.attention import _dropout, _torch
 from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, autocast_inputs, check_dropout_p, check_same_device,
-                                check_tensor, finite_number, int32_offset_reasons, once_per_key)
+                                check_tensor, finite_number, grid_axis_reasons, int32_offset_reasons, once_per_key)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
 
 TRITON = Capabilities(dtypes=(torch.float16, torch.bfloat16, torch.float32), head_dims=(32, 64, 128))
@@ -107,9 +107,8 @@ def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     rows = max(q.shape[2], k.shape[2]) * q.shape[3]
     if rows > INT32_MAX:      # the contiguous out/dq/dk/dv slices, whatever q/k/v's strides
         why.append(f"a (batch, head) slice of the result or gradients holds {rows} elements (offset in int32)")
-    programs = q.shape[0] * q.shape[1] * max(q.shape[2], k.shape[2])    # at least blocks * B * H (one grid axis)
-    if programs > INT32_MAX:
-        why.append(f"B * H * max(Lq, Lk) = {programs} could exceed a CUDA grid's 2**31-1 programs")
+    # the grid is (row blocks, B * H): a third grid axis, or a folded one, costs the tuned configs a register
+    why += grid_axis_reasons(**{"batch * heads": q.shape[0] * q.shape[1]})
     return why + int32_offset_reasons((2, 3), q=q, k=k, v=v) + int32_offset_reasons((1,), key_mask=key_mask)
 
 

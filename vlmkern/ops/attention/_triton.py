@@ -161,7 +161,7 @@ def _mask_args(rng, keep, dropout_p) -> dict:
 # is computed once per such key, by the argument builders above called on meta tensors of those shapes and
 # strides (so a plan holds exactly what the builders give), and each call adds only its pointers.
 class _Launch(NamedTuple):
-    grid: tuple[int]      # (blocks * B * H,): a (batch, head)'s row or key blocks consecutive
+    grid: tuple[int, int]
     args: dict       # the builder's runtime arguments but the pointers
     meta: dict       # constexprs, config and launch options
 
@@ -183,7 +183,7 @@ def _forward_plan(dtype, q, k, v, kpm, num_query, mode, scale, dropout_p, interp
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device="meta")
     upcast, precision, family = _launch_params(dtype, interpreting, precision)
     cfg = attention_config("fwd", family, d, dropout_p > 0)
-    return _Launch((cdiv(Lq, cfg["BLOCK_M"]) * B * H,), without_pointers(_fwd_args(*inputs[:3], out, lse, *inputs[3:])),
+    return _Launch((cdiv(Lq, cfg["BLOCK_M"]), B * H), without_pointers(_fwd_args(*inputs[:3], out, lse, *inputs[3:])),
                    _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg))
 
 
@@ -210,10 +210,10 @@ def _backward_plan(dtype, grad, out, q, k, v, kpm, num_query, mode, scale, dropo
     def plan(kernel: str, rows: int, block: str, args: dict) -> _Launch:
         cfg = attention_config(kernel, family, d, dropout_p > 0)
         meta = _constexprs(d, mode, kpm is not None, dropout_p > 0, upcast, precision, cfg)
-        return _Launch((cdiv(rows, cfg[block]) * B * H,), without_pointers(args), meta)
+        return _Launch((cdiv(rows, cfg[block]), B * H), without_pointers(args), meta)
 
     return _BackwardPlan(
-        _Launch((cdiv(Lq, DELTA_CONFIG["BLOCK_M"]) * B * H,), without_pointers(_delta_args(om, gm, delta)),
+        _Launch((cdiv(Lq, DELTA_CONFIG["BLOCK_M"]), B * H), without_pointers(_delta_args(om, gm, delta)),
                 dict(HEAD_DIM=d, **DELTA_CONFIG)),
         plan("dkdv", Lk, "BLOCK_N", _dkdv_args(gm, lse, delta, dk, dk, *inputs)) if Lk > 0 else None,
         plan("dq", Lq, "BLOCK_M", _dq_args(gm, lse, delta, dq, *inputs)))
