@@ -95,5 +95,15 @@ def test_cached_device_tensors_a_captured_graph_reads_are_never_freed(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     table(4)                                                  # evicts n=3 from the LRU
     pe_triton._SCALE_SHIFT.clear()
-    assert any(v is captured for v in dispatch._GRAPH_KEPT) and any(v is pair for v in dispatch._GRAPH_KEPT)
+    assert any(v is captured for v in dispatch._GRAPH_KEPT)
+    assert not any(v is pair for v in dispatch._GRAPH_KEPT)  # CPU tensors: no graph reads them, nothing kept
     assert calls == [3, 4]
+
+
+@pytest.mark.cuda
+def test_scale_shift_handed_to_a_capture_is_kept(monkeypatch):
+    from vlmkern.ops.patch_embed import _triton as pe_triton
+    monkeypatch.setattr(dispatch, "_GRAPH_KEPT", [])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    pair = pe_triton._scale_shift(1 / 255, [0.25] * 3, [0.5] * 3, torch.device("cuda"))
+    assert any(v is pair for v in dispatch._GRAPH_KEPT)

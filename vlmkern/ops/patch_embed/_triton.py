@@ -93,7 +93,7 @@ def _scale_shift(rescale: float, mean: list[float], std: list[float], device) ->
         if len(_SCALE_SHIFT) >= 64:
             _SCALE_SHIFT.clear()
         pair = _SCALE_SHIFT[key] = (scale.to(device), shift.to(device))
-    return keep_for_graphs(pair)
+    return keep_for_graphs(pair) if pair[0].is_cuda else pair     # no call on the CPU host path
 
 
 # --------------------------------------------------------------------------------------------- launch plans
