@@ -38,3 +38,14 @@ def test_save_and_load_pretrained_both_ways(tmp_path, ours_cls, hf_cls, cfg_cls)
         torch.testing.assert_close(back(**x).last_hidden_state, want)
     loaded = ours_cls.from_pretrained(tmp_path / "ours", dtype=torch.float64)    # the original's arguments
     assert loaded.dtype == torch.float64
+
+
+@pytest.mark.parametrize("ours_cls, hf_cls, cfg_cls", PAIRS, ids=["blip2", "instructblip"])
+def test_to_transformers_runs_as_the_drop_in(ours_cls, hf_cls, cfg_cls):
+    """The twin's buffers the state dict does not hold (InstructBLIP's ``position_ids``) are the constructor's."""
+    ours = ours_cls(cfg_cls(**TINY)).eval()
+    original = ours.to_transformers()
+    assert type(original) is hf_cls and not original.training
+    x = _inputs(ours_cls)
+    with torch.no_grad():
+        torch.testing.assert_close(original(**x).last_hidden_state, ours(**x).last_hidden_state)

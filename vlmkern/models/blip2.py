@@ -198,11 +198,14 @@ class QFormerModelBase(nn.Module):
                                                                            **kwargs))
 
     def to_transformers(self) -> nn.Module:
-        """The original transformers model with this one's config, weights (copied), dtype, device and mode."""
+        """The original transformers model with this one's config, weights (copied), dtype, device and mode.
+
+        Built on the device, not on meta: its constructor computes buffers the state dict does not hold
+        (InstructBLIP's ``position_ids``), which ``to_empty`` would leave as uninitialised memory."""
         p = next(self.parameters())
-        with torch.device("meta"):
+        with torch.device(p.device):
             original = self._original_class()(self.config)
-        original = original.to_empty(device=p.device).to(p.dtype)
+        original = original.to(p.dtype)
         original.load_state_dict(self.state_dict(), strict=True)
         return original.train(self.training)
 
