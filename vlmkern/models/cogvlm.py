@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from vlmkern.models._config import positive_int
 from vlmkern.models.cogagent import CrossAttention  # noqa: F401  (CogAgent layers live beside CogVLM's)
-from vlmkern.nn._linear import has_hooks, plain_linear, plain_module
+from vlmkern.nn._linear import act2fn, has_hooks, plain_linear, plain_module
 from vlmkern.ops.checks import check_same_device, check_tensor, check_weight_dtype
 from vlmkern.ops.routed_linear import cogvlm_expert_ids, expert_linear
 
@@ -112,22 +112,9 @@ def _cfg(config, name: str) -> int:
     return positive_int(config, name, CogVLMConfig)
 
 
-# Without transformers: the activations CogVLM releases use (all silu), as modules like ACT2FN's.
-_ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
-
-
 def _activation(config) -> nn.Module:
-    """The original's ``ACT2FN[config.hidden_act]`` (a module, any name transformers knows), or the local table's
-    module when transformers is not importable. ValueError naming ``config.hidden_act`` for an unknown name."""
-    name = getattr(config, "hidden_act", "silu")
-    try:
-        from transformers.activations import ACT2FN
-    except ImportError:
-        ACT2FN = None
-    table = _ACTIVATIONS if ACT2FN is None else ACT2FN
-    if not isinstance(name, str) or name not in table:
-        raise ValueError(f"config.hidden_act must be one of {sorted(table)}, got {name!r}")
-    return _ACTIVATIONS[name]() if ACT2FN is None else ACT2FN[name]
+    """The original's ``ACT2FN[config.hidden_act]`` (a module; :func:`vlmkern.nn._linear.act2fn`)."""
+    return act2fn(getattr(config, "hidden_act", "silu"), "config.hidden_act")
 
 
 # Parameter-free elementwise activations (with transformers' own, ``transformers.activations``): one call on every

@@ -21,6 +21,24 @@ def global_hooks() -> bool:
                 or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
+# Without transformers: the activations the originals use, as modules like ACT2FN's.
+_LOCAL_ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
+
+
+def act2fn(name, what: str) -> nn.Module:
+    """transformers' ``ACT2FN[name]``, the module the originals build (any name transformers knows), or without
+    transformers the local table's (``silu`` / ``swish``, ``gelu``, ``relu``). ValueError naming ``what`` (the
+    argument or config field) for a name neither knows."""
+    try:
+        from transformers.activations import ACT2FN
+    except ImportError:  # transformers is an optional dependency
+        ACT2FN = None
+    table = _LOCAL_ACTIVATIONS if ACT2FN is None else ACT2FN
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"{what} must be one of {sorted(table)}, got {name!r}")
+    return _LOCAL_ACTIVATIONS[name]() if ACT2FN is None else ACT2FN[name]
+
+
 def exact_gelu(act: nn.Module) -> bool:
     """Whether module ``act`` is ``F.gelu`` (erf): ``nn.GELU()`` (not tanh) or transformers' ``ACT2FN["gelu"]``
     (``GELUActivation`` with ``F.gelu``, not its Python variant), of that exact type (not a subclass). Recognised

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from vlmkern import ops
-from vlmkern.nn._linear import plain_gelu, plain_linear
+from vlmkern.nn._linear import act2fn, plain_gelu, plain_linear
 
 # Submodule names per layout: transformers' LlavaMultiModalProjector (linear_1, act, linear_2) and LLaVA's /
 # InternLM-XComposer2's nn.Sequential(Linear, GELU, Linear) (0, 1, 2). The names are the state-dict keys.
@@ -14,16 +14,8 @@ _ALIASES = {"linear_1": 0, "act": 1, "linear_2": 2}      # transformers' names, 
 
 
 def _activation(name: str) -> nn.Module:
-    """``nn.GELU()`` for "gelu" (exact, what both originals use); any other name: transformers' ``ACT2FN``."""
-    if name == "gelu":
-        return nn.GELU()
-    try:
-        from transformers.activations import ACT2FN
-    except ImportError:
-        raise ValueError(f"act={name!r} needs transformers' ACT2FN (not importable); 'gelu' does not") from None
-    if name not in ACT2FN:
-        raise ValueError(f"act must be 'gelu' or a transformers ACT2FN name, got {name!r}")
-    return ACT2FN[name]
+    """``nn.GELU()`` for "gelu" (exact, LLaVA's own module); any other name: transformers' ``ACT2FN``."""
+    return nn.GELU() if name == "gelu" else act2fn(name, "act")
 
 
 def _sizes_from_config(config) -> tuple[tuple[int, int, int], dict]:

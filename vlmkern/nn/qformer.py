@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlmkern import ops
-from vlmkern.nn._linear import plain_gelu, plain_linear
+from vlmkern.nn._linear import act2fn, plain_gelu, plain_linear
 from vlmkern.ops.checks import check_tensor
 
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
@@ -240,18 +240,8 @@ class QFormerAttention(nn.Module):
 
 def _activation(hidden_act) -> nn.Module:
     """The original's ``intermediate_act_fn``: transformers' ``ACT2FN[hidden_act]`` (a module of its own, listed
-    in ``named_modules()``) for a name, the object itself otherwise; ``nn.GELU()`` for ``"gelu"`` without
-    transformers."""
-    if not isinstance(hidden_act, str):
-        return hidden_act
-    try:
-        from transformers.activations import ACT2FN
-    except Exception as exc:  # transformers is an optional dependency
-        if hidden_act == "gelu":
-            return nn.GELU()
-        raise ValueError(f"hidden_act={hidden_act!r} needs transformers' ACT2FN (only 'gelu' works without "
-                         f"transformers): {exc}") from exc
-    return ACT2FN[hidden_act]
+    in ``named_modules()``) for a name, the object itself otherwise."""
+    return hidden_act if not isinstance(hidden_act, str) else act2fn(hidden_act, "config.hidden_act")
 
 
 class QFormerIntermediate(nn.Module):

@@ -430,7 +430,7 @@ def keep_for_graphs(value):
     """``value``, kept alive for the rest of the process when a CUDA graph is being captured: the graph reads a
     cached device tensor by address on every replay, so a cache that later evicts it (an LRU, a clear at a size
     cap) must not let the allocator hand its memory to something else."""
-    if _HAS_CUDA and torch.cuda.is_current_stream_capturing():    # capturing(), one frame less per call
+    if capturing():
         _GRAPH_KEPT.append(value)
     return value
 
