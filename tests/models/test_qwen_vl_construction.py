@@ -87,6 +87,24 @@ def test_cached_position_tables_match_the_original_resize_of_a_fresh_table(L):
         torch.testing.assert_close(ours(x), orig(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cuda
+def test_a_gpu_forward_reads_nothing_back_to_the_host():
+    """On a GPU the position table is recomputed, not compared with a cached copy: a comparison's answer would
+    come back to the host every call (a sync that stalls the queue)."""
+    ours, orig = (m.cuda() for m in _pair())
+    x = torch.randn(2, 64, KV, device="cuda")
+    with torch.no_grad():
+        ours(x)                                    # first call: backend selection, launch plans
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = ours(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(got, orig(x), rtol=1e-4, atol=1e-4)
+    assert not ours._cache
+
+
 # --------------------------------------------------------------------------- a hooked or wrapped attn
 def test_output_changing_hook_on_attn_acts_as_in_the_original():
     ours, orig = _pair()

@@ -291,6 +291,12 @@ def scatter_image_embeddings(inputs_embeds: Tensor, input_ids: Tensor, patch_emb
     return torch.where(mask.unsqueeze(-1), gathered, inputs_embeds)
 
 
+def _device_ints(values: list[int], device: torch.device) -> Tensor:
+    """``values`` as an int64 tensor on ``device``, copied without waiting for the device's queue (a blocking
+    copy to a GPU synchronises its stream: with ``check=False`` the scatter reads nothing back)."""
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
 def scatter_by_patch_indices(inputs_embeds: Tensor, patch_indices: Tensor,
                              patch_embeddings: Tensor | Sequence[Tensor], *, check: bool = True) -> Tensor:
     """v4.46 ``FuyuForCausalLM.gather_continuous_embeddings``: ``out[b, t] = E_b[idx[b, t]]`` where ``idx >= 0``.
@@ -320,14 +326,14 @@ def scatter_by_patch_indices(inputs_embeds: Tensor, patch_indices: Tensor,
     check_same_device(inputs_embeds=inputs_embeds, patch_indices=patch_indices, patch_embeddings=per_image[0])
     counts = [e.shape[0] for e in per_image]
     if check and values_readable(idx):       # values to read: not traced, fake, transformed or captured
-        over = (idx >= torch.tensor(counts, device=idx.device)[:, None]).any(dim=1)
+        over = (idx >= _device_ints(counts, idx.device)[:, None]).any(dim=1)
         if bool(over.any()):
             b = int(over.nonzero()[0, 0])
             raise ValueError(f"patch_indices of sample {b} point past its {counts[b]} patch embeddings")
     E = torch.cat(per_image).to(inputs_embeds.dtype)
     if E.shape[0] == 0:
         return inputs_embeds.clone()
-    offsets = torch.tensor([0] + counts[:-1], device=idx.device).cumsum(0)
+    offsets = _device_ints([0] + counts[:-1], idx.device).cumsum(0)
     src = (idx + offsets[:, None]).clamp_(0, E.shape[0] - 1)
     gathered = E.index_select(0, src.reshape(-1)).view_as(inputs_embeds)
     return torch.where((idx >= 0).unsqueeze(-1), gathered, inputs_embeds)

@@ -6,14 +6,14 @@
 Without a mask it runs (per call, ``X (N, L, kv_dim)``, ``P16`` the stored table, ``P_L`` its bicubic resize)::
 
     q  = (LN_q(query) + P16) W_q + b_q                 once per call, shared by every image (stride-0 batch)
-    k  = (LN_kv(X W_kv) + P_L) W_k + b_k                P_L cached per L while pos_embed is unchanged
+    k  = (LN_kv(X W_kv) + P_L) W_k + b_k                P_L cached per L while pos_embed is unchanged (CPU)
     v  = LN_kv(X W_kv) W_v + b_v
     O  = attention(q, k, v) W_o + b_o                  vlmkern.ops.cross_attention, no weights materialised
 
 so neither the ``(L, N, D)`` sequence-first copy nor the ``(256, N, D)`` repeated queries nor the ``(N, 256, L)``
-attention weights exist, and ``F.interpolate`` runs once per grid and table value instead of every call (the
-cache compares ``pos_embed`` with the copy it was built from, so writes through ``.data`` are seen; nothing that
-depends on a projection weight is cached). Every gradient reaches its parameter.
+attention weights exist. On the CPU ``F.interpolate`` runs once per grid and table value instead of every call
+(the cache compares ``pos_embed`` with the copy it was built from, so writes through ``.data`` are seen; nothing
+that depends on a projection weight is cached); on a GPU it runs every call, where a comparison would sync. Every gradient reaches its parameter.
 With an ``attn_mask``, or when ``attn`` is not a plain ``nn.MultiheadAttention`` as the original builds it (a
 hook on it, on its ``out_proj`` or a global one, a wrapper such as PEFT's, another layout, attention dropout while
 training), the original computation runs (``forward_original``: ``attn`` is called, so hooks and wrappers act).
@@ -161,12 +161,15 @@ class Resampler(nn.Module):
         The cache holds a copy of the table it was computed from and is used only while ``pos_embed`` still
         equals it: ``data_ptr``/``_version`` miss writes through ``.data`` (its own version counter) and hooks
         miss ``.data`` assignment, a comparison misses nothing. Comparing ``Q x D`` values costs less than
-        resizing (``16 L x D`` multiply-adds). Under ``torch.compile``, ``torch.export`` or a fake-tensor trace the
-        table is recomputed (no graph break, no fake tensor kept for a later eager call).
+        resizing (``16 L x D`` multiply-adds) on a CPU. On any other device the table is recomputed every call:
+        the comparison's answer would have to come back to the host (a sync per call that stalls the queue), and
+        the resize is a few small kernels there. Under ``torch.compile``, ``torch.export`` or a fake-tensor trace
+        the table is recomputed too (no graph break, no fake tensor kept for a later eager call).
         """
         pos = self.pos_embed
-        if (pos.requires_grad and torch.is_grad_enabled()) or not values_readable(pos):
-            return get_abs_pos(pos, L)     # traced, fake or meta, or a CUDA graph being captured: no comparison
+        if (pos.device.type != "cpu" or (pos.requires_grad and torch.is_grad_enabled())
+                or not values_readable(pos)):
+            return get_abs_pos(pos, L)      # an accelerator, traced, fake or meta: no comparison
         entry = self._cache.get(L)
         with torch.no_grad():
             if (entry is None or entry[0].shape != pos.shape or entry[0].dtype != pos.dtype

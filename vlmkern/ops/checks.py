@@ -8,7 +8,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from vlmkern.ops.dispatch import eager_mode
+from vlmkern.ops.dispatch import argument_key, eager_mode
 
 
 def check_tensor(t, name: str, *, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None,
@@ -188,13 +188,6 @@ def check_dropout_p(dropout_p) -> None:
 
 # ------------------------------------------------------------------------------------ checks run once per key
 _MAX_PASSED = 4096     # keys remembered per check before its memo starts over
-
-
-def argument_key(values: tuple):
-    """What a shape-and-type check can read of ``values``: a tensor's dtype, shape, strides and device; the type
-    and value of anything else (``1``, ``1.0`` and ``True`` differ); lists and tuples item by item."""
-    return tuple([(v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)
-                  else (type(v), argument_key(v)) if isinstance(v, (list, tuple)) else (type(v), v) for v in values])
 
 
 def once_per_key(check: Callable[..., None]) -> Callable[..., None]:

@@ -250,8 +250,8 @@ class OpDispatch:
         env = (_forced_raw(), _interpret_raw())
         if (debug := _debug_cached()) or (debug is None and _debug_logging()):
             return self._select(names, env[0], args, kwargs)
-        key = (names, env, signature(args), signature(tuple(kwargs.values())), tuple(kwargs)) if kwargs else (
-            names, env, signature(args))
+        key = (names, env, argument_key(args), argument_key(tuple(kwargs.values())), tuple(kwargs)) if kwargs else (
+            names, env, argument_key(args))
         chosen = self._chosen.get(key)
         if chosen is None:
             chosen = self._select(names, env[0], args, kwargs)
@@ -311,14 +311,26 @@ def lazy(module: str, name: str) -> Callable:
     return run
 
 
-def signature(values: tuple):
-    """What backend selection can depend on in ``values``: a tensor's type, dtype, shape, strides and device; the
-    value itself for scalars, dtypes and None; the same, item by item, for a list or tuple (one of scalars, as
-    an op's ``float[]`` / ``int[]`` argument, as a tuple without a recursion)."""
+def _argument_key_py(values):
+    """:func:`argument_key` in Python (where the extension is not built): same classes of keys, another format."""
     # a list comprehension, not a generator: no frame resumed per item
-    return tuple([(type(v), v.dtype, v.shape, v.stride(), v.device) if isinstance(v, torch.Tensor)
-                  else (signature(v) if v and isinstance(v[0], (torch.Tensor, tuple, list)) else (type(v), *v))
-                  if isinstance(v, (tuple, list)) else v for v in values])
+    return tuple([(type(v), v.dtype, v.device, v.layout, v.shape, v.stride()) if isinstance(v, torch.Tensor)
+                  else (type(v), _argument_key_py(v)) if isinstance(v, (list, tuple)) else (type(v), v)
+                  for v in values])
+
+
+def _native_argument_key():
+    ext = _ext.cpu_ext()
+    return getattr(ext, "argument_key", None)
+
+
+# What an argument check (checks.once_per_key) and backend selection can depend on in ``values`` (a tuple or
+# list): per tensor its type, dtype, device, shape and strides; per list or tuple its type and the same, item by
+# item; the type and value of anything else (``1``, ``1.0`` and ``True`` differ). Two calls with equal keys get
+# the same check outcome, backend and launch plan. RuntimeError for a tensor without strides (nested; the C++ key
+# also for sparse, whose Python strides are zeros), TypeError (on hashing) for an unhashable value. Built in C++ (vlmkern._C) where the extension is: the walk
+# in Python costs ~4.5 us per call on a small CPU, and each op call builds two.
+argument_key = _native_argument_key() or _argument_key_py
 
 
 def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Callable[..., tuple]) -> None:
@@ -511,7 +523,7 @@ class EagerOp:
         if (debug := _debug_cached()) or (debug is None and _debug_logging()):   # logged: computed every call
             choose = kernels.get(args[0].device.type)
             return None if choose is None or not plain_tensors(args) else on_device(choose(*args), args[0].device)
-        key = (_forced_raw(), _interpret_raw(), signature(args))
+        key = (_forced_raw(), _interpret_raw(), argument_key(args))
         impl = self._chosen.get(key, _UNSEEN)
         if impl is _UNSEEN:
             choose = kernels.get(args[0].device.type)

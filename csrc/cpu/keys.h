@@ -1,0 +1,17 @@
+// Host-path keys: what an op's argument check and backend selection can depend on, built in C++ because the
+// same walk in Python (a dtype, shape, strides and device read per tensor) costs ~5 us per call.
+#pragma once
+
+#include <Python.h>
+
+namespace vlmkern {
+
+// values: a tuple or list. Returns a new tuple with one item per value:
+//   tensor (any subclass): (type(v), scalar type, device type, device index, sizes, strides)
+//   tuple / list:          (type(v), argument_key(v))
+//   anything else:         (type(v), v)
+// Raises RuntimeError for a tensor without strides (sparse, nested) or with symbolic sizes, as reading
+// .stride() / concrete sizes would in Python. Returns nullptr with the Python error set on failure.
+PyObject* argument_key(PyObject* values);
+
+}  // namespace vlmkern
