@@ -107,7 +107,13 @@ def backend(monkeypatch, request):
         if too_old:
             pytest.skip(too_old)
     monkeypatch.setenv("VLMKERN_BACKEND", name)
-    return name
+    if name == "triton" and not HAS_CUDA and os.environ.get("VLMKERN_BOUNDS_CHECK", "1") != "0":
+        # every load, store and atomic of the interpreted kernels must address one of the launch's tensors
+        from vlmkern.testing import interpreter_bounds_check
+        with interpreter_bounds_check():
+            yield name
+        return
+    yield name
 
 
 @pytest.fixture

@@ -180,3 +180,187 @@ def adapt_(model: torch.nn.Module, path: str, **kwargs) -> AdapterLinear:
     adapter = AdapterLinear(getattr(owner, name), **kwargs)
     setattr(owner, name, adapter)
     return adapter
+
+
+# ------------------------------------------------------------------------------- out-of-bounds detection
+_GUARD_BYTE = 0xFF      # all-ones bytes: NaN in every float dtype, -1 in every signed integer dtype
+_GUARD_ALIGN = 64       # guard margins in whole multiples of 64 elements: a placed tensor stays 16-byte aligned
+
+
+def _span(shape, stride) -> int:
+    """Elements from a strided tensor's first to one past its last (0 when it has none)."""
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((s - 1) * st for s, st in zip(shape, stride))
+
+
+class GuardedMemory:
+    """Out-of-bounds detection for kernels under test, on any device (a GPU, or the CPU under Triton's interpreter,
+    which reads and writes by address too): each tensor it makes lies inside a larger buffer whose margins before
+    and after hold all-ones bytes (NaN in a float dtype, -1 in an integer one), at least as wide as the tensor.
+
+    * a kernel that reads past an input's bounds reads NaN, which a result compared with an unguarded run shows;
+    * a write past an allocation's bounds changes a margin, which :meth:`check` reports (the buffer and side);
+    * an allocation's own elements start as NaN / -1 too (:func:`guarded_allocations`), so an output element that
+      no kernel writes shows in the result instead of holding whatever memory the allocator handed out.
+
+    Tensors with negative strides or overlapping elements (``expand``) are placed as they are, unguarded."""
+
+    def __init__(self, margin: int = 1024):
+        self.margin = margin
+        self._buffers: list[tuple[torch.Tensor, int, int, str]] = []
+
+    def empty_strided(self, shape, stride, dtype: torch.dtype, device, label: str) -> torch.Tensor:
+        """An uninitialised-looking (all-ones bytes) tensor of ``shape`` and ``stride`` between two margins."""
+        span = _span(shape, stride)
+        guard = -(-max(self.margin, span) // _GUARD_ALIGN) * _GUARD_ALIGN
+        size = dtype.itemsize
+        raw = torch.full(((2 * guard + span) * size,), _GUARD_BYTE, dtype=torch.uint8, device=device)
+        self._buffers.append((raw, guard * size, (guard + span) * size, label))
+        return raw.view(dtype).as_strided(tuple(shape), tuple(stride), guard)
+
+    def place(self, t: torch.Tensor, label: str) -> torch.Tensor:
+        """A guarded copy of ``t``: same values, shape, strides and ``requires_grad`` (a leaf)."""
+        if any(st < 0 for st in t.stride()) or torch._debug_has_internal_overlap(t) != 0:   # 2: can't tell
+            return t.detach().clone().requires_grad_(t.requires_grad) if t.requires_grad else t
+        out = self.empty_strided(t.shape, t.stride(), t.dtype, t.device, label)
+        with torch.no_grad():
+            out.copy_(t)
+        return out.requires_grad_(t.requires_grad)
+
+    def check(self) -> None:
+        """AssertionError naming every buffer whose margins were written."""
+        bad = []
+        for raw, lo, hi, label in self._buffers:
+            for side, part in (("before", raw[:lo]), ("after", raw[hi:])):
+                n = int((part != _GUARD_BYTE).sum())
+                if n:
+                    bad.append(f"{label}: {n} byte(s) written {side} its bounds")
+        assert not bad, "out-of-bounds writes: " + "; ".join(bad)
+
+
+def guarded_allocations(memory: GuardedMemory, device):
+    """A context manager under which ``torch.empty``, ``torch.empty_like`` and ``torch.empty_strided`` return
+    :meth:`GuardedMemory.empty_strided` tensors (same shape, strides, dtype, ``requires_grad``) when on ``device``'s
+    type, each labelled with the caller's file and line: the launchers' outputs and scratch buffers."""
+    import contextlib
+    import sys
+
+    device_type = torch.device(device).type
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+
+    def guarded(name):
+        make = originals[name]
+
+        def alloc(*args, **kwargs):
+            t = make(*args, **kwargs)
+            if t.device.type != device_type or "out" in kwargs:
+                return t
+            caller = sys._getframe(1)
+            label = f"torch.{name} at {'/'.join(caller.f_code.co_filename.rsplit('/', 2)[-2:])}:{caller.f_lineno}"
+            return memory.empty_strided(t.shape, t.stride(), t.dtype, t.device, label).requires_grad_(t.requires_grad)
+        return alloc
+
+    @contextlib.contextmanager
+    def patched():
+        for name in originals:
+            setattr(torch, name, guarded(name))
+        try:
+            yield memory
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+    return patched()
+
+
+def interpreter_bounds_check():
+    """A context manager under which every load, store and atomic of a kernel run by Triton's interpreter
+    (``TRITON_INTERPRET=1``) must address an element of one of that launch's tensor arguments (from its first to
+    its last element); anything else raises, naming the kernel, the access and the nearest argument. Stricter than
+    :class:`GuardedMemory`, which sees a stray read only when its value reaches a result: this sees one whose
+    value a later ``where`` or mask discards, which on a GPU can still fault. Masked-off lanes are not accesses."""
+    import contextlib
+
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    ranges: list = []          # per running launch: (kernel name, [(lo, hi, argument name)])
+    executor, builder = interp.GridExecutor, interp.InterpreterBuilder
+    saved = {name: getattr(cls, name) for cls, names in ((executor, ("_init_args_hst", "__call__")),
+                                                        (builder, ("create_masked_load", "create_masked_store",
+                                                                   "create_atomic_rmw", "create_atomic_cas")))
+             for name in names}
+
+    def extent(t: torch.Tensor) -> tuple[int, int]:
+        lo = t.data_ptr() + t.element_size() * sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
+        return lo, lo + t.element_size() * _span(t.shape, [abs(st) for st in t.stride()])
+
+    def init_args_hst(self, args_dev, kwargs):
+        args_hst, kwargs_hst = saved["_init_args_hst"](self, args_dev, kwargs)
+        named = [(f"argument {i}", a) for i, a in enumerate(args_hst)] + list(kwargs_hst.items())
+        ranges.append((getattr(self.fn, "__name__", "kernel"),
+                       [(*extent(a), name) for name, a in named if isinstance(a, torch.Tensor)]))
+        return args_hst, kwargs_hst
+
+    def call(self, *args, **kwargs):
+        depth = len(ranges)
+        try:
+            return saved["__call__"](self, *args, **kwargs)
+        finally:
+            del ranges[depth:]
+
+    def check(ptrs, mask, what: str) -> None:
+        if not ranges:
+            return
+        addr = np.asarray(ptrs.data).astype(np.int64)
+        if mask is not None:
+            addr = addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), addr.shape)]
+        if addr.size == 0:
+            return
+        size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        kernel, args = ranges[-1]
+        first, last = int(addr.min()), int(addr.max())
+        for lo, hi, _ in args:          # the usual access: every address inside one argument
+            if lo <= first and last + size <= hi:
+                return
+        inside = np.zeros(addr.shape, dtype=bool)
+        for lo, hi, _ in args:
+            inside |= (addr >= lo) & (addr + size <= hi)
+        if inside.all():
+            return
+        bad = int(addr[~inside][0])
+        lo, hi, name = min(args, key=lambda r: min(abs(bad - r[0]), abs(bad - r[1])),
+                           default=(bad, bad, "no tensor argument"))
+        where = f"{(bad - lo) // size} elements from the start" if bad < lo else f"{(bad - hi) // size} past the end"
+        raise AssertionError(f"{kernel}: {what} of {int((~inside).sum())} element(s) outside every tensor argument; "
+                             f"the first is {where} of {name} ({(hi - lo) // size} elements)")
+
+    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        check(ptrs, mask, "load")
+        return saved["create_masked_load"](self, ptrs, mask, other, cache_policy, is_volatile)
+
+    def masked_store(self, ptrs, value, mask, cache_policy):
+        check(ptrs, mask, "store")
+        return saved["create_masked_store"](self, ptrs, value, mask, cache_policy)
+
+    def atomic_rmw(self, op, ptr, val, mask, sem, scope):
+        check(ptr, mask, "atomic")
+        return saved["create_atomic_rmw"](self, op, ptr, val, mask, sem, scope)
+
+    def atomic_cas(self, ptr, cmp, val, sem, scope):
+        check(ptr, None, "atomic compare-and-swap")
+        return saved["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
+
+    @contextlib.contextmanager
+    def patched():
+        executor._init_args_hst, executor.__call__ = init_args_hst, call
+        builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
+        builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
+        try:
+            yield
+        finally:
+            for name in ("_init_args_hst", "__call__"):
+                setattr(executor, name, saved[name])
+            for name in ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas"):
+                setattr(builder, name, saved[name])
+    return patched()

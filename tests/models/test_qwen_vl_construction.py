@@ -11,7 +11,7 @@ from torch.nn.modules.module import register_module_forward_hook
 from vlmkern.models import qwen_vl
 from vlmkern.models.qwen_vl import Resampler, get_2d_sincos_pos_embed
 from vlmkern.reference.originals import qwen_vl as original
-from vlmkern.testing import assert_same_run, run_module
+from vlmkern.testing import assert_no_host_sync, assert_same_run, run_module
 
 G, D, H, KV = 3, 32, 4, 24
 
@@ -94,14 +94,8 @@ def test_a_gpu_forward_reads_nothing_back_to_the_host():
     ours, orig = (m.cuda() for m in _pair())
     x = torch.randn(2, 64, KV, device="cuda")
     with torch.no_grad():
-        ours(x)                                    # first call: backend selection, launch plans
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            got = ours(x)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        torch.testing.assert_close(got, orig(x), rtol=1e-4, atol=1e-4)
+        assert_no_host_sync(lambda: ours(x))
+        torch.testing.assert_close(ours(x), orig(x), rtol=1e-4, atol=1e-4)
     assert not ours._cache
 
 

@@ -412,9 +412,17 @@ def eager_call(*args) -> bool:
 
 def eager_mode() -> bool:
     """The part of :func:`eager_call` that does not depend on the arguments."""
-    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-                or torch._C._get_tracing_state() is not None)
+    return not (_is_compiling() or _torch_function_mode() or _dispatch_modes() or _functorch_transforms()
+                or _tracing_state() is not None)
+
+
+# Bound once: every op call asks eager_mode() two or three times, and each dotted lookup is bytecode. The
+# function objects are torch's own (torch.compile recognises is_compiling by identity and answers True first).
+_is_compiling = torch.compiler.is_compiling
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_functorch_transforms = torch._C._are_functorch_transforms_active
+_tracing_state = torch._C._get_tracing_state
 
 
 def values_readable(t: torch.Tensor) -> bool:

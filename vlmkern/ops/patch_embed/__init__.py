@@ -117,8 +117,8 @@ def check_scalars(pad_value, rescale) -> None:
     check_finite_scalar(rescale, "rescale")
 
 
-@once_per_key
-def _check_patch_embed(pixels, weight, bias, patch_size) -> None:
+@once_per_key       # the scalars' values are part of the key: a finite pair is checked once
+def _check_patch_embed(pixels, weight, bias, patch_size, pad_value, rescale) -> None:
     check_pixels(pixels, patch_size)
     check_tensor(weight, "weight", ndim=2, dtypes=FLOATS, shape_doc="(out_features, C*patch_size**2)")
     B, C, H, W = pixels.shape
@@ -134,8 +134,10 @@ def _check_patch_embed(pixels, weight, bias, patch_size) -> None:
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
     check_same_device(pixels=pixels, weight=weight, bias=bias)
+    check_scalars(pad_value, rescale)
 
 
+@once_per_key
 def _check_patchify(pixels, patch_size, pad_value, rescale, out_dtype) -> None:
     check_pixels(pixels, patch_size)
     check_scalars(pad_value, rescale)
@@ -342,8 +344,7 @@ def patch_embed(pixels: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
         ``weight``, ``bias`` and float ``pixels``. A float64 ``weight`` runs the reference (fp64 patches). Under
         ``torch.autocast`` weight and bias are cast to the autocast dtype first, as ``F.linear`` casts them.
     """
-    _check_patch_embed(pixels, weight, bias, patch_size)
-    check_scalars(pad_value, rescale)
+    _check_patch_embed(pixels, weight, bias, patch_size, pad_value, rescale)
     _, weight, bias = autocast_inputs(pixels, weight, bias)   # the Linear runs as F.linear would
     mean_l, std_l = _norm_lists(mean, std, pixels.shape[1])
     if pixels.shape[0] == 0:          # an empty batch: nn.Linear on no patches (weight and bias get zero grads)
