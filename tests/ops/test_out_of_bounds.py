@@ -92,14 +92,14 @@ CASES = {"qformer_bidirectional": _qformer("bidirectional"), "qformer_unimodal":
          "cogvlm_expert_ids": _expert_ids}
 
 
-def _run(name, device, memory):
+def _run(name, device, dtype, memory):
     """The case's output and its leaves' gradients; with ``memory``, every input, allocation and the output
     gradient guarded. Under the interpreter every access is checked in both runs."""
     gen = torch.Generator().manual_seed(0)
     place = (lambda x, label: x) if memory is None else memory.place
 
     def t(*shape, name):
-        return place(torch.randn(*shape, generator=gen).to(device), name).requires_grad_()
+        return place(torch.randn(*shape, generator=gen).to(device=device, dtype=dtype), name).requires_grad_()
 
     def ints(shape, name, *, high, dtype):
         return place(torch.randint(0, high, shape, generator=gen).to(device=device, dtype=dtype), name)
@@ -125,11 +125,12 @@ class _nothing:
         return False
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # the launch configs differ per element size
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernels_stay_inside_their_tensors(name, backend, device):
-    want, want_grads = _run(name, device, None)
+def test_kernels_stay_inside_their_tensors(name, dtype, backend, device):
+    want, want_grads = _run(name, device, dtype, None)
     memory = GuardedMemory()
-    got, got_grads = _run(name, device, memory)
+    got, got_grads = _run(name, device, dtype, memory)
     memory.check()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} output: {m}")
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):

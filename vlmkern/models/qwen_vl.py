@@ -13,7 +13,8 @@ Without a mask it runs (per call, ``X (N, L, kv_dim)``, ``P16`` the stored table
 so neither the ``(L, N, D)`` sequence-first copy nor the ``(256, N, D)`` repeated queries nor the ``(N, 256, L)``
 attention weights exist. On the CPU ``F.interpolate`` runs once per grid and table value instead of every call
 (the cache compares ``pos_embed`` with the copy it was built from, so writes through ``.data`` are seen; nothing
-that depends on a projection weight is cached); on a GPU it runs every call, where a comparison would sync. Every gradient reaches its parameter.
+that depends on a projection weight is cached); on a GPU it runs every call, where a comparison would sync.
+Every gradient reaches its parameter.
 With an ``attn_mask``, or when ``attn`` is not a plain ``nn.MultiheadAttention`` as the original builds it (a
 hook on it, on its ``out_proj`` or a global one, a wrapper such as PEFT's, another layout, attention dropout while
 training), the original computation runs (``forward_original``: ``attn`` is called, so hooks and wrappers act).

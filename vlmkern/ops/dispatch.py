@@ -328,8 +328,9 @@ def _native_argument_key():
 # list): per tensor its type, dtype, device, shape and strides; per list or tuple its type and the same, item by
 # item; the type and value of anything else (``1``, ``1.0`` and ``True`` differ). Two calls with equal keys get
 # the same check outcome, backend and launch plan. RuntimeError for a tensor without strides (nested; the C++ key
-# also for sparse, whose Python strides are zeros), TypeError (on hashing) for an unhashable value. Built in C++ (vlmkern._C) where the extension is: the walk
-# in Python costs ~4.5 us per call on a small CPU, and each op call builds two.
+# also for sparse, whose Python strides are zeros), TypeError (on hashing) for an unhashable value. Built in C++
+# (vlmkern._C) where the extension is: the walk in Python costs ~4.5 us per call on a small CPU, and each op call
+# builds two.
 argument_key = _native_argument_key() or _argument_key_py
 
 
