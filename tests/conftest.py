@@ -107,10 +107,12 @@ def backend(monkeypatch, request):
         if too_old:
             pytest.skip(too_old)
     monkeypatch.setenv("VLMKERN_BACKEND", name)
-    if name == "triton" and not HAS_CUDA and os.environ.get("VLMKERN_BOUNDS_CHECK", "1") != "0":
+    check = os.environ.get("VLMKERN_BOUNDS_CHECK", "1")
+    if name == "triton" and not HAS_CUDA and check != "0":
         # every load, store and atomic of the interpreted kernels must address one of the launch's tensors
+        # (VLMKERN_BOUNDS_CHECK=races: and no two programs of a launch race for an element; slower)
         from vlmkern.testing import interpreter_bounds_check
-        with interpreter_bounds_check():
+        with interpreter_bounds_check(races=check == "races"):
             yield name
         return
     yield name

@@ -273,12 +273,17 @@ def guarded_allocations(memory: GuardedMemory, device):
     return patched()
 
 
-def interpreter_bounds_check():
+def interpreter_bounds_check(races: bool = False):
     """A context manager under which every load, store and atomic of a kernel run by Triton's interpreter
     (``TRITON_INTERPRET=1``) must address an element of one of that launch's tensor arguments (from its first to
     its last element); anything else raises, naming the kernel, the access and the nearest argument. Stricter than
     :class:`GuardedMemory`, which sees a stray read only when its value reaches a result: this sees one whose
-    value a later ``where`` or mask discards, which on a GPU can still fault. Masked-off lanes are not accesses."""
+    value a later ``where`` or mask discards, which on a GPU can still fault. Masked-off lanes are not accesses.
+
+    ``races``: also fail when two programs of one launch touch an element that one of them stores to without an
+    atomic (both store it, or one loads what the other stores): the interpreter runs programs one after another,
+    a GPU runs them at once, in no order, so the result would depend on timing. Atomics are exempt. Costs a Python
+    set update per accessed element: for small launches."""
     import contextlib
 
     import numpy as np
@@ -299,7 +304,7 @@ def interpreter_bounds_check():
         args_hst, kwargs_hst = saved["_init_args_hst"](self, args_dev, kwargs)
         named = [(f"argument {i}", a) for i, a in enumerate(args_hst)] + list(kwargs_hst.items())
         ranges.append((getattr(self.fn, "__name__", "kernel"),
-                       [(*extent(a), name) for name, a in named if isinstance(a, torch.Tensor)]))
+                       [(*extent(a), name) for name, a in named if isinstance(a, torch.Tensor)], {}, {}))
         return args_hst, kwargs_hst
 
     def call(self, *args, **kwargs):
@@ -318,7 +323,9 @@ def interpreter_bounds_check():
         if addr.size == 0:
             return
         size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
-        kernel, args = ranges[-1]
+        kernel, args, writers, readers = ranges[-1]
+        if races and what in ("load", "store"):
+            record(kernel, args, writers, readers, addr, what)
         first, last = int(addr.min()), int(addr.max())
         for lo, hi, _ in args:          # the usual access: every address inside one argument
             if lo <= first and last + size <= hi:
@@ -334,6 +341,29 @@ def interpreter_bounds_check():
         where = f"{(bad - lo) // size} elements from the start" if bad < lo else f"{(bad - hi) // size} past the end"
         raise AssertionError(f"{kernel}: {what} of {int((~inside).sum())} element(s) outside every tensor argument; "
                              f"the first is {where} of {name} ({(hi - lo) // size} elements)")
+
+    def record(kernel, args, writers, readers, addr, what) -> None:
+        """Per element, the program that first stored it and the first that loaded it (-1: several did)."""
+        program = interp.interpreter_builder.grid_idx
+        for a in set(addr.tolist()):
+            writer = writers.get(a)
+            if what == "store":
+                other = writer if writer is not None and writer != program else readers.get(a)
+                if other is not None and other != program:
+                    race(kernel, args, a, program, other, "stores to an element that program {} " +
+                         ("also stores to" if other == writer else "loads"))
+                writers[a] = program
+            else:
+                if writer is not None and writer != program:
+                    race(kernel, args, a, program, writer, "loads an element that program {} stores to")
+                seen = readers.get(a)
+                readers[a] = program if seen is None or seen == program else -1
+
+    def race(kernel, args, address, program, other, text) -> None:
+        name = next((n for lo, hi, n in args if lo <= address < hi), "an argument")
+        other = "another" if other == -1 else other
+        raise AssertionError(f"{kernel}: race: program {program} {text.format(other)} (in {name}), "
+                             f"with no atomic between them")
 
     def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
         check(ptrs, mask, "load")

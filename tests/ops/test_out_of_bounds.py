@@ -108,7 +108,8 @@ def _run(name, device, dtype, memory):
     grad_out = None
     # under the interpreter every access is also checked against the launch's tensors, masked-off reads included
     # (in the unguarded run too: a stray store there would write into whatever memory lies next to a tensor)
-    checked = interpreter_bounds_check() if triton_interpreting() else _nothing()
+    # and, in the guarded run, that no two programs of a launch race for an element
+    checked = interpreter_bounds_check(races=memory is not None) if triton_interpreting() else _nothing()
     with guarded_allocations(memory, device) if memory is not None else _nothing(), checked:
         out = call()
         if leaves:
@@ -172,3 +173,36 @@ def test_the_interpreter_check_sees_a_read_whose_value_is_discarded():
         torch.testing.assert_close(out, x + b)
         with pytest.raises(Exception, match="add_bias: load of 3 element.*past the end of b_ptr|argument 1"):
             add_bias[(1,)](x, b, out, 5, MASKED=False, BLOCK=8)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="checks the interpreter's accesses (TRITON_INTERPRET=1)")
+def test_the_interpreter_check_sees_programs_that_race():
+    """Programs that store to one element, or load what another program stores, without an atomic: fine one after
+    another under the interpreter, a race on a GPU. Atomics, and a program's own read-modify-write, are fine."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def blocks(x_ptr, out_ptr, total_ptr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs)
+        if MODE == 0:                                   # each program its own block, plus an atomic total
+            tl.store(out_ptr + offs, x + tl.load(out_ptr + offs))
+            tl.atomic_add(total_ptr, tl.sum(x, 0))
+        elif MODE == 1:                                 # every program stores the total
+            tl.store(total_ptr, tl.sum(x, 0))
+        else:                                           # program 1 reads the block program 0 writes
+            tl.store(out_ptr + offs, x)
+            tl.store(x_ptr + offs, tl.load(out_ptr + (offs + BLOCK) % (2 * BLOCK)))
+
+    x, out, total = torch.randn(16), torch.zeros(16), torch.zeros(1)
+    with interpreter_bounds_check(races=True):
+        blocks[(2,)](x_ptr=x, out_ptr=out, total_ptr=total, MODE=0, BLOCK=8)
+        torch.testing.assert_close(total, x.sum().reshape(1))
+        with pytest.raises(Exception, match="blocks: race: program .* stores to an element that program .* also "
+                                            "stores to .in total_ptr"):
+            blocks[(2,)](x_ptr=x, out_ptr=out, total_ptr=total, MODE=1, BLOCK=8)
+        with pytest.raises(Exception, match="blocks: race: program .* (loads an element that program .* stores to|"
+                                            "stores to an element that program .* loads)"):
+            blocks[(2,)](x_ptr=x, out_ptr=out, total_ptr=total, MODE=2, BLOCK=8)
