@@ -10,7 +10,9 @@ follow the tolerance rule of ``vlmkern.testing`` against the original in float64
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -21,6 +23,9 @@ from vlmkern import ops, reference
 from vlmkern.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
+# the pairs reuse the model tests' builders: importable when this file runs alone too (pytest adds a test file's
+# directory to sys.path only when it collects a file there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 BACKENDS = pytest.mark.parametrize("backend", ["auto", "triton"], indirect=True)
 
 
