@@ -289,7 +289,9 @@ def interpreter_bounds_check(races: bool = False):
     import numpy as np
     from triton.runtime import interpreter as interp
 
-    ranges: list = []          # per running launch: (kernel name, [(lo, hi, argument name)])
+    # per running launch: (kernel name, [(lo, hi, argument name)], element -> first storing program,
+    #                      element -> first loading program or -1)
+    ranges: list = []
     executor, builder = interp.GridExecutor, interp.InterpreterBuilder
     saved = {name: getattr(cls, name) for cls, names in ((executor, ("_init_args_hst", "__call__")),
                                                         (builder, ("create_masked_load", "create_masked_store",
