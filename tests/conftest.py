@@ -14,6 +14,7 @@ Property tests read their example count from ``examples(default)``, which gives 
 ``vlmkern`` profile and ``max(default, SLOW_EXAMPLES)`` under ``slow`` (a test's own ``@settings`` would
 otherwise override the profile's ``max_examples``).
 """
+import contextlib
 import os
 
 import torch
@@ -108,14 +109,14 @@ def backend(monkeypatch, request):
             pytest.skip(too_old)
     monkeypatch.setenv("VLMKERN_BACKEND", name)
     check = os.environ.get("VLMKERN_BOUNDS_CHECK", "1")
+    guard = contextlib.nullcontext()
     if name == "triton" and not HAS_CUDA and check != "0":
         # every load, store and atomic of the interpreted kernels must address one of the launch's tensors
         # (VLMKERN_BOUNDS_CHECK=races: and no two programs of a launch race for an element; slower)
         from vlmkern.testing import interpreter_bounds_check
-        with interpreter_bounds_check(races=check == "races"):
-            yield name
-        return
-    yield name
+        guard = interpreter_bounds_check(races=check == "races")
+    with guard:
+        yield name
 
 
 @pytest.fixture

@@ -15,6 +15,9 @@ its data (seeded torch, derandomized Hypothesis in tests/conftest.py), so every 
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 
 FACTOR = {"forward": 2.0, "grad": 3.0}
@@ -194,6 +197,19 @@ def _span(shape, stride) -> int:
     return 1 + sum((s - 1) * st for s, st in zip(shape, stride))
 
 
+@contextlib.contextmanager
+def _patched(replacements: dict):
+    """Each ``(owner, name) -> value`` of ``replacements`` set for the duration; the originals restored after."""
+    saved = {key: getattr(*key) for key in replacements}
+    for (owner, name), value in replacements.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+
+
 class GuardedMemory:
     """Out-of-bounds detection for kernels under test, on any device (a GPU, or the CPU under Triton's interpreter,
     which reads and writes by address too): each tensor it makes lies inside a larger buffer whose margins before
@@ -204,7 +220,7 @@ class GuardedMemory:
     * an allocation's own elements start as NaN / -1 too (:func:`guarded_allocations`), so an output element that
       no kernel writes shows in the result instead of holding whatever memory the allocator handed out.
 
-    Tensors with negative strides or overlapping elements (``expand``) are placed as they are, unguarded."""
+    Tensors with overlapping elements (``expand``) are placed as they are, unguarded."""
 
     def __init__(self, margin: int = 1024):
         self.margin = margin
@@ -221,7 +237,7 @@ class GuardedMemory:
 
     def place(self, t: torch.Tensor, label: str) -> torch.Tensor:
         """A guarded copy of ``t``: same values, shape, strides and ``requires_grad`` (a leaf)."""
-        if any(st < 0 for st in t.stride()) or torch._debug_has_internal_overlap(t) != 0:   # 2: can't tell
+        if torch._debug_has_internal_overlap(t) != 0:   # 1: overlaps, 2: can't tell
             return t.detach().clone().requires_grad_(t.requires_grad) if t.requires_grad else t
         out = self.empty_strided(t.shape, t.stride(), t.dtype, t.device, label)
         with torch.no_grad():
@@ -239,18 +255,15 @@ class GuardedMemory:
         assert not bad, "out-of-bounds writes: " + "; ".join(bad)
 
 
+@contextlib.contextmanager
 def guarded_allocations(memory: GuardedMemory, device):
     """A context manager under which ``torch.empty``, ``torch.empty_like`` and ``torch.empty_strided`` return
     :meth:`GuardedMemory.empty_strided` tensors (same shape, strides, dtype, ``requires_grad``) when on ``device``'s
     type, each labelled with the caller's file and line: the launchers' outputs and scratch buffers."""
-    import contextlib
-    import sys
-
     device_type = torch.device(device).type
-    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
 
     def guarded(name):
-        make = originals[name]
+        make = getattr(torch, name)
 
         def alloc(*args, **kwargs):
             t = make(*args, **kwargs)
@@ -261,16 +274,8 @@ def guarded_allocations(memory: GuardedMemory, device):
             return memory.empty_strided(t.shape, t.stride(), t.dtype, t.device, label).requires_grad_(t.requires_grad)
         return alloc
 
-    @contextlib.contextmanager
-    def patched():
-        for name in originals:
-            setattr(torch, name, guarded(name))
-        try:
-            yield memory
-        finally:
-            for name, fn in originals.items():
-                setattr(torch, name, fn)
-    return patched()
+    with _patched({(torch, name): guarded(name) for name in ("empty", "empty_like", "empty_strided")}):
+        yield memory
 
 
 def interpreter_bounds_check(races: bool = False):
@@ -284,23 +289,19 @@ def interpreter_bounds_check(races: bool = False):
     atomic (both store it, or one loads what the other stores): the interpreter runs programs one after another,
     a GPU runs them at once, in no order, so the result would depend on timing. Atomics are exempt. Costs a Python
     set update per accessed element: for small launches."""
-    import contextlib
-
     import numpy as np
     from triton.runtime import interpreter as interp
 
     # per running launch: (kernel name, [(lo, hi, argument name)], element -> first storing program,
     #                      element -> first loading program or -1)
     ranges: list = []
-    executor, builder = interp.GridExecutor, interp.InterpreterBuilder
-    saved = {name: getattr(cls, name) for cls, names in ((executor, ("_init_args_hst", "__call__")),
-                                                        (builder, ("create_masked_load", "create_masked_store",
-                                                                   "create_atomic_rmw", "create_atomic_cas")))
-             for name in names}
+    owners = {name: interp.GridExecutor for name in ("_init_args_hst", "__call__")}
+    owners.update({name: interp.InterpreterBuilder
+                   for name in ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")})
+    saved = {name: getattr(owner, name) for name, owner in owners.items()}
 
     def extent(t: torch.Tensor) -> tuple[int, int]:
-        lo = t.data_ptr() + t.element_size() * sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if st < 0)
-        return lo, lo + t.element_size() * _span(t.shape, [abs(st) for st in t.stride()])
+        return t.data_ptr(), t.data_ptr() + t.element_size() * _span(t.shape, t.stride())
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = saved["_init_args_hst"](self, args_dev, kwargs)
@@ -383,16 +384,7 @@ def interpreter_bounds_check(races: bool = False):
         check(ptr, None, "atomic compare-and-swap")
         return saved["create_atomic_cas"](self, ptr, cmp, val, sem, scope)
 
-    @contextlib.contextmanager
-    def patched():
-        executor._init_args_hst, executor.__call__ = init_args_hst, call
-        builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
-        builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
-        try:
-            yield
-        finally:
-            for name in ("_init_args_hst", "__call__"):
-                setattr(executor, name, saved[name])
-            for name in ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas"):
-                setattr(builder, name, saved[name])
-    return patched()
+    replacements = {"_init_args_hst": init_args_hst, "__call__": call, "create_masked_load": masked_load,
+                    "create_masked_store": masked_store, "create_atomic_rmw": atomic_rmw,
+                    "create_atomic_cas": atomic_cas}
+    return _patched({(owners[name], name): fn for name, fn in replacements.items()})

@@ -5,6 +5,8 @@ writes would stay NaN) and leave every margin as it was (a write past an allocat
 
 Odd sizes, partial tiles and strided views; on the CPU under Triton's interpreter (which reads and writes by
 address, as a GPU does), on a GPU as they are."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -109,21 +111,13 @@ def _run(name, device, dtype, memory):
     # under the interpreter every access is also checked against the launch's tensors, masked-off reads included
     # (in the unguarded run too: a stray store there would write into whatever memory lies next to a tensor)
     # and, in the guarded run, that no two programs of a launch race for an element
-    checked = interpreter_bounds_check(races=memory is not None) if triton_interpreting() else _nothing()
-    with guarded_allocations(memory, device) if memory is not None else _nothing(), checked:
+    checked = interpreter_bounds_check(races=memory is not None) if triton_interpreting() else nullcontext()
+    with guarded_allocations(memory, device) if memory is not None else nullcontext(), checked:
         out = call()
         if leaves:
             grad_out = place(torch.randn(out.shape, generator=gen).to(device=device, dtype=out.dtype), "grad_output")
             torch.autograd.backward(out, grad_out)
     return out.detach(), [leaf.grad for leaf in leaves]
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # the launch configs differ per element size

@@ -319,11 +319,6 @@ def _argument_key_py(values):
                   for v in values])
 
 
-def _native_argument_key():
-    ext = _ext.cpu_ext()
-    return getattr(ext, "argument_key", None)
-
-
 # What an argument check (checks.once_per_key) and backend selection can depend on in ``values`` (a tuple or
 # list): per tensor its type, dtype, device, shape and strides; per list or tuple its type and the same, item by
 # item; the type and value of anything else (``1``, ``1.0`` and ``True`` differ). Two calls with equal keys get
@@ -331,7 +326,7 @@ def _native_argument_key():
 # also for sparse, whose Python strides are zeros), TypeError (on hashing) for an unhashable value. Built in C++
 # (vlmkern._C) where the extension is: the walk in Python costs ~4.5 us per call on a small CPU, and each op call
 # builds two.
-argument_key = _native_argument_key() or _argument_key_py
+argument_key = getattr(_ext.cpu_ext(), "argument_key", None) or _argument_key_py
 
 
 def implement(op, dispatch: OpDispatch, impls: dict[str, Callable], probe: Callable[..., tuple]) -> None:
