@@ -329,3 +329,22 @@ def test_fp32_mask_in_a_bf16_layer_keeps_pad_rows_as_the_original():
         ref = exact(x.double(), mask.double(), pos, im_mask=im)[0]
     assert_close(got[1, :pad], base[1, :pad], ref[1, :pad], name="pad rows")
     assert_close(got, base, ref, name="y")
+
+
+class _HalfDropout(nn.Module):
+    """A replacement dropout the fused path does not take (not an nn.Dropout)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+
+def test_repr_names_the_dropout_in_use():
+    layer = PLoRA(8, 4, lora_r=2, lora_alpha=4, lora_dropout=0.1)
+    assert "lora_r=2, lora_alpha=4, lora_dropout=0.1" in repr(layer)
+    layer.lora_dropout = _HalfDropout(0.25)      # swapped in: the modules path runs it, and the repr says so
+    assert "lora_dropout=0.25" in repr(layer)
+    assert "lora_dropout=0.0" in repr(PLoRA(8, 4, lora_r=2, lora_dropout=0.0))

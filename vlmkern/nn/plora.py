@@ -84,8 +84,9 @@ class PLoRA(nn.Linear):
         return self.Plora_B(self.Plora_A(self.lora_dropout(rows))) * self.lora_scaling
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, "
-                f"lora_dropout={self.lora_dropout_p}")
+        # the dropout module's own p where it has one: a replacement dropout is not the fused op's 0.0
+        p = getattr(self.lora_dropout, "p", self.lora_dropout_p)
+        return f"{super().extra_repr()}, lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, lora_dropout={p}"
 
     # ------------------------------------------------------------------------------- from a trained Linear
     @classmethod
