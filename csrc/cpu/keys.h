@@ -6,10 +6,10 @@
 
 namespace vlmkern {
 
-// values: a tuple or list. Returns a new tuple with one item per value:
-//   tensor (any subclass): (type(v), scalar type, device type, device index, sizes, strides)
-//   tuple / list:          (type(v), argument_key(v))
-//   anything else:         (type(v), v)
+// values: a tuple or list. Returns one flat tuple: per value its type, then
+//   tensor (any subclass): scalar type, device type, device index, rank, sizes, strides
+//   tuple / list:          length, then the items' own entries (recursively)
+//   anything else:         the value itself
 // Raises RuntimeError for a tensor without strides (sparse, nested) or with symbolic sizes, as reading
 // .stride() / concrete sizes would in Python. Returns nullptr with the Python error set on failure.
 PyObject* argument_key(PyObject* values);
