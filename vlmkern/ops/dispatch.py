@@ -34,6 +34,7 @@ import functools
 import importlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -385,9 +386,99 @@ def _run_on_cuda(impl: Callable, index: int, *args):
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
-    """``op.register_autograd(backward, setup_context=setup_context)``, remembered for :class:`EagerOp`."""
+    """``op.register_autograd(backward, setup_context=setup_context)``, remembered for :class:`EagerOp`.
+
+    ``backward`` runs as written, differentiably under ``create_graph=True`` (:func:`_first_order_backward`):
+    its torch ops and the forward ops it calls have their derivatives; each :class:`BackwardOp` it calls
+    refuses a double backward clearly instead."""
+    backward = _first_order_backward(op._qualname, backward)
     op.register_autograd(backward, setup_context=setup_context)
     _AUTOGRAD[op] = (backward, setup_context)
+
+
+# ------------------------------------------------------------------------------------------ double backward
+# Under create_graph=True autograd runs a first-order backward with grad mode on, and differentiates what it
+# computes. A backward op (BackwardOp: a kernel of a gradient) has no derivative, so its result must not reach a
+# second backward as a constant: it would silently drop the terms through it. Its result is tied instead to a
+# node whose backward raises, anchored on everything it may depend on: its own arguments and, because a saved
+# output can be marked non-differentiable while it depends on inputs (partial LoRA's u, attention's lse), the
+# enclosing backward's incoming gradients and saved tensors that require grad.
+_BACKWARDS = threading.local()      # .stack: (op name, _SavedOnce ctx, grads) of the create_graph backwards running
+
+
+def _first_order_backward(name: str, backward: Callable) -> Callable:
+    """``backward`` (an op's autograd formula) that, under ``create_graph=True`` only, lets the backward ops it
+    calls see ``name`` and the tensors it was given (:class:`BackwardOp`)."""
+    def run(ctx, *grads):
+        if not torch.is_grad_enabled():     # the ordinary backward: one check
+            return backward(ctx, *grads)
+        stack = _BACKWARDS.__dict__.setdefault("stack", [])
+        view = _SavedOnce(ctx)
+        stack.append((name, view, grads))
+        try:
+            return backward(view, *grads)
+        finally:
+            stack.pop()
+    return run
+
+
+class _SavedOnce:
+    """``ctx`` whose ``saved_tensors`` are unpacked once: a second unpack would run the saved-tensor hooks again
+    (non-reentrant activation checkpointing refuses that; offloading would copy twice)."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self._saved = None
+
+    @property
+    def saved_tensors(self):
+        if self._saved is None:
+            self._saved = self._ctx.saved_tensors
+        return self._saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+def double_backward_message(name: str, piece: str | None = None) -> str:
+    """The error of a second backward through ``name`` (``piece``: the backward op without a derivative)."""
+    through = f" (its gradient is computed by {piece}, which has no derivative)" if piece and piece != name else ""
+    return (f"{name}: double backward (create_graph=True) is not supported{through}. The first-order "
+            f"gradients are correct; for second derivatives use the pure-PyTorch functions of vlmkern.reference")
+
+
+class _Refused(torch.autograd.Function):
+    """Ties a backward op's results (computed without autograd) to the tensors they depend on; differentiating
+    them raises."""
+
+    @staticmethod
+    def forward(ctx, message, outputs, *anchors):
+        ctx.message = message
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _refusing_double_backward(op: "BackwardOp", args: tuple):
+    """``op(*args)`` with grad mode on: computed without autograd, then tied to a :class:`_Refused` node when
+    anything it may depend on requires grad (nothing: a constant, which its value is)."""
+    with torch.no_grad():
+        result = EagerOp.__call__(op, *args)
+    anchors = [t for a in args for t in (a if type(a) is list else (a,))
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+    stack = getattr(_BACKWARDS, "stack", None)
+    name = op.op._qualname
+    if stack:
+        name, view, grads = stack[-1]
+        anchors += [t for t in (*grads, *view.saved_tensors) if t is not None and t.requires_grad]
+    if not anchors:
+        return result
+    single = isinstance(result, torch.Tensor)
+    tied = _Refused.apply(double_backward_message(name, op.op._qualname), (result,) if single else tuple(result),
+                          *anchors)
+    return tied[0] if single else tied
 
 
 # op -> device type -> its chooser (:func:`_chooser`) for the kernel :func:`implement` registered
@@ -552,6 +643,17 @@ class EagerOp:
         self._kernels = _DEVICE_KERNELS[self.op]
         _EAGER_OPS.append(self)
         return self._kernels
+
+
+class BackwardOp(EagerOp):
+    """An :class:`EagerOp` that computes (part of) another op's gradient and has no derivative of its own. With
+    grad mode on (a backward under ``create_graph=True``) its result is tied to a node that raises a clear
+    error if a second backward reaches it (:func:`_refusing_double_backward`); otherwise it is the op."""
+
+    def __call__(self, *args):
+        if torch.is_grad_enabled():
+            return _refusing_double_backward(self, args)
+        return EagerOp.__call__(self, *args)
 
 
 def transformed() -> bool:
