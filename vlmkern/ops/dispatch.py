@@ -25,6 +25,11 @@ under a ``torch.autograd.Function`` built from the same setup-context and backwa
 is needed. ``torch.compile``, ``make_fx``, ``FakeTensorMode``, ``opcheck``, tensor subclasses and the
 functorch transforms see the ``torch.library`` custom op itself.
 
+Double backward (``create_graph=True``): an op's backward runs differentiably, so its torch ops and the forward
+ops it calls get their derivatives; the backward ops it calls (:class:`BackwardOp`, kernels of a gradient with no
+derivative of their own) tie their results to a node that raises a RuntimeError naming the op if a second
+backward reaches it, rather than letting it differentiate them as constants (a silently wrong result).
+
 On CUDA both paths run an implementation with its input's device current (:func:`on_device`): Triton launches on
 the current device, and a Python custom op gets no device guard.
 """
@@ -391,9 +396,8 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     ``backward`` runs as written, differentiably under ``create_graph=True`` (:func:`_first_order_backward`):
     its torch ops and the forward ops it calls have their derivatives; each :class:`BackwardOp` it calls
     refuses a double backward clearly instead."""
-    backward = _first_order_backward(op._qualname, backward)
-    op.register_autograd(backward, setup_context=setup_context)
-    _AUTOGRAD[op] = (backward, setup_context)
+    op.register_autograd(_first_order_backward(op._qualname, backward), setup_context=setup_context)
+    _AUTOGRAD[op] = (backward, setup_context)     # EagerOp's autograd.Function makes the same check inline
 
 
 # ------------------------------------------------------------------------------------------ double backward
@@ -407,19 +411,27 @@ _BACKWARDS = threading.local()      # .stack: (op name, _SavedOnce ctx, grads) o
 
 
 def _first_order_backward(name: str, backward: Callable) -> Callable:
-    """``backward`` (an op's autograd formula) that, under ``create_graph=True`` only, lets the backward ops it
-    calls see ``name`` and the tensors it was given (:class:`BackwardOp`)."""
+    """``backward`` (an op's autograd formula), run by :func:`_create_graph_backward` under ``create_graph=True``."""
     def run(ctx, *grads):
-        if not torch.is_grad_enabled():     # the ordinary backward: one check
+        if not _grad_enabled():     # the ordinary backward: one check
             return backward(ctx, *grads)
-        stack = _BACKWARDS.__dict__.setdefault("stack", [])
-        view = _SavedOnce(ctx)
-        stack.append((name, view, grads))
-        try:
-            return backward(view, *grads)
-        finally:
-            stack.pop()
+        return _create_graph_backward(name, backward, ctx, grads)
     return run
+
+
+def _create_graph_backward(name: str, backward: Callable, ctx, grads: tuple):
+    """``backward(ctx, *grads)`` of op ``name`` with grad mode on: the backward ops it calls see ``name`` and the
+    tensors it was given (:class:`BackwardOp`)."""
+    stack = _BACKWARDS.__dict__.setdefault("stack", [])
+    view = _SavedOnce(ctx)
+    stack.append((name, view, grads))
+    try:
+        return backward(view, *grads)
+    finally:
+        stack.pop()
+
+
+_grad_enabled = torch.is_grad_enabled
 
 
 class _SavedOnce:
@@ -716,7 +728,7 @@ def _eager_function(name: str, backward: Callable, setup_context: Callable):
     def bwd(ctx, *grads):
         if grads[0] is None:
             return (None,) * (len(ctx.needs_input_grad) + 1)
-        result = backward(ctx, *grads)
+        result = backward(ctx, *grads) if not _grad_enabled() else _create_graph_backward(name, backward, ctx, grads)
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
     return type(f"Eager_{name.replace('::', '_')}", (torch.autograd.Function,),
@@ -742,7 +754,7 @@ def _eager_list_function(name: str, backward: Callable, setup_context: Callable)
     def bwd(ctx, *grads):
         if grads[0] is None:
             return (None,) * (sum(1 if n < 0 else n for n in ctx.vlmkern_lists) + 2)
-        result = backward(ctx, *grads)
+        result = backward(ctx, *grads) if not _grad_enabled() else _create_graph_backward(name, backward, ctx, grads)
         result = result if isinstance(result, tuple) else (result,)
         flat = [None, None]
         for n, g in zip(ctx.vlmkern_lists, result):
