@@ -18,8 +18,6 @@ from torch.overrides import TorchFunctionMode
 
 from vlmkern import ops, reference
 
-DOUBLE_BACKWARD_ERROR = "double backward"
-
 
 def _randn(*shape, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
