@@ -25,6 +25,11 @@ under a ``torch.autograd.Function`` built from the same setup-context and backwa
 is needed. ``torch.compile``, ``make_fx``, ``FakeTensorMode``, ``opcheck``, tensor subclasses and the
 functorch transforms see the ``torch.library`` custom op itself.
 
+Double backward (``create_graph=True``): an op's backward runs differentiably, so its torch ops and the forward
+ops it calls get their derivatives; the backward ops it calls (:class:`BackwardOp`, kernels of a gradient with no
+derivative of their own) tie their results to a node that raises a RuntimeError naming the op if a second
+backward reaches it, rather than letting it differentiate them as constants (a silently wrong result).
+
 On CUDA both paths run an implementation with its input's device current (:func:`on_device`): Triton launches on
 the current device, and a Python custom op gets no device guard.
 """
@@ -34,6 +39,7 @@ import functools
 import importlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -385,9 +391,106 @@ def _run_on_cuda(impl: Callable, index: int, *args):
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
-    """``op.register_autograd(backward, setup_context=setup_context)``, remembered for :class:`EagerOp`."""
-    op.register_autograd(backward, setup_context=setup_context)
-    _AUTOGRAD[op] = (backward, setup_context)
+    """``op.register_autograd(backward, setup_context=setup_context)``, remembered for :class:`EagerOp`.
+
+    ``backward`` runs as written, differentiably under ``create_graph=True`` (:func:`_first_order_backward`):
+    its torch ops and the forward ops it calls have their derivatives; each :class:`BackwardOp` it calls
+    refuses a double backward clearly instead."""
+    op.register_autograd(_first_order_backward(op._qualname, backward), setup_context=setup_context)
+    _AUTOGRAD[op] = (backward, setup_context)     # EagerOp's autograd.Function makes the same check inline
+
+
+# ------------------------------------------------------------------------------------------ double backward
+# Under create_graph=True autograd runs a first-order backward with grad mode on, and differentiates what it
+# computes. A backward op (BackwardOp: a kernel of a gradient) has no derivative, so its result must not reach a
+# second backward as a constant: it would silently drop the terms through it. Its result is tied instead to a
+# node whose backward raises, anchored on everything it may depend on: its own arguments and, because a saved
+# output can be marked non-differentiable while it depends on inputs (partial LoRA's u, attention's lse), the
+# enclosing backward's incoming gradients and saved tensors that require grad.
+_BACKWARDS = threading.local()      # .stack: (op name, _SavedOnce ctx, grads) of the create_graph backwards running
+
+
+def _first_order_backward(name: str, backward: Callable) -> Callable:
+    """``backward`` (an op's autograd formula), run by :func:`_create_graph_backward` under ``create_graph=True``."""
+    def run(ctx, *grads):
+        if not _grad_enabled():     # the ordinary backward: one check
+            return backward(ctx, *grads)
+        return _create_graph_backward(name, backward, ctx, grads)
+    return run
+
+
+def _create_graph_backward(name: str, backward: Callable, ctx, grads: tuple):
+    """``backward(ctx, *grads)`` of op ``name`` with grad mode on: the backward ops it calls see ``name`` and the
+    tensors it was given (:class:`BackwardOp`)."""
+    stack = _BACKWARDS.__dict__.setdefault("stack", [])
+    view = _SavedOnce(ctx)
+    stack.append((name, view, grads))
+    try:
+        return backward(view, *grads)
+    finally:
+        stack.pop()
+
+
+_grad_enabled = torch.is_grad_enabled
+
+
+class _SavedOnce:
+    """``ctx`` whose ``saved_tensors`` are unpacked once: a second unpack would run the saved-tensor hooks again
+    (non-reentrant activation checkpointing refuses that; offloading would copy twice)."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+        self._saved = None
+
+    @property
+    def saved_tensors(self):
+        if self._saved is None:
+            self._saved = self._ctx.saved_tensors
+        return self._saved
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+def double_backward_message(name: str, piece: str | None = None) -> str:
+    """The error of a second backward through ``name`` (``piece``: the backward op without a derivative)."""
+    through = f" (its gradient is computed by {piece}, which has no derivative)" if piece and piece != name else ""
+    return (f"{name}: double backward (create_graph=True) is not supported{through}. The first-order "
+            f"gradients are correct; for second derivatives use the pure-PyTorch functions of vlmkern.reference")
+
+
+class _Refused(torch.autograd.Function):
+    """Ties a backward op's results (computed without autograd) to the tensors they depend on; differentiating
+    them raises."""
+
+    @staticmethod
+    def forward(ctx, message, outputs, *anchors):
+        ctx.message = message
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _refusing_double_backward(op: "BackwardOp", args: tuple):
+    """``op(*args)`` with grad mode on: computed without autograd, then tied to a :class:`_Refused` node when
+    anything it may depend on requires grad (nothing: a constant, which its value is)."""
+    with torch.no_grad():
+        result = EagerOp.__call__(op, *args)
+    anchors = [t for a in args for t in (a if type(a) is list else (a,))
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+    stack = getattr(_BACKWARDS, "stack", None)
+    name = op.op._qualname
+    if stack:
+        name, view, grads = stack[-1]
+        anchors += [t for t in (*grads, *view.saved_tensors) if t is not None and t.requires_grad]
+    if not anchors:
+        return result
+    single = isinstance(result, torch.Tensor)
+    tied = _Refused.apply(double_backward_message(name, op.op._qualname), (result,) if single else tuple(result),
+                          *anchors)
+    return tied[0] if single else tied
 
 
 # op -> device type -> its chooser (:func:`_chooser`) for the kernel :func:`implement` registered
@@ -554,6 +657,17 @@ class EagerOp:
         return self._kernels
 
 
+class BackwardOp(EagerOp):
+    """An :class:`EagerOp` that computes (part of) another op's gradient and has no derivative of its own. With
+    grad mode on (a backward under ``create_graph=True``) its result is tied to a node that raises a clear
+    error if a second backward reaches it (:func:`_refusing_double_backward`); otherwise it is the op."""
+
+    def __call__(self, *args):
+        if torch.is_grad_enabled():
+            return _refusing_double_backward(self, args)
+        return EagerOp.__call__(self, *args)
+
+
 def transformed() -> bool:
     """Whether a functorch transform (``vmap``, ``grad``, ``jvp``, ...) or forward-mode AD sees this call: the
     reference math then runs (:class:`EagerOp`), and must avoid in-place and ``out=`` writes into tensors the
@@ -614,7 +728,7 @@ def _eager_function(name: str, backward: Callable, setup_context: Callable):
     def bwd(ctx, *grads):
         if grads[0] is None:
             return (None,) * (len(ctx.needs_input_grad) + 1)
-        result = backward(ctx, *grads)
+        result = backward(ctx, *grads) if not _grad_enabled() else _create_graph_backward(name, backward, ctx, grads)
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
     return type(f"Eager_{name.replace('::', '_')}", (torch.autograd.Function,),
@@ -640,7 +754,7 @@ def _eager_list_function(name: str, backward: Callable, setup_context: Callable)
     def bwd(ctx, *grads):
         if grads[0] is None:
             return (None,) * (sum(1 if n < 0 else n for n in ctx.vlmkern_lists) + 2)
-        result = backward(ctx, *grads)
+        result = backward(ctx, *grads) if not _grad_enabled() else _create_graph_backward(name, backward, ctx, grads)
         result = result if isinstance(result, tuple) else (result,)
         flat = [None, None]
         for n, g in zip(ctx.vlmkern_lists, result):

@@ -225,7 +225,7 @@ dispatch.register_autograd(_cross_attention_op, _backward, _setup_cross)
 # Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
 _qformer_attention = dispatch.EagerOp(_qformer_attention_op)
 _cross_attention = dispatch.EagerOp(_cross_attention_op)
-_masked_attention_backward = dispatch.EagerOp(_masked_attention_backward_op)
+_masked_attention_backward = dispatch.BackwardOp(_masked_attention_backward_op)
 
 
 # ------------------------------------------------------------------------------------ public API

@@ -295,8 +295,8 @@ dispatch.implement(_patch_embed_grad_pixels_op, PATCH_EMBED,
 # Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
 _patchify = dispatch.EagerOp(_patchify_op)
 _patch_embed = dispatch.EagerOp(_patch_embed_op)
-_patch_embed_grad_weight = dispatch.EagerOp(_patch_embed_grad_weight_op)
-_patch_embed_grad_pixels = dispatch.EagerOp(_patch_embed_grad_pixels_op)
+_patch_embed_grad_weight = dispatch.BackwardOp(_patch_embed_grad_weight_op)
+_patch_embed_grad_pixels = dispatch.BackwardOp(_patch_embed_grad_pixels_op)
 
 
 # ------------------------------------------------------------------------------------ public API

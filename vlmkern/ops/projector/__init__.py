@@ -267,7 +267,7 @@ dispatch.register_autograd(_gather_linear_op, _gather_backward, _gather_setup)
 
 # Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
 _linear_gelu = dispatch.EagerOp(_linear_gelu_op)
-_gelu_backward = dispatch.EagerOp(_gelu_backward_op)
+_gelu_backward = dispatch.BackwardOp(_gelu_backward_op)
 _gather_linear = dispatch.EagerOp(_gather_linear_op)
 
 

@@ -240,8 +240,9 @@ def _plora_backward(ctx, grad, _grad_u):
     gm = None
     if need[0] and keep is None and not torch.is_grad_enabled():
         # Without dropout (G A unmasked) dX and G are the forward's own two GEMMs on (dY, Wᵀ, Bᵀ, Aᵀ): one op
-        # call instead of two, same kernels and launches. With create_graph the two ops remain, which have no
-        # autograd formula (a double backward through the forward op would silently miss G's dependencies).
+        # call instead of two, same kernels and launches. Not under create_graph: the forward op's second output
+        # is non-differentiable, so a double backward through it would silently miss G's dependencies; the two
+        # backward ops run instead, and a second backward through them raises a clear error (dispatch.BackwardOp).
         dx, gm = _partial_lora(g, weight.t(), None, lora_b.t(), lora_a.t(), im_mask, None, ctx.scaling, 1.0)
     elif need[0] or need[3]:
         gm = _lora_down(g, lora_b.t(), im_mask, None, ctx.scaling, 1.0)
@@ -306,9 +307,9 @@ _implement(_expert_linear_op, EXPERT_LINEAR, "expert_linear",
 
 # Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
 _partial_lora = _dispatch.EagerOp(_partial_lora_op)
-_lora_down = _dispatch.EagerOp(_lora_down_op)
-_lora_up = _dispatch.EagerOp(_lora_up_op)
-_routed_tn = _dispatch.EagerOp(_routed_tn_op)
+_lora_down = _dispatch.BackwardOp(_lora_down_op)
+_lora_up = _dispatch.BackwardOp(_lora_up_op)
+_routed_tn = _dispatch.BackwardOp(_routed_tn_op)
 _expert_linear = _dispatch.EagerOp(_expert_linear_op)
 
 

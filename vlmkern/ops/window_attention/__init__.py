@@ -146,7 +146,7 @@ dispatch.implement(_window_attention_backward_op, WINDOW_ATTENTION,
 
 # Eager calls run the kernels without the dispatcher (dispatch.EagerOp); compiled ones see the ops.
 _window_attention = dispatch.EagerOp(_window_attention_op)
-_window_attention_backward = dispatch.EagerOp(_window_attention_backward_op)
+_window_attention_backward = dispatch.BackwardOp(_window_attention_backward_op)
 
 
 # ------------------------------------------------------------------------------------ public API
