@@ -156,17 +156,27 @@ def patchify(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> Te
     return buf.as_strided((M // nP, nP, K), (nP * K_pad, K_pad, 1))
 
 
+@functools.lru_cache(maxsize=_PLANS)
+def _forward_plan(shape, stride, p: int, pad_value: float, pix_dtype: torch.dtype, N: int) -> tuple:
+    """``(patchify plan, patch buffer shape, the GEMM's row view (None: the buffer itself), output shape)``."""
+    plan, buf = _patchify_plan(shape, stride, p, pad_value, pix_dtype)
+    M, K_pad = buf
+    K = plan.static["K"]
+    return plan, buf, None if K == K_pad else ((M, K), (K_pad, 1)), (shape[0], plan.static["nP"], N)
+
+
 def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> Tensor:
     """``(B, nP, N)`` in ``weight.dtype``: the patches in the weight's dtype, then torch's ``F.linear`` (cuBLAS
     on a GPU; fp32 follows torch's TF32 setting as the reference does)."""
-    B, C, H, W = pixels.shape
-    N = weight.shape[0]
-    if N == 0:                                             # no out_features: nothing to launch
-        nP = cdiv(H, patch_size) * cdiv(W, patch_size)
-        return torch.empty((B, nP, N), device=pixels.device, dtype=weight.dtype)
-    buf, plan = _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, weight.dtype)
-    M, K_pad = buf.shape
-    return F.linear(buf.as_strided((M, plan.static["K"]), (K_pad, 1)), weight, bias).view(B, plan.static["nP"], N)
+    plan, buf_shape, rows, out_shape = _forward_plan(pixels.shape, pixels.stride(), patch_size, pad_value,
+                                                     pixels.dtype, weight.shape[0])
+    if out_shape[2] == 0:                                  # no out_features: nothing to launch
+        return torch.empty(out_shape, device=pixels.device, dtype=weight.dtype)
+    buf = torch.empty(buf_shape, device=pixels.device, dtype=weight.dtype)
+    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
+    launch(_patchify_kernel, plan.grid, dict(pix_ptr=pixels, out_ptr=buf, scale_ptr=scale, shift_ptr=shift),
+           plan.static)
+    return F.linear(buf if rows is None else buf.as_strided(*rows), weight, bias).view(out_shape)
 
 
 def grad_weight(grad, pixels, weight, patch_size, pad_value, rescale, mean, std) -> Tensor:
