@@ -439,8 +439,9 @@ def saved_activation_memory(module: torch.nn.Module, *inputs, top: int = 4, **kw
     out: they exist whether or not a backward follows. The module's output is counted when an op saves it (the
     backward then needs it even after the caller drops it). The module is put in train mode and restored.
 
-    On the CPU, the figure is what a GPU run of the same backend keeps (saved tensors do not depend on the device),
-    which is what its peak memory in training grows by per layer; the allocator's rounding is not included."""
+    What an op saves depends on the device only where torch picks a different kernel per device: CPU dropout saves
+    an fp32 noise tensor where CUDA's saves a bool mask, and ``F.scaled_dot_product_attention`` picks its kernel per
+    device. Compare an original and a drop-in on the same device; the allocator's rounding is not included."""
     was_training = module.training
     saved = []
 
