@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
@@ -388,3 +389,92 @@ def interpreter_bounds_check(races: bool = False):
                     "create_masked_store": masked_store, "create_atomic_rmw": atomic_rmw,
                     "create_atomic_cas": atomic_cas}
     return _patched({(owners[name], name): fn for name, fn in replacements.items()})
+
+
+# ------------------------------------------------------------------------------- activation memory
+@dataclass
+class SavedMemory:
+    """What one forward keeps alive for its backward (:func:`saved_activation_memory`).
+
+    ``bytes``: the sum over unique storages; ``count``: how many unique storages; ``largest``: up to ``top``
+    ``(bytes, shape, dtype, maker)`` of the largest, biggest first: one saved tensor per storage, and ``maker`` the
+    name of the autograd node that made it (its ``grad_fn``; ``"-"`` for a tensor made without one, e.g. a kernel's
+    statistics, or the ``ctx`` class for one held as a ``ctx`` attribute)."""
+    bytes: int
+    count: int
+    largest: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line: total, count and the largest saved tensors, for a failure message."""
+        parts = ", ".join(f"{node} {tuple(shape)} {str(dtype).removeprefix('torch.')} {n} B"
+                          for n, shape, dtype, node in self.largest)
+        return f"{self.bytes} B in {self.count} storage(s): {parts}"
+
+
+def _ctx_tensors(roots) -> list:
+    """``(tensor, node name)`` of every tensor held as an attribute of a custom autograd Function's ``ctx`` in the
+    graph behind ``roots`` (``ctx.x = t`` is not a save, so no saved-tensor hook sees it, yet it is kept alive)."""
+    found, seen, stack = [], set(), [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():
+            for t in (value if isinstance(value, (tuple, list)) else (value,)):
+                if torch.is_tensor(t):
+                    found.append((t, type(node).__name__))
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return found
+
+
+def saved_activation_memory(module: torch.nn.Module, *inputs, top: int = 4, **kwargs) -> SavedMemory:
+    """Bytes that ``module(*inputs, **kwargs)``, run in train mode with autograd on, keeps alive for its backward.
+
+    Every tensor an autograd node saves (``save_for_backward``, the saved inputs/outputs of built-in ops) passes
+    through ``torch.autograd.graph.saved_tensors_hooks``; so does nothing else. Tensors a custom Function holds as
+    ``ctx`` attributes (not saves) are found by walking the output's graph and counted too. Each is counted by its
+    whole storage (a saved view keeps its base alive), each storage once (``untyped_storage().data_ptr()``).
+    Storages of the module's parameters and buffers and of the tensor ``inputs`` (positional or keyword) are left
+    out: they exist whether or not a backward follows. The module's output is counted when an op saves it (the
+    backward then needs it even after the caller drops it). The module is put in train mode and restored.
+
+    What an op saves depends on the device only where torch picks a different kernel per device: CPU dropout saves
+    an fp32 noise tensor where CUDA's saves a bool mask, and ``F.scaled_dot_product_attention`` picks its kernel per
+    device. Compare an original and a drop-in on the same device; the allocator's rounding is not included."""
+    was_training = module.training
+    saved = []
+
+    def pack(t):
+        saved.append((t, t.grad_fn))   # held until the count is done: a freed storage's address could be reused
+        return t
+
+    module.train()
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(*inputs, **kwargs)
+    finally:
+        module.train(was_training)
+    outs = [o for o in _flatten(out) if torch.is_tensor(o)]
+    held = [(t, None if g is None else type(g).__name__) for t, g in saved]
+    held += _ctx_tensors([o.grad_fn for o in outs])
+    exclude = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers(),
+                                                        *_flatten((inputs, kwargs))) if torch.is_tensor(t)}
+    unique = {}
+    for t, node in held:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in exclude or storage.nbytes() == 0 or ptr in unique:
+            continue
+        unique[ptr] = (storage.nbytes(), tuple(t.shape), t.dtype, node or "-")
+    ranked = sorted(unique.values(), key=lambda r: -r[0])
+    return SavedMemory(sum(r[0] for r in ranked), len(ranked), ranked[:top])
+
+
+def _flatten(obj) -> list:
+    """The leaves of nested tuples, lists, dicts and ``ModelOutput``-like mappings."""
+    if isinstance(obj, dict) or hasattr(obj, "values") and hasattr(obj, "keys"):
+        return [x for v in obj.values() for x in _flatten(v)]
+    if isinstance(obj, (tuple, list)):
+        return [x for v in obj for x in _flatten(v)]
+    return [obj]

@@ -1,6 +1,9 @@
 """``vlmkern::qformer_attention`` and ``vlmkern::cross_attention``: attention with the mask built in the kernel.
 
-Shapes: ``q`` ``(B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)``, result ``(B, H, Lq, d)`` in the input dtype.
+Shapes: ``q`` ``(B, H, Lq, d)``, ``k``/``v`` ``(B, H, Lk, d)``, result ``(B, H, Lq, d)`` in the input dtype, laid out
+``(B, Lq, H, d)`` in memory (a ``.transpose(1, 2)`` of a dense tensor, as torch's fused attention gives): merging the
+heads back, ``out.transpose(1, 2).reshape(B, Lq, H * d)``, is then a view, so the output projection saves the
+storage the op saves for its backward instead of a copy of it.
 Both ops share one forward kernel family (``vlmkern.kernels.attention``) and one backward op; no
 ``(B, 1, Lq, Lk)`` mask tensor exists on the Triton path. The Q-Former masks are
 :func:`vlmkern.masks.qformer_visible` of a :class:`vlmkern.masks.QFormerMode`; the custom ops take the mode as
@@ -104,8 +107,9 @@ def dropout_keep_mask_triton(dropout_rng: Tensor, shape: tuple[int, int, int, in
 def _triton_reasons(q, k, v=None, key_mask=None, *_, **__) -> list[str]:
     why = dispatch.triton_env_reasons(q.device) + TRITON.reasons(q.dtype, head_dim=q.shape[-1])
     # (b, h) bases are 64-bit in the kernels; offsets inside one (b, h) slice and along a mask row are 32-bit.
-    rows = max(q.shape[2], k.shape[2]) * q.shape[3]
-    if rows > INT32_MAX:      # the contiguous out/dq/dk/dv slices, whatever q/k/v's strides
+    # out's (b, h) slice spans its (Lq, H, d) block (heads interleaved); dq/dk/dv's are contiguous (L, d) slices
+    rows = max(q.shape[2] * q.shape[1], k.shape[2]) * q.shape[3]
+    if rows > INT32_MAX:      # whatever q/k/v's strides
         why.append(f"a (batch, head) slice of the result or gradients holds {rows} elements (offset in int32)")
     # the grid is (row blocks, B * H): a third grid axis, or a folded one, costs the tuned configs a register
     why += grid_axis_reasons(**{"batch * heads": q.shape[0] * q.shape[1]})
@@ -128,7 +132,7 @@ def _scale(q: Tensor, scale: float | None) -> float:
 # ------------------------------------------------------------------------------------------ custom ops
 def _fake_forward(q):
     B, H, Lq, d = q.shape
-    return q.new_empty((B, H, Lq, d)), q.new_empty((B, H, Lq), dtype=torch.float32)
+    return q.new_empty((B, Lq, H, d)).transpose(1, 2), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("vlmkern::qformer_attention", mutates_args=())

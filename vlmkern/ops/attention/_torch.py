@@ -87,6 +87,12 @@ def eager_cpu_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tens
     return attention(q, k, v, mask, scale, _multiplier(q, k, dropout_p, rng, q.dtype))
 
 
+def heads_interleaved(out: Tensor) -> Tensor:
+    """``out (B, H, L, d)`` laid out ``(B, L, H, d)`` in memory, the layout every backend's forward returns (no copy
+    when it already is, as torch's CPU flash kernel gives it)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -98,11 +104,11 @@ def forward(q, k, v, key_mask, num_query, mode, scale, dropout_p, rng) -> tuple[
     if _cpu_flash(q, k) and dropout_p == 0.0:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=additive(mask, q.dtype), scale=scale)
-        return out.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("inf"))
+        return heads_interleaved(out.masked_fill(empty[..., None], 0.0)), lse.masked_fill(empty, float("inf"))
     out = attention(q, k, v, mask, scale, _multiplier(q, k, dropout_p, rng, q.dtype))
     scores = torch.matmul(q, k.transpose(-1, -2)).to(_compute_dtype(q.dtype)) * scale
     lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return out, lse.masked_fill(empty, float("inf")).to(torch.float32)
+    return heads_interleaved(out), lse.masked_fill(empty, float("inf")).to(torch.float32)
 
 
 def backward(grad, q, k, v, out, lse, key_mask, num_query, mode, scale, dropout_p,
