@@ -29,16 +29,42 @@ from vlmkern.kernels._common import dot, grouped_tile
 
 
 @triton.jit
+def _keep_ptrs(keep_ptr, rows, col_block, s_km, s_kb, BLOCK_C: tl.constexpr):
+    """Pointers ``(len(rows), BLOCK_C // 8)`` to the packed keep bytes of ``rows`` and columns
+    ``col_block * BLOCK_C + [0, BLOCK_C)``: the bytes of a row are contiguous when ``s_kb == 1`` (the byte
+    offset is formed as a multiple of ``BLOCK_C // 8``, which keeps its alignment visible to the compiler)."""
+    tl.static_assert(BLOCK_C % 8 == 0, "a block along the packed keep axis must be a multiple of 8 columns")
+    tl.static_assert(BLOCK_C <= 128, "a packed keep row is padded to 16 bytes only: blocks of at most 128")
+    cols = col_block * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
+    return keep_ptr + rows[:, None].to(tl.int64) * s_km + cols[None, :] * s_kb
+
+
+@triton.jit
+def _keep_tile(k_ptrs, row_ok, keep_scale, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 ``(BLOCK_M, BLOCK_C)`` ``keep · keep_scale`` from the packed bytes at ``k_ptrs`` (:func:`_keep_ptrs`):
+    column ``j`` is bit ``j & 7`` of byte ``j >> 3``; rows where ``row_ok`` is False read as 0.
+
+    The load is masked by rows only (constant along a row, so it stays one vector / cp.async per row): a packed
+    row is padded to a multiple of 16 bytes (``vlmkern.ops.routed_linear._dropout``), so a tile of at most 128
+    columns starting at a multiple of its width never reads past it; its columns past the mask's width are
+    padding bits (0), which meet operands loaded as 0 or outputs never stored."""
+    bytes_ = tl.load(k_ptrs, mask=row_ok[:, None], other=0).to(tl.int32)
+    bits = (bytes_[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_M, BLOCK_C)).to(tl.float32) * keep_scale
+
+
+@triton.jit
 def _lora_down_kernel(
     a_ptr, b_ptr, mask_ptr, keep_ptr, out_ptr,
     M, R, K, scale, keep_scale,
-    s_am, s_ak, s_br, s_bk, s_km, s_kk, s_om, s_or,
+    s_am, s_ak, s_br, s_bk, s_km, s_kb, s_om, s_or,
     HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[m, j] = scale * Σ_k drop(a)[m, k] b[j, k] where mask[m] != 0, exactly 0 elsewhere; out is (M, R).
 
-    ``drop(a) = a * keep * keep_scale`` when HAS_KEEP. Text rows are never loaded, so an overflow on them
+    ``drop(a) = a * keep * keep_scale`` when HAS_KEEP, keep the packed ``(M, K)`` bit mask (bytes: strides
+    ``s_km``, ``s_kb``; see :func:`_keep_tile`). Text rows are never loaded, so an overflow on them
     cannot leak into the result (the original's ``× 0`` turns it into NaN).
     """
     pid_m = tl.program_id(0)
@@ -49,16 +75,16 @@ def _lora_down_kernel(
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
     b_ptrs = b_ptr + rr[None, :].to(tl.int64) * s_br + rk[:, None] * s_bk
-    k_ptrs = keep_ptr + rm[:, None].to(tl.int64) * s_km + rk[None, :] * s_kk
+    if HAS_KEEP:
+        k_ptrs = _keep_ptrs(keep_ptr, rm, 0, s_km, s_kb, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if tl.max(routed.to(tl.int32), axis=0) > 0:  # text-only row tiles write zeros and skip the GEMM
         for k0 in range(0, K, BLOCK_K):
             a_mask = routed[:, None] & (rk < K - k0)[None, :]
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if HAS_KEEP:
-                kp = tl.load(k_ptrs, mask=a_mask, other=0)
-                a = a.to(tl.float32) * (kp.to(tl.float32) * keep_scale)
-                k_ptrs += BLOCK_K * s_kk
+                a = a.to(tl.float32) * _keep_tile(k_ptrs, routed, keep_scale, BLOCK_M, BLOCK_K)
+                k_ptrs += (BLOCK_K // 8) * s_kb
             b = tl.load(b_ptrs, mask=(rr < R)[None, :] & (rk < K - k0)[:, None], other=0.0)
             acc = acc + dot(a.to(b.dtype), b, UPCAST, INPUT_PRECISION)
             a_ptrs += BLOCK_K * s_ak
@@ -72,7 +98,7 @@ def _lora_down_kernel(
 def _lora_up_kernel(
     a_ptr, w_ptr, u_ptr, v_ptr, bias_ptr, mask_ptr, keep_ptr, out_ptr,
     M, N, K, R, keep_scale,
-    s_am, s_ak, s_wn, s_wk, s_um, s_ur, s_vn, s_vr, s_km, s_kn, s_om, s_on,
+    s_am, s_ak, s_wn, s_wk, s_um, s_ur, s_vn, s_vr, s_km, s_kb, s_om, s_on,
     HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -80,7 +106,8 @@ def _lora_up_kernel(
 
     One accumulator over the concatenated K dimension ``[u | a]``; the low-rank loop runs only on row
     tiles that hold a routed row, and loads only routed rows of ``u``. Forward: (x, W, U, B). Input
-    gradient: (dY, Wᵀ, G, Aᵀ) with the dropout ``keep`` mask of x.
+    gradient: (dY, Wᵀ, G, Aᵀ) with the dropout ``keep`` mask of x, packed ``(M, N)`` bits (bytes: strides
+    ``s_km``, ``s_kb``; see :func:`_keep_tile`).
     """
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,9 +127,8 @@ def _lora_up_kernel(
             u_ptrs += BLOCK_K * s_ur
             v_ptrs += BLOCK_K * s_vr
         if HAS_KEEP:  # the dropout mask multiplies the low-rank term only
-            kp = tl.load(keep_ptr + rm[:, None].to(tl.int64) * s_km + rn[None, :] * s_kn,
-                         mask=routed[:, None] & (rn < N)[None, :], other=0)
-            acc = acc * (kp.to(tl.float32) * keep_scale)
+            k_ptrs = _keep_ptrs(keep_ptr, rm, pid_n, s_km, s_kb, BLOCK_N)
+            acc = acc * _keep_tile(k_ptrs, routed, keep_scale, BLOCK_M, BLOCK_N)
         acc = tl.where(routed[:, None], acc, 0.0)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :] * s_ak
     w_ptrs = w_ptr + rn[None, :].to(tl.int64) * s_wn + rk[:, None] * s_wk
@@ -179,7 +205,7 @@ _TN_SCAN = tl.constexpr(1024)   # sel entries per step of the routed TN prologue
 def _routed_tn_kernel(
     p_ptr, q_ptr, sel_ptr, keep_ptr, out_ptr,
     M, N, K, sel_base, scale, keep_scale,
-    s_pm, s_pn, s_qm, s_qk, s_km, s_kk, s_og, s_on, s_ok,
+    s_pm, s_pn, s_qm, s_qk, s_km, s_kb, s_og, s_on, s_ok,
     HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -190,7 +216,8 @@ def _routed_tn_kernel(
     GEMM, and a group with no row writes zeros. Inside the span the loads are unconditional, masked by the
     step's ``sel`` entries (read once per step): the compiler pipelines them (cp.async; unselected rows cause
     no memory traffic) and keeps the dot on the tensor cores every step. Interleaved groups pay the whole
-    span in tensor-core time, never in memory traffic.
+    span in tensor-core time, never in memory traffic. ``keep``: the packed ``(M, K)`` bit mask of q (bytes:
+    strides ``s_km``, ``s_kb``; see :func:`_keep_tile`).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -209,7 +236,8 @@ def _routed_tn_kernel(
     rm = first + tl.arange(0, BLOCK_M)
     p_ptrs = p_ptr + rm[None, :].to(tl.int64) * s_pm + rn[:, None] * s_pn
     q_ptrs = q_ptr + rm[:, None].to(tl.int64) * s_qm + rk[None, :] * s_qk
-    k_ptrs = keep_ptr + rm[:, None].to(tl.int64) * s_km + rk[None, :] * s_kk
+    if HAS_KEEP:
+        k_ptrs = _keep_ptrs(keep_ptr, rm, pid_k, s_km, s_kb, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(first, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -218,11 +246,10 @@ def _routed_tn_kernel(
         q_mask = mine[:, None] & (rk < K)[None, :]
         q = tl.load(q_ptrs, mask=q_mask, other=0.0)
         if HAS_KEEP:
-            kp = tl.load(k_ptrs, mask=q_mask, other=0)
-            q = (q.to(tl.float32) * (kp.to(tl.float32) * keep_scale)).to(q.dtype)
+            q = (q.to(tl.float32) * _keep_tile(k_ptrs, mine, keep_scale, BLOCK_M, BLOCK_K)).to(q.dtype)
+            k_ptrs += BLOCK_M * s_km
         acc = acc + dot(pt.to(q.dtype), q, UPCAST, INPUT_PRECISION)
         p_ptrs += BLOCK_M * s_pm
         q_ptrs += BLOCK_M * s_qm
-        k_ptrs += BLOCK_M * s_km
     offs = g.to(tl.int64) * s_og + rn[:, None].to(tl.int64) * s_on + rk[None, :] * s_ok
     tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=(rn < N)[:, None] & (rk < K)[None, :])

@@ -25,7 +25,7 @@ from vlmkern.ops.checks import (FLOATS, INT32_MAX, MASK_DTYPES, MAX_BLOCK, accum
                                 autocast_inputs, check_dropout_p, check_flag, check_same_device, check_tensor,
                                 finite_number, int32_offset_reasons, once_per_key, rows_2d)
 from vlmkern.ops.dispatch import Capabilities, OpDispatch, register
-from vlmkern.ops.routed_linear import _torch
+from vlmkern.ops.routed_linear import _dropout, _torch
 
 _ID_DTYPES = MASK_DTYPES                # expert ids: any integer, or bool (two experts)
 _TYPE_ID_DTYPES = MASK_DTYPES           # token types: integers, or bool (True = vision, as the original compares)
@@ -179,7 +179,8 @@ def _implement(op, dispatch: OpDispatch, name: str, probe: Callable[..., tuple])
 def _partial_lora_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                      im_mask: Tensor, keep: Optional[Tensor], scaling: float,
                      keep_scale: float) -> tuple[Tensor, Tensor]:
-    """2-D core: x (M, in), im_mask (M,), keep (M, in) -> (y (M, out), u (M, r)); u is saved for dB."""
+    """2-D core: x (M, in), im_mask (M,), keep None or the packed dropout mask (M, packed_width(in)) uint8
+    (``_dropout``) -> (y (M, out), u (M, r)); u is saved for dB. Every op's ``keep`` is packed so."""
     return _torch.partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_scale)
 
 
@@ -422,12 +423,11 @@ def cogvlm_expert_ids(token_type_ids: Tensor) -> Tensor:
 
 
 def dropout_keep_mask(x: Tensor, dropout_p: float, training: bool) -> tuple[Optional[Tensor], float]:
-    """The adapter input's dropout: ``(keep, keep_scale)``, keep a bool mask of ``x.shape`` (None without
-    dropout, i.e. unless ``training and dropout_p > 0``), drawn from the current generator of ``x``'s device
-    for every row, image or not, so that the random stream does not depend on the mask; the adapter sees
-    ``x * keep * keep_scale``. The oracle (``vlmkern.reference.routed_linear``) draws the same mask."""
-    if training and dropout_p > 0.0:
-        keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-        keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)   # contiguous, whatever x's strides:
-        return keep.bernoulli_(1.0 - dropout_p), keep_scale                # the draws follow the memory order
-    return None, 1.0
+    """The adapter input's dropout: ``(keep, keep_scale)``, keep the bit-packed uint8 mask
+    ``(*x.shape[:-1], packed_width(in))`` (``_dropout.pack_keep``; None without dropout, i.e. unless
+    ``training and dropout_p > 0``). The bool mask of ``x.shape`` is drawn from the current generator of ``x``'s
+    device for every row, image or not, so that the random stream does not depend on the mask, exactly as the
+    oracle (``vlmkern.reference.routed_linear``) draws it, then packed (and freed): 1 bit per element of ``x`` is
+    what the backward keeps. The adapter sees ``x * keep * keep_scale``."""
+    keep, keep_scale = _dropout.draw_keep(x, dropout_p, training)
+    return (None if keep is None else _dropout.pack_keep(keep)), keep_scale

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmkern.ops.dispatch import transformed
+from vlmkern.ops.routed_linear._dropout import unpack_keep
 
 _MAX_RUNS = 32
 
@@ -24,7 +25,8 @@ def _zero_unrouted(t: Tensor, mask: Tensor) -> Tensor:
 
 
 def _drop(t: Tensor, keep: Optional[Tensor], keep_scale: float) -> Tensor:
-    return t if keep is None else t * (keep.to(t.dtype) * keep_scale)
+    """``t (M, n) * keep * keep_scale``, keep the packed ``(M, packed_width(n))`` uint8 mask or None."""
+    return t if keep is None else t * (unpack_keep(keep, t.shape[-1]).to(t.dtype) * keep_scale)
 
 
 def _cpu_rows(mask: Tensor) -> Optional[list[slice] | Tensor]:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from vlmkern.kernels.routed_linear import _expert_gemm_kernel, _lora_down_kernel, _lora_up_kernel, _routed_tn_kernel
+from vlmkern.ops.routed_linear._dropout import check_packed, packed_width
 from vlmkern.ops.launch import (KernelBuild, build_from_args, cdiv, host_dots, launch, layout, meta_from,
                                 register_builds, without_pointers)
 
@@ -68,7 +69,8 @@ def _strides(names: str, t: Optional[Tensor]) -> dict:
 
 
 # ------------------------------------------------------------------------------- argument builders
-# Routing (mask / sel / ids) comes in as the kernels read it (``_flat``), a keep mask as uint8 or None.
+# Routing (mask / sel / ids) comes in as the kernels read it (``_flat``), a keep mask packed (``_dropout``)
+# or None.
 # ``_*_ptrs`` are a launch's pointer arguments (per call), ``_*_args`` all of its runtime arguments.
 def _down_ptrs(a, b, mask, keep, out) -> dict:
     return dict(a_ptr=a, b_ptr=b, mask_ptr=mask, keep_ptr=mask if keep is None else keep, out_ptr=out)
@@ -77,7 +79,7 @@ def _down_ptrs(a, b, mask, keep, out) -> dict:
 def _down_args(a, b, mask, keep, out, scale, keep_scale) -> dict:
     return dict(**_down_ptrs(a, b, mask, keep, out),
                 M=a.shape[0], R=b.shape[0], K=a.shape[1], scale=float(scale), keep_scale=float(keep_scale),
-                **_strides("am ak", a), **_strides("br bk", b), **_strides("km kk", keep), **_strides("om or", out))
+                **_strides("am ak", a), **_strides("br bk", b), **_strides("km kb", keep), **_strides("om or", out))
 
 
 def _up_ptrs(a, w, u, v, bias, mask, keep, out) -> dict:
@@ -89,7 +91,7 @@ def _up_args(a, w, u, v, bias, mask, keep, out, keep_scale) -> dict:
     return dict(**_up_ptrs(a, w, u, v, bias, mask, keep, out),
                 M=a.shape[0], N=w.shape[0], K=a.shape[1], R=u.shape[1], keep_scale=float(keep_scale),
                 **_strides("am ak", a), **_strides("wn wk", w), **_strides("um ur", u), **_strides("vn vr", v),
-                **_strides("km kn", keep), **_strides("om on", out))
+                **_strides("km kb", keep), **_strides("om on", out))
 
 
 def _expert_ptrs(a, w0, w1, ids, out) -> dict:
@@ -111,7 +113,7 @@ def _tn_args(p, q, sel, keep, out, sel_base, scale, keep_scale) -> dict:
     return dict(**_tn_ptrs(p, q, sel, keep, out),
                 M=p.shape[0], N=p.shape[1], K=q.shape[1], sel_base=int(sel_base), scale=float(scale),
                 keep_scale=float(keep_scale), **_strides("pm pn", p), **_strides("qm qk", q),
-                **_strides("km kk", keep), **_strides("og on ok", out))
+                **_strides("km kb", keep), **_strides("og on ok", out))
 
 
 def _expert_operands(ws: list[Tensor]) -> tuple[Tensor, Tensor, int]:
@@ -212,12 +214,14 @@ def clear_plans() -> None:
 
 # ----------------------------------------------------------------------------------------- launchers
 def lora_down(a, b, mask, keep, scale, keep_scale) -> Tensor:
-    """``m ⊙ scale·(drop(a) bᵀ)``: a (M, K), b (R, K), mask (M,) bool, keep (M, K) bool or None -> (M, R)."""
+    """``m ⊙ scale·(drop(a) bᵀ)``: a (M, K), b (R, K), mask (M,) bool, keep None or packed
+    (M, packed_width(K)) uint8 (``_dropout``) -> (M, R)."""
     return _down(a, layout(a), b, _flat(mask), keep, scale, keep_scale)
 
 
 def lora_up(a, w, u, v, mask, keep, keep_scale, bias=None) -> Tensor:
-    """``a wᵀ + m ⊙ (u vᵀ) ⊙ keep·keep_scale + bias``: a (M, K), w (N, K), u (M, R), v (N, R) -> (M, N)."""
+    """``a wᵀ + m ⊙ (u vᵀ) ⊙ keep·keep_scale + bias``: a (M, K), w (N, K), u (M, R), v (N, R), keep
+    None or packed (M, packed_width(N)) uint8 -> (M, N)."""
     return _up(a, layout(a), w, u, v, bias, _flat(mask), keep, keep_scale)
 
 
@@ -232,7 +236,8 @@ def partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_s
     down, up = _forward_plans(x_layout, layout(weight), bias is not None, layout(lora_a), layout(lora_b),
                               layout(keep), scaling, keep_scale, x.dtype, *host_dots(x.dtype))
     u = torch.empty((M, lora_a.shape[0]), device=x.device, dtype=x.dtype)
-    launch(_lora_down_kernel, down.grid, {**down.static, **_down_ptrs(x, lora_a, mask, _u8(keep), u)}, down.consts)
+    ptrs = _down_ptrs(x, lora_a, mask, check_packed(keep, M, K), u)
+    launch(_lora_down_kernel, down.grid, {**down.static, **ptrs}, down.consts)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     ptrs = _up_ptrs(x, weight, u, lora_b, None if bias is None else _flat(bias), mask, None, y)
     launch(_lora_up_kernel, up.grid, {**up.static, **ptrs}, up.consts)
@@ -257,7 +262,8 @@ def _down(a, a_layout, b, mask, keep, scale, keep_scale) -> Tensor:
     if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
         return out.zero_()
     plan = _down_plan(a_layout, layout(b), layout(keep), scale, keep_scale, *_setup("down", a.dtype))
-    launch(_lora_down_kernel, plan.grid, {**plan.static, **_down_ptrs(a, b, mask, _u8(keep), out)}, plan.consts)
+    ptrs = _down_ptrs(a, b, mask, check_packed(keep, M, K), out)
+    launch(_lora_down_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
     return out
 
 
@@ -267,20 +273,22 @@ def _up(a, a_layout, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
         return out
     plan = _up_plan(a_layout, layout(w), layout(u), layout(v), bias is not None, layout(keep), keep_scale,
                     *_setup("up", a.dtype))
-    ptrs = _up_ptrs(a, w, u, v, None if bias is None else _flat(bias), mask, _u8(keep), out)
+    ptrs = _up_ptrs(a, w, u, v, None if bias is None else _flat(bias), mask,
+                    check_packed(keep, *out.shape), out)
     launch(_lora_up_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
     return out
 
 
 def routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
-    """``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``: p (M, N), q (M, K) -> (groups, N, K)."""
+    """``out[g] = scale · Σ_{sel = g + base} p[m]ᵀ drop(q)[m]``: p (M, N), q (M, K), keep None or
+    packed (M, packed_width(K)) uint8 -> (groups, N, K)."""
     out = torch.empty((groups, p.shape[1], q.shape[1]), device=p.device, dtype=p.dtype)
     if out.numel() == 0 or p.shape[0] == 0:
         return out.zero_()
     plan = _tn_plan(layout(p), layout(q), layout(keep), groups, sel_base, scale, keep_scale,
                     *_setup("tn", p.dtype))
-    launch(_routed_tn_kernel, plan.grid, {**plan.static, **_tn_ptrs(p, q, _flat(sel), _u8(keep), out)},
-           plan.consts)
+    ptrs = _tn_ptrs(p, q, _flat(sel), check_packed(keep, *q.shape), out)
+    launch(_routed_tn_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
     return out
 
 
@@ -314,7 +322,7 @@ def _builds() -> list[KernelBuild]:
     for dt, t in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         meta = lambda *s, dtype=dt: torch.empty(s, dtype=dtype, device="meta")  # noqa: E731
         x, w, bias, a, b = meta(M, D), meta(N, D), meta(N), meta(R, D), meta(N, R)
-        g, u, keep = meta(M, N), meta(M, R), _u8(meta(M, D, dtype=torch.bool))
+        g, u, keep = meta(M, N), meta(M, R), meta(M, packed_width(D), dtype=torch.uint8)
         mask, ids = _flat(meta(M, dtype=torch.bool)), meta(M, dtype=torch.int32)
         base = dict(UPCAST=False, INPUT_PRECISION="ieee" if dt == torch.float32 else "tf32")
 
