@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vlmkern.ops.routed_linear import _triton as kern
 from vlmkern.ops.routed_linear import PARTIAL_LORA, partial_lora_linear
+from vlmkern.ops.routed_linear._dropout import pack_keep, packed_width, unpack_keep
 from vlmkern.reference import routed_linear as ref
 from vlmkern.reference.originals.internlm_xcomposer2 import plora_forward as original_plora
 from vlmkern.testing import assert_close, assert_no_host_sync
@@ -162,9 +163,52 @@ def test_dropout_keep_mask_is_the_oracles(device, p):
         assert scale == ref_scale
         if ref_keep is None:
             assert keep is None
-        else:
-            assert keep.dtype == torch.bool and keep.shape == x.shape and torch.equal(keep, ref_keep)
+        else:       # kept bit-packed: the oracle's bools, 1 bit each
+            assert keep.dtype == torch.uint8 and keep.shape == (*x.shape[:-1], packed_width(x.shape[-1]))
+            assert torch.equal(unpack_keep(keep, x.shape[-1]), ref_keep)
     assert dropout_keep_mask(x, p, False) == (None, 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 33, 64, 128, 129])
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_pack_unpack_round_trip(device, n, rows):
+    """Bit j & 7 of byte j >> 3 is column j, rows padded with 0 bits to a multiple of 16 bytes."""
+    keep = torch.rand(rows, n, device=device) > 0.4
+    packed = pack_keep(keep)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, packed_width(n))
+    assert packed.shape[1] % 16 == 0 and packed.shape[1] * 8 >= n and packed.is_contiguous()
+    assert torch.equal(unpack_keep(packed, n), keep)
+    j = torch.arange(n, device=device)
+    bits = (packed[:, j >> 3] >> (j & 7).to(torch.uint8)) & 1         # the kernels' addressing, column by column
+    assert torch.equal(bits.bool(), keep)
+    assert int(unpack_keep(packed, packed.shape[1] * 8)[:, n:].sum()) == 0     # padding bits are 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+@pytest.mark.parametrize("in_f,rows", [(33, 7), (65, 9)])
+def test_dropout_odd_widths_match_the_oracle(backend, device, small_tiles, in_f, rows):
+    """Forward and backward with dropout on widths that are no multiple of 8 and an odd row count (several row
+    tiles, a partial packed byte): the oracle's result from the same seed."""
+    x = torch.randn(rows, in_f, device=device)
+    params = _params(device, in_f, 40, 8, torch.float32)
+    mask = torch.arange(rows, device=device) % 3 != 1
+    _check(x, params, mask, scaling=2.0, seed=11, dropout_p=0.3, training=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+def test_saved_keep_is_bit_packed(backend, device):
+    """The backward keeps the dropout mask as packed bits, ``M * packed_width(in)`` bytes, and no bool mask."""
+    M, in_f = 6, 33
+    x = torch.randn(M, in_f, device=device, requires_grad=True)
+    params = _params(device, in_f, 24, 8, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        partial_lora_linear(x, *params, torch.ones(M, dtype=torch.bool, device=device), 2.0, dropout_p=0.3,
+                            training=True)
+    assert not [t for t in saved if t.dtype == torch.bool and t.dim() == 2]
+    keeps = [t for t in saved if t.dtype == torch.uint8]
+    assert len(keeps) == 1 and keeps[0].shape == (M, packed_width(in_f))
+    assert keeps[0].untyped_storage().nbytes() == M * packed_width(in_f)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
@@ -267,7 +311,7 @@ def test_opcheck(device):
     params = [p.requires_grad_(True) for p in _params(device, 24, 32, 16, torch.float32)]
     mask = torch.zeros(20, dtype=torch.bool, device=device)
     mask[4:13] = True
-    keep = torch.rand(20, 24, device=device) > 0.2
+    keep = pack_keep(torch.rand(20, 24, device=device) > 0.2)
     op = torch.ops.vlmkern.partial_lora_linear.default
     torch.library.opcheck(op, (x, *params, mask, None, 2.0, 1.0))
     torch.library.opcheck(op, (x, params[0], None, params[2], params[3], mask, keep, 2.0, 1.25))
@@ -276,7 +320,8 @@ def test_opcheck(device):
     g = torch.randn(20, 32, device=device)
     torch.library.opcheck(torch.ops.vlmkern.lora_down.default, (g, bl.t(), mask, None, 2.0, 1.0))
     gm = torch.randn(20, 16, device=device)
-    torch.library.opcheck(torch.ops.vlmkern.lora_up.default, (g, w.t(), gm, a.t(), mask, keep, 1.25))
+    keep_out = pack_keep(torch.rand(20, 32, device=device) > 0.2)      # dX's mask: x's, over dX's columns
+    torch.library.opcheck(torch.ops.vlmkern.lora_up.default, (g, w.t(), gm, a.t(), mask, keep_out, 1.25))
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)

@@ -6,6 +6,7 @@ import torch
 
 from vlmkern.ops.dispatch import dot_precision, triton_interpreting
 from vlmkern.ops.routed_linear import _triton as kern
+from vlmkern.ops.routed_linear._dropout import pack_keep
 
 M, K, N, R = 5, 24, 16, 3
 
@@ -45,14 +46,17 @@ def _mask():
 
 
 def _keep(transposed):
-    return _t(M, K, transposed=transposed) > 0
+    """A packed keep mask ``(M, packed_width(K))`` uint8: row-major, or with another row stride (a column slice of
+    a wider buffer) so that the layouts differ."""
+    packed = pack_keep(_t(M, K) > 0)
+    return torch.cat([packed, packed], dim=1)[:, :packed.shape[1]] if transposed else packed
 
 
 # Each case: launcher call on fresh operands -> (output, builder's full args for the same tensors, constexprs).
 def _down(transposed, dtype):
     a, b, mask, keep = _t(M, K, dtype=dtype), _t(R, K, transposed=transposed, dtype=dtype), _mask(), _keep(transposed)
     out = kern.lora_down(a, b, mask, keep, 0.5, 1.25)
-    return out, kern._down_args(a, b, kern._flat(mask), kern._u8(keep), out, 0.5, 1.25), \
+    return out, kern._down_args(a, b, kern._flat(mask), keep, out, 0.5, 1.25), \
         _consts("down", dtype, HAS_KEEP=True)
 
 
@@ -69,7 +73,7 @@ def _tn(transposed, dtype):
     p, q, keep = _t(M, R, transposed=transposed, dtype=dtype), _t(M, K, dtype=dtype), _keep(transposed)
     sel = torch.tensor([0, 1, 2, 1, 0], dtype=torch.int32)
     out = kern.routed_tn(p, q, sel, 2, 1, keep, 1.0, 2.0)
-    return out, kern._tn_args(p, q, kern._flat(sel), kern._u8(keep), out, 1, 1.0, 2.0), \
+    return out, kern._tn_args(p, q, kern._flat(sel), keep, out, 1, 1.0, 2.0), \
         _consts("tn", dtype, HAS_KEEP=True)
 
 
