@@ -62,11 +62,17 @@ def _patch_embed(t, ints):
     return (lambda: ops.patch_embed(pixels, w, b, patch_size=4)), [w, b]
 
 
-def _partial_lora(t, ints):
-    x, w, b = t(2, 9, 40, name="x"), t(23, 40, name="weight"), t(23, name="bias")
-    a, lb = t(8, 40, name="lora_a"), t(23, 8, name="lora_b")
-    mask = ints((2, 9), "im_mask", high=2, dtype=torch.bool)
-    return (lambda: ops.partial_lora_linear(x, w, b, a, lb, mask, 2.0)), [x, w, b, a, lb]
+def _partial_lora(dropout_p=0.0, width=40):
+    def case(t, ints):
+        x, w, b = t(2, 9, width, name="x"), t(23, width, name="weight"), t(23, name="bias")
+        a, lb = t(8, width, name="lora_a"), t(23, 8, name="lora_b")
+        mask = ints((2, 9), "im_mask", high=2, dtype=torch.bool)
+
+        def call():
+            torch.manual_seed(5)    # the same dropout mask in both runs (packed: its rows' padding is read too)
+            return ops.partial_lora_linear(x, w, b, a, lb, mask, 2.0, dropout_p=dropout_p, training=dropout_p > 0)
+        return call, [x, w, b, a, lb]
+    return case
 
 
 def _expert(t, ints):
@@ -90,7 +96,8 @@ CASES = {"qformer_bidirectional": _qformer("bidirectional"), "qformer_unimodal":
          "qformer_dropout": _qformer("bidirectional", dropout_p=0.25), "cross_attention": _cross,
          "linear_gelu": _linear_gelu, "gather_linear": _gather_linear(False),
          "gather_linear_gelu": _gather_linear(True), "patch_embed": _patch_embed,
-         "partial_lora_linear": _partial_lora, "expert_linear": _expert, "window_attention": _window,
+         "partial_lora_linear": _partial_lora(),
+         "partial_lora_dropout": _partial_lora(dropout_p=0.3, width=33), "expert_linear": _expert, "window_attention": _window,
          "cogvlm_expert_ids": _expert_ids}
 
 
