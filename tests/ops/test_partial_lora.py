@@ -196,6 +196,20 @@ def test_dropout_odd_widths_match_the_oracle(backend, device, small_tiles, in_f,
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
+@pytest.mark.parametrize("bad", ["bool", "unpadded", "strided"])
+def test_backward_ops_refuse_an_unpacked_keep(backend, device, bad):
+    """The ops' keep must be the packed mask: a bool one, or rows narrower than packed_width, would be misread or
+    read out of bounds; the error names keep before any launch."""
+    g, b = torch.randn(5, 33, device=device), torch.randn(4, 33, device=device)
+    mask = torch.ones(5, dtype=torch.bool, device=device)
+    keep = {"bool": torch.ones(5, 33, dtype=torch.bool, device=device),
+            "unpadded": torch.ones(5, 5, dtype=torch.uint8, device=device),
+            "strided": torch.ones(packed_width(33), 5, dtype=torch.uint8, device=device).t()}[bad]
+    with pytest.raises(ValueError, match="keep must be the packed dropout mask"):
+        torch.ops.vlmkern.lora_down(g, b, mask, keep, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"], indirect=True)
 def test_saved_keep_is_bit_packed(backend, device):
     """The backward keeps the dropout mask as packed bits, ``M * packed_width(in)`` bytes, and no bool mask."""
     M, in_f = 6, 33

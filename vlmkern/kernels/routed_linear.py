@@ -44,7 +44,8 @@ def _keep_tile(k_ptrs, row_ok, keep_scale, BLOCK_M: tl.constexpr, BLOCK_C: tl.co
     """fp32 ``(BLOCK_M, BLOCK_C)`` ``keep · keep_scale`` from the packed bytes at ``k_ptrs`` (:func:`_keep_ptrs`):
     column ``j`` is bit ``j & 7`` of byte ``j >> 3``; rows where ``row_ok`` is False read as 0.
 
-    The load is masked by rows only (constant along a row, so it stays one vector / cp.async per row): a packed
+    The load is masked by rows only (constant along a row, so it vectorises; the 16-bit builds' main loops load
+    it with cp.async, see ``python -m vlmkern.tools.perf_report``): a packed
     row is padded to a multiple of 16 bytes (``vlmkern.ops.routed_linear._dropout``), so a tile of at most 128
     columns starting at a multiple of its width never reads past it; its columns past the mask's width are
     padding bits (0), which meet operands loaded as 0 or outputs never stored."""

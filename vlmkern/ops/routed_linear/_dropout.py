@@ -48,9 +48,10 @@ def unpack_keep(packed: Tensor, n: int) -> Tensor:
 
 def check_packed(keep: Optional[Tensor], rows: int, n: int) -> Optional[Tensor]:
     """``keep`` itself after checking that it is None or a packed ``(rows, packed_width(n))`` uint8 mask with
-    byte-contiguous rows (the kernels read whole rows of it; anything else would be read out of bounds)."""
+    byte-contiguous rows (the kernels read whole padded rows of it: a narrower one would be read out of bounds,
+    a bool one misread); a ValueError naming ``keep`` otherwise."""
     if keep is not None and (keep.dtype != torch.uint8 or tuple(keep.shape) != (rows, packed_width(n))
-                             or (n > 0 and rows > 1 and keep.stride(1) != 1)):
+                             or keep.stride(1) != 1):
         raise ValueError(f"keep must be the packed dropout mask: uint8 ({rows}, {packed_width(n)}) with contiguous "
                          f"rows, got {str(keep.dtype).replace('torch.', '')} {tuple(keep.shape)} strides "
                          f"{keep.stride()}")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmkern.ops.dispatch import transformed
-from vlmkern.ops.routed_linear._dropout import unpack_keep
+from vlmkern.ops.routed_linear._dropout import check_packed, unpack_keep
 
 _MAX_RUNS = 32
 
@@ -26,7 +26,7 @@ def _zero_unrouted(t: Tensor, mask: Tensor) -> Tensor:
 
 def _drop(t: Tensor, keep: Optional[Tensor], keep_scale: float) -> Tensor:
     """``t (M, n) * keep * keep_scale``, keep the packed ``(M, packed_width(n))`` uint8 mask or None."""
-    return t if keep is None else t * (unpack_keep(keep, t.shape[-1]).to(t.dtype) * keep_scale)
+    return t if keep is None else t * (unpack_keep(check_packed(keep, *t.shape), t.shape[-1]).to(t.dtype) * keep_scale)
 
 
 def _cpu_rows(mask: Tensor) -> Optional[list[slice] | Tensor]:
