@@ -76,7 +76,7 @@ def _norm_list(value, name: str, channels: int) -> list[float]:
 def _norm_lists(mean, std, channels: int) -> tuple[list[float], list[float]]:
     """``mean`` and ``std`` as per-channel float lists (checked); the lists of scalar arguments (every model
     call passes the same pair) are kept, the kernels and the backward only read them."""
-    if type(mean) in _SCALARS and type(std) in _SCALARS and dispatch.eager_mode():
+    if type(mean) in _SCALARS and type(std) in _SCALARS and not _is_compiling():
         # 0.0 and -0.0 are one key to the cache but give different lists: their signs are key parts (a traced call
         # runs once per graph: no cache, and a symbolic float default has no math.copysign)
         return _scalar_norm_lists(mean, std, channels, math.copysign(1.0, mean), math.copysign(1.0, std))
@@ -84,6 +84,9 @@ def _norm_lists(mean, std, channels: int) -> tuple[list[float], list[float]]:
 
 
 _SCALARS = (float, int)     # not bool (True is no mean); 1 and 1.0 give the same lists
+# Lists of plain floats are cached in any mode (fake tensors, make_fx, jit.trace read the same floats); only
+# Dynamo must not trace the cache (it would warn and trace the wrapped function on every compile).
+_is_compiling = torch.compiler.is_compiling
 
 
 @functools.lru_cache(maxsize=64)
