@@ -663,7 +663,7 @@ class BackwardOp(EagerOp):
     error if a second backward reaches it (:func:`_refusing_double_backward`); otherwise it is the op."""
 
     def __call__(self, *args):
-        if torch.is_grad_enabled():
+        if _grad_enabled():
             return _refusing_double_backward(self, args)
         return EagerOp.__call__(self, *args)
 

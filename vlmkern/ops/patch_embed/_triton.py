@@ -136,22 +136,22 @@ def _bwd_pixels_plan(shape, g_shape, g_stride, w_shape, w_stride, p: int, pix_dt
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> tuple[Tensor, LaunchPlan]:
-    """The dense ``(B*nP, K_pad)`` patch buffer (columns ``K..K_pad`` zero) and its plan."""
-    plan, shape = _patchify_plan(pixels.shape, pixels.stride(), patch_size, pad_value, pixels.dtype)
+def _patch_rows(pixels, plan: LaunchPlan, shape, rescale, mean, std, out_dtype) -> Tensor:
+    """The dense ``shape = (B*nP, K_pad)`` patch buffer (columns ``K..K_pad`` zero) written by ``plan``'s launch."""
     buf = torch.empty(shape, device=pixels.device, dtype=out_dtype)
     scale, shift = _scale_shift(rescale, mean, std, pixels.device)
     launch(_patchify_kernel, plan.grid, dict(pix_ptr=pixels, out_ptr=buf, scale_ptr=scale, shift_ptr=shift),
            plan.static)
-    return buf, plan
+    return buf
 
 
 def patchify(pixels, patch_size, pad_value, rescale, mean, std, out_dtype) -> Tensor:
     """``pixels (B, C, H, W)`` -> normalised patches ``(B, nP, K)`` in ``out_dtype`` (fp32/fp16/bf16), ``K =
     C*p*p``: a view of a dense ``(B*nP, K_pad)`` buffer whose columns ``K..K_pad`` hold zeros, so rows are
     ``K_pad`` apart (a multiple of 16 elements) and ``.view(B*nP, K)`` is a valid GEMM operand without a copy."""
-    buf, plan = _patch_rows(pixels, patch_size, pad_value, rescale, mean, std, out_dtype)
-    M, K_pad = buf.shape
+    plan, shape = _patchify_plan(pixels.shape, pixels.stride(), patch_size, pad_value, pixels.dtype)
+    buf = _patch_rows(pixels, plan, shape, rescale, mean, std, out_dtype)
+    M, K_pad = shape
     nP, K = plan.static["nP"], plan.static["K"]
     return buf.as_strided((M // nP, nP, K), (nP * K_pad, K_pad, 1))
 
@@ -172,10 +172,7 @@ def forward(pixels, weight, bias, patch_size, pad_value, rescale, mean, std) -> 
                                                      pixels.dtype, weight.shape[0])
     if out_shape[2] == 0:                                  # no out_features: nothing to launch
         return torch.empty(out_shape, device=pixels.device, dtype=weight.dtype)
-    buf = torch.empty(buf_shape, device=pixels.device, dtype=weight.dtype)
-    scale, shift = _scale_shift(rescale, mean, std, pixels.device)
-    launch(_patchify_kernel, plan.grid, dict(pix_ptr=pixels, out_ptr=buf, scale_ptr=scale, shift_ptr=shift),
-           plan.static)
+    buf = _patch_rows(pixels, plan, buf_shape, rescale, mean, std, weight.dtype)
     return F.linear(buf if rows is None else buf.as_strided(*rows), weight, bias).view(out_shape)
 
 

@@ -236,7 +236,7 @@ def partial_lora(x, weight, bias, lora_a, lora_b, im_mask, keep, scaling, keep_s
     down, up = _forward_plans(x_layout, layout(weight), bias is not None, layout(lora_a), layout(lora_b),
                               layout(keep), scaling, keep_scale, x.dtype, *host_dots(x.dtype))
     u = torch.empty((M, lora_a.shape[0]), device=x.device, dtype=x.dtype)
-    ptrs = _down_ptrs(x, lora_a, mask, check_packed(keep, M, K), u)
+    ptrs = _down_ptrs(x, lora_a, mask, keep if keep is None else check_packed(keep, M, K), u)
     launch(_lora_down_kernel, down.grid, {**down.static, **ptrs}, down.consts)
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     ptrs = _up_ptrs(x, weight, u, lora_b, None if bias is None else _flat(bias), mask, None, y)
@@ -262,7 +262,7 @@ def _down(a, a_layout, b, mask, keep, scale, keep_scale) -> Tensor:
     if out.numel() == 0 or K == 0:  # nothing to launch (a zero-size grid is an error)
         return out.zero_()
     plan = _down_plan(a_layout, layout(b), layout(keep), scale, keep_scale, *_setup("down", a.dtype))
-    ptrs = _down_ptrs(a, b, mask, check_packed(keep, M, K), out)
+    ptrs = _down_ptrs(a, b, mask, keep if keep is None else check_packed(keep, M, K), out)
     launch(_lora_down_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
     return out
 
@@ -274,7 +274,7 @@ def _up(a, a_layout, w, u, v, bias, mask, keep, keep_scale) -> Tensor:
     plan = _up_plan(a_layout, layout(w), layout(u), layout(v), bias is not None, layout(keep), keep_scale,
                     *_setup("up", a.dtype))
     ptrs = _up_ptrs(a, w, u, v, None if bias is None else _flat(bias), mask,
-                    check_packed(keep, *out.shape), out)
+                    keep if keep is None else check_packed(keep, *out.shape), out)
     launch(_lora_up_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
     return out
 
@@ -287,7 +287,7 @@ def routed_tn(p, q, sel, groups, sel_base, keep, scale, keep_scale) -> Tensor:
         return out.zero_()
     plan = _tn_plan(layout(p), layout(q), layout(keep), groups, sel_base, scale, keep_scale,
                     *_setup("tn", p.dtype))
-    ptrs = _tn_ptrs(p, q, _flat(sel), check_packed(keep, *q.shape), out)
+    ptrs = _tn_ptrs(p, q, _flat(sel), keep if keep is None else check_packed(keep, *q.shape), out)
     launch(_routed_tn_kernel, plan.grid, {**plan.static, **ptrs}, plan.consts)
     return out
 
